@@ -9,6 +9,7 @@ data is touched. This module must not import torch: `regexp --help` stays instan
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -307,9 +308,8 @@ def _typed(schema: type, node: Any, prefix: str) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
     except OmegaConfBaseException as e:
-        inner = str(e.full_key or "")
+        inner = re.sub(r"\[\d+\]$", "", str(e.full_key or ""))  # a list element: report the list
         key = ".".join(k for k in (prefix, inner) if k)
-        inner = re.sub(r"\[\d+\]$", "", inner)  # a list element: report against the list
         owner, last = _field_owner(schema, inner)
         if last not in {f.name for f in fields(owner)}:
             known = ", ".join(f.name for f in fields(owner))
@@ -366,10 +366,16 @@ def _check_rules(node: DictConfig, schema: type, prefix: str) -> None:
             _check_rules(value, inner, key)
 
 
+def resolved_container(cfg: DictConfig) -> dict:
+    """The config as plain data with interpolations resolved, without Hydra's own node
+    (whose job-time keys do not resolve outside a running job)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Type- and range-check a composed config; return it typed. Raises ConfigError."""
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    raw.pop("hydra", None)
+    raw = resolved_container(cfg)
     groups = {g: raw.pop(g, None) for g in list(GROUP_SCHEMAS) + ["regularizer"]}
     typed = _typed(TrainConfig, raw, "")
     _check_rules(typed, TrainConfig, "")
@@ -422,17 +428,16 @@ def resolve_device(cfg: DictConfig) -> str:
 
 
 def check_writable(path: str | os.PathLike, key: str) -> None:
-    """ConfigError unless `path` exists as a writable directory or can be created."""
-    p = Path(path).absolute()
-    probe = p
+    """ConfigError unless `path` is, or can be created as, a writable directory. Creating a
+    file is the only honest test: root passes os.access() even on read-only mounts."""
+    probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(key, str(path), f"output directory cannot be created or written ({probe} is not a writable directory)")
-    if probe == p:
-        try:  # os.access says yes to root on read-only mounts: really try
-            fd = os.open(p / ".regexp-write-probe", os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
-            os.unlink(p / ".regexp-write-probe")
-        except OSError as e:
-            raise ConfigError(key, str(path), f"output directory is not writable ({e.strerror})") from None
+    if not probe.is_dir():
+        raise ConfigError(key, str(path), f"output directory cannot be created: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".regexp-write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(key, str(path), f"output directory cannot be written: {probe}: {e.strerror}") from None

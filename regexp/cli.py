@@ -1,0 +1,179 @@
+"""`regexp` command line: dispatch on the sub-command, hand the rest to Hydra.
+
+Exit codes: 0 the run(s) finished, whatever their status; 1 a crash; 2 bad input.
+Nothing heavy is imported at module level: `regexp --help` must stay instant.
+"""
+
+import re
+import sys
+from typing import Optional
+
+USAGE = """\
+usage: regexp <command> [args]
+
+regexp trains small vision models under any mix of initialization, normalization,
+regularization, optimizer, schedule, clipping and accumulation, and records what happens.
+
+commands:
+  train [OVERRIDES...]      one run, e.g.  regexp train +regularizer=dropout optimizer=adam
+  train -m [OVERRIDES...]   a sweep, e.g.  regexp train -m optimizer=adam,adamw seed=0,1,2
+  train --cfg job           print the composed config and exit
+  train --help              config groups, options and Hydra's flags
+
+config groups (pick with group=option, set values with group.key=value):
+  dataset       mnist fashion_mnist cifar10
+  model         mlp deep_mlp cnn resnet
+  init          default xavier_uniform xavier_normal kaiming_uniform kaiming_normal orthogonal normal
+  norm          none batchnorm layernorm
+  +regularizer  dropout l1 l2 elastic_net max_norm augment label_smoothing early_stopping
+                (added with '+': +regularizer=dropout or +regularizer=[dropout,l2])
+  optimizer     sgd momentum nesterov adam adamw
+  scheduler     none step cosine warmup_cosine onecycle
+  clip          none norm value
+  accumulation  none steps
+  device        auto cpu cuda
+  monitor       default off
+
+Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
+Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
+"""
+
+# Hydra flags that only print something: they get no pre-check.
+INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"regexp: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "--version":
+        from regexp import __version__
+
+        print(f"regexp {__version__}")
+        return 0
+    if command == "train":
+        return train_command(rest)
+    fail(f"unknown command {command!r}; commands: train (see regexp --help)")
+    return 2
+
+
+def train_command(args: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if not INFO_FLAGS.intersection(args):
+        from regexp.config import ConfigError
+
+        try:
+            precheck([a for a in args if is_override(a)], multirun)
+        except ConfigError as e:
+            fail(str(e))
+    import hydra
+
+    from regexp.config import config_dir
+
+    hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(hydra_task)
+    sys.argv = ["regexp train", *args]
+    hydra_main()
+    return 0
+
+
+def is_override(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
+def hydra_task(cfg) -> Optional[float]:
+    """The job Hydra runs (once per sweep job): checks, then train(); returns the sweep objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from regexp.config import ConfigError
+    from regexp.train import prepare, train
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        typed = prepare(cfg)
+    except ConfigError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweep's other jobs go on; this one is recorded as failed
+        fail(str(e))
+    summary = train(typed, hydra_cfg.runtime.output_dir, choices=dict(hydra_cfg.runtime.choices),
+                    overrides=list(hydra_cfg.overrides.task), composed=cfg)
+    return summary["metrics"].get("val/acc")
+
+
+def precheck(overrides: list[str], multirun: bool) -> None:
+    """Compose and validate every job's config before Hydra starts any, so bad input fails
+    fast with one line (Hydra's own errors are several lines and exit 1)."""
+    from hydra import compose, initialize_config_dir
+
+    from regexp.config import check_writable, config_dir, resolve_device, validate
+    from regexp.train import prepare
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+        for job in expand_sweep(overrides) if multirun else [overrides]:
+            cfg = compose_or_explain(compose, job)
+            out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            if not any(o.startswith(out_key + "=") for o in job):
+                out_key = "out_dir"
+            out_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+            if multirun:  # data problems fail a job, not the whole sweep
+                resolve_device(validate(cfg))
+                check_writable(out_dir, out_key)
+            else:
+                prepare(cfg, out_key, out_dir)
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The override list of each job of a basic-sweeper multirun."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from regexp.config import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as e:  # syntax errors, and sweeps (interval, tag) only a search sweeper expands
+        raise ConfigError("overrides", " ".join(overrides), first_line(e)) from None
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def compose_or_explain(compose, overrides: list[str]):
+    """Hydra's compose, with its errors turned into one ConfigError line."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    from regexp.config import ConfigError
+
+    try:
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        group, _, option = (e.missing_cfg_file or "").rpartition("/")
+        if group and e.options:
+            key = next((o.split("=")[0] for o in overrides if o.lstrip("+~").split("=")[0] == group), group)
+            raise ConfigError(key, option, "unknown option; choose one of " + ", ".join(sorted(e.options))) from None
+        raise ConfigError("config", e.missing_cfg_file, first_line(e)) from None
+    except HydraException as e:
+        message = first_line(e)
+        ambiguous = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)
+        if ambiguous:
+            raise ConfigError(ambiguous.group(1), ambiguous.group(2), "several values make a sweep: add -m (regexp train -m ...)") from None
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown:
+            key = unknown.group(1)
+            value = next((o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key), "?")
+            raise ConfigError(key, value, "unknown key (see `regexp train --cfg job` for the keys of this config)") from None
+        raise ConfigError("overrides", " ".join(overrides), message) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

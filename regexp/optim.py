@@ -1,0 +1,120 @@
+"""Optimizers with decay/no-decay parameter groups, lr schedules as pure functions, clipping."""
+
+import math
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def is_weight(p: torch.Tensor) -> bool:
+    """Matrices and conv kernels; biases and norm scales/shifts are 1-D (nanoGPT's rule)."""
+    return p.ndim >= 2
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on weights only, unless `decay_norm_and_bias` asks for all parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in params if decay_norm_and_bias or is_weight(p)]
+    kept = [p for p in params if not (decay_norm_and_bias or is_weight(p))]
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": kept, "weight_decay": 0.0},
+    ]
+
+
+def _sgd(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.get("momentum", 0.0), nesterov=cfg.name == "nesterov")
+
+
+def _adam(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    # Adam adds weight_decay * w to the gradient (coupled L2); AdamW shrinks w directly.
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], DictConfig, float], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "momentum": _sgd,
+    "nesterov": _sgd,
+    "adam": _adam,
+    "adamw": _adam,
+}
+
+
+def scaled_lr(lr: float, accumulation_steps: int, scale_lr: str) -> float:
+    """The base lr for an effective batch `accumulation_steps` times larger."""
+    return {"off": lr, "linear": lr * accumulation_steps, "sqrt": lr * math.sqrt(accumulation_steps)}[scale_lr]
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    return OPTIMIZERS[cfg.name](groups, cfg, lr)
+
+
+# ------------------------------------------------------------------ schedules
+def _cosine(t: float, start: float, end: float) -> float:
+    """Cosine from `start` (t=0) to `end` (t=1)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def lr_factor(cfg: DictConfig, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): a pure function."""
+    name = cfg.name
+    if name == "none":
+        return 1.0
+    if name == "step":
+        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+    floor = cfg.get("min_lr", 0.0) / base_lr
+    if name == "cosine":
+        return _cosine(step / max(total_steps, 1), 1.0, floor)
+    if name == "warmup_cosine":
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        return _cosine((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0, floor)
+    if name == "onecycle":
+        start = 1.0 / cfg.div_factor
+        rise = max(int(cfg.pct_start * total_steps), 1)
+        if step < rise:
+            return _cosine(step / rise, start, 1.0)
+        return _cosine((step - rise) / max(total_steps - rise, 1), 1.0, start / cfg.final_div_factor)
+    raise KeyError(name)
+
+
+SCHEDULERS = ("none", "step", "cosine", "warmup_cosine", "onecycle")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int, steps_per_epoch: int, base_lr: float):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch, base_lr)
+    )
+
+
+# ------------------------------------------------------------------ clipping
+def global_grad_norm(params: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of all gradients as one vector, on the device (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+
+
+def clip_gradients(
+    params: list[torch.Tensor], cfg: DictConfig, measure: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Clip in place (after unscaling). Returns (pre-clip norm, post-clip norm, clipped?) as
+    device tensors; the norms only when `measure` (log steps) or when clipping needs them."""
+    norm_type = cfg.get("norm_type", 2.0)
+    if cfg.name == "norm":
+        pre = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, norm_type=norm_type, foreach=True)
+        clipped = pre > cfg.max_norm
+    else:
+        pre = global_grad_norm(params, norm_type) if measure else None
+        clipped = None
+        if cfg.name == "value":
+            grads = [p.grad for p in params if p.grad is not None]
+            clipped = torch.stack([g.abs().amax() for g in grads]).amax() > cfg.clip_value
+            torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+    post = global_grad_norm(params, norm_type) if measure and cfg.name != "none" else pre
+    return pre, post, clipped
