@@ -123,11 +123,12 @@ def precheck(overrides: list[str], multirun: bool) -> None:
             if not any(o.startswith(out_key + "=") for o in job):
                 out_key = "out_dir"
             out_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+            shown = cfg.out_dir if out_key == "out_dir" else out_dir
             if multirun:  # data problems fail a job, not the whole sweep
                 resolve_device(validate(cfg))
-                check_writable(out_dir, out_key)
             else:
-                prepare(cfg, out_key, out_dir)
+                prepare(cfg)
+            check_writable(out_dir, out_key, shown)
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

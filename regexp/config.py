@@ -427,17 +427,18 @@ def resolve_device(cfg: DictConfig) -> str:
     return resolved
 
 
-def check_writable(path: str | os.PathLike, key: str) -> None:
+def check_writable(path: str | os.PathLike, key: str, value: Any = None) -> None:
     """ConfigError unless `path` is, or can be created as, a writable directory. Creating a
     file is the only honest test: root passes os.access() even on read-only mounts."""
+    value = str(path) if value is None else value
     probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(key, str(path), f"output directory cannot be created: {probe} is a file")
+        raise ConfigError(key, value, f"output directory cannot be created: {probe} is a file")
     try:
         fd, name = tempfile.mkstemp(prefix=".regexp-write-probe-", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise ConfigError(key, str(path), f"output directory cannot be written: {probe}: {e.strerror}") from None
+        raise ConfigError(key, value, f"output directory cannot be written: {probe}: {e.strerror}") from None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import check_writable, resolve_device, resolved_container, validate, warnings_for
+from regexp.config import resolve_device, resolved_container, validate, warnings_for
 from regexp.data import augment_batch, check_available, load_data
 from regexp.init import init_weights
 from regexp.models import build_model
@@ -313,12 +313,10 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     return summary
 
 
-def prepare(cfg: DictConfig, out_dir_key: str = "out_dir", out_dir: Optional[str] = None) -> DictConfig:
-    """Every check that must pass before any work: schema, ranges, device, data, output dir.
-    Raises ConfigError."""
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Every check on the config that must pass before any work: schema, ranges, device,
+    data files. Raises ConfigError."""
     typed = validate(cfg)
     resolve_device(typed)
     check_available(typed.dataset)
-    if out_dir is not None:
-        check_writable(out_dir, out_dir_key)
     return typed
