@@ -265,7 +265,7 @@ class TrainConfig:
     """Top-level keys; each group is typed by its own option schema (GROUP_SCHEMAS)."""
 
     seed: int = field(default=0, metadata=NON_NEGATIVE)
-    epochs: int = field(default=5, metadata=AT_LEAST_ONE)
+    epochs: int = field(default=10, metadata=AT_LEAST_ONE)
     max_steps: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)
     batch_size: int = field(default=128, metadata=AT_LEAST_ONE)
     eval_every: int = field(default=1, metadata=AT_LEAST_ONE)  # epochs

@@ -55,8 +55,24 @@ class MetricsFile:
             clean["nonfinite"] = bad
         self.file.write(json.dumps(clean) + "\n")
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.file.close()
+
+
+class Tracker:
+    """Fans each metrics record out to the sinks (metrics.jsonl, W&B, ...). A sink has
+    `write(record)` and `close(exit_code)`; records carry their own `step` / `epoch`."""
+
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self, exit_code: int = 0) -> None:
+        for sink in self.sinks:
+            sink.close(exit_code)
 
 
 def _fmt(value: Any) -> str:

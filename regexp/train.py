@@ -25,7 +25,7 @@ from regexp.init import init_weights
 from regexp.models import build_model
 from regexp.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
 from regexp.regularizers import EarlyStopping, apply_max_norm, build_criterion, build_penalty, weights
-from regexp.tracking import MetricsFile, Reporter, atomic_write, write_json
+from regexp.tracking import MetricsFile, Reporter, Tracker, atomic_write, write_json
 
 log = logging.getLogger("regexp")
 
@@ -102,7 +102,7 @@ def augmentation(cfg: DictConfig) -> Optional[tuple[int, bool]]:
     return (crop, flip) if (crop or flip) else None
 
 
-def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Reporter) -> None:
+def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Reporter, metrics: Tracker) -> None:
     """Train, evaluate and checkpoint one run; fill `summary` as it goes."""
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.device.deterministic)
@@ -136,7 +136,6 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     best = EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta) if es is not None else EarlyStopping("val/acc", "max")
     best_state: Optional[dict[str, torch.Tensor]] = None
     measure_grads = cfg.monitor.name != "off"
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
 
     summary.update(device=str(device), parameters=sum(p.numel() for p in params), steps_per_epoch=steps_per_epoch,
                    effective_batch=k * cfg.batch_size, train_samples=n_train)
@@ -279,7 +278,6 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     if status != "diverged":
         final.update({f"test/{k_}": v for k_, v in evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size, precision).items()})
     final["perf/samples_per_s"] = samples_trained / train_seconds if train_seconds else 0.0
-    metrics.close()
     summary.update(status=status, metrics=final, steps=step, epochs_completed=epoch_row.get("epoch", 0),
                    train_time_s=round(train_seconds, 3), wall_time_s=round(time.perf_counter() - t_start, 3))
 
@@ -298,16 +296,21 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
         "choices": choices or {}, "overrides": overrides or [], "config": resolved,
     }
     write_json(run_dir / "summary.json", summary)
+    tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl")])
+    exit_code = 1
     try:
-        fit(cfg, run_dir, summary, reporter)
+        fit(cfg, run_dir, summary, reporter, tracker)
+        exit_code = 0
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
+        exit_code = 130 if interrupted else 1
         summary.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
                        traceback=traceback.format_exc(), wall_time_s=round(time.perf_counter() - started, 3))
         raise
     finally:
         summary["finished_at"] = datetime.now(timezone.utc).isoformat()
         write_json(run_dir / "summary.json", summary)
+        tracker.close(exit_code)
     style = {"completed": "green", "early_stopped": "green", "diverged": "red"}.get(summary["status"], "yellow")
     reporter.summary(f"regexp · {summary['status']}", {**summary["metrics"], "wall_time_s": summary["wall_time_s"], "run_dir": str(run_dir)}, style)
     return summary

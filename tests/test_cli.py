@@ -121,7 +121,6 @@ GROUP_SWEEPS["deep_mlp"] = (["model=deep_mlp", "model.depth=3", "model.width=64"
 GROUP_SWEEPS["regularizer"] = (["+regularizer=" + ",".join(REGULARIZERS) + ",[dropout,l2]"], len(REGULARIZERS) + 1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("group", sorted(GROUP_SWEEPS))
 def test_every_option_trains_through_the_cli(tmp_path, data_root, group):
     overrides, jobs = GROUP_SWEEPS[group]
@@ -132,7 +131,6 @@ def test_every_option_trains_through_the_cli(tmp_path, data_root, group):
         assert summary["steps"] >= 1 and "test/acc" in summary["metrics"]
 
 
-@pytest.mark.slow
 def test_resnet_and_datasets_train(tmp_path, data_root):
     cifar_root = write_cifar10(tmp_path / "cifar", per_batch=40, n_test=40)
     small = ["dataset.val_size=40", "eval_batch_size=64"]
