@@ -19,6 +19,9 @@ commands:
   train -m [OVERRIDES...]   a sweep, e.g.  regexp train -m optimizer=adam,adamw seed=0,1,2
   train --cfg job           print the composed config and exit
   train --help              config groups, options and Hydra's flags
+  diagnose RUN_DIR          what went wrong in a run and what to try, from its metrics
+  compare PATH... [--metric test/acc] [--by KEY] [--plot out.png] [--json]
+                            runs and sweeps side by side: groups by the swept keys, mean ± std over seeds
 
 config groups (pick with group=option, set values with group.key=value):
   dataset       mnist fashion_mnist cifar10
@@ -32,7 +35,7 @@ config groups (pick with group=option, set values with group.key=value):
   clip          none norm value
   accumulation  none steps
   device        auto cpu cuda
-  monitor       default off
+  monitor       default full off
 
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
 Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
@@ -61,27 +64,80 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    fail(f"unknown command {command!r}; commands: train (see regexp --help)")
+    if command == "compare":
+        from regexp.compare import main as compare_main
+
+        return compare_main(rest)
+    if command == "diagnose":
+        return diagnose_command(rest)
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose (see regexp --help)")
     return 2
 
 
-def train_command(args: list[str]) -> int:
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    if not INFO_FLAGS.intersection(args):
-        from regexp.config import ConfigError
+def diagnose_command(args: list[str]) -> int:
+    """`regexp diagnose RUN_DIR`: the diagnosis of a finished run, from its files."""
+    from pathlib import Path
 
-        try:
+    if len(args) != 1 or args[0].startswith("-"):
+        fail("usage: regexp diagnose RUN_DIR")
+    run_dir = Path(args[0])
+    if not (run_dir / "metrics.jsonl").is_file():
+        fail(f"RUN_DIR={run_dir}: not a run directory (no metrics.jsonl)")
+    from rich.console import Console
+
+    from regexp.diagnose import diagnose_run, render
+
+    render(diagnose_run(run_dir), Console())
+    return 0
+
+
+def train_command(args: list[str]) -> int:
+    from regexp.config import ConfigError
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    try:
+        if not multirun:
+            args = with_resumed_run(args)
+        if not INFO_FLAGS.intersection(args):
             precheck([a for a in args if is_override(a)], multirun)
-        except ConfigError as e:
-            fail(str(e))
+    except ConfigError as e:
+        fail(str(e))
     import hydra
 
     from regexp.config import config_dir
+    from regexp.train import Interrupted
 
     hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(hydra_task)
     sys.argv = ["regexp train", *args]
-    hydra_main()
+    try:
+        hydra_main()
+    except Interrupted as e:
+        print(f"regexp: interrupted by signal {e.signum}; checkpoint saved, continue with resume=<run dir>", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def with_resumed_run(args: list[str]) -> list[str]:
+    """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir."""
+    from pathlib import Path
+
+    import yaml
+
+    from regexp.config import ConfigError
+
+    value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    if value in (None, "null", "auto"):
+        return args
+    run_dir = Path(value)
+    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / ".hydra" / "overrides.yaml").is_file():
+        raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
+    saved = [o for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+             if not o.startswith(("resume=", "hydra.run.dir="))]
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
+    kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
+    return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]
 
 
 def is_override(arg: str) -> bool:
@@ -94,7 +150,7 @@ def hydra_task(cfg) -> Optional[float]:
     from hydra.types import RunMode
 
     from regexp.config import ConfigError
-    from regexp.train import prepare, train
+    from regexp.train import RunError, prepare, train
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -103,8 +159,17 @@ def hydra_task(cfg) -> Optional[float]:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweep's other jobs go on; this one is recorded as failed
         fail(str(e))
-    summary = train(typed, hydra_cfg.runtime.output_dir, choices=dict(hydra_cfg.runtime.choices),
-                    overrides=list(hydra_cfg.overrides.task), composed=cfg)
+    # W&B: the run is named by its overrides (empty: train() uses the run dir's name); a sweep's jobs share its dir as group
+    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    try:
+        summary = train(typed, hydra_cfg.runtime.output_dir, choices=dict(hydra_cfg.runtime.choices),
+                        overrides=list(hydra_cfg.overrides.task), composed=cfg,
+                        name=hydra_cfg.job.override_dirname, group=sweep_dir)
+    except RunError as e:  # a bad file: one line, not a traceback (summary.json has the details)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        print(f"regexp: error: {e}", file=sys.stderr)
+        sys.exit(1)
     return summary["metrics"].get("val/acc")
 
 

@@ -38,6 +38,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+class RunError(RuntimeError):
+    """A problem with a file the run needs or writes (data, checkpoint, output): the
+    message says which file and what to do. Exit code 1, one line, no traceback."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """A range/choice check attached to a schema field through `metadata`."""
@@ -251,13 +256,24 @@ class DeviceConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = "wandb"
+    project: str = "regexp"
+    entity: Optional[str] = None  # null: the account's default entity
+    mode: str = field(default="auto", metadata=choice("auto", "online", "offline", "disabled"))
+    tags: List[str] = field(default_factory=list, metadata={"rule": Rule(lambda v: all(1 <= len(t) <= 64 for t in v), "must be tags of 1 to 64 characters")})
 
 
 @dataclass
 class MonitorConfig:
     name: str = "default"
     log_every: int = field(default=50, metadata=AT_LEAST_ONE)  # optimizer steps
+    histogram_every: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)  # log steps
+    on_nonfinite: str = field(default="stop", metadata=choice("stop", "skip", "continue"))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)  # besides each epoch's end
 
 
 @dataclass
@@ -271,6 +287,8 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=AT_LEAST_ONE)  # epochs
     eval_batch_size: int = field(default=1024, metadata=AT_LEAST_ONE)
     out_dir: str = "outputs"
+    resume: Optional[str] = None  # a run dir (or its checkpoint.pt) to continue; `auto` in sweeps
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: Any = None
     model: Any = None
     init: Any = None
@@ -297,8 +315,8 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "clip": {n: ClipConfig for n in ("none", "norm", "value")},
     "accumulation": {n: AccumulationConfig for n in ("none", "steps")},
     "device": {n: DeviceConfig for n in ("auto", "cpu", "cuda")},
-    "logger": {"none": LoggerConfig},
-    "monitor": {n: MonitorConfig for n in ("default", "off")},
+    "logger": {n: LoggerConfig for n in ("wandb", "none")},
+    "monitor": {n: MonitorConfig for n in ("default", "full", "off")},
 }
 REGULARIZERS = tuple(f.name for f in fields(RegularizerConfig))
 
@@ -346,6 +364,7 @@ _TYPE_WORDS = {
     int: "an integer", float: "a number", bool: "true or false", str: "a string",
     Optional[int]: "an integer or null", Optional[float]: "a number or null",
     Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
+    List[str]: "a list of strings",
 }
 
 

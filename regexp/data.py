@@ -11,13 +11,14 @@ import os
 import pickle
 import tempfile
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from regexp.config import ConfigError
+from regexp.config import ConfigError, RunError
 
 CACHE_VERSION = 1  # bump when the cached entry's layout changes
 
@@ -194,13 +195,50 @@ def _read_with_torchvision(name: str, root: Path, download: bool) -> dict[str, t
     dataset_class = _torchvision_class(name)
     splits = {}
     for split, train in (("train", True), ("test", False)):
-        ds = dataset_class(str(root), train=train, download=download)
+        try:
+            ds = dataset_class(str(root), train=train, download=download)
+        except Exception as e:
+            broken = _broken_file(name, root)
+            if broken is None and "download" not in str(e).lower():
+                raise
+            where = broken or root
+            raise RunError(
+                f"{where}: cannot read {name} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+                + ("the file is truncated or corrupted: delete it and set dataset.download=true, or copy it again"
+                   if broken else "no internet? copy the data set there, or point dataset.root / REGEXP_DATA_DIR at a copy")
+            ) from None
         images = torch.as_tensor(ds.data)
         # MNIST-style data is [N, H, W]; CIFAR-10's is [N, H, W, C]
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         splits[f"{split}_x"] = images.contiguous()
         splits[f"{split}_y"] = torch.as_tensor(ds.targets, dtype=torch.int64)
     return splits
+
+
+def _broken_file(name: str, root: Path) -> Optional[Path]:
+    """The first data file whose content does not match its format (idx header vs size,
+    CIFAR pickle), or None."""
+    for f in SPECS[name].files:
+        path = root / f
+        if not path.is_file():
+            continue
+        if name == "cifar10":
+            try:
+                with open(path, "rb") as fh:
+                    pickle.load(fh, encoding="latin1")
+            except Exception:
+                return path
+            continue
+        with open(path, "rb") as fh:  # idx: magic (2 zero bytes, type, ndim), then ndim big-endian sizes
+            header = fh.read(4)
+            ndim = header[3] if len(header) == 4 else 0
+            dims = fh.read(4 * ndim)
+        if len(header) < 4 or len(dims) < 4 * ndim:
+            return path
+        expected = 4 + 4 * ndim + prod(int.from_bytes(dims[i:i + 4], "big") for i in range(0, 4 * ndim, 4))
+        if path.stat().st_size != expected:
+            return path
+    return None
 
 
 def _torchvision_class(name: str) -> type:

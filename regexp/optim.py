@@ -95,26 +95,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_ste
 def global_grad_norm(params: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """Norm of all gradients as one vector, on the device (no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
 
 
-def clip_gradients(
-    params: list[torch.Tensor], cfg: DictConfig, measure: bool
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Clip in place (after unscaling). Returns (pre-clip norm, post-clip norm, clipped?) as
-    device tensors; the norms only when `measure` (log steps) or when clipping needs them."""
-    norm_type = cfg.get("norm_type", 2.0)
+def clip_gradients(params: list[torch.Tensor], cfg: DictConfig) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Clip in place (after unscaling). Returns, as device tensors, the pre-clip global norm
+    when clipping computed it anyway (clip=norm) and whether this step was clipped."""
     if cfg.name == "norm":
-        pre = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, norm_type=norm_type, foreach=True)
-        clipped = pre > cfg.max_norm
-    else:
-        pre = global_grad_norm(params, norm_type) if measure else None
-        clipped = None
-        if cfg.name == "value":
-            grads = [p.grad for p in params if p.grad is not None]
-            clipped = torch.stack([g.abs().amax() for g in grads]).amax() > cfg.clip_value
-            torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
-    post = global_grad_norm(params, norm_type) if measure and cfg.name != "none" else pre
-    return pre, post, clipped
+        pre = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, norm_type=cfg.norm_type, foreach=True)
+        return pre, pre > cfg.max_norm
+    if cfg.name == "value":
+        grads = [p.grad for p in params if p.grad is not None]
+        clipped = torch.stack(torch._foreach_norm(grads, float("inf"))).amax() > cfg.clip_value
+        torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+        return None, clipped
+    return None, None

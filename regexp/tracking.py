@@ -18,6 +18,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from regexp.config import RunError
+
 log = logging.getLogger("regexp")
 
 
@@ -26,11 +28,21 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> N
     (or a crash) never sees a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
+        raise cannot_write(path, OSError(str(e).splitlines()[0])) from None
+
+
+def cannot_write(path: Path, error: OSError) -> RunError:
+    return RunError(f"{path}: cannot write ({error.strerror or error}); free disk space or make {path.parent} "
+                    f"writable (or choose another out_dir); the files written before are intact")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -47,21 +59,31 @@ class MetricsFile:
     """metrics.jsonl: one JSON object per log step or evaluation."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+        self.path, self.file = path, None
 
     def write(self, record: dict[str, Any]) -> None:
         clean, bad = split_finite(record)
         if bad:
             clean["nonfinite"] = bad
-        self.file.write(json.dumps(clean) + "\n")
+        try:
+            if self.file is None:  # opened on first use: no empty files
+                self.file = open(self.path, "a", buffering=1)
+            self.file.write(json.dumps(clean) + "\n")
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
 
     def close(self, exit_code: int = 0) -> None:
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:  # the write that failed has been reported already
+                pass
 
 
 class Tracker:
     """Fans each metrics record out to the sinks (metrics.jsonl, W&B, ...). A sink has
-    `write(record)` and `close(exit_code)`; records carry their own `step` / `epoch`."""
+    `write(record)` and `close(exit_code)`, and `summary(summary)` if it keeps the final
+    summary itself (summary.json is written by train); records carry their own `step` / `epoch`."""
 
     def __init__(self, sinks: list[Any]):
         self.sinks = sinks
@@ -70,9 +92,30 @@ class Tracker:
         for sink in self.sinks:
             sink.write(record)
 
+    def summary(self, summary: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "summary"):
+                sink.summary(summary)
+
+    def write_histograms(self, step: int, histograms: dict[str, dict[str, list]]) -> None:
+        """Weight/gradient histograms (monitor=full), to the sinks that keep them."""
+        for sink in self.sinks:
+            if hasattr(sink, "write_histograms"):
+                sink.write_histograms(step, histograms)
+
     def close(self, exit_code: int = 0) -> None:
         for sink in self.sinks:
             sink.close(exit_code)
+
+
+class HistogramFile(MetricsFile):
+    """histograms.jsonl: {"step": N, "hist/weight/<layer>": {"bins": [...], "counts": [...]}, ...}."""
+
+    def write(self, record: dict[str, Any]) -> None:  # metrics go to metrics.jsonl only
+        pass
+
+    def write_histograms(self, step: int, histograms: dict[str, dict[str, list]]) -> None:
+        super().write({"step": step, **histograms})
 
 
 def _fmt(value: Any) -> str:
@@ -125,6 +168,14 @@ class Reporter:
             table.add_row(k, _fmt(v))
         self.console.print(Panel(table, title=title, border_style=style, expand=False))
         log.info("%s: %s", title, "  ".join(f"{k}={_fmt(v)}" for k, v in rows.items()))
+
+
+    def diagnosis(self, findings: list[dict[str, Any]]) -> None:
+        from regexp.diagnose import render
+
+        render(findings, self.console)
+        for f in findings:
+            log.warning("diagnosis: %s: %s", f["title"], f["message"])
 
 
 class EpochBar:

@@ -6,6 +6,8 @@ and at the end of an epoch.
 """
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import random
@@ -19,13 +21,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import resolve_device, resolved_container, validate, warnings_for
+from regexp.config import RunError, resolve_device, resolved_container, validate, warnings_for
+from regexp.diagnose import diagnose, read_run
 from regexp.data import augment_batch, check_available, load_data
 from regexp.init import init_weights
 from regexp.models import build_model
-from regexp.optim import build_optimizer, build_scheduler, clip_gradients, scaled_lr
+from regexp.monitor import Monitor, NonfiniteGuard, trace_nonfinite
+from regexp.optim import build_optimizer, build_scheduler, clip_gradients, global_grad_norm, scaled_lr
 from regexp.regularizers import EarlyStopping, apply_max_norm, build_criterion, build_penalty, weights
-from regexp.tracking import MetricsFile, Reporter, Tracker, atomic_write, write_json
+from regexp.tracking import HistogramFile, MetricsFile, Reporter, Tracker, atomic_write, split_finite, write_json
+from regexp.wandb_logger import wandb_sinks
 
 log = logging.getLogger("regexp")
 
@@ -102,8 +107,120 @@ def augmentation(cfg: DictConfig) -> Optional[tuple[int, bool]]:
     return (crop, flip) if (crop or flip) else None
 
 
-def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Reporter, metrics: Tracker) -> None:
-    """Train, evaluate and checkpoint one run; fill `summary` as it goes."""
+def window_batches(perm: torch.Tensor, offset: int, sizes: list[int]) -> list[tuple[torch.Tensor, int, float]]:
+    """(sample indices, size, share of the window) of each micro-batch of one window."""
+    batches = []
+    for n_i, share in zip(sizes, micro_batch_weights(sizes)):
+        batches.append((perm[offset : offset + n_i], n_i, share))
+        offset += n_i
+    return batches
+
+
+def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One host-device sync for every value of a log step."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
+
+
+class RunningSums:
+    """Device-side sums over the steps since the last log step: no host sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self.loss, self.correct, self.penalty, self.clipped = zero, zero.clone(), zero.clone(), zero.clone()
+        self.samples, self.steps, self.started = 0, 0, time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "correct": self.correct, "penalty": self.penalty, "clipped": self.clipped,
+                "samples": self.samples, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss, self.correct, self.penalty, self.clipped = state["loss"], state["correct"], state["penalty"], state["clipped"]
+        self.samples, self.steps, self.started = state["samples"], state["steps"], time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, penalty: torch.Tensor, samples: int) -> None:
+        self.loss = self.loss + loss
+        self.correct = self.correct + correct
+        self.penalty = self.penalty + penalty
+        self.samples += samples
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM after the checkpoint was saved; exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+class StopSignal:
+    """The first SIGINT/SIGTERM asks the loop to save a checkpoint and stop at the next
+    step; a second one stops at once."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise Interrupted(signum)
+        self.received = signum
+        log.warning("signal %d: saving a checkpoint and stopping (again to stop at once)", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded without executing pickled code; RunError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no checkpoint there; resume= takes a run directory that holds checkpoint.pt") from None
+    except Exception as e:  # truncated, corrupted, or not a checkpoint at all
+        raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                       "it is truncated or corrupted: resume from another run or start afresh") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunError(f"{path}: not a regexp training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "window", "step", "perm", "config")
+
+
+def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) -> None:
+    """The checkpoint must come from the same model, norm and data set (a resumed run may
+    change anything else, e.g. epochs)."""
+    saved = state["config"]
+    for key in ("model", "norm"):
+        if saved.get(key) != OmegaConf.to_container(cfg[key], resolve=True):
+            raise RunError(f"{path}: the checkpoint is of another {key} ({saved.get(key)}); resume with that run's own config")
+    if saved.get("dataset", {}).get("name") != cfg.dataset.name:
+        raise RunError(f"{path}: the checkpoint was trained on {saved.get('dataset', {}).get('name')}, not {cfg.dataset.name}")
+
+
+def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Reporter, tracker: Tracker,
+        stop_signal: "StopSignal", resumed: Optional[tuple[Path, dict[str, Any]]] = None) -> None:
+    """Train, evaluate and checkpoint one run (from a checkpoint's (path, state) when
+    `resumed`); fill `summary` as it goes."""
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.device.deterministic)
     device = torch.device(resolve_device(cfg))
@@ -113,15 +230,16 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, data.input_shape, data.num_classes)
     init_weights(model, cfg.init, cfg.model.activation)
     model.to(device)
-    if device.type == "cuda" and cfg.device.channels_last and len(data.input_shape) == 3 and cfg.model.name in ("cnn", "resnet"):
+    if device.type == "cuda" and cfg.device.channels_last and cfg.model.name in ("cnn", "resnet"):
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.device.compile else model
+    compiled = torch.compile(model) if cfg.device.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     penalized = weights(model)
 
     k = cfg.accumulation.steps
     n_train = len(data.train_y)
     windows = window_sizes(n_train, cfg.batch_size, k)
+    offsets = [sum(map(sum, windows[:w])) for w in range(len(windows))]
     steps_per_epoch = len(windows)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     base_lr = scaled_lr(cfg.optimizer.lr, k, cfg.accumulation.scale_lr)
@@ -135,7 +253,9 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     es = cfg.regularizer.early_stopping
     best = EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta) if es is not None else EarlyStopping("val/acc", "max")
     best_state: Optional[dict[str, torch.Tensor]] = None
-    measure_grads = cfg.monitor.name != "off"
+    monitor = Monitor(model, cfg.monitor)
+    guard = NonfiniteGuard(device)
+    on_nonfinite = cfg.monitor.on_nonfinite
 
     summary.update(device=str(device), parameters=sum(p.numel() for p in params), steps_per_epoch=steps_per_epoch,
                    effective_batch=k * cfg.batch_size, train_samples=n_train)
@@ -147,106 +267,236 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     for warning in warnings_for(cfg):
         reporter.warn(warning)
 
-    zero = torch.zeros((), device=device)
-    step, train_seconds, samples_trained, status = 0, 0.0, 0, "completed"
-    epoch_row: dict[str, Any] = {}
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(n_train, device=device)
-        epoch_loss, epoch_correct, epoch_n = zero.clone(), zero.clone(), 0
-        interval_loss, interval_correct, interval_penalty, interval_n = zero.clone(), zero.clone(), zero.clone(), 0
-        clipped_steps, interval_steps = zero.clone(), 0
-        t_epoch = t_interval = time.perf_counter()
-        start = 0
-        with reporter.epoch_progress(epoch, cfg.epochs, n_train) as bar:
-            for sizes in windows:
-                # forward/backward over the window's micro-batches (k = 1: one batch)
-                for n_i, share in zip(sizes, micro_batch_weights(sizes)):
-                    idx = perm[start : start + n_i]
-                    start += n_i
-                    x, y = data.train_x[idx], data.train_y[idx]
-                    if augment is not None:
-                        x = augment_batch(x, *augment)
-                    with autocast(device.type, precision):
-                        logits = forward(x)
-                    loss = criterion(logits.float(), y)
-                    total = loss
-                    if penalty is not None:
-                        pen = penalty(penalized)
-                        total = loss + pen
-                        interval_penalty += pen.detach() * n_i
-                    scaler.scale(total * share).backward()
-                    correct = (logits.argmax(1) == y).sum()
-                    interval_loss += loss.detach() * n_i
-                    interval_correct += correct
-                    interval_n += n_i
-                    bar.advance(n_i)
+    def forward_backward(batches: list, net: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """Forward + backward over one window's micro-batches, each loss weighted by its share
+        of the window's samples. Returns the window's (loss, correct, penalty) sums."""
+        loss_sum = correct = penalty_sum = torch.zeros((), device=device)
+        for idx, n_i, share in batches:
+            x, y = data.train_x[idx], data.train_y[idx]
+            if augment is not None:
+                x = augment_batch(x, *augment)
+            with autocast(device.type, precision):
+                logits = net(x)
+            loss = criterion(logits.float(), y)
+            total = loss
+            if penalty is not None:
+                pen = penalty(penalized)
+                total = loss + pen
+                penalty_sum = penalty_sum + pen.detach() * n_i
+            scaler.scale(total * share).backward()
+            loss_sum = loss_sum + loss.detach() * n_i
+            correct = correct + (logits.argmax(1) == y).sum()
+        return loss_sum, correct, penalty_sum
 
-                # the step: unscale -> clip (pre/post norms) -> step -> max-norm -> schedule -> zero
-                log_step = (step + 1) % cfg.monitor.log_every == 0
-                scaler.unscale_(optimizer)
-                pre_norm, post_norm, clipped = clip_gradients(params, cfg.clip, measure=log_step and measure_grads)
-                if clipped is not None:
-                    clipped_steps += clipped
-                lr = optimizer.param_groups[0]["lr"]
-                scaler.step(optimizer)
-                scaler.update()
-                if max_norm is not None:
-                    apply_max_norm(penalized, max_norm)
-                scheduler.step()
+    def unscale_and_clip(measure: bool, per_layer: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Unscale (fp16), clip; (pre-clip global norm when measured or computed anyway, clipped?).
+        With `per_layer` (log steps) each layer's norm is recorded before and after clipping."""
+        scaler.unscale_(optimizer)
+        if per_layer:
+            monitor.grads("norm")
+        pre = global_grad_norm(params) if measure and cfg.clip.name != "norm" else None
+        clip_norm, clipped = clip_gradients(params, cfg.clip)
+        if per_layer:
+            monitor.grads("norm_clipped")
+        return (clip_norm if clip_norm is not None else pre), clipped
+
+    def apply_update() -> None:
+        scaler.step(optimizer)
+        scaler.update()
+        if max_norm is not None:
+            apply_max_norm(penalized, max_norm)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def capture(epoch: int, window: int, perm: torch.Tensor) -> dict[str, Any]:
+        """The full training state on the device: where a replay starts, the last finite state."""
+        return {"model": {n: t.detach().clone() for n, t in model.state_dict().items()},
+                "optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch, "window": window,
+                "step": step, "perm": perm}
+
+    def restore(snap: dict[str, Any]) -> None:
+        model.load_state_dict(snap["model"])
+        optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        scheduler.load_state_dict(snap["scheduler"])
+        scaler.load_state_dict(snap["scaler"])
+        set_rng_state(snap["rng"])
+        optimizer.zero_grad(set_to_none=True)
+
+    def replay_and_trace(snap: dict[str, Any], bad_step: int) -> dict[str, Any]:
+        """Re-run from `snap` (same data order, same RNG) up to the first bad step and trace
+        that step's batch with hooks on every layer."""
+        restore(snap)
+        for w in range(snap["window"], len(windows)):
+            batches = window_batches(snap["perm"], offsets[w], windows[w])
+            if snap["step"] + w - snap["window"] == bad_step:
+                found = trace_nonfinite(model, lambda: forward_backward(batches, model)[0])
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                interval_steps += 1
+                return found
+            forward_backward(batches, model)
+            unscale_and_clip(measure=False)
+            apply_update()
+        return {"where": None, "layer": None}
 
-                if log_step:  # the only per-interval host sync
-                    values = [interval_loss, interval_correct, interval_penalty, clipped_steps]
-                    values += [n for n in (pre_norm, post_norm) if n is not None and measure_grads]
-                    synced = torch.stack([v.float() for v in values]).tolist()
+    def nonfinite_event(found: dict[str, Any], bad_step: int) -> dict[str, Any]:
+        where = " ".join(str(v) for v in (found.get("where"), found.get("layer")) if v) or "not reproduced"
+        event = {"step": bad_step + 1, "nonfinite/step": bad_step + 1, "nonfinite/where": where,
+                 "nonfinite/kind": found.get("where"), "nonfinite/layer": found.get("layer"), "nonfinite/action": on_nonfinite}
+        tracker.write(event)
+        reporter.warn(f"non-finite loss or gradient at step {bad_step + 1}: first in {where} (on_nonfinite={on_nonfinite})")
+        summary.setdefault("nonfinite", event)
+        return event
+
+    def checkpoint_state(epoch: int, window: int, perm: torch.Tensor) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one is: the next
+        window `window` of epoch `epoch` (window == len(windows): the epoch is done)."""
+        return {**capture(epoch, window, perm), "early_stopping": best.state_dict(),
+                "train_seconds": train_seconds, "samples_trained": samples_trained,
+                "epoch_sums": {"loss": epoch_loss, "correct": epoch_correct, "samples": epoch_samples},
+                "interval": sums.state_dict(), "nonfinite_reported": nonfinite_reported,
+                "model_name": cfg.model.name, "config": OmegaConf.to_container(cfg, resolve=True)}
+
+    sums = RunningSums(device)
+    step, train_seconds, samples_trained, status = 0, 0.0, 0, "completed"
+    nonfinite_reported = False
+    epoch_row: dict[str, Any] = {}
+    start_epoch, start_window, resumed_perm = 1, 0, None
+    epoch_loss = epoch_correct = torch.zeros((), device=device)
+    epoch_samples = 0
+    if resumed is not None:
+        resume_from, state = resumed
+        state = move_to(state, device)
+        restore(state)
+        best.load_state_dict(state["early_stopping"])
+        step, train_seconds, samples_trained = state["step"], state["train_seconds"], state["samples_trained"]
+        sums.load_state_dict(state["interval"])
+        nonfinite_reported = state["nonfinite_reported"]
+        start_epoch, start_window = state["epoch"], state["window"]
+        if start_window >= len(windows):  # saved at the end of an epoch: start the next one
+            start_epoch, start_window = start_epoch + 1, 0
+        else:
+            resumed_perm = state["perm"]
+            epoch_loss, epoch_correct = state["epoch_sums"]["loss"], state["epoch_sums"]["correct"]
+            epoch_samples = state["epoch_sums"]["samples"]
+        if (run_dir / "best.pt").is_file():
+            best_state = torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"]
+        keep_records_up_to(run_dir / "metrics.jsonl", step)
+        summary.update(resumed_from=str(resume_from), resumed_at_step=step)
+        reporter.line(f"resumed from {resume_from} at step {step} (epoch {start_epoch})")
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        perm = resumed_perm if resumed_perm is not None else torch.randperm(n_train, device=device)
+        first_window, resumed_perm, start_window = start_window, None, 0
+        if first_window == 0:
+            epoch_loss = epoch_correct = torch.zeros((), device=device)
+            epoch_samples = 0
+        snapshot = capture(epoch, first_window, perm)
+        t_epoch = time.perf_counter()
+        with reporter.epoch_progress(epoch, cfg.epochs, n_train) as bar:
+            bar.advance(offsets[first_window] if first_window < len(windows) else n_train)
+            for w in range(first_window, len(windows)):
+                sizes = windows[w]
+                if stop_signal.received is not None:  # Ctrl-C / SIGTERM: save where we are, then stop
+                    train_seconds += time.perf_counter() - t_epoch
+                    save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, w, perm))
+                    summary.update(steps=step, train_time_s=round(train_seconds, 3))
+                    raise Interrupted(stop_signal.received)
+                log_step = (step + 1) % cfg.monitor.log_every == 0
+                batches = window_batches(perm, offsets[w], sizes)
+                rng_before = rng_state() if on_nonfinite == "skip" else None
+                # log steps run eager (hooks) and measure each layer; other steps only the guard's values
+                with monitor.activations() if log_step and monitor.enabled else contextlib.nullcontext():
+                    window_sums = forward_backward(batches, model if log_step else compiled)
+                pre_norm, clipped = unscale_and_clip(measure=monitor.enabled, per_layer=log_step and monitor.enabled)
+                bad = guard.check(step, window_sums[0], pre_norm)
+                if on_nonfinite == "skip" and bad.item():  # skipping must know now: one host sync per step
+                    optimizer.zero_grad(set_to_none=True)
+                    if not nonfinite_reported:
+                        set_rng_state(rng_before)
+                        nonfinite_event(trace_nonfinite(model, lambda: forward_backward(batches, model)[0]), step)
+                        optimizer.zero_grad(set_to_none=True)
+                        nonfinite_reported = True
+                    summary["skipped_steps"] = summary.get("skipped_steps", 0) + 1
+                    bar.advance(sum(sizes))
+                    continue
+                sums.add(*window_sums, samples=sum(sizes))
+                if clipped is not None:
+                    sums.clipped = sums.clipped + clipped
+                lr = optimizer.param_groups[0]["lr"]
+                if log_step and monitor.enabled:
+                    post_norm = global_grad_norm(params) if cfg.clip.name != "none" else pre_norm
+                    monitor.before_update()
+                apply_update()
+                step += 1
+                sums.steps += 1
+                bar.advance(sum(sizes))
+
+                if log_step:
+                    if monitor.enabled:
+                        monitor.after_update()
+                    device_values = {"loss": sums.loss, "correct": sums.correct, "penalty": sums.penalty,
+                                     "clipped": sums.clipped, "first_bad": guard.first_bad_step}
+                    if monitor.enabled:
+                        device_values.update({"grad/global_norm": pre_norm, "grad/global_norm_clipped": post_norm})
+                        device_values.update(monitor.pop())
+                    host = to_host(device_values)  # the only sync of the interval
                     now = time.perf_counter()
-                    record = {
-                        "step": step, "epoch": epoch,
-                        "train/loss": synced[0] / interval_n, "train/acc": synced[1] / interval_n,
-                        "opt/lr": lr, "opt/effective_batch": sum(sizes),
-                        "perf/samples_per_s": interval_n / (now - t_interval),
-                        "perf/step_ms": 1000 * (now - t_interval) / interval_steps,
-                    }
+                    record = {"step": step, "epoch": epoch,
+                              "train/loss": host.pop("loss") / sums.samples, "train/acc": host.pop("correct") / sums.samples,
+                              "opt/lr": lr, "opt/effective_batch": sum(sizes),
+                              "perf/samples_per_s": sums.samples / (now - sums.started),
+                              "perf/step_ms": 1000 * (now - sums.started) / sums.steps}
+                    penalty_sum, clipped_steps, first_bad = host.pop("penalty"), host.pop("clipped"), int(host.pop("first_bad"))
                     if penalty is not None:
-                        record["train/penalty"] = synced[2] / interval_n
-                    if len(synced) > 4:
-                        record["grad/global_norm"], record["grad/global_norm_clipped"] = synced[4], synced[5]
-                        if cfg.clip.name != "none":
-                            record["grad/clip_frac"] = synced[3] / interval_steps
-                    metrics.write(record)
+                        record["train/penalty"] = penalty_sum / sums.samples
+                    if cfg.clip.name != "none" and monitor.enabled:
+                        record["grad/clip_frac"] = clipped_steps / sums.steps
+                    record.update(host)
+                    tracker.write(record)
+                    if cfg.monitor.histogram_every and (step // cfg.monitor.log_every) % cfg.monitor.histogram_every == 0:
+                        tracker.write_histograms(step, monitor.histograms())
                     bar.show(record["train/loss"], record["perf/samples_per_s"])
-                    epoch_loss += interval_loss
-                    epoch_correct += interval_correct
-                    epoch_n += interval_n
-                    interval_loss, interval_correct, interval_penalty, interval_n = zero.clone(), zero.clone(), zero.clone(), 0
-                    clipped_steps, interval_steps, t_interval = zero.clone(), 0, time.perf_counter()
-                    bad = [name for name in ("train/loss", "grad/global_norm") if name in record and not math.isfinite(record[name])]
-                    if bad:
-                        status = "diverged"
-                        metrics.write({"step": step, "nonfinite/step": step, "nonfinite/where": bad[0]})
-                        break
+                    epoch_loss, epoch_correct = epoch_loss + sums.loss, epoch_correct + sums.correct
+                    epoch_samples += sums.samples
+                    sums.reset()
+                    if first_bad >= 0 and not nonfinite_reported:
+                        current = capture(epoch, w + 1, perm) if on_nonfinite == "continue" else None
+                        nonfinite_event(replay_and_trace(snapshot, first_bad), first_bad)
+                        nonfinite_reported = True
+                        if on_nonfinite == "stop":
+                            restore(snapshot)  # the last finite state is what gets saved
+                            step, status = snapshot["step"], "diverged"
+                            break
+                        restore(current)
+                    if first_bad < 0:
+                        snapshot = capture(epoch, w + 1, perm)
+                if cfg.checkpoint.every_steps is not None and step % cfg.checkpoint.every_steps == 0:
+                    save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, w + 1, perm))
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
 
-        # end of epoch: one sync for the epoch's training metrics, then evaluation
-        epoch_loss += interval_loss
-        epoch_correct += interval_correct
-        epoch_n += interval_n
-        loss_sum, correct_sum = torch.stack([epoch_loss, epoch_correct.float()]).tolist()
+        # end of epoch: one sync for the epoch's training metrics and the guard, then evaluation
+        epoch_loss, epoch_correct = epoch_loss + sums.loss, epoch_correct + sums.correct
+        epoch_samples += sums.samples
+        loss_sum, correct_sum, first_bad = to_host({"l": epoch_loss, "c": epoch_correct, "b": guard.first_bad_step}).values()
+        sums.reset()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t_epoch
-        samples_trained += epoch_n
+        samples_trained += epoch_samples
+        if status != "diverged" and first_bad >= 0 and not nonfinite_reported:
+            nonfinite_event(replay_and_trace(snapshot, int(first_bad)), int(first_bad))
+            nonfinite_reported = True
+            if on_nonfinite == "stop":
+                restore(snapshot)
+                step, status = snapshot["step"], "diverged"
         epoch_row = {"epoch": epoch, "step": step}
-        if epoch_n:
-            epoch_row.update({"train/loss": loss_sum / epoch_n, "train/acc": correct_sum / epoch_n})
-        if status != "diverged" and not math.isfinite(loss_sum):
-            status = "diverged"
-            metrics.write({"step": step, "nonfinite/step": step, "nonfinite/where": "train/loss"})
+        if epoch_samples:
+            epoch_row.update({"train/loss": loss_sum / epoch_samples, "train/acc": correct_sum / epoch_samples})
         if status == "diverged":
+            summary["last_finite_step"] = snapshot["step"]
+            save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(snapshot["epoch"], snapshot["window"], snapshot["perm"]))
             break
 
         last_epoch = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
@@ -258,13 +508,9 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                 save_checkpoint(run_dir / "best.pt", {"model": best_state, "epoch": epoch, "step": step, best.monitor: best.best})
         epoch_row["opt/lr"] = optimizer.param_groups[0]["lr"]
         epoch_row["perf/samples_per_s"] = samples_trained / train_seconds
-        metrics.write(epoch_row)
+        tracker.write(epoch_row)
         reporter.epoch_line(epoch, cfg.epochs, {k_: v for k_, v in epoch_row.items() if k_ not in ("epoch", "step")})
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "early_stopping": best.state_dict(), "epoch": epoch, "step": step,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        })
+        save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, len(windows), perm))
         if best.should_stop:
             status = "early_stopped"
             break
@@ -278,15 +524,56 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     if status != "diverged":
         final.update({f"test/{k_}": v for k_, v in evaluate(model, data.test_x, data.test_y, cfg.eval_batch_size, precision).items()})
     final["perf/samples_per_s"] = samples_trained / train_seconds if train_seconds else 0.0
-    summary.update(status=status, metrics=final, steps=step, epochs_completed=epoch_row.get("epoch", 0),
+    summary.update(status=status, metrics=split_finite(final)[0], steps=step, epochs_completed=epoch_row.get("epoch", 0),
                    train_time_s=round(train_seconds, 3), wall_time_s=round(time.perf_counter() - t_start, 3))
 
 
+def move_to(state: Any, device: torch.device) -> Any:
+    """A checkpoint's tensors on `device`, except RNG states, which stay on the CPU."""
+    if isinstance(state, dict):
+        return {k: v if k == "rng" else move_to(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [move_to(v, device) for v in state]
+    return state.to(device) if isinstance(state, torch.Tensor) else state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain values (checkpoints load with
+    weights_only=True)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
-          composed: Optional[DictConfig] = None, reporter: Optional[Reporter] = None) -> dict[str, Any]:
+          composed: Optional[DictConfig] = None, reporter: Optional[Reporter] = None,
+          name: Optional[str] = None, group: Optional[str] = None) -> dict[str, Any]:
     """Run one validated config into `run_dir`. summary.json says `running` until the run
-    ends, then its status: completed, early_stopped, diverged, failed or interrupted."""
+    ends, then its status: completed, early_stopped, diverged, failed or interrupted.
+    `name` and `group` name the W&B run (default: the run dir's name, for both)."""
     run_dir = Path(run_dir)
+    checkpoint = resume_checkpoint(cfg.resume, run_dir)
+    resumed = None
+    if checkpoint is not None:  # checked before anything is written: a bad one leaves the run dir as it was
+        state = read_checkpoint(checkpoint)
+        check_checkpoint_fits(checkpoint, state, cfg)
+        resumed = (checkpoint, state)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -296,24 +583,55 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
         "choices": choices or {}, "overrides": overrides or [], "config": resolved,
     }
     write_json(run_dir / "summary.json", summary)
-    tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl")])
+    tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
+    name = name or run_dir.name
     exit_code = 1
     try:
-        fit(cfg, run_dir, summary, reporter, tracker)
+        # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
+        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn)
+        with StopSignal() as stop_signal:
+            fit(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed)
+        summary["findings"] = diagnose(read_run(run_dir)[0], summary)
+        write_json(run_dir / "diagnosis.json", {"findings": summary["findings"]})
         exit_code = 0
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        exit_code = 130 if interrupted else 1
+        interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
+        exit_code = 128 + e.signum if isinstance(e, Interrupted) else 130 if interrupted else 1
         summary.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
                        traceback=traceback.format_exc(), wall_time_s=round(time.perf_counter() - started, 3))
         raise
     finally:
         summary["finished_at"] = datetime.now(timezone.utc).isoformat()
-        write_json(run_dir / "summary.json", summary)
+        try:
+            write_json(run_dir / "summary.json", summary)
+        except RunError as e:  # e.g. the disk that failed the run: keep the first error
+            log.error("%s", e)
+        tracker.summary(summary)
         tracker.close(exit_code)
     style = {"completed": "green", "early_stopped": "green", "diverged": "red"}.get(summary["status"], "yellow")
     reporter.summary(f"regexp · {summary['status']}", {**summary["metrics"], "wall_time_s": summary["wall_time_s"], "run_dir": str(run_dir)}, style)
+    reporter.diagnosis(summary["findings"])
     return summary
+
+
+def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """The checkpoint to continue from: `resume` names a run dir or a checkpoint file;
+    `auto` continues this run dir's own checkpoint when there is one."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        own = run_dir / "checkpoint.pt"
+        return own if own.is_file() else None
+    path = Path(resume)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the metrics a resumed run will write again (those after its checkpoint's step)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept)))
 
 
 def prepare(cfg: DictConfig) -> DictConfig:

@@ -13,13 +13,14 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 REGEXP = str(Path(sys.executable).with_name("regexp"))  # the installed console script
 
 
-def require_shared_data() -> Path:
-    """../shared/data, or skip — but never skip in CI, where real-data tests must run."""
-    if (SHARED_DATA / "MNIST" / "raw").is_dir():
+def require_shared_data(folder: str = "MNIST") -> Path:
+    """../shared/data holding `folder`, or skip — but never skip in CI, where real-data
+    tests must run."""
+    if (SHARED_DATA / folder / "raw").is_dir():
         return SHARED_DATA
     if os.environ.get("CI") == "true":
-        pytest.fail(f"real data missing at {SHARED_DATA} (CI=true: real-data tests may not skip)")
-    pytest.skip(f"real data not found at {SHARED_DATA}")
+        pytest.fail(f"real data missing at {SHARED_DATA / folder} (CI=true: real-data tests may not skip)")
+    pytest.skip(f"real data not found at {SHARED_DATA / folder}")
 
 
 @pytest.fixture

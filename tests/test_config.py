@@ -57,7 +57,7 @@ def test_defaults_match_design():
     chosen = {g: cfg[g].name for g in GROUP_SCHEMAS}
     assert chosen == {"dataset": "mnist", "model": "mlp", "init": "default", "norm": "none", "optimizer": "adamw",
                       "scheduler": "none", "clip": "none", "accumulation": "none", "device": "auto",
-                      "logger": "none", "monitor": "default"}
+                      "logger": "wandb", "monitor": "default"}
     assert cfg.max_steps is None and cfg.regularizer.dropout is None
 
 

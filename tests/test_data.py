@@ -10,24 +10,14 @@ from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 import regexp.data as data
-from regexp.config import ConfigError, DatasetConfig
+from regexp.config import ConfigError, DatasetConfig, RunError
 from regexp.data import augment_batch, check_available, dataset_root, load_data
 
 from cifar_format import write_cifar10
+from conftest import REPO, SHARED_DATA, require_shared_data
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO / ".." / "shared" / "data"
+REAL_DATA = SHARED_DATA
 REAL_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
-
-
-def require_real_data(folder: str) -> None:
-    """Skip when the real data set is absent, but fail in CI: real-data tests must never silently stop running there."""
-    if (REAL_DATA / folder / "raw").is_dir():
-        return
-    message = f"real data not found at {(REAL_DATA / folder).resolve()}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def ds_cfg(name: str, root: Path, val_size: int = 0, limit=None, download: bool = False):
@@ -108,7 +98,7 @@ def test_check_available_wants_every_file(cifar_root):
 # ---------------------------------------------------------------- real MNIST / Fashion-MNIST
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_real_data_shapes_dtypes_and_normalization(real_root, name):
-    require_real_data(REAL_FOLDERS[name])
+    require_shared_data(REAL_FOLDERS[name])
     splits = load_data(ds_cfg(name, real_root, val_size=5000, limit=20000), "cpu")
     assert splits.train_x.shape == (20000, 1, 28, 28) and splits.val_x.shape == (5000, 1, 28, 28)
     assert splits.test_x.shape == (10000, 1, 28, 28)
@@ -123,7 +113,7 @@ def test_real_data_shapes_dtypes_and_normalization(real_root, name):
 
 
 def test_real_data_is_cached_and_reloads_equal(real_root):
-    require_real_data("MNIST")
+    require_shared_data("MNIST")
     cfg = ds_cfg("mnist", real_root, val_size=100, limit=1000)
     first = load_data(cfg, "cpu")
     assert (real_root / "regexp-cache" / "mnist.pt").is_file()
@@ -187,10 +177,22 @@ def test_val_size_must_leave_training_samples(cifar_root):
     assert caught.value.key == "dataset.val_size" and "100 training samples" in caught.value.allowed
 
 
-def test_corrupt_pickle_fails_when_read(cifar_root):
+def test_corrupt_pickle_is_named(cifar_root):
     (cifar_root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(RunError, match="data_batch_3: cannot read cifar10 .* truncated or corrupted"):
         load_data(ds_cfg("cifar10", cifar_root), "cpu")
+
+
+def test_truncated_idx_file_is_named(tmp_path, real_root):
+    require_shared_data("MNIST")
+    root = tmp_path / "data"
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for f in (real_root / "MNIST" / "raw").iterdir():
+        (root / "MNIST" / "raw" / f.name).write_bytes(f.read_bytes())
+    with open(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", "r+b") as fh:
+        fh.truncate(5000)
+    with pytest.raises(RunError, match="t10k-labels-idx1-ubyte: cannot read mnist"):
+        load_data(ds_cfg("mnist", root), "cpu")
 
 
 # ---------------------------------------------------------------- cache

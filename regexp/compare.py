@@ -1,0 +1,417 @@
+"""`regexp compare`: runs and sweeps side by side, read from their run dirs (never W&B).
+
+Every `summary.json` below the given paths is a run. The runs are grouped by the
+override keys whose values differ between them (seed aside: seeds are what a group
+averages over), or by `--by KEY`; each group gets mean ± sample std of the chosen metric,
+of the final train loss and of the wall time, and its runs' statuses. Groups are sorted
+best first. `--plot` draws each group's learning curves from metrics.jsonl.
+
+matplotlib is imported only for `--plot`, torch never.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from regexp.cli import fail
+
+# Statuses whose runs finished normally; every other one is marked in the table.
+FINISHED = ("completed", "early_stopped")
+# Override keys that never define an experiment: the seed (what a group averages over)
+# and where inputs, outputs and logs live.
+NOT_EXPERIMENT_KEYS = ("seed", "out_dir", "resume", "dataset.root", "dataset.download")
+NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.")
+TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
+MISSING = "—"
+
+
+class CompareError(Exception):
+    """Bad input: the message is one line for the user."""
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    status: str
+    overrides: dict[str, str]  # key (without +/~) -> value as typed
+    choices: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, float]  # final metrics (finite ones only) and wall_time_s
+    error: Optional[str] = None
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+
+@dataclass
+class Stat:
+    mean: Optional[float]
+    std: Optional[float]  # sample std (ddof=1); None below 2 values
+    n: int
+
+
+@dataclass
+class Group:
+    values: dict[str, Optional[str]]  # grouping key -> value (None: the runs lack the key)
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v if v is not None else MISSING}" for k, v in self.values.items()) or "all runs"
+
+    def stat(self, name: str) -> Stat:
+        return mean_std(run.metrics[name] for run in self.runs if name in run.metrics)
+
+    def statuses(self) -> Counter:
+        return Counter(run.status for run in self.runs)
+
+
+# ---------------------------------------------------------------- reading runs
+
+def find_runs(paths: Iterable[Path]) -> list[Run]:
+    """Every run below each path (a path may itself be a run dir), each run once."""
+    runs: dict[Path, Run] = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise CompareError(f"{path}: no such directory")
+        found = [read_run(p.parent) for p in sorted(path.rglob("summary.json"))]
+        found = [run for run in found if run is not None]
+        if not found:
+            raise CompareError(f"{path}: no runs found (no readable summary.json in it or below it)")
+        runs.update((run.run_dir.resolve(), run) for run in found)
+    return list(runs.values())
+
+
+def read_run(run_dir: Path) -> Optional[Run]:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"regexp: warning: skipping {run_dir}: summary.json unreadable ({e})", file=sys.stderr)
+        return None
+    metrics = dict(summary.get("metrics") or {})
+    metrics[WALL_TIME] = summary.get(WALL_TIME)
+    return Run(
+        run_dir=run_dir,
+        status=summary.get("status", "unknown"),
+        overrides=parse_overrides(read_override_list(run_dir) or summary.get("overrides") or []),
+        choices=summary.get("choices") or {},
+        config=summary.get("config") or {},
+        metrics={k: float(v) for k, v in metrics.items() if is_number(v) and math.isfinite(v)},
+        error=summary.get("error"),
+    )
+
+
+def read_override_list(run_dir: Path) -> Optional[list[str]]:
+    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
+    import yaml  # a dependency of omegaconf; only needed here
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    return [str(item) for item in yaml.safe_load(path.read_text()) or []]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """`+regularizer=[dropout,l2]` -> {"regularizer": "[dropout,l2]"}: the key as the
+    config names it (an appended group is still the group)."""
+    parsed = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        parsed[key.lstrip("+~")] = value
+    return parsed
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_curve(run_dir: Path, name: str) -> dict[int, float]:
+    """{epoch: value} from metrics.jsonl; the last record of an epoch wins (the epoch's
+    own row comes after its log steps). Unparseable lines (a run still writing) are skipped."""
+    curve: dict[int, float] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return curve
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        value = record.get(name)
+        if "epoch" in record and is_number(value) and math.isfinite(value):
+            curve[int(record["epoch"])] = float(value)
+    return curve
+
+
+# ---------------------------------------------------------------- keys and groups
+
+def key_value(run: Run, key: str) -> Optional[str]:
+    """What the run used for `key`, as text: a group's chosen option, else the resolved
+    config value (so `optimizer.lr=1e-2` and `=0.01` agree, and a run without the
+    override shows its default), else the override as typed (`+regularizer=[dropout,l2]`
+    has no single choice). None when the run has no such key."""
+    if run.choices.get(key) is not None:
+        return str(run.choices[key])
+    found, value = dotted(run.config, key)
+    if found and not isinstance(value, dict):
+        return as_text(value)
+    if key in run.overrides:
+        return run.overrides[key]
+    return as_text(value) if found else None
+
+
+def dotted(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))  # true/null/[512,256] as YAML would write them
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """The override keys (in command-line order) whose values differ between the runs."""
+    candidates = dict.fromkeys(key for run in runs for key in run.overrides)
+    return [key for key in candidates
+            if key not in NOT_EXPERIMENT_KEYS and not key.startswith(NOT_EXPERIMENT_PREFIXES)
+            and len({key_value(run, key) for run in runs}) > 1]
+
+
+def check_keys(runs: list[Run], keys: list[str]) -> None:
+    """Each `--by` key must name something at least one run has."""
+    for key in keys:
+        if not any(key in run.overrides or key in run.choices or dotted(run.config, key)[0] for run in runs):
+            overridden = dict.fromkeys(k for run in runs for k in run.overrides)
+            groups = sorted({k for run in runs for k in run.choices if not k.startswith("hydra/")})
+            raise CompareError(
+                f"--by {key}: no run has this key; available: override keys {', '.join(overridden) or '(none)'}; "
+                f"config groups {', '.join(groups) or '(none)'}; or a dotted config key such as optimizer.lr")
+
+
+def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
+    """One group per distinct combination of the keys' values, in order of first appearance."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        values = {key: key_value(run, key) for key in keys}
+        groups.setdefault(tuple(values.values()), Group(values)).runs.append(run)
+    return list(groups.values())
+
+
+def mean_std(values: Iterable[float]) -> Stat:
+    values = list(values)
+    if not values:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Decided by the name: losses, errors and times go down."""
+    return any(word in metric for word in ("loss", "error", "time", "_ms"))
+
+
+def rank_groups(groups: list[Group], metric: str, higher_is_better: bool) -> list[Group]:
+    """Best mean first; groups without the metric (e.g. only failed runs) last; ties by label."""
+    def order(group: Group) -> tuple:
+        mean = group.stat(metric).mean
+        return (mean is None, 0.0 if mean is None else (-mean if higher_is_better else mean), group.label)
+    return sorted(groups, key=order)
+
+
+def check_metric(runs: list[Run], metric: str) -> None:
+    """A metric no run has is a typo, unless no run finished (then the table shows why)."""
+    if any(metric in run.metrics for run in runs) or not any(run.status in FINISHED for run in runs):
+        return
+    available = sorted({name for run in runs for name in run.metrics})
+    raise CompareError(f"--metric {metric}: no run has this metric; available: {', '.join(available)}")
+
+
+# ---------------------------------------------------------------- output
+
+def curve_metric(metric: str) -> str:
+    """The per-epoch curve that tracks `metric`: test/* is measured once, val/* every epoch."""
+    return "val/" + metric[len("test/"):] if metric.startswith("test/") else metric
+
+
+def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool, plot: Optional[Path]) -> dict:
+    columns = list(dict.fromkeys([metric, TRAIN_LOSS, WALL_TIME]))
+    return {
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "keys": keys,
+        "groups": [{"label": g.label, "values": g.values, "runs": len(g.runs), "statuses": dict(g.statuses()),
+                    "stats": {name: asdict(g.stat(name)) for name in columns},
+                    "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
+        "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status,
+                  "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
+                  **({"error": run.error} if run.error else {})} for g in groups for run in g.runs],
+        "plot": str(plot) if plot else None,
+    }
+
+
+def fmt(value: Optional[float]) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+
+
+def fmt_stat(stat: Stat, runs: int) -> str:
+    if stat.n == 0:
+        return MISSING
+    text = f"{fmt(stat.mean)} ±{MISSING}" if stat.std is None else f"{fmt(stat.mean)} ± {fmt(stat.std)}"
+    return text + (f" (n={stat.n})" if stat.n < runs else "")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def status_text(counts: Counter) -> Text:
+    text = Text()
+    for i, (status, count) in enumerate(sorted(counts.items(), key=lambda item: item[0] not in FINISHED)):
+        style = "green" if status in FINISHED else "yellow" if status in ("running", "interrupted") else "bold red"
+        text.append(", " if i else "").append(f"{count} {status}", style=style)
+    return text
+
+
+def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool) -> None:
+    runs = sum(len(g.runs) for g in groups)
+    heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std over each group's runs · "
+               f"best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
+    table = Table()
+    for key in keys or ["group"]:
+        table.add_column(key)
+    table.add_column("runs", justify="right")
+    columns = list(dict.fromkeys([metric, TRAIN_LOSS]))
+    for name in columns:
+        table.add_column(name, justify="right")
+    table.add_column("wall s", justify="right")
+    table.add_column("status")
+    for g in groups:
+        wall = g.stat(WALL_TIME).mean
+        key_cells = [g.values[k] or MISSING for k in keys] if keys else ["all runs"]
+        table.add_row(*key_cells, str(len(g.runs)),
+                      *(fmt_stat(g.stat(name), len(g.runs)) for name in columns),
+                      MISSING if wall is None else f"{wall:.1f}", status_text(g.statuses()))
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a file or a pipe: never squeeze the table into 80 columns
+        console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
+    console.print(heading, markup=False, soft_wrap=True)
+    console.print(table)
+    for run in (run for g in groups for run in g.runs if run.status not in FINISHED):
+        error = f"  ({run.error.splitlines()[0]})" if run.error else ""
+        console.print(f"  {run.status}: {run.run_dir}{error}", markup=False, soft_wrap=True)
+
+
+def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
+    """Each group's mean curve (± std band where ≥ 2 runs reached the epoch) of the
+    metric's per-epoch counterpart and of the train loss. False when there is nothing to draw."""
+    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global state
+    from matplotlib.ticker import MaxNLocator
+
+    panels = []
+    for name in dict.fromkeys([curve_metric(metric), TRAIN_LOSS]):
+        curves = [(g, [read_curve(run.run_dir, name) for run in g.runs]) for g in groups]
+        if any(c for _, group_curves in curves for c in group_curves):
+            panels.append((name, curves))
+    if not panels:
+        return False
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    for ax, (name, curves) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for color, (g, group_curves) in enumerate(curves):
+            epochs = sorted({e for c in group_curves for e in c})
+            stats = [mean_std(c[e] for c in group_curves if e in c) for e in epochs]
+            means = [s.mean for s in stats]
+            ax.plot(epochs, means, marker="o", color=f"C{color}", label=f"{g.label} (n={len(g.runs)})")
+            band = [(e, s.mean - s.std, s.mean + s.std) for e, s in zip(epochs, stats) if s.std is not None]
+            if band:
+                ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
+        ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean ± std over runs)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize="small")
+    fig.savefig(out, dpi=120)
+    return True
+
+
+# ---------------------------------------------------------------- command
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="regexp compare",
+        description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
+                    "override keys (seed aside), mean ± std over each group's runs, best first.",
+        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png")
+    p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
+                   help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
+    p.add_argument("--metric", default="test/acc", help="the metric to rank by, from summary.json (default: test/acc)")
+    p.add_argument("--by", action="append", metavar="KEY",
+                   help="group by this key instead of the swept ones (repeatable): an override key (optimizer), "
+                        "a config group or a dotted config key (optimizer.lr)")
+    p.add_argument("--plot", type=Path, metavar="OUT.png",
+                   help="write learning curves per group (mean ± std over runs) to this image")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON (and nothing else) on stdout")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--higher-is-better", dest="higher_is_better", action="store_true", default=None,
+                       help="rank by the highest mean (default unless the metric's name says loss, error or time)")
+    order.add_argument("--lower-is-better", dest="higher_is_better", action="store_false",
+                       help="rank by the lowest mean")
+    return p
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        fail(f"compare: {message} (see regexp compare --help)")
+
+
+def main(args: list[str]) -> int:
+    options = parser().parse_args(args)
+    higher_is_better = options.higher_is_better
+    if higher_is_better is None:
+        higher_is_better = not lower_is_better(options.metric)
+    if options.plot is not None:
+        from matplotlib.figure import Figure
+
+        if options.plot.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
+            fail(f"--plot {options.plot}: unknown image format; use e.g. .png, .pdf or .svg")
+    try:
+        runs = find_runs(options.paths)
+        check_metric(runs, options.metric)
+        if options.by:
+            check_keys(runs, options.by)
+        keys = list(dict.fromkeys(options.by)) if options.by else swept_keys(runs)
+    except CompareError as e:
+        fail(str(e))
+    groups = rank_groups(group_runs(runs, keys), options.metric, higher_is_better)
+
+    plotted = None
+    if options.plot is not None:
+        options.plot.parent.mkdir(parents=True, exist_ok=True)
+        if plot_curves(groups, options.metric, options.plot):
+            plotted = options.plot
+        else:
+            print(f"regexp: warning: --plot: no curves to draw (no metrics.jsonl values); {options.plot} not written",
+                  file=sys.stderr)
+    if options.json:
+        print(json.dumps(as_json(groups, keys, options.metric, higher_is_better, plotted), indent=2))
+    else:
+        print_table(groups, keys, options.metric, higher_is_better)
+        if plotted:
+            print(f"curves: {plotted}")
+    return 0

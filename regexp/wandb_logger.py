@@ -1,0 +1,143 @@
+"""The Weights & Biases sink (DESIGN §7): one W&B run per job, in the job's run dir.
+
+`import wandb` happens only in here and only for a job that logs to W&B, so `regexp
+--help`, `logger=none` and disabled W&B never pay for it. Nothing here prompts: without
+credentials a run is logged offline, to be synced later with `wandb sync`.
+"""
+
+import netrc
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from omegaconf import DictConfig
+
+from regexp.config import GROUP_SCHEMAS, REGULARIZERS
+from regexp.tracking import split_finite
+
+# An unreachable server costs at most this long before the run is logged offline instead.
+ONLINE_INIT_TIMEOUT_S = 5
+# Set when an online init failed: the later jobs of a one-process multirun go offline at once.
+_server_unreachable = False
+# summary.json keys that the W&B config already holds; the rest goes to the W&B summary.
+IN_CONFIG = ("config", "choices", "overrides")
+
+
+def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: str, group: str,
+                warn: Callable[[str], None]) -> list["WandbRun"]:
+    """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the
+    resolved config; the chosen options are added to it as `choices/<group>` (regularizers,
+    added with `+`, joined by commas, or none) and become the run's tags."""
+    if cfg.logger.name == "none":
+        return []
+    # wandb's own console lines (login, sync hints) would break into regexp's; WANDB_SILENT=false shows them
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = choose_mode(cfg.logger.mode, warn)
+    if mode == "disabled":
+        return []
+    regularizers = [r for r in REGULARIZERS if cfg.regularizer[r] is not None]
+    choices = {g: cfg[g].name for g in GROUP_SCHEMAS}
+    choices["regularizer"] = ",".join(regularizers) or "none"
+    tags = [f"{g}={o}" for g, o in choices.items() if g not in ("logger", "regularizer")]
+    tags += [f"+regularizer={r}" for r in regularizers] + list(cfg.logger.tags)
+    init_args = dict(
+        project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=name, group=group, tags=tags,
+        config={**config, **{f"choices/{g}": o for g, o in choices.items()}},
+    )
+    return [WandbRun(init_run(mode, init_args, run_dir, warn))]
+
+
+def choose_mode(requested: str, warn: Callable[[str], None]) -> str:
+    """logger.mode → online, offline or disabled. `auto` follows WANDB_MODE=offline|disabled
+    and otherwise goes online only with credentials; online without them would prompt for
+    a key, so it logs offline instead."""
+    if requested == "auto":
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            return os.environ["WANDB_MODE"]
+        return "online" if has_credentials() else "offline"
+    if requested == "online" and not has_credentials():
+        warn("logger.mode=online but no W&B credentials (`wandb login` or WANDB_API_KEY): logging offline")
+        return "offline"
+    return requested
+
+
+def has_credentials() -> bool:
+    """An API key in the environment or in wandb's settings, or a netrc entry for the W&B
+    host. Only presence is checked; no key is read into anything that is logged."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+
+    settings = wandb.setup().settings
+    if settings.api_key:
+        return True
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        hosts = netrc.netrc(path).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    # the configured host, and wandb.ai, which newer wandb versions reach through another host name
+    return bool({urlsplit(settings.base_url).hostname, "api.wandb.ai"} & hosts.keys())
+
+
+def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable[[str], None]) -> Any:
+    """wandb.init without console capture, code or git state. Online falls back to offline
+    (with a warning) when the server cannot be reached in time, and stays offline for the
+    rest of the process, so a sweep pays the timeout once."""
+    global _server_unreachable
+    import wandb
+
+    # reinit: each job gets a run of its own, even if an earlier job's run were still open
+    settings = dict(console="off", save_code=False, disable_git=True, reinit="finish_previous")
+    sync_hint = f"sync later with `wandb sync {run_dir}/wandb/offline-run-*`"
+    if mode == "online" and _server_unreachable:
+        warn(f"W&B could not go online earlier in this process; logging offline: {sync_hint}")
+    elif mode == "online":
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S, **settings), **init_args)
+        except Exception as e:  # unreachable, timed out, key rejected: the run goes on offline
+            _server_unreachable = True
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warn(f"W&B could not go online ({reason}); logging offline: {sync_hint}")
+            for aborted in (run_dir / "wandb").glob("run-*"):  # the failed attempt: `wandb sync` would upload it as an empty run
+                shutil.rmtree(aborted, ignore_errors=True)
+    return wandb.init(mode="offline", settings=wandb.Settings(**settings), **init_args)
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without NaN/Inf, which are named under `nonfinite` instead (as in metrics.jsonl)."""
+    clean, bad = split_finite(values)
+    if bad:
+        clean["nonfinite"] = bad
+    return clean
+
+
+class WandbRun:
+    """A Tracker sink: records (and monitor=full's histograms) go to the run's history, all
+    plotted against `step`, the per-epoch validation metrics against `epoch`; the final
+    summary goes to its summary."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        run.define_metric("val/*", step_metric="epoch")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log(_finite(record))
+
+    def write_histograms(self, step: int, histograms: dict[str, dict[str, list]]) -> None:
+        import wandb
+
+        self.run.log({"step": step, **{name: wandb.Histogram(np_histogram=(h["counts"], h["bins"]))
+                                       for name, h in histograms.items()}})
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """Final metrics, status, timings and (when present) diagnosis findings."""
+        rest = {k: v for k, v in summary.items() if k not in IN_CONFIG and k != "metrics"}
+        self.run.summary.update(_finite({**summary.get("metrics", {}), **rest}))
+
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

@@ -1,0 +1,578 @@
+#!/usr/bin/env python3
+"""Training throughput of regexp against plain PyTorch loops, in one process (DESIGN §10).
+
+On the same data, model, optimizer and batch size, it measures training samples/s of:
+
+  dataloader              the loop the seeds teach: torchvision dataset + ToTensor/Normalize
+                          transforms + DataLoader(shuffle=True), forward, CrossEntropyLoss,
+                          backward, optimizer.step, zero_grad, running_loss += loss.item()
+  tensor_loop             a hand-written loop over the whole training set as one float tensor
+                          on the device: randperm per epoch, slices, no per-step .item()
+  regexp monitor=off      regexp.train.train() with a composed config (logger=none);
+  regexp monitor=default  samples/s is the summary's perf/samples_per_s (training time only,
+  regexp monitor=full     evaluation and checkpoints excluded)
+
+The plain loops time training only too (no evaluation at all), synchronizing CUDA around
+each epoch. Every loop gets one untimed warm-up (one short epoch), then `--repeats` timed
+runs, interleaved and in a rotating order so that load from other processes spreads over
+all loops; the table shows medians, and ratios are taken between runs of the same process.
+
+It also times the command line: `regexp --help`, and the time to the first training step of
+an MNIST run through `regexp train` (a second run, so the decoded-data cache is warm).
+
+    python scripts/bench.py                      # mnist_mlp, full 55000-sample train split
+    python scripts/bench.py --case all --device cuda --epochs 3 --repeats 5
+    python scripts/bench.py --quick --json       # seconds; machine-readable only
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# per-channel constants of the training sets, as the seeds hard-code them
+NORMALIZE = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+CASES = {
+    "mnist_mlp": {
+        "dataset": "mnist",
+        "title": "MNIST · MLP 784-256-10, dropout 0.2 · AdamW lr 1e-3 · batch 64",
+        "overrides": ["model=mlp", "model.hidden=[256]", "+regularizer=dropout", "regularizer.dropout.p=0.2"],
+        "quick_limit": 256,
+        "synthetic_limit": None,  # MNIST is never synthesized
+    },
+    "cifar_cnn": {
+        "dataset": "cifar10",
+        "title": "CIFAR-10 · SimpleCNN (conv32-pool-conv64-pool-fc128-fc10) · AdamW lr 1e-3 · batch 64",
+        "overrides": ["model=cnn"],
+        "quick_limit": 128,
+        "synthetic_limit": 5000,  # training samples when the data is synthetic and no --limit
+    },
+}
+BATCH_SIZE = 64
+LOOPS = [  # key, label
+    ("dataloader", "dataloader"),
+    ("tensor_loop", "tensor_loop"),
+    ("regexp_off", "regexp monitor=off"),
+    ("regexp_default", "regexp monitor=default"),
+    ("regexp_full", "regexp monitor=full"),
+]
+MONITOR = {"regexp_off": "off", "regexp_default": "default", "regexp_full": "full"}
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- the data
+def split_train_indices(n_total: int, val_size: int, limit: Optional[int]) -> torch.Tensor:
+    """regexp's split (regexp.data._split_indices): a fixed generator holds `val_size` samples
+    out for validation; the training samples are the rest in their original order, the
+    first `limit` of them. The plain loops train on exactly these samples."""
+    order = torch.randperm(n_total, generator=torch.Generator().manual_seed(0))
+    return order[: n_total - val_size].sort().values[:limit]
+
+
+def cifar_class(synthetic: bool) -> type:
+    """torchvision's CIFAR10; for generated files one that checks that they exist instead of
+    their md5s (which no generated file can match), as regexp does."""
+    from torchvision import datasets
+
+    if not synthetic:
+        return datasets.CIFAR10
+
+    class CIFAR10FilesPresent(datasets.CIFAR10):
+        train_list = [[f, None] for f, _ in datasets.CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in datasets.CIFAR10.test_list]
+        meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    return CIFAR10FilesPresent
+
+
+def write_synthetic_cifar10(root: Path, per_batch: int, n_test: int, seed: int = 0) -> None:
+    """Random images in the real `cifar-10-batches-py` format (tests/cifar_format.py's logic):
+    protocol-2 pickles whose strings are Python 2 `str`, as the real files are."""
+    import pickle
+    import struct
+
+    import numpy as np
+
+    class Python2StrPickler(pickle._Pickler):
+        def save_py2_str(self, obj: bytes) -> None:
+            if len(obj) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+            self.memoize(obj)
+
+        dispatch = {**pickle._Pickler.dispatch, bytes: save_py2_str}
+
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(obj: dict, path: Path) -> None:
+        with open(path, "wb") as f:
+            Python2StrPickler(f, protocol=2).dump(obj)
+
+    files = [(f"data_batch_{i}", per_batch, f"training batch {i} of 5") for i in range(1, 6)]
+    for filename, n, label in files + [("test_batch", n_test, "testing batch 1 of 1")]:
+        labels = [i % 10 for i in range(n)]
+        dump({b"batch_label": label.encode(), b"labels": labels,
+              b"data": rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8),
+              b"filenames": [f"{names[y].decode()}_s_{i:06d}.png".encode() for i, y in enumerate(labels)]},
+             folder / filename)
+    dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3 * 32 * 32}, folder / "batches.meta")
+
+
+def has_files(name: str, root: Path) -> bool:
+    if name == "mnist":
+        return all((root / "MNIST" / "raw" / f).is_file() for f in
+                   ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    return all((root / "cifar-10-batches-py" / f).is_file() for f in
+               [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+
+
+def torchvision_train_set(name: str, root: Path, synthetic: bool, transform=None):
+    from torchvision import datasets
+
+    cls = datasets.MNIST if name == "mnist" else cifar_class(synthetic)
+    return cls(str(root), train=True, transform=transform, download=False)
+
+
+# ---------------------------------------------------------------- the loops
+def timed_epochs(run_epoch: Callable[[], int], epochs: int, device: torch.device) -> tuple[float, int]:
+    """(training seconds, samples) over `epochs` epochs; CUDA synchronized around each."""
+    seconds, samples = 0.0, 0
+    for _ in range(epochs):
+        sync(device)
+        t = time.perf_counter()
+        samples += run_epoch()
+        sync(device)
+        seconds += time.perf_counter() - t
+    return seconds, samples
+
+
+def build_net(cfg, input_shape: tuple[int, int, int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model regexp builds for `cfg` (same builder, same init) and a plain AdamW with the
+    config's hyperparameters (one parameter group: decay groups do not change the speed)."""
+    from regexp.init import init_weights
+    from regexp.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, input_shape, 10)
+    init_weights(model, cfg.init, cfg.model.activation)
+    model.to(device)
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    return model, optimizer
+
+
+def dataloader_loop(ctx: dict, n: int, epochs: int) -> tuple[float, int]:
+    """The seeds' loop: per-sample PIL decode + transforms in a DataLoader."""
+    from torch.utils.data import DataLoader, Subset
+
+    device = ctx["device"]
+    loader = DataLoader(Subset(ctx["transformed_set"], ctx["train_idx"][:n].tolist()), batch_size=BATCH_SIZE,
+                        shuffle=True, num_workers=ctx["workers"])
+    model, optimizer = build_net(ctx["cfg"], ctx["input_shape"], device)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def epoch() -> int:
+        model.train()
+        running_loss, seen = 0.0, 0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            seen += len(labels)
+        return seen
+
+    return timed_epochs(epoch, epochs, device)
+
+
+def tensor_loop(ctx: dict, n: int, epochs: int) -> tuple[float, int]:
+    """The whole training set as one normalized float tensor on the device; randperm, slices."""
+    device = ctx["device"]
+    x, y = ctx["train_x"][:n], ctx["train_y"][:n]
+    model, optimizer = build_net(ctx["cfg"], ctx["input_shape"], device)
+
+    def epoch() -> int:
+        model.train()
+        perm = torch.randperm(n, device=device)
+        for start in range(0, n, BATCH_SIZE):
+            idx = perm[start : start + BATCH_SIZE]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return n
+
+    return timed_epochs(epoch, epochs, device)
+
+
+def regexp_loop(ctx: dict, n: int, epochs: int, monitor: str) -> tuple[float, int]:
+    """One run through regexp.train.train (its own timing: training only, eval excluded)."""
+    from rich.console import Console
+
+    from regexp.tracking import Reporter
+    from regexp.train import train
+
+    cfg = ctx["compose"]([f"monitor={monitor}", f"epochs={epochs}", f"dataset.limit={n}"])
+    ctx["runs"] += 1
+    run_dir = ctx["tmp"] / f"run-{ctx['runs']:03d}-{monitor}"
+    summary = train(cfg, run_dir, reporter=Reporter(Console(file=io.StringIO())))
+    if summary["status"] != "completed":
+        raise RuntimeError(f"regexp run {run_dir} ended {summary['status']}: {summary.get('error')}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a bench are not worth keeping
+    samples_per_s = summary["metrics"]["perf/samples_per_s"]
+    samples = summary.get("train_samples", n) * summary.get("epochs_completed", epochs)
+    return samples / samples_per_s, samples
+
+
+# ---------------------------------------------------------------- one case
+def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from torchvision import transforms
+
+    from regexp.config import config_dir
+    from regexp.train import prepare
+
+    case = CASES[name]
+    dataset = case["dataset"]
+    root = Path(args.data_root).expanduser().resolve()
+    # --quick validates on 64 samples (evaluation is never timed; it only costs wall time)
+    base = [f"dataset={dataset}", "dataset.download=false", f"batch_size={BATCH_SIZE}", "logger=none",
+            f"device={device.type}", *case["overrides"], *(["dataset.val_size=64"] if args.quick else [])]
+
+    def compose_cfg(extra: list[str], check: bool = True):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+            cfg = compose(config_name="train", overrides=[*base, f"dataset.root={root}", *extra])
+        return prepare(cfg) if check else cfg
+
+    synthetic = False
+    if not has_files(dataset, root):
+        if dataset == "mnist":
+            raise SystemExit(f"bench: no MNIST at {root} (expected {root}/MNIST/raw/*-ubyte); use --data-root or REGEXP_DATA_DIR")
+        synthetic = True
+        wanted = args.limit or (case["quick_limit"] if args.quick else case["synthetic_limit"])
+        val_size = compose_cfg([], check=False).dataset.val_size
+        root = tmp / "synthetic-cifar10"
+        progress(f"no CIFAR-10 under {args.data_root}: writing SYNTHETIC real-format CIFAR-10 "
+                 f"({wanted} training + {val_size} validation samples) to {root}")
+        write_synthetic_cifar10(root, per_batch=math.ceil((val_size + wanted) / 5), n_test=64 if args.quick else 1000)
+
+    cfg = compose_cfg(["monitor=off"])
+    mean, std = NORMALIZE[dataset]
+    transformed = torchvision_train_set(dataset, root, synthetic,
+                                        transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)]))
+    n_total = len(transformed)
+    full_idx = split_train_indices(n_total, cfg.dataset.val_size, None)
+    n = min(args.limit or (case["quick_limit"] if args.quick else len(full_idx)), len(full_idx))
+    train_idx = full_idx[:n]
+
+    # the tensor loop's copy of the same samples: uint8 -> float in [0, 1] -> normalized, on the device
+    raw = torch.as_tensor(transformed.data)[train_idx]
+    raw = raw.unsqueeze(1) if raw.dim() == 3 else raw.permute(0, 3, 1, 2)
+    train_x = raw.to(device).float().div_(255)
+    train_x = train_x.sub_(torch.tensor(mean, device=device).view(1, -1, 1, 1)).div_(torch.tensor(std, device=device).view(1, -1, 1, 1))
+    train_y = torch.as_tensor(transformed.targets, dtype=torch.int64)[train_idx].to(device)
+
+    ctx = {"device": device, "cfg": cfg, "input_shape": tuple(train_x.shape[1:]), "transformed_set": transformed,
+           "train_idx": train_idx, "train_x": train_x, "train_y": train_y, "workers": args.workers,
+           "compose": compose_cfg, "tmp": tmp, "runs": 0}
+    runners: dict[str, Callable[[int, int], tuple[float, int]]] = {
+        "dataloader": lambda k, e: dataloader_loop(ctx, k, e),
+        "tensor_loop": lambda k, e: tensor_loop(ctx, k, e),
+        **{key: (lambda k, e, m=m: regexp_loop(ctx, k, e, m)) for key, m in MONITOR.items()},
+    }
+    model, _ = build_net(cfg, ctx["input_shape"], device)
+    params = sum(p.numel() for p in model.parameters())
+    keys = [k for k, _ in LOOPS]
+
+    warm_n = 0 if args.quick else min(n, BATCH_SIZE * 16)  # --quick: a smoke run, no warm-up
+    progress(f"{name}: {n} training samples ({'synthetic' if synthetic else 'real'}), {args.epochs} epoch(s) × "
+             f"{args.repeats} repeat(s)" + (f"; warm-up ({warm_n} samples, 1 epoch each)" if warm_n else "; no warm-up"))
+    for key in keys if warm_n else []:
+        runners[key](warm_n, 1)
+
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in keys}
+    for r in range(args.repeats):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]  # rotate: no loop always runs first
+        for key in order:
+            seconds, samples = runners[key](n, args.epochs)
+            runs[key].append({"seconds": seconds, "samples": samples, "samples_per_s": samples / seconds})
+            progress(f"{name}: repeat {r + 1}/{args.repeats} {dict(LOOPS)[key]:<22} {samples / seconds:>10,.0f} samples/s ({seconds:.2f} s)")
+
+    med = {k: statistics.median(x["samples_per_s"] for x in runs[k]) for k in keys}
+    loops = {}
+    for key, label in LOOPS:
+        rates = [x["samples_per_s"] for x in runs[key]]
+        loops[key] = {"label": label, "samples_per_s": med[key], "min": min(rates), "max": max(rates),
+                      "ratio_vs_dataloader": med[key] / med["dataloader"], "ratio_vs_tensor_loop": med[key] / med["tensor_loop"],
+                      "runs": runs[key]}
+
+    def overhead(key: str) -> dict[str, Any]:
+        """Training-time ratio against monitor=off, paired repeat by repeat (same load), median."""
+        paired = [off["samples_per_s"] / x["samples_per_s"] for off, x in zip(runs["regexp_off"], runs[key])]
+        ratio = statistics.median(paired)
+        return {"time_ratio": ratio, "overhead_pct": 100 * (ratio - 1), "paired_time_ratios": paired,
+                "ratio_of_medians": med["regexp_off"] / med[key]}
+
+    return {
+        "title": case["title"],
+        "data": {"dataset": dataset, "synthetic": synthetic, "root": str(root), "train_samples": n,
+                 "val_size": cfg.dataset.val_size, "batch_size": BATCH_SIZE, "epochs": args.epochs,
+                 "repeats": args.repeats, "warm_up_samples": warm_n, "parameters": params, "regexp_overrides": [*base, f"dataset.root={root}"]},
+        "loops": loops,
+        "overheads": {"monitor_default_vs_off": overhead("regexp_default"), "monitor_full_vs_off": overhead("regexp_full")},
+    }
+
+
+# ---------------------------------------------------------------- the command line
+def regexp_command() -> list[str]:
+    exe = Path(sys.executable).with_name("regexp")
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("regexp")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from regexp.cli import main; sys.exit(main())"]
+
+
+def wall_times(cmd: list[str], repeats: int, env: dict, warm_up: bool) -> list[float]:
+    """An untimed run (unless not `warm_up`), then `repeats` timed ones."""
+    times = []
+    for i in range(repeats + warm_up):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        if i or not warm_up:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def first_step(args: argparse.Namespace, device: torch.device, tmp: Path, env: dict) -> dict[str, Any]:
+    """`regexp train` on MNIST (the mnist_mlp config, batch 64, max_steps=1, monitor.log_every=1),
+    run once untimed (it warms the decoded-data cache; --quick relies on the in-process runs
+    for that), then timed: from launching the command to the moment its first metrics record
+    (step 1, written right after the first optimizer step) appears in metrics.jsonl, polled
+    every 5 ms. Also: when train() was entered (summary.json's started_at: after Python,
+    imports, composing and checking the config twice, Hydra's set-up) and the command's total
+    wall time (which adds validation, test, checkpoints, the diagnosis and the exit)."""
+    root = Path(args.data_root).expanduser().resolve()
+    if not has_files("mnist", root):
+        return {"skipped": f"no MNIST under {root}"}
+    overrides = [f"dataset.root={root}", "dataset.download=false", "logger=none", f"device={device.type}",
+                 f"batch_size={BATCH_SIZE}", f"dataset.limit={BATCH_SIZE}", "epochs=1", "max_steps=1",
+                 "monitor.log_every=1", *CASES["mnist_mlp"]["overrides"]]
+    cmd = [*regexp_command(), "train", *overrides]
+    runs = []
+    # an untimed first run warms the decoded-data cache (--quick: the in-process runs did)
+    warm_up = not args.quick
+    for i in range(args.cli_repeats + warm_up):
+        run_dir = tmp / f"cli-{i}"
+        metrics = run_dir / "metrics.jsonl"
+        wall0, t0 = time.time(), time.perf_counter()
+        with open(tmp / f"cli-{i}.log", "w") as log:
+            proc = subprocess.Popen([*cmd, f"hydra.run.dir={run_dir}"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            seen = None
+            while proc.poll() is None:
+                if seen is None and metrics.is_file() and metrics.stat().st_size > 0:
+                    seen = time.perf_counter() - t0
+                time.sleep(0.005)
+        total = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"`{shlex.join(cmd)}` exited {proc.returncode}: {(tmp / f'cli-{i}.log').read_text()[-2000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        to_train = datetime.fromisoformat(summary["started_at"]).timestamp() - wall0
+        if i or not warm_up:
+            runs.append({"to_train_s": to_train, "to_first_step_s": seen, "total_s": total,
+                         "train_time_s": summary.get("train_time_s"), "wall_time_in_train_s": summary.get("wall_time_s")})
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    def median(key: str) -> Optional[float]:
+        values = [r[key] for r in runs if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    return {"command": shlex.join(cmd + ["hydra.run.dir=..."]), "to_train_s": median("to_train_s"),
+            "to_first_step_s": median("to_first_step_s"), "total_s": median("total_s"), "runs": runs}
+
+
+def startup(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    env = dict(os.environ, COLUMNS="120")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    progress("timing `regexp --help` and the first training step of `regexp train`")
+    warm_up = not args.quick
+    help_times = wall_times([*regexp_command(), "--help"], args.help_repeats, env, warm_up)
+    python_times = wall_times([sys.executable, "-c", "pass"], args.help_repeats, env, warm_up)
+    # context for the first step: what importing torch alone costs (not in --quick)
+    torch_times = [] if args.quick else wall_times([sys.executable, "-c", "import torch"], args.cli_repeats, env, warm_up)
+    return {
+        "help": {"command": "regexp --help", "median_s": statistics.median(help_times), "runs": help_times},
+        "python_startup": {"command": f"{Path(sys.executable).name} -c pass", "median_s": statistics.median(python_times)},
+        "import_torch": {"command": f"{Path(sys.executable).name} -c 'import torch'",
+                         "median_s": statistics.median(torch_times) if torch_times else None},
+        "first_step": first_step(args, device, tmp, env),
+    }
+
+
+# ---------------------------------------------------------------- report
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu, "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(device),
+    }
+    with contextlib.suppress(ImportError):
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def fmt_s(x: Optional[float]) -> str:
+    return "—" if x is None else (f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s")
+
+
+def render(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped or redirected: wide enough for the table, no wrapping
+        console = Console(highlight=False, width=140)
+    m = result["machine"]
+    console.print(f"[bold]regexp bench[/]  {result['command']}")
+    console.print(f"machine: {m['cpu']} · {m['usable_cores']}/{m['logical_cores']} cores usable · torch {m['torch']} "
+                  f"({m['torch_threads']} threads) · device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}")
+    console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}  "
+                  "(other processes share the CPU: compare ratios, not absolute rates)")
+    for case in result["cases"].values():
+        d = case["data"]
+        data = f"{d['dataset']} {'SYNTHETIC (random images in the real cifar-10-batches-py format)' if d['synthetic'] else 'real'}"
+        table = Table(title=f"{case['title']}\n{data} · {d['train_samples']:,} training samples · {d['epochs']} epoch(s) · "
+                            f"median of {d['repeats']} repeat(s) {'after a warm-up' if d['warm_up_samples'] else 'WITHOUT warm-up'} · "
+                            f"{d['parameters']:,} params")
+        for col in ("loop", "samples/s", "min–max", "vs dataloader", "vs tensor_loop"):
+            table.add_column(col, justify="left" if col == "loop" else "right")
+        for loop in case["loops"].values():
+            table.add_row(loop["label"], f"{loop['samples_per_s']:,.0f}", f"{loop['min']:,.0f}–{loop['max']:,.0f}",
+                          f"{loop['ratio_vs_dataloader']:.2f}×", f"{loop['ratio_vs_tensor_loop']:.2f}×")
+        console.print(table)
+        for key, what in (("monitor_default_vs_off", "monitor=default vs off"), ("monitor_full_vs_off", "monitor=full vs off")):
+            o = case["overheads"][key]
+            paired = ", ".join(f"{r:.3f}" for r in o["paired_time_ratios"])
+            console.print(f"  {what}: training time ×{o['time_ratio']:.3f} ({o['overhead_pct']:+.1f} %; paired per repeat: {paired})")
+    s = result.get("startup")
+    if s:
+        console.print(f"regexp --help: {fmt_s(s['help']['median_s'])} (python -c pass {fmt_s(s['python_startup']['median_s'])}, "
+                      f"python -c 'import torch' {fmt_s(s['import_torch']['median_s'])}; medians; the commands' wall time)")
+        f = s["first_step"]
+        if "skipped" in f:
+            console.print(f"first training step: skipped ({f['skipped']})")
+        else:
+            console.print(f"regexp train, MNIST, warm cache: first training step after {fmt_s(f['to_first_step_s'])} "
+                          f"(train() entered after {fmt_s(f['to_train_s'])}); whole command {fmt_s(f['total_s'])} "
+                          f"(+ validation, test, checkpoints, exit); median of {len(f['runs'])}")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--case", choices=[*CASES, "all"], default="mnist_mlp")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--epochs", type=int, default=None, help="timed epochs per run (default 2; --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per loop (default 3; --quick 2)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="training samples (default: the whole train split; synthetic CIFAR-10 5000; --quick 256/128)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader num_workers of the dataloader loop")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and OMP_NUM_THREADS of the CLI runs)")
+    p.add_argument("--data-root", default=os.environ.get("REGEXP_DATA_DIR") or "data",
+                   help="torchvision layout: MNIST/raw, cifar-10-batches-py (default $REGEXP_DATA_DIR or data)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds, not a measurement: 256/128 samples, 1 epoch, 2 repeats, no warm-ups, 64 validation samples")
+    p.add_argument("--no-startup", action="store_true", help="skip the `regexp --help` and first-step timings")
+    p.add_argument("--json", action="store_true", help="print machine-readable results only (progress goes to stderr)")
+    p.add_argument("--save", metavar="PATH", help="also write the machine-readable results to PATH")
+    args = p.parse_args(argv)
+    args.epochs = args.epochs or (1 if args.quick else 2)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.cli_repeats = 1 if args.quick else 3
+    args.help_repeats = 2 if args.quick else 5
+    for name in ("epochs", "repeats", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    # regexp's in-process runs: their console goes to a buffer, their log lines nowhere
+    regexp_log = logging.getLogger("regexp")
+    regexp_log.addHandler(logging.NullHandler())
+    regexp_log.propagate = False
+
+    result: dict[str, Any] = {"command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+                              "machine": machine(device), "load_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="regexp-bench-") as tmp:
+        for name in (list(CASES) if args.case == "all" else [args.case]):
+            result["cases"][name] = run_case(name, args, device, Path(tmp))
+        if not args.no_startup:
+            result["startup"] = startup(args, device, Path(tmp))
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    if args.save:
+        Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

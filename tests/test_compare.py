@@ -1,0 +1,293 @@
+"""`regexp compare`: the pure functions on hand-made run dirs, then the real command on a
+real sweep trained through the real CLI."""
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import TINY, require_shared_data, run_cli, summaries
+
+from regexp import compare
+from regexp.compare import CompareError, Stat
+
+
+def make_run(root: Path, name: str, overrides: list[str], metrics: dict | None = None, status: str = "completed",
+             config: dict | None = None, choices: dict | None = None, curve: list[dict] | None = None,
+             hydra_dir: bool = True) -> Path:
+    """A run dir as `regexp train` leaves it: summary.json, .hydra/overrides.yaml, metrics.jsonl."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    summary = {"status": status, "overrides": overrides, "choices": choices or {}, "config": config or {},
+               "metrics": metrics or {}, "wall_time_s": 1.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if hydra_dir:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if curve:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    return run_dir
+
+
+def sweep_run(root: Path, name: str, optimizer: str, seed: int, acc: float | None, lr: float = 1e-3, **kwargs) -> Path:
+    return make_run(root, name, [f"optimizer={optimizer}", f"seed={seed}", "epochs=2"],
+                    metrics={"test/acc": acc, "train/loss": 1 - acc} if acc is not None else None,
+                    choices={"optimizer": optimizer}, config={"seed": seed, "epochs": 2, "optimizer": {"name": optimizer, "lr": lr}},
+                    **kwargs)
+
+
+# ---------------------------------------------------------------- pure functions
+
+def test_swept_keys_are_the_differing_overrides_seed_and_paths_aside(tmp_path):
+    for i, (optimizer, seed) in enumerate([("adam", 0), ("adam", 1), ("sgd", 0), ("sgd", 1)]):
+        make_run(tmp_path, str(i), [f"optimizer={optimizer}", f"seed={seed}", "epochs=2", f"out_dir=o{i}", f"dataset.root=/d{i}"],
+                 choices={"optimizer": optimizer}, config={"seed": seed})
+    assert compare.swept_keys(compare.find_runs([tmp_path])) == ["optimizer"]
+
+
+def test_swept_keys_compare_resolved_values(tmp_path):
+    """1e-2 and 0.01 are one value; a run without the override has the config's default."""
+    make_run(tmp_path, "a", ["optimizer.lr=1e-2"], config={"optimizer": {"lr": 0.01}})
+    make_run(tmp_path, "b", ["optimizer.lr=0.01"], config={"optimizer": {"lr": 0.01}})
+    runs = compare.find_runs([tmp_path])
+    assert compare.swept_keys(runs) == []
+    make_run(tmp_path, "c", [], config={"optimizer": {"lr": 0.001}})
+    runs = compare.find_runs([tmp_path])
+    assert compare.swept_keys(runs) == ["optimizer.lr"]
+    assert sorted(compare.key_value(run, "optimizer.lr") for run in runs) == ["0.001", "0.01", "0.01"]
+
+
+def test_appended_group_and_list_values(tmp_path):
+    make_run(tmp_path, "a", ["+regularizer=dropout"], choices={"regularizer": "dropout"}, config={"regularizer": {"dropout": {"p": 0.5}}})
+    make_run(tmp_path, "b", ["+regularizer=[dropout,l2]"], choices={"regularizer": None},
+             config={"regularizer": {"dropout": {"p": 0.5}, "l2": {"coef": 1e-4}}})
+    make_run(tmp_path, "c", [], config={"model": {"hidden": [512, 256]}})
+    runs = {run.run_dir.name: run for run in compare.find_runs([tmp_path])}
+    assert compare.swept_keys(list(runs.values())) == ["regularizer"]
+    assert [compare.key_value(runs[n], "regularizer") for n in "abc"] == ["dropout", "[dropout,l2]", None]
+    assert compare.key_value(runs["c"], "model.hidden") == "[512,256]"
+
+
+def test_overrides_yaml_first_summary_as_fallback(tmp_path):
+    make_run(tmp_path, "a", ["optimizer=sgd"])
+    (tmp_path / "a" / ".hydra" / "overrides.yaml").write_text("- optimizer=adam\n")
+    make_run(tmp_path, "b", ["optimizer=nesterov"], hydra_dir=False)
+    runs = {run.run_dir.name: run for run in compare.find_runs([tmp_path])}
+    assert runs["a"].overrides == {"optimizer": "adam"} and runs["b"].overrides == {"optimizer": "nesterov"}
+
+
+def test_grouping_mean_std_and_failed_runs(tmp_path):
+    sweep_run(tmp_path, "0", "adam", 0, 0.90)
+    sweep_run(tmp_path, "1", "adam", 1, 0.80)
+    sweep_run(tmp_path, "2", "adam", 2, None, status="failed")
+    sweep_run(tmp_path, "3", "sgd", 0, 0.70)
+    sweep_run(tmp_path, "4", "momentum", 0, None, status="diverged")
+    runs = compare.find_runs([tmp_path])
+    groups = {g.label: g for g in compare.group_runs(runs, ["optimizer"])}
+    assert {label: len(g.runs) for label, g in groups.items()} == {"optimizer=adam": 3, "optimizer=sgd": 1, "optimizer=momentum": 1}
+    adam = groups["optimizer=adam"].stat("test/acc")
+    assert (adam.mean, adam.n) == (pytest.approx(0.85), 2) and adam.std == pytest.approx(0.0707107, rel=1e-5)  # ddof=1
+    assert groups["optimizer=adam"].statuses() == {"completed": 2, "failed": 1}
+    assert groups["optimizer=sgd"].stat("test/acc") == Stat(pytest.approx(0.70), None, 1)
+    assert groups["optimizer=momentum"].stat("test/acc") == Stat(None, None, 0)
+    assert compare.fmt_stat(groups["optimizer=adam"].stat("test/acc"), 3) == "0.8500 ± 0.0707 (n=2)"
+    assert compare.fmt_stat(groups["optimizer=sgd"].stat("test/acc"), 1) == "0.7000 ±—"
+    assert compare.fmt_stat(Stat(None, None, 0), 1) == "—"
+
+
+def test_mean_std_is_the_sample_std():
+    values = [0.1, 0.4, 0.35, 0.2]
+    stat = compare.mean_std(values)
+    assert stat.mean == pytest.approx(statistics.mean(values)) and stat.std == pytest.approx(statistics.stdev(values))
+    assert compare.mean_std([]) == Stat(None, None, 0) and compare.mean_std([2.0]) == Stat(2.0, None, 1)
+
+
+def test_ranking_direction_and_groups_without_the_metric_last(tmp_path):
+    for i, (optimizer, acc) in enumerate([("sgd", 0.7), ("adam", 0.9), ("adamw", 0.8)]):
+        sweep_run(tmp_path, str(i), optimizer, 0, acc)
+    sweep_run(tmp_path, "3", "momentum", 0, None, status="failed")
+    groups = compare.group_runs(compare.find_runs([tmp_path]), ["optimizer"])
+
+    def order(metric: str, higher: bool) -> list[str]:
+        return [g.values["optimizer"] for g in compare.rank_groups(groups, metric, higher)]
+
+    assert order("test/acc", True) == ["adam", "adamw", "sgd", "momentum"]
+    assert order("train/loss", False) == ["adam", "adamw", "sgd", "momentum"]  # loss = 1 - acc
+    assert order("test/acc", False) == ["sgd", "adamw", "adam", "momentum"]
+    assert compare.lower_is_better("test/loss") and compare.lower_is_better("wall_time_s")
+    assert not compare.lower_is_better("val/acc")
+
+
+def test_bad_input_errors(tmp_path):
+    sweep_run(tmp_path, "0", "adam", 0, 0.9)
+    runs = compare.find_runs([tmp_path])
+    with pytest.raises(CompareError, match="no such directory"):
+        compare.find_runs([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CompareError, match="no runs found"):
+        compare.find_runs([tmp_path / "empty"])
+    with pytest.raises(CompareError, match="available: override keys optimizer, seed, epochs; config groups optimizer"):
+        compare.check_keys(runs, ["lr"])
+    compare.check_keys(runs, ["optimizer", "optimizer.lr", "seed"])
+    with pytest.raises(CompareError, match="available: test/acc, train/loss, wall_time_s"):
+        compare.check_metric(runs, "test/accuracy")
+
+
+def test_unknown_metric_is_fine_when_no_run_finished(tmp_path):
+    sweep_run(tmp_path, "0", "adam", 0, None, status="failed")
+    compare.check_metric(compare.find_runs([tmp_path]), "test/acc")
+
+
+def test_curves_take_each_epochs_last_record(tmp_path):
+    run_dir = make_run(tmp_path, "0", [], curve=[
+        {"step": 2, "epoch": 1, "train/loss": 2.0}, {"step": 4, "epoch": 1, "train/loss": 1.5, "val/acc": 0.5},
+        {"step": 4, "nonfinite/step": 4}, {"step": 6, "epoch": 2, "train/loss": 1.0, "val/acc": 0.6}])
+    (run_dir / "metrics.jsonl").open("a").write('{"step": 8, "epoch": 3, "train/lo')  # a run still writing
+    assert compare.read_curve(run_dir, "train/loss") == {1: 1.5, 2: 1.0}
+    assert compare.read_curve(run_dir, compare.curve_metric("test/acc")) == {1: 0.5, 2: 0.6}
+
+
+# ---------------------------------------------------------------- the real command on a real sweep
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """2 optimizers × 2 seeds, 2 epochs of 8 steps each, trained by the real `regexp train -m`."""
+    data_root = require_shared_data()
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "multirun"
+    with pytest.MonkeyPatch.context() as env:  # conftest's isolation, for this module-scoped fixture
+        env.setenv("WANDB_MODE", "disabled")
+        env.setenv("REGEXP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "regexp-cache"))
+        out = run_cli(["train", "-m", f"optimizer={','.join(OPTIMIZERS)}", "seed=0,1", *TINY,
+                       "epochs=2", "max_steps=null", f"hydra.sweep.dir={sweep_dir}"], sweep_dir.parent, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [s["status"] for s in summaries(sweep_dir)] == ["completed"] * 4
+    return sweep_dir
+
+
+def expected_groups(sweep_dir: Path) -> dict[str, dict]:
+    """Mean and sample std per optimizer, computed here from the summaries."""
+    by_optimizer: dict[str, list[dict]] = {}
+    for s in summaries(sweep_dir):
+        by_optimizer.setdefault(s["choices"]["optimizer"], []).append(s)
+    return {name: {"runs": len(runs),
+                   "acc": (statistics.mean(r["metrics"]["test/acc"] for r in runs), statistics.stdev(r["metrics"]["test/acc"] for r in runs)),
+                   "loss": (statistics.mean(r["metrics"]["train/loss"] for r in runs), statistics.stdev(r["metrics"]["train/loss"] for r in runs))}
+            for name, runs in by_optimizer.items()}
+
+
+def table_rows(stdout: str) -> dict[str, str]:
+    """The table's body rows, keyed by their first cell."""
+    rows = [line.strip("│ ") for line in stdout.splitlines() if line.startswith("│")]
+    return {row.split("│")[0].strip(): row for row in rows}
+
+
+def test_table_shows_groups_best_first_with_mean_and_std(sweep, tmp_path):
+    out = run_cli(["compare", str(sweep)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    expected = expected_groups(sweep)
+    rows = table_rows(out.stdout)
+    assert list(rows) == sorted(expected, key=lambda name: -expected[name]["acc"][0])
+    for name, group in expected.items():
+        cells = [c.strip() for c in rows[name].split("│")]
+        assert cells[1] == str(group["runs"]) == "2"
+        assert cells[2] == f"{group['acc'][0]:.4f} ± {group['acc'][1]:.4f}"
+        assert cells[3] == f"{group['loss'][0]:.4f} ± {group['loss'][1]:.4f}"
+        assert cells[5] == "2 completed"
+    assert "optimizer" in out.stdout.splitlines()[2] and "best test/acc first (higher is better)" in out.stdout
+    assert not out.stderr
+
+
+def test_json_output(sweep, tmp_path):
+    out = run_cli(["compare", str(sweep), "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # stdout is the JSON and nothing else
+    expected = expected_groups(sweep)
+    assert result["keys"] == ["optimizer"] and result["metric"] == "test/acc" and result["higher_is_better"]
+    assert [g["values"]["optimizer"] for g in result["groups"]] == sorted(expected, key=lambda n: -expected[n]["acc"][0])
+    for group in result["groups"]:
+        want = expected[group["values"]["optimizer"]]
+        assert group["runs"] == 2 and group["statuses"] == {"completed": 2}
+        assert (group["stats"]["test/acc"]["mean"], group["stats"]["test/acc"]["std"]) == pytest.approx(want["acc"])
+        assert (group["stats"]["train/loss"]["mean"], group["stats"]["train/loss"]["std"]) == pytest.approx(want["loss"])
+    assert sorted((r["values"]["optimizer"], r["seed"]) for r in result["runs"]) == [(o, s) for o in sorted(OPTIMIZERS) for s in (0, 1)]
+    on_disk = {s["run_dir"]: s["metrics"]["test/acc"] for s in summaries(sweep)}
+    assert {r["run_dir"]: r["metrics"]["test/acc"] for r in result["runs"]} == on_disk
+
+
+def test_plot_writes_a_png(sweep, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "plots" / "curves.png"
+    out = run_cli(["compare", str(sweep), "--plot", str(png)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 300
+    assert f"curves: {png}" in out.stdout
+
+
+def test_group_by_other_keys(sweep, tmp_path):
+    out = run_cli(["compare", str(sweep), "--by", "seed", "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    groups = json.loads(out.stdout)["groups"]
+    assert sorted(g["values"]["seed"] for g in groups) == ["0", "1"] and [g["runs"] for g in groups] == [2, 2]
+    out = run_cli(["compare", str(sweep), "--by", "optimizer", "--by", "seed"], tmp_path)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
+    assert out.returncode == 0 and len(rows) == 4 and all("±—" in row for row in rows)
+    out = run_cli(["compare", str(sweep), "--by", "optimizer.lr", "--json"], tmp_path)
+    assert sorted(g["values"]["optimizer.lr"] for g in json.loads(out.stdout)["groups"]) == ["0.001", "0.1"]
+
+
+def test_failed_runs_are_marked_and_left_out_of_the_statistics(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    by_job = {p.parent.name: json.loads(p.read_text()) for p in copy.glob("*/summary.json")}
+    failed = next(job for job, s in by_job.items() if s["choices"]["optimizer"] == "adam")
+    edit_summary(copy / failed, fail)
+    (copy / failed / "metrics.jsonl").unlink()
+    # a group of failed runs only: job 9, as if `optimizer=nesterov` had crashed
+    shutil.copytree(copy / failed, copy / "9")
+    edit_summary(copy / "9", lambda s: s["choices"].update(optimizer="nesterov"))
+    (copy / "9" / ".hydra" / "overrides.yaml").write_text("- optimizer=nesterov\n- seed=0\n")
+
+    out = run_cli(["compare", str(copy), "--plot", str(tmp_path / "curves.png")], tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = table_rows(out.stdout)
+    assert list(rows)[-1] == "nesterov"  # no metric: last
+    nesterov = [c.strip() for c in rows["nesterov"].split("│")]
+    assert nesterov[1:3] == ["1", "—"] and nesterov[5] == "1 failed"
+    remaining = next(s["metrics"]["test/acc"] for job, s in by_job.items() if s["choices"]["optimizer"] == "adam" and job != failed)
+    adam = [c.strip() for c in rows["adam"].split("│")]
+    assert adam[1] == "2" and adam[2] == f"{remaining:.4f} ±— (n=1)" and adam[5] == "1 completed, 1 failed"
+    assert f"failed: {copy / failed}  (RuntimeError: boom)" in out.stdout
+    assert (tmp_path / "curves.png").is_file()
+
+
+def edit_summary(run_dir: Path, edit) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    edit(summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def fail(summary: dict) -> None:
+    """What train() records for a crash: no final metrics, the error."""
+    del summary["metrics"]
+    summary.update(status="failed", error="RuntimeError: boom")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{empty}"], "no runs found"),
+    (["{sweep}", "--by", "optimiser"], "--by optimiser: no run has this key; available: override keys optimizer, seed,"),
+    (["{sweep}", "--metric", "test/accuracy"], "--metric test/accuracy: no run has this metric; available: "),
+    (["{sweep}", "--plot", "curves.xyz"], "unknown image format"),
+    ([], "the following arguments are required: PATH"),
+])
+def test_bad_input_exits_2_with_one_line(sweep, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    out = run_cli(["compare", *(a.format(sweep=sweep, empty=tmp_path / "empty") for a in args)], tmp_path)
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: ") and message in out.stderr

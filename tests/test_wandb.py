@@ -1,0 +1,140 @@
+"""Weights & Biases: offline runs of the real CLI, read back from their .wandb files with
+`wandb leet inspect`. No network and no account are needed (or used)."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_train, run_cli, summaries
+from rich.console import Console
+
+from regexp.config import validate
+from regexp.tracking import Reporter
+from regexp.train import train
+from regexp.wandb_logger import wandb_sinks
+
+WANDB = str(Path(sys.executable).with_name("wandb"))
+FAKE_KEY = "fake-secret-key-123"
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """W&B on with logger.mode=auto's default outcome here (offline: no credentials), and
+    every file it writes outside the run dir kept under tmp_path."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    home = tmp_path / "wandb-home"
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("NETRC", str(home / "netrc"))  # a developer's own `wandb login` must not send test runs online
+    monkeypatch.setenv("WANDB_SILENT", "true")  # set by regexp when unset; restored after the test
+
+
+def tiny_config(overrides: list[str]):
+    return validate(compose_train([*TINY, "device=cpu", *overrides]))
+
+
+def quiet() -> Reporter:
+    return Reporter(Console(file=io.StringIO()))
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("summary.json"))
+
+
+def wandb_file(run_dir: Path) -> Path:
+    [path] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # one W&B run per job
+    return path
+
+
+def inspect(run_dir: Path) -> tuple[list[dict], dict]:
+    """(the .wandb file's records, leet's summary of the run)."""
+    path = str(wandb_file(run_dir))
+    records = subprocess.run([WANDB, "leet", "inspect", "--json", path], capture_output=True, text=True, check=True)
+    summary = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", path], capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in records.stdout.splitlines()], json.loads(summary.stdout)
+
+
+def of_type(records: list[dict], kind: str) -> list[dict]:
+    return [r[kind] for r in records if r["type"] == kind]
+
+
+def test_offline_run_logs_history_summary_config_and_names(tmp_path, data_root, wandb_env):
+    overrides = [*TINY, "out_dir=runs", "optimizer=adam", "+regularizer=dropout"]
+    out = run_cli(["train", *overrides], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wandb:" not in out.stdout + out.stderr  # quiet: no wandb banners or sync hints
+    [run_dir] = run_dirs(tmp_path / "runs")
+    records, run = inspect(run_dir)
+
+    history = [h["item"] for h in of_type(records, "history")]
+    steps = [h for h in history if "train/loss" in h and "grad/global_norm" in h]
+    assert steps and all("step" in h for h in steps)
+    assert any("val/acc" in h and "epoch" in h for h in history)
+    assert not any("NaN" in json.dumps(h) or "Infinity" in json.dumps(h) for h in history)
+    axes = {m.get("glob_name") or m.get("name"): m.get("step_metric") for m in of_type(records, "metric")}
+    assert axes["*"] == "step" and axes["val/*"] == "epoch"
+
+    assert run["state"] == "finished" and run["exit_code"] == 0
+    assert run["summary"]["status"] == "completed" and 0 <= run["summary"]["test/acc"] <= 1
+    assert run["project"] == "regexp"
+    config = run["config"]
+    assert config["choices/model"] == "mlp" and config["choices/optimizer"] == "adam"
+    assert config["choices/regularizer"] == "dropout" and config["optimizer"]["name"] == "adam"
+    assert {"model=mlp", "optimizer=adam", "+regularizer=dropout"} <= set(run["tags"])
+    [meta] = of_type(records, "run")
+    assert meta["display_name"] == ",".join(sorted(overrides))  # Hydra's override_dirname
+    assert meta["run_group"] == meta["display_name"]  # a single run is its own group
+
+
+def test_multirun_gives_each_job_its_own_run_in_the_sweep_group(tmp_path, data_root, wandb_env):
+    sweep_dir = tmp_path / "sweep"
+    out = run_cli(["train", "-m", *TINY, f"hydra.sweep.dir={sweep_dir}", "optimizer=adam,adamw"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [of_type(inspect(d)[0], "run")[0] for d in run_dirs(sweep_dir)]
+    assert [r["run_group"] for r in runs] == [str(sweep_dir)] * 2
+    names = [r["display_name"].split(",") for r in runs]
+    assert "optimizer=adam" in names[0] and "optimizer=adamw" in names[1]
+    assert len({r["run_id"] for r in runs}) == 2
+
+
+def test_crashed_job_finishes_its_run_with_a_failure_exit_code(tmp_path, wandb_env):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    with pytest.raises(Exception):
+        train(tiny_config([f"dataset.root={empty}", "dataset.download=false"]), tmp_path / "run", reporter=quiet())
+    _, run = inspect(tmp_path / "run")
+    assert run["exit_code"] == 1 and run["state"] == "failed"
+    assert run["summary"]["status"] == "failed" and run["summary"]["error"]
+
+
+@pytest.mark.parametrize("off", ["logger=none", "logger.mode=disabled"])
+def test_logger_off_writes_no_wandb_files(tmp_path, data_root, wandb_env, off):
+    train(tiny_config([f"dataset.root={data_root}", off]), tmp_path / "run", reporter=quiet())
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "wandb").exists()
+
+
+@pytest.mark.parametrize("logger", [["logger=none"], ["logger.mode=disabled"], []])  # [] : WANDB_MODE=disabled (conftest)
+def test_wandb_off_never_imports_it(monkeypatch, logger):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise
+    cfg = validate(compose_train(logger))
+    assert wandb_sinks(cfg, {}, Path("unused"), "name", "group", warn=pytest.fail) == []
+
+
+def test_no_secret_reaches_the_run_dir(tmp_path, data_root, wandb_env, monkeypatch):
+    """With a key in the environment: offline, and auto, which tries online with it, is
+    refused (the key is fake) and falls back to offline with a warning."""
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    out = run_cli(["train", "-m", *TINY, f"hydra.sweep.dir={tmp_path}/sweep", "logger.mode=offline,auto"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [s["status"] for s in summaries(tmp_path / "sweep")] == ["completed"] * 2
+    assert "W&B could not go online" in out.stdout and FAKE_KEY not in out.stdout + out.stderr
+    for run_dir in run_dirs(tmp_path / "sweep"):
+        assert inspect(run_dir)[1]["exit_code"] == 0
+        assert not list((run_dir / "wandb").glob("run-*"))  # the refused online attempt left nothing to sync
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 10
+    assert [p for p in files if FAKE_KEY.encode() in p.read_bytes()] == []
