@@ -4,6 +4,7 @@ Exit codes: 0 the run(s) finished, whatever their status; 1 a crash; 2 bad input
 Nothing heavy is imported at module level: `regexp --help` must stay instant.
 """
 
+import math
 import re
 import sys
 from typing import Optional
@@ -36,6 +37,7 @@ config groups (pick with group=option, set values with group.key=value):
   accumulation  none steps
   device        auto cpu cuda
   monitor       default full off
+  logger        wandb none     (logger.mode=auto|online|offline|disabled)
 
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
 Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
@@ -111,6 +113,10 @@ def train_command(args: list[str]) -> int:
     sys.argv = ["regexp train", *args]
     try:
         hydra_main()
+        from regexp.sweep import LAST_SWEEP
+
+        if multirun and LAST_SWEEP.get("failed"):
+            return 1
     except Interrupted as e:
         print(f"regexp: interrupted by signal {e.signum}; checkpoint saved, continue with resume=<run dir>", file=sys.stderr)
         return 128 + e.signum
@@ -144,33 +150,43 @@ def is_override(arg: str) -> bool:
     return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
 
 
-def hydra_task(cfg) -> Optional[float]:
-    """The job Hydra runs (once per sweep job): checks, then train(); returns the sweep objective."""
+def hydra_task(cfg) -> float:
+    """The job Hydra runs (once per sweep job): checks, then train(). Returns the sweep
+    objective (val/acc; NaN when there is none). In a sweep a failing job is recorded in
+    its run dir and the sweep goes on; alone, bad input exits 2 and a bad file 1."""
+    from pathlib import Path
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from regexp.config import ConfigError
-    from regexp.train import RunError, prepare, train
+    from regexp.config import ConfigError, RunError
+    from regexp.sweep import already_finished, objective, record_failure, share_machine
+    from regexp.train import prepare, train
 
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    finished = already_finished(run_dir) if cfg.get("resume") == "auto" else None
+    if finished is not None:
+        print(f"{run_dir}: already {finished['status']}, skipped (resume=auto)")
+        return objective(finished)
+    share_machine(hydra_cfg)
     try:
         typed = prepare(cfg)
-    except ConfigError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweep's other jobs go on; this one is recorded as failed
-        fail(str(e))
-    # W&B: the run is named by its overrides (empty: train() uses the run dir's name); a sweep's jobs share its dir as group
-    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-    try:
-        summary = train(typed, hydra_cfg.runtime.output_dir, choices=dict(hydra_cfg.runtime.choices),
-                        overrides=list(hydra_cfg.overrides.task), composed=cfg,
-                        name=hydra_cfg.job.override_dirname, group=sweep_dir)
-    except RunError as e:  # a bad file: one line, not a traceback (summary.json has the details)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise
-        print(f"regexp: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    return summary["metrics"].get("val/acc")
+        # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
+        summary = train(typed, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
+                        composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
+    except Exception as e:
+        if multirun:
+            record_failure(run_dir, e, list(hydra_cfg.overrides.task))
+            return math.nan
+        if isinstance(e, ConfigError):
+            fail(str(e))
+        if isinstance(e, RunError):  # a bad file: one line, not a traceback (summary.json has the details)
+            print(f"regexp: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    return objective(summary)
 
 
 def precheck(overrides: list[str], multirun: bool) -> None:

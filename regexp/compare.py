@@ -245,8 +245,13 @@ def check_metric(runs: list[Run], metric: str) -> None:
 # ---------------------------------------------------------------- output
 
 def curve_metric(metric: str) -> str:
-    """The per-epoch curve that tracks `metric`: test/* is measured once, val/* every epoch."""
-    return "val/" + metric[len("test/"):] if metric.startswith("test/") else metric
+    """The per-epoch curve that tracks `metric`: test/* is measured once, val/* every
+    epoch, and the final train/* are the last of the epoch means epoch/train_*."""
+    if metric.startswith("test/"):
+        return "val/" + metric[len("test/"):]
+    if metric.startswith("train/"):
+        return "epoch/train_" + metric[len("train/"):]
+    return metric
 
 
 def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool, plot: Optional[Path]) -> dict:
@@ -326,7 +331,7 @@ def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
     from matplotlib.ticker import MaxNLocator
 
     panels = []
-    for name in dict.fromkeys([curve_metric(metric), TRAIN_LOSS]):
+    for name in dict.fromkeys([curve_metric(metric), curve_metric(TRAIN_LOSS)]):
         curves = [(g, [read_curve(run.run_dir, name) for run in g.runs]) for g in groups]
         if any(c for _, group_curves in curves for c in group_curves):
             panels.append((name, curves))

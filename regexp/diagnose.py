@@ -213,19 +213,19 @@ def dying_relu(run: RunHistory) -> Optional[Finding]:
 
 
 def overfitting(run: RunHistory) -> Optional[Finding]:
-    evals = [r for r in run.epochs if _finite([r.get("val/loss"), r.get("val/acc"), r.get("train/acc")]) and len(_finite([r.get("val/loss"), r.get("val/acc"), r.get("train/acc")])) == 3]
+    evals = [r for r in run.epochs if len(_finite([r.get("val/loss"), r.get("val/acc"), r.get("epoch/train_acc")])) == 3]
     if len(evals) < 3:
         return None
     last = evals[-1]
     best = min(evals, key=lambda r: r["val/loss"])
-    gap = last["train/acc"] - last["val/acc"]
+    gap = last["epoch/train_acc"] - last["val/acc"]
     if gap <= OVERFIT_GAP or last["val/loss"] <= OVERFIT_VAL_RISE * best["val/loss"]:
         return None
     return Finding(
         "overfitting", "Overfitting: training accuracy far above validation, validation loss rising",
-        f"train/acc {last['train/acc']:.3f} vs val/acc {last['val/acc']:.3f} at epoch {last['epoch']}; val/loss rose from "
+        f"train acc {last['epoch/train_acc']:.3f} vs val/acc {last['val/acc']:.3f} at epoch {last['epoch']}; val/loss rose from "
         f"{best['val/loss']:.3g} (epoch {best['epoch']}) to {last['val/loss']:.3g}",
-        {"metric": "val/loss", "layer": None, "step": last.get("step"), "values": {"train/acc": last["train/acc"], "val/acc": last["val/acc"],
+        {"metric": "val/loss", "layer": None, "step": last.get("step"), "values": {"train_acc": last["epoch/train_acc"], "val/acc": last["val/acc"],
                                                                                   "best_val_loss": best["val/loss"], "last_val_loss": last["val/loss"]}},
         ["dropout (+regularizer=dropout)", "weight decay / L2 (optimizer.weight_decay or +regularizer=l2)",
          "augmentation (+regularizer=augment)", "early stopping (+regularizer=early_stopping)"],

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import RunError, resolve_device, resolved_container, validate, warnings_for
 from regexp.diagnose import diagnose, read_run
+from regexp.sweep import read_summary
 from regexp.data import augment_batch, check_available, load_data
 from regexp.init import init_weights
 from regexp.models import build_model
@@ -493,7 +494,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                 step, status = snapshot["step"], "diverged"
         epoch_row = {"epoch": epoch, "step": step}
         if epoch_samples:
-            epoch_row.update({"train/loss": loss_sum / epoch_samples, "train/acc": correct_sum / epoch_samples})
+            epoch_row.update({"epoch/train_loss": loss_sum / epoch_samples, "epoch/train_acc": correct_sum / epoch_samples})
         if status == "diverged":
             summary["last_finite_step"] = snapshot["step"]
             save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(snapshot["epoch"], snapshot["window"], snapshot["perm"]))
@@ -506,10 +507,10 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
             if best.monitor in epoch_row and best.update(epoch_row[best.monitor], epoch):
                 best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
                 save_checkpoint(run_dir / "best.pt", {"model": best_state, "epoch": epoch, "step": step, best.monitor: best.best})
-        epoch_row["opt/lr"] = optimizer.param_groups[0]["lr"]
-        epoch_row["perf/samples_per_s"] = samples_trained / train_seconds
+        epoch_row["epoch/lr"] = optimizer.param_groups[0]["lr"]
+        epoch_row["epoch/samples_per_s"] = samples_trained / train_seconds  # over the run so far, eval excluded
         tracker.write(epoch_row)
-        reporter.epoch_line(epoch, cfg.epochs, {k_: v for k_, v in epoch_row.items() if k_ not in ("epoch", "step")})
+        reporter.epoch_line(epoch, cfg.epochs, {k_.replace("epoch/", ""): v for k_, v in epoch_row.items() if k_ not in ("epoch", "step")})
         save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, len(windows), perm))
         if best.should_stop:
             status = "early_stopped"
@@ -517,7 +518,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
         if last_epoch:
             break
 
-    final = {k_: v for k_, v in epoch_row.items() if k_.startswith(("train/", "val/"))}
+    final = {k_.replace("epoch/train_", "train/"): v for k_, v in epoch_row.items() if k_.startswith(("epoch/train_", "val/"))}
     if status == "early_stopped" and best_state is not None:
         model.load_state_dict(best_state)  # report the weights early stopping chose
         final.update({best.monitor: best.best, "best_epoch": best.best_epoch})
@@ -575,6 +576,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
         check_checkpoint_fits(checkpoint, state, cfg)
         resumed = (checkpoint, state)
     run_dir.mkdir(parents=True, exist_ok=True)
+    previous_summary = read_summary(run_dir) or {}
     reporter = reporter or Reporter()
     started = time.perf_counter()
     resolved = resolved_container(composed if composed is not None else cfg)
@@ -588,7 +590,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     exit_code = 1
     try:
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
-        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn)
+        earlier_id = previous_summary.get("wandb_id") if resumed is not None else None
+        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn, earlier_id)
+        summary.update({"wandb_id": sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")})
         with StopSignal() as stop_signal:
             fit(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed)
         summary["findings"] = diagnose(read_run(run_dir)[0], summary)

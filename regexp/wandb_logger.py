@@ -9,7 +9,7 @@ import netrc
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
@@ -26,10 +26,11 @@ IN_CONFIG = ("config", "choices", "overrides")
 
 
 def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: str, group: str,
-                warn: Callable[[str], None]) -> list["WandbRun"]:
+                warn: Callable[[str], None], run_id: Optional[str] = None) -> list["WandbRun"]:
     """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the
     resolved config; the chosen options are added to it as `choices/<group>` (regularizers,
-    added with `+`, joined by commas, or none) and become the run's tags."""
+    added with `+`, joined by commas, or none) and become the run's tags. A resumed run
+    passes its earlier `run_id`, so W&B continues that run instead of starting another."""
     if cfg.logger.name == "none":
         return []
     # wandb's own console lines (login, sync hints) would break into regexp's; WANDB_SILENT=false shows them
@@ -46,6 +47,8 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
         project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=name, group=group, tags=tags,
         config={**config, **{f"choices/{g}": o for g, o in choices.items()}},
     )
+    if run_id is not None:
+        init_args.update(id=run_id, resume="allow")
     return [WandbRun(init_run(mode, init_args, run_dir, warn))]
 
 
@@ -124,6 +127,7 @@ class WandbRun:
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         run.define_metric("val/*", step_metric="epoch")
+        run.define_metric("epoch/*", step_metric="epoch")
 
     def write(self, record: dict[str, Any]) -> None:
         self.run.log(_finite(record))
@@ -133,6 +137,10 @@ class WandbRun:
 
         self.run.log({"step": step, **{name: wandb.Histogram(np_histogram=(h["counts"], h["bins"]))
                                        for name, h in histograms.items()}})
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
 
     def summary(self, summary: dict[str, Any]) -> None:
         """Final metrics, status, timings and (when present) diagnosis findings."""

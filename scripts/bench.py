@@ -180,7 +180,8 @@ def timed_epochs(run_epoch: Callable[[], int], epochs: int, device: torch.device
 
 def build_net(cfg, input_shape: tuple[int, int, int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model regexp builds for `cfg` (same builder, same init) and a plain AdamW with the
-    config's hyperparameters (one parameter group: decay groups do not change the speed)."""
+    config's hyperparameters, in one parameter group (regexp's two, decay and no decay, cost
+    about 1 % of a step on the MNIST MLP)."""
     from regexp.init import init_weights
     from regexp.models import build_model
 
@@ -486,6 +487,10 @@ def render(result: dict[str, Any]) -> None:
                   f"({m['torch_threads']} threads) · device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}")
     console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}  "
                   "(other processes share the CPU: compare ratios, not absolute rates)")
+    if result["oversubscribed"]:
+        console.print(f"[yellow]warning: {m['torch_threads']} torch threads on {m['usable_cores']} cores with a load average of "
+                      f"{result['load_before'][0]}: intra-op threads wait for each other on a busy CPU, which can make every "
+                      "loop many times slower and the timings erratic; --threads 1 measures more stably here[/]")
     for case in result["cases"].values():
         d = case["data"]
         data = f"{d['dataset']} {'SYNTHETIC (random images in the real cifar-10-batches-py format)' if d['synthetic'] else 'real'}"
@@ -565,6 +570,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.no_startup:
             result["startup"] = startup(args, device, Path(tmp))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    # more runnable threads than cores: torch's intra-op threads stall on each other
+    m = result["machine"]
+    result["oversubscribed"] = m["torch_threads"] > 1 and max(result["load_before"][0], result["load_after"][0]) + m["torch_threads"] - 1 > m["usable_cores"]
     if args.save:
         Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

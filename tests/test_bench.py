@@ -24,7 +24,7 @@ def test_bench_quick_json(data_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # --json: nothing else on stdout
 
-    assert {"command", "machine", "load_before", "load_after", "cases", "startup"} <= result.keys()
+    assert {"command", "machine", "load_before", "load_after", "oversubscribed", "cases", "startup"} <= result.keys()
     assert result["machine"]["device"] == "cpu" or result["machine"]["device"].startswith("cuda")
     assert set(result["cases"]) == {"mnist_mlp", "cifar_cnn"}
     assert result["cases"]["mnist_mlp"]["data"]["synthetic"] is False

@@ -34,10 +34,10 @@ CRAFTED = {
     "vanishing_gradients": [*DEEP, "model.depth=10", "model.width=128", "model.activation=sigmoid", "optimizer=sgd",
                             "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=5"],
     "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.3", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
-    "bad_init_scale": [*DEEP, "model.depth=10", "model.width=512", "init=normal", "init.std=0.1", "dataset.limit=640",
+    "bad_init_scale": [*DEEP, "model.depth=10", "model.width=256", "init=normal", "init.std=0.15", "dataset.limit=320",
                        "epochs=1", "monitor.log_every=1", "clip=norm"],
     "dying_relu": ["optimizer=adam", "optimizer.lr=0.05", "dataset.limit=3000", "epochs=2", "monitor.log_every=5"],
-    "overfitting": ["dataset.limit=200", "epochs=40", "batch_size=50", "monitor.log_every=4"],
+    "overfitting": ["dataset.limit=200", "epochs=25", "batch_size=50", "monitor.log_every=4"],
     "clip_too_low": ["clip=norm", "clip.max_norm=0.001", "dataset.limit=2000", "epochs=1", "monitor.log_every=5"],
 }
 
@@ -84,7 +84,7 @@ def test_overflowing_preclip_norm_is_caught_not_reported_healthy(tmp_path, data_
 
 
 def test_healthy_default_run_has_no_findings(tmp_path, data_root):
-    summary, stdout = run_and_read(tmp_path, data_root, ["dataset.limit=10000", "epochs=3"])
+    summary, stdout = run_and_read(tmp_path, data_root, ["dataset.limit=5000", "epochs=3"])
     assert summary["status"] == "completed" and summary["metrics"]["test/acc"] > 0.9
     assert summary["findings"] == [] and "no findings" in stdout
 
@@ -197,5 +197,5 @@ def test_rules_on_a_hand_made_healthy_history():
     steps = [{"step": s, "train/loss": 2.3 / s, "perf/step_ms": 1.0, "grad/global_norm": 1.0 + 0.1 * (s % 3),
               "grad/norm/fc1": 0.5, "grad/norm/fc2": 0.6, "weight/norm/fc1": 3.0, "weight/norm/fc2": 2.0,
               "act/std/act1": 1.0, "act/std/act2": 0.9, "act/std/act3": 1.1, "act/dead_frac/act1": 0.01} for s in range(1, 30)]
-    epochs = [{"epoch": e, "train/acc": 0.9 + 0.01 * e, "val/acc": 0.89 + 0.01 * e, "val/loss": 0.5 - 0.05 * e} for e in range(1, 5)]
+    epochs = [{"epoch": e, "epoch/train_acc": 0.9 + 0.01 * e, "val/acc": 0.89 + 0.01 * e, "val/loss": 0.5 - 0.05 * e} for e in range(1, 5)]
     assert diagnose(steps + epochs, {"config": {"clip": {"name": "none"}}}) == []

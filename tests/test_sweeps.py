@@ -1,0 +1,241 @@
+"""Sweeps: experiment presets, launchers (joblib, submitit), the Optuna search, failing jobs
+and resume=auto, through the real `regexp` command."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cifar_format import write_cifar10
+from conftest import REGEXP, REPO, TINY, run_cli, summaries
+
+from regexp.config import config_dir, validate
+
+PRESETS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+CIFAR_PRESETS = [p for p in PRESETS if p.endswith("cifar10")]
+SINGLE_RUNS = {"cnn_cifar10", "resnet_cifar10"}  # every other preset is a comparison
+
+
+def compose_hydra(overrides: list[str]):
+    """The composed config with Hydra's own node (launcher, sweeper), as `regexp train -m` sees it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def preset_jobs(preset: str) -> list[list[str]]:
+    """The override list of each job of `regexp train -m +experiment=PRESET` (Hydra's basic sweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = compose_hydra([f"+experiment={preset}"]).hydra.sweeper.params or {}
+    overrides = [f"{key}={value}" for key, value in params.items()] + [f"+experiment={preset}"]
+    return [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+            for job in batch]
+
+
+def sweep_cli(args: list[str], cwd: Path, data_root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return run_cli(["train", "-m", "logger=none", f"hydra.sweep.dir={cwd}/sweep", *args], cwd, data_root, timeout)
+
+
+def job_summaries(sweep_dir: Path) -> dict[str, dict]:
+    """Job number -> summary.json."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+# ---------------------------------------------------------------- experiment presets
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_is_documented_and_every_job_composes(preset):
+    path = Path(config_dir()) / "experiment" / f"{preset}.yaml"
+    header = path.read_text().splitlines()
+    assert header[0] == "# @package _global_"
+    assert header[1].startswith("# ") and any("Expected" in line for line in header[:6]), "a description and the expected outcome"
+    readme = (REPO / "README.md").read_text()
+    assert f"`{preset}`" in readme, "listed in README's Experiment presets"
+
+    jobs = preset_jobs(preset)
+    assert len(jobs) == 1 if preset in SINGLE_RUNS else len(jobs) >= 2
+    for job in jobs:
+        validate(compose_hydra(job))  # types, ranges and cross-field rules of every job
+
+
+def test_comparison_presets_compose_to_what_they_compare():
+    def config(preset, *overrides):
+        return validate(compose_hydra([f"+experiment={preset}", *overrides]))
+
+    arms = {arm: config("accumulation_mnist", f"+experiment/accumulation_arm={arm}") for arm in ("4x16", "1x64")}
+    assert [(c.accumulation.steps, c.batch_size) for c in arms.values()] == [(4, 16), (1, 64)]
+    assert arms["4x16"].optimizer == arms["1x64"].optimizer and arms["4x16"].regularizer.dropout is None
+
+    dropout = config("dropout_mnist", "regularizer.dropout.p=0.0")
+    assert list(dropout.model.hidden) == [1024, 1024] and dropout.dataset.name == "mnist"
+
+    clip = config("clip_deep_relu")
+    assert (clip.model.depth, clip.model.width, clip.init.name, clip.init.std, clip.optimizer.lr) == (20, 256, "normal", 0.1, 0.1)
+
+    cnn = config("cnn_cifar10")
+    assert (cnn.model.name, cnn.optimizer.name, cnn.optimizer.lr, cnn.optimizer.weight_decay) == ("cnn", "adamw", 1e-4, 1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in CIFAR_PRESETS])
+def test_preset_sweep_runs_a_few_steps(tmp_path, data_root, preset):
+    """`regexp train -m +experiment=PRESET` runs the preset's whole sweep."""
+    out = sweep_cli([f"+experiment={preset}", *TINY, "dataset.val_size=64"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = summaries(tmp_path / "sweep")
+    assert len(results) == len(preset_jobs(preset))
+    for summary in results:
+        # clip_deep_relu without clipping is meant to diverge: a result, not a failure
+        assert summary["status"] in ("completed", "diverged"), summary.get("error")
+        assert summary["steps"] >= 1
+
+
+def test_cifar_presets_run_a_few_steps(tmp_path, data_root):
+    cifar = write_cifar10(tmp_path / "cifar", per_batch=40, n_test=40)
+    for preset in CIFAR_PRESETS:
+        out = sweep_cli([f"+experiment={preset}", *TINY, "dataset.val_size=40", "eval_batch_size=64",
+                         f"dataset.root={cifar}", "dataset.download=false"], tmp_path / preset, data_root)
+        assert out.returncode == 0, out.stderr[-3000:]
+        [summary] = summaries(tmp_path / preset / "sweep")
+        assert summary["status"] == "completed" and summary["choices"]["dataset"] == "cifar10"
+
+
+# ---------------------------------------------------------------- launchers and search
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_launcher_runs_a_two_job_sweep(tmp_path, data_root, launcher):
+    extra = ["hydra.launcher.timeout_min=10"] if launcher.startswith("submitit") else []
+    out = sweep_cli([f"hydra/launcher={launcher}", *extra, "optimizer=adam,adamw", *TINY], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = job_summaries(tmp_path / "sweep")
+    assert sorted(jobs) == ["0", "1"]
+    assert [jobs[n]["choices"]["optimizer"] for n in ("0", "1")] == ["adam", "adamw"]
+    assert all(s["status"] == "completed" and "test/acc" in s["metrics"] for s in jobs.values())
+    if launcher.startswith("submitit"):
+        assert (tmp_path / "sweep" / ".submitit").is_dir()  # the jobs really went through submitit
+
+
+def test_launcher_presets_compose():
+    launcher = compose_hydra(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert launcher.cpus_per_task >= 1 and launcher.timeout_min >= 60
+    joblib = compose_hydra(["hydra/launcher=joblib"]).hydra.launcher
+    assert joblib.n_jobs == 2
+
+
+def test_optuna_search_tunes_lr_decay_and_dropout_for_val_acc_and_resumes(tmp_path, data_root):
+    search = ["hydra/sweeper=tune", *TINY]
+    out = sweep_cli([*search, "hydra.sweeper.n_trials=2"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = {n: fingerprint(tmp_path / "sweep" / n) for n in ("0", "1")}
+    trials = {n: (tmp_path / "sweep" / n / ".hydra" / "overrides.yaml").read_text() for n in ("0", "1")}
+
+    # the seeded sampler proposes the same trials again: resume=auto skips them and adds a third
+    out = sweep_cli([*search, "hydra.sweeper.n_trials=3", "resume=auto"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {n: fingerprint(tmp_path / "sweep" / n) for n in ("0", "1")} == first
+    assert {n: (tmp_path / "sweep" / n / ".hydra" / "overrides.yaml").read_text() for n in ("0", "1")} == trials
+    jobs = job_summaries(tmp_path / "sweep")
+    assert len(jobs) == 3 and all(s["status"] == "completed" for s in jobs.values())
+    for summary in jobs.values():
+        config = summary["config"]
+        assert 1e-4 <= config["optimizer"]["lr"] <= 1e-2
+        assert 1e-5 <= config["optimizer"]["weight_decay"] <= 1e-1
+        assert 0.0 <= config["regularizer"]["dropout"]["p"] <= 0.7
+    result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "++regularizer.dropout.p"}
+    # each job returned its val/acc (skipped ones too); the study maximized it
+    assert result["best_value"] == max(s["metrics"]["val/acc"] for s in jobs.values())
+
+
+# ---------------------------------------------------------------- failures and resume
+
+def data_with(tmp_path: Path, data_root: Path, *folders: str) -> Path:
+    """A data root holding only `folders` of the real data (links)."""
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    for folder in folders:
+        if not (root / folder).exists():
+            (root / folder).symlink_to(data_root / folder)
+    return root
+
+
+def fingerprint(run_dir: Path) -> dict[str, tuple[str, int]]:
+    """(hash, mtime) of each result file of a run (Hydra rewrites .hydra/ for every job it launches)."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
+    root = data_with(tmp_path, data_root, "MNIST")  # Fashion-MNIST is missing, and no download
+    out = sweep_cli(["dataset=fashion_mnist,mnist", f"dataset.root={root}", "dataset.download=false", *TINY],
+                    tmp_path, data_root)
+    assert out.returncode == 1, out.stderr[-3000:]
+    jobs = job_summaries(tmp_path / "sweep")
+    assert [jobs[n]["status"] for n in ("0", "1")] == ["failed", "completed"]  # the job after the failure ran
+    assert "fashion_mnist" in jobs["0"]["error"] and "Traceback" in jobs["0"]["traceback"]
+
+    sweep_summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    rows = {row["job"]: row for row in sweep_summary["rows"]}
+    assert [rows[n]["status"] for n in ("0", "1")] == ["failed", "completed"]
+    assert "dataset=fashion_mnist" in rows["0"]["overrides"] and rows["0"]["error"]
+    assert rows["1"]["test/acc"] == jobs["1"]["metrics"]["test/acc"] and rows["1"]["wall_time_s"] > 0
+    assert "failed" in out.stdout  # the table on the console
+
+
+def test_resume_auto_skips_completed_jobs_and_reruns_the_rest(tmp_path, data_root):
+    root = data_with(tmp_path, data_root, "MNIST")
+    command = ["dataset=mnist,fashion_mnist", f"dataset.root={root}", "dataset.download=false", *TINY]
+    assert sweep_cli(command, tmp_path, data_root).returncode == 1
+    completed = fingerprint(tmp_path / "sweep" / "0")
+
+    data_with(tmp_path, data_root, "MNIST", "FashionMNIST")  # the missing data arrives
+    out = sweep_cli([*command, "resume=auto"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert fingerprint(tmp_path / "sweep" / "0") == completed  # skipped: no result file rewritten
+    jobs = job_summaries(tmp_path / "sweep")
+    assert jobs["1"]["status"] == "completed" and "test/acc" in jobs["1"]["metrics"]
+    rows = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_a_killed_job_from_its_checkpoint(tmp_path, data_root):
+    """Kill the sweep mid-way through its second (long) job, then re-run it with resume=auto."""
+    sweep_dir = tmp_path / "sweep"
+    command = [REGEXP, "train", "-m", "logger=none", f"hydra.sweep.dir={sweep_dir}", "dataset.limit=256",
+               "dataset.val_size=64", "batch_size=32", "epochs=1,60"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root))
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (sweep_dir / "1" / "checkpoint.pt").is_file():  # job 1 finished an epoch
+            assert process.poll() is None and time.monotonic() < deadline, "job 1 never saved a checkpoint"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    done = fingerprint(sweep_dir / "0")
+    assert json.loads((sweep_dir / "1" / "summary.json").read_text())["status"] == "running"  # killed mid-run
+
+    out = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert fingerprint(sweep_dir / "0") == done
+    resumed = json.loads((sweep_dir / "1" / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["epochs_completed"] == 60
+    assert resumed["resumed_at_step"] > 0  # continued from its checkpoint, not from scratch
+    records = [json.loads(line) for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val/acc" in r] == list(range(1, 61))  # each epoch's row once
+    assert math.isfinite(resumed["metrics"]["test/acc"])
