@@ -279,7 +279,12 @@ def fmt(value: Optional[float]) -> str:
 def fmt_stat(stat: Stat, runs: int) -> str:
     if stat.n == 0:
         return MISSING
-    text = f"{fmt(stat.mean)} ±{MISSING}" if stat.std is None else f"{fmt(stat.mean)} ± {fmt(stat.std)}"
+    if stat.std is None:
+        text = f"{fmt(stat.mean)} ±{MISSING}"
+    elif "e" not in fmt(stat.mean):
+        text = f"{stat.mean:.4f} ± {stat.std:.4f}"  # the spread at the mean's precision, not in its own notation
+    else:
+        text = f"{fmt(stat.mean)} ± {fmt(stat.std)}"
     return text + (f" (n={stat.n})" if stat.n < runs else "")
 
 

@@ -226,6 +226,9 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     seed_everything(cfg.seed, cfg.device.deterministic)
     device = torch.device(resolve_device(cfg))
     precision = cfg.device.precision
+    if device.type == "cuda":  # TF32 matmuls and convs: fp32 range, tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     data = load_data(cfg.dataset, device)
 
     model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, data.input_shape, data.num_classes)

@@ -157,3 +157,15 @@ def test_disk_full_or_read_only_mid_run(tmp_path, data_root, finished_run, targe
     assert out.returncode == 1
     assert (finished_run / "checkpoint.pt").read_bytes() == old_checkpoint
     assert json.loads((finished_run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_second_signal_stops_at_once():
+    from regexp.train import Interrupted, StopSignal
+
+    with StopSignal() as stop:
+        stop.handle(signal.SIGINT, None)  # the first: noted, the loop saves and stops at the next step
+        assert stop.received == signal.SIGINT
+        with pytest.raises(Interrupted) as again:
+            stop.handle(signal.SIGINT, None)  # the second: right now
+        assert again.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
