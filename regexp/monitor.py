@@ -127,22 +127,30 @@ class Monitor:
 
 
 class NonfiniteGuard:
-    """Remembers, on the device, the first optimizer step whose loss or gradient norm was
-    not finite: no host sync until the loop reads it on a log step."""
+    """Keeps each step's loss (and pre-clip gradient norm, when clipping computed it) as
+    device tensors until the loop syncs on a log step: no per-step work beyond a list
+    append. `first_bad_step()` is a 0-d device tensor: the first such step, or -1."""
 
     def __init__(self, device: torch.device):
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.device = device
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
 
-    def check(self, step: int, *values: Optional[torch.Tensor]) -> torch.Tensor:
-        bad = torch.zeros((), dtype=torch.bool, device=self.first_bad_step.device)
+    def watch(self, step: int, *values: Optional[torch.Tensor]) -> None:
         for v in values:
             if v is not None:
-                bad = bad | ~torch.isfinite(v.detach()).all()
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
-        return bad
+                self.steps.append(step)
+                self.values.append(v.detach())
+
+    def first_bad_step(self) -> torch.Tensor:
+        if not self.values:
+            return torch.full((), -1, dtype=torch.long, device=self.device)
+        bad = ~torch.isfinite(torch.stack([v.float().reshape(()) for v in self.values]))
+        steps = torch.tensor(self.steps, device=self.device)
+        return torch.where(bad.any(), steps[bad.int().argmax()], torch.full_like(steps[0], -1))
 
     def reset(self) -> None:
-        self.first_bad_step.fill_(-1)
+        self.steps, self.values = [], []
 
 
 def _nonfinite(x: Any) -> bool:

@@ -260,6 +260,12 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     monitor = Monitor(model, cfg.monitor)
     guard = NonfiniteGuard(device)
     on_nonfinite = cfg.monitor.on_nonfinite
+    skip_bad_steps = on_nonfinite == "skip"
+    # read on every step: plain Python values (a DictConfig read costs microseconds)
+    clip = OmegaConf.to_object(cfg.clip)
+    log_every, histogram_every = cfg.monitor.log_every, cfg.monitor.histogram_every
+    every_steps, max_steps = cfg.checkpoint.every_steps, cfg.max_steps
+    zero = torch.zeros((), device=device)
 
     summary.update(device=str(device), parameters=sum(p.numel() for p in params), steps_per_epoch=steps_per_epoch,
                    effective_batch=k * cfg.batch_size, train_samples=n_train)
@@ -274,7 +280,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     def forward_backward(batches: list, net: torch.nn.Module) -> tuple[torch.Tensor, ...]:
         """Forward + backward over one window's micro-batches, each loss weighted by its share
         of the window's samples. Returns the window's (loss, correct, penalty) sums."""
-        loss_sum = correct = penalty_sum = torch.zeros((), device=device)
+        loss_sum = correct = penalty_sum = zero
         for idx, n_i, share in batches:
             x, y = data.train_x[idx], data.train_y[idx]
             if augment is not None:
@@ -287,7 +293,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                 pen = penalty(penalized)
                 total = loss + pen
                 penalty_sum = penalty_sum + pen.detach() * n_i
-            scaler.scale(total * share).backward()
+            scaler.scale(total * share if share != 1.0 else total).backward()
             loss_sum = loss_sum + loss.detach() * n_i
             correct = correct + (logits.argmax(1) == y).sum()
         return loss_sum, correct, penalty_sum
@@ -298,8 +304,8 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
         scaler.unscale_(optimizer)
         if per_layer:
             monitor.grads("norm")
-        pre = global_grad_norm(params) if measure and cfg.clip.name != "norm" else None
-        clip_norm, clipped = clip_gradients(params, cfg.clip)
+        pre = global_grad_norm(params) if measure and clip.name != "norm" else None
+        clip_norm, clipped = clip_gradients(params, clip)
         if per_layer:
             monitor.grads("norm_clipped")
         return (clip_norm if clip_norm is not None else pre), clipped
@@ -406,15 +412,15 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                     save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, w, perm))
                     summary.update(steps=step, train_time_s=round(train_seconds, 3))
                     raise Interrupted(stop_signal.received)
-                log_step = (step + 1) % cfg.monitor.log_every == 0
+                log_step = (step + 1) % log_every == 0
                 batches = window_batches(perm, offsets[w], sizes)
-                rng_before = rng_state() if on_nonfinite == "skip" else None
+                rng_before = rng_state() if skip_bad_steps else None
                 # log steps run eager (hooks) and measure each layer; other steps only the guard's values
                 with monitor.activations() if log_step and monitor.enabled else contextlib.nullcontext():
                     window_sums = forward_backward(batches, model if log_step else compiled)
-                pre_norm, clipped = unscale_and_clip(measure=monitor.enabled, per_layer=log_step and monitor.enabled)
-                bad = guard.check(step, window_sums[0], pre_norm)
-                if on_nonfinite == "skip" and bad.item():  # skipping must know now: one host sync per step
+                pre_norm, clipped = unscale_and_clip(measure=(log_step and monitor.enabled) or skip_bad_steps,
+                                                     per_layer=log_step and monitor.enabled)
+                if skip_bad_steps and not torch.isfinite(torch.stack([window_sums[0], pre_norm])).all().item():  # one sync per step
                     optimizer.zero_grad(set_to_none=True)
                     if not nonfinite_reported:
                         set_rng_state(rng_before)
@@ -424,12 +430,13 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                     summary["skipped_steps"] = summary.get("skipped_steps", 0) + 1
                     bar.advance(sum(sizes))
                     continue
+                guard.watch(step, window_sums[0], pre_norm)
                 sums.add(*window_sums, samples=sum(sizes))
                 if clipped is not None:
                     sums.clipped = sums.clipped + clipped
                 lr = optimizer.param_groups[0]["lr"]
                 if log_step and monitor.enabled:
-                    post_norm = global_grad_norm(params) if cfg.clip.name != "none" else pre_norm
+                    post_norm = global_grad_norm(params) if clip.name != "none" else pre_norm
                     monitor.before_update()
                 apply_update()
                 step += 1
@@ -440,7 +447,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                     if monitor.enabled:
                         monitor.after_update()
                     device_values = {"loss": sums.loss, "correct": sums.correct, "penalty": sums.penalty,
-                                     "clipped": sums.clipped, "first_bad": guard.first_bad_step}
+                                     "clipped": sums.clipped, "first_bad": guard.first_bad_step()}
                     if monitor.enabled:
                         device_values.update({"grad/global_norm": pre_norm, "grad/global_norm_clipped": post_norm})
                         device_values.update(monitor.pop())
@@ -454,11 +461,11 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                     penalty_sum, clipped_steps, first_bad = host.pop("penalty"), host.pop("clipped"), int(host.pop("first_bad"))
                     if penalty is not None:
                         record["train/penalty"] = penalty_sum / sums.samples
-                    if cfg.clip.name != "none" and monitor.enabled:
+                    if clip.name != "none" and monitor.enabled:
                         record["grad/clip_frac"] = clipped_steps / sums.steps
                     record.update(host)
                     tracker.write(record)
-                    if cfg.monitor.histogram_every and (step // cfg.monitor.log_every) % cfg.monitor.histogram_every == 0:
+                    if histogram_every and (step // log_every) % histogram_every == 0:
                         tracker.write_histograms(step, monitor.histograms())
                     bar.show(record["train/loss"], record["perf/samples_per_s"])
                     epoch_loss, epoch_correct = epoch_loss + sums.loss, epoch_correct + sums.correct
@@ -473,18 +480,20 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
                             step, status = snapshot["step"], "diverged"
                             break
                         restore(current)
+                    guard.reset()
                     if first_bad < 0:
                         snapshot = capture(epoch, w + 1, perm)
-                if cfg.checkpoint.every_steps is not None and step % cfg.checkpoint.every_steps == 0:
+                if every_steps is not None and step % every_steps == 0:
                     save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(epoch, w + 1, perm))
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+                if max_steps is not None and step >= max_steps:
                     break
 
         # end of epoch: one sync for the epoch's training metrics and the guard, then evaluation
         epoch_loss, epoch_correct = epoch_loss + sums.loss, epoch_correct + sums.correct
         epoch_samples += sums.samples
-        loss_sum, correct_sum, first_bad = to_host({"l": epoch_loss, "c": epoch_correct, "b": guard.first_bad_step}).values()
+        loss_sum, correct_sum, first_bad = to_host({"l": epoch_loss, "c": epoch_correct, "b": guard.first_bad_step()}).values()
         sums.reset()
+        guard.reset()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t_epoch

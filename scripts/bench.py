@@ -13,14 +13,17 @@ On the same data, model, optimizer and batch size, it measures training samples/
   regexp monitor=full     evaluation and checkpoints excluded)
 
 The plain loops time training only too (no evaluation at all), synchronizing CUDA around
-each epoch. Every loop gets one untimed warm-up (one short epoch), then `--repeats` timed
-runs, interleaved and in a rotating order so that load from other processes spreads over
-all loops; the table shows medians, and ratios are taken between runs of the same process.
+each epoch. Every loop gets one untimed warm-up (one short epoch; not with --quick), then
+`--repeats` timed runs, interleaved and in a rotating order so that load from other
+processes spreads over all loops; the table shows medians, and ratios are taken between runs
+of the same process. On a CPU that other processes keep busy, use `--threads 1`: torch's
+intra-op threads wait for each other there, which makes every loop slow and erratic.
 
 It also times the command line: `regexp --help`, and the time to the first training step of
 an MNIST run through `regexp train` (a second run, so the decoded-data cache is warm).
 
     python scripts/bench.py                      # mnist_mlp, full 55000-sample train split
+    python scripts/bench.py --threads 1          # the same on a shared CPU
     python scripts/bench.py --case all --device cuda --epochs 3 --repeats 5
     python scripts/bench.py --quick --json       # seconds; machine-readable only
 """

@@ -58,7 +58,8 @@ def description(preset: str) -> str:
 
 
 def regexp(*args: str) -> int:
-    command = shutil.which("regexp") or str(Path(sys.executable).with_name("regexp"))
+    installed = Path(sys.executable).with_name("regexp")  # the regexp of this Python's environment
+    command = str(installed) if installed.is_file() else shutil.which("regexp") or "regexp"
     print("$ regexp " + " ".join(args), flush=True)
     return subprocess.call([command, *args])
 

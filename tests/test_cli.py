@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from cifar_format import write_cifar10
+from regexp.synthetic import write_cifar10
 from conftest import REGEXP, TINY, run_cli, summaries
 
 from regexp.config import GROUP_SCHEMAS, REGULARIZERS

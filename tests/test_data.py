@@ -13,7 +13,7 @@ import regexp.data as data
 from regexp.config import ConfigError, DatasetConfig, RunError
 from regexp.data import augment_batch, check_available, dataset_root, load_data
 
-from cifar_format import write_cifar10
+from regexp.synthetic import write_cifar10
 from conftest import REPO, SHARED_DATA, require_shared_data
 
 REAL_DATA = SHARED_DATA

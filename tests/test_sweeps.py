@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cifar_format import write_cifar10
+from regexp.synthetic import write_cifar10
 from conftest import REGEXP, REPO, TINY, run_cli, summaries
 
 from regexp.config import config_dir, validate
@@ -51,6 +51,27 @@ def job_summaries(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
 
 
+def fingerprint(run_dir: Path) -> dict[str, tuple[str, int]]:
+    """(hash, mtime) of each result file of a run (Hydra rewrites .hydra/ for every job it launches)."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
+
+
+def trial_overrides(run_dir: Path) -> list[str]:
+    """A job's overrides as the sweeper chose them (without the resume=auto of a re-run)."""
+    return [o for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) if o != "resume=auto"]
+
+
+def data_with(tmp_path: Path, data_root: Path, *folders: str) -> Path:
+    """A data root holding only `folders` of the real data (links)."""
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    for folder in folders:
+        if not (root / folder).exists():
+            (root / folder).symlink_to(data_root / folder)
+    return root
+
+
 # ---------------------------------------------------------------- experiment presets
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -86,7 +107,6 @@ def test_comparison_presets_compose_to_what_they_compare():
     assert (cnn.model.name, cnn.optimizer.name, cnn.optimizer.lr, cnn.optimizer.weight_decay) == ("cnn", "adamw", 1e-4, 1e-2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p not in CIFAR_PRESETS])
 def test_preset_sweep_runs_a_few_steps(tmp_path, data_root, preset):
     """`regexp train -m +experiment=PRESET` runs the preset's whole sweep."""
@@ -100,6 +120,7 @@ def test_preset_sweep_runs_a_few_steps(tmp_path, data_root, preset):
         assert summary["steps"] >= 1
 
 
+@pytest.mark.slow
 def test_cifar_presets_run_a_few_steps(tmp_path, data_root):
     cifar = write_cifar10(tmp_path / "cifar", per_batch=40, n_test=40)
     for preset in CIFAR_PRESETS:
@@ -134,10 +155,7 @@ def test_launcher_presets_compose():
     assert joblib.n_jobs == 2
 
 
-def trial_overrides(run_dir: Path) -> list[str]:
-    return [o for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) if o != "resume=auto"]
-
-
+@pytest.mark.slow
 def test_optuna_search_tunes_lr_decay_and_dropout_for_val_acc_and_resumes(tmp_path, data_root):
     search = ["hydra/sweeper=tune", *TINY]
     out = sweep_cli([*search, "hydra.sweeper.n_trials=2"], tmp_path, data_root)
@@ -164,22 +182,6 @@ def test_optuna_search_tunes_lr_decay_and_dropout_for_val_acc_and_resumes(tmp_pa
 
 
 # ---------------------------------------------------------------- failures and resume
-
-def data_with(tmp_path: Path, data_root: Path, *folders: str) -> Path:
-    """A data root holding only `folders` of the real data (links)."""
-    root = tmp_path / "data"
-    root.mkdir(exist_ok=True)
-    for folder in folders:
-        if not (root / folder).exists():
-            (root / folder).symlink_to(data_root / folder)
-    return root
-
-
-def fingerprint(run_dir: Path) -> dict[str, tuple[str, int]]:
-    """(hash, mtime) of each result file of a run (Hydra rewrites .hydra/ for every job it launches)."""
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
-
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
     root = data_with(tmp_path, data_root, "MNIST")  # Fashion-MNIST is missing, and no download

@@ -1,4 +1,5 @@
-"""A fake CIFAR-10 in the real on-disk format (there is no network to fetch the real one).
+"""Synthetic CIFAR-10 in the real on-disk format, for tests, benchmarks and the GPU check
+where the real data set cannot be downloaded (random images: good for speed, not accuracy).
 
 The real `cifar-10-batches-py` files are protocol-2 pickles written by Python 2, whose
 strings are Python 2 `str`: they load as bytes with `encoding="bytes"` (the keys
