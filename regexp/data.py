@@ -192,7 +192,7 @@ def _writable(directory: Path) -> bool:
 
 
 def _read_with_torchvision(name: str, root: Path, download: bool) -> dict[str, torch.Tensor]:
-    dataset_class = _torchvision_class(name)
+    dataset_class = torchvision_class(name)
     splits = {}
     for split, train in (("train", True), ("test", False)):
         try:
@@ -241,7 +241,7 @@ def _broken_file(name: str, root: Path) -> Optional[Path]:
     return None
 
 
-def _torchvision_class(name: str) -> type:
+def torchvision_class(name: str) -> type:
     from torchvision import datasets
 
     base = getattr(datasets, SPECS[name].torchvision_class)

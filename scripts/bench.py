@@ -50,6 +50,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from regexp.synthetic import write_cifar10
+
 # per-channel constants of the training sets, as the seeds hard-code them
 NORMALIZE = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -100,72 +102,18 @@ def split_train_indices(n_total: int, val_size: int, limit: Optional[int]) -> to
     return order[: n_total - val_size].sort().values[:limit]
 
 
-def cifar_class(synthetic: bool) -> type:
-    """torchvision's CIFAR10; for generated files one that checks that they exist instead of
-    their md5s (which no generated file can match), as regexp does."""
-    from torchvision import datasets
-
-    if not synthetic:
-        return datasets.CIFAR10
-
-    class CIFAR10FilesPresent(datasets.CIFAR10):
-        train_list = [[f, None] for f, _ in datasets.CIFAR10.train_list]
-        test_list = [[f, None] for f, _ in datasets.CIFAR10.test_list]
-        meta = {**datasets.CIFAR10.meta, "md5": None}
-
-    return CIFAR10FilesPresent
-
-
-def write_synthetic_cifar10(root: Path, per_batch: int, n_test: int, seed: int = 0) -> None:
-    """Random images in the real `cifar-10-batches-py` format (tests/cifar_format.py's logic):
-    protocol-2 pickles whose strings are Python 2 `str`, as the real files are."""
-    import pickle
-    import struct
-
-    import numpy as np
-
-    class Python2StrPickler(pickle._Pickler):
-        def save_py2_str(self, obj: bytes) -> None:
-            if len(obj) < 256:
-                self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-            else:
-                self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-            self.memoize(obj)
-
-        dispatch = {**pickle._Pickler.dispatch, bytes: save_py2_str}
-
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def dump(obj: dict, path: Path) -> None:
-        with open(path, "wb") as f:
-            Python2StrPickler(f, protocol=2).dump(obj)
-
-    files = [(f"data_batch_{i}", per_batch, f"training batch {i} of 5") for i in range(1, 6)]
-    for filename, n, label in files + [("test_batch", n_test, "testing batch 1 of 1")]:
-        labels = [i % 10 for i in range(n)]
-        dump({b"batch_label": label.encode(), b"labels": labels,
-              b"data": rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8),
-              b"filenames": [f"{names[y].decode()}_s_{i:06d}.png".encode() for i, y in enumerate(labels)]},
-             folder / filename)
-    dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3 * 32 * 32}, folder / "batches.meta")
-
-
 def has_files(name: str, root: Path) -> bool:
-    if name == "mnist":
-        return all((root / "MNIST" / "raw" / f).is_file() for f in
-                   ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-    return all((root / "cifar-10-batches-py" / f).is_file() for f in
-               [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    from regexp.data import SPECS
+
+    return all((root / f).is_file() for f in SPECS[name].files)
 
 
 def torchvision_train_set(name: str, root: Path, synthetic: bool, transform=None):
-    from torchvision import datasets
+    """torchvision's reader of the data set, as regexp uses it (for CIFAR-10, one that checks
+    that the files exist instead of their md5s, which generated files cannot match)."""
+    from regexp.data import torchvision_class
 
-    cls = datasets.MNIST if name == "mnist" else cifar_class(synthetic)
-    return cls(str(root), train=True, transform=transform, download=False)
+    return torchvision_class(name)(str(root), train=True, transform=transform, download=False)
 
 
 # ---------------------------------------------------------------- the loops
@@ -293,7 +241,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Pat
         root = tmp / "synthetic-cifar10"
         progress(f"no CIFAR-10 under {args.data_root}: writing SYNTHETIC real-format CIFAR-10 "
                  f"({wanted} training + {val_size} validation samples) to {root}")
-        write_synthetic_cifar10(root, per_batch=math.ceil((val_size + wanted) / 5), n_test=64 if args.quick else 1000)
+        write_cifar10(root, per_batch=math.ceil((val_size + wanted) / 5), n_test=64 if args.quick else 1000)
 
     cfg = compose_cfg(["monitor=off"])
     mean, std = NORMALIZE[dataset]
