@@ -7,6 +7,7 @@ Nothing heavy is imported at module level: `regexp --help` must stay instant.
 import math
 import re
 import sys
+import warnings
 from typing import Optional
 
 USAGE = """\
@@ -37,11 +38,18 @@ config groups (pick with group=option, set values with group.key=value):
   accumulation  none steps
   device        auto cpu cuda
   monitor       default full off
+  +experiment   presets reproducing classic results, e.g. regexp train -m +experiment=dropout_mnist
+  hydra/launcher  joblib submitit_local submitit_slurm   (parallel or cluster sweeps)
+  hydra/sweeper   tune   (Optuna search over lr, weight decay, dropout)
   logger        wandb none     (logger.mode=auto|online|offline|disabled)
 
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
 Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
 """
+
+# The launcher presets share the plugins' names on purpose (hydra/launcher=joblib); Hydra
+# then warns on every run, also in each worker (they import this module to unpickle the task).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema", category=UserWarning)
 
 # Hydra flags that only print something: they get no pre-check.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
@@ -166,12 +174,12 @@ def hydra_task(cfg) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    finished = already_finished(run_dir) if cfg.get("resume") == "auto" else None
-    if finished is not None:
-        print(f"{run_dir}: already {finished['status']}, skipped (resume=auto)")
-        return objective(finished)
     share_machine(hydra_cfg)
     try:
+        finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
+        if finished is not None:
+            print(f"{run_dir}: already {finished['status']}, skipped (resume=auto)")
+            return objective(finished)
         typed = prepare(cfg)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
         summary = train(typed, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
@@ -198,7 +206,7 @@ def precheck(overrides: list[str], multirun: bool) -> None:
     from regexp.train import prepare
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-        for job in expand_sweep(overrides) if multirun else [overrides]:
+        for job in sweep_jobs(compose, overrides) if multirun else [overrides]:
             cfg = compose_or_explain(compose, job)
             out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
             if not any(o.startswith(out_key + "=") for o in job):
@@ -212,17 +220,29 @@ def precheck(overrides: list[str], multirun: bool) -> None:
             check_writable(out_dir, out_key, shown)
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """The override list of each job of a basic-sweeper multirun."""
+def sweep_jobs(compose, overrides: list[str]) -> list[list[str]]:
+    """The override list of each job of a basic-sweeper multirun: the command line's sweeps
+    and the config's own (`hydra.sweeper.params`, as experiment presets carry). A search
+    sweeper (Optuna) draws its jobs as it goes: then only the fixed part is checked here."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from regexp.config import ConfigError
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    except Exception as e:  # syntax errors, and sweeps (interval, tag) only a search sweeper expands
+        parsed = parser.parse_overrides(overrides)
+    except Exception as e:  # a syntax error
+        raise ConfigError("overrides", " ".join(overrides), first_line(e)) from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose_or_explain(compose, fixed)
+    if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return [fixed]
+    from_config = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
+    try:
+        combined = parser.parse_overrides(from_config) + parsed
+        return [job for batch in BasicSweeper.split_arguments(combined, None) for job in batch]
+    except Exception as e:  # e.g. interval() or tag() sweeps, which only a search sweeper expands
         raise ConfigError("overrides", " ".join(overrides), first_line(e)) from None
 
 

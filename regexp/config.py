@@ -248,7 +248,7 @@ class AccumulationConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"
-    precision: str = field(default="fp32", metadata=choice("fp32", "bf16", "fp16"))
+    precision: str = field(default="auto", metadata=choice("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on CUDA, else fp32
     compile: bool = False
     channels_last: bool = True  # convs on CUDA only
     deterministic: bool = False
@@ -444,6 +444,15 @@ def resolve_device(cfg: DictConfig) -> str:
     if resolved == "cpu" and cfg.device.precision == "fp16":
         raise ConfigError("device.precision", "fp16", "fp16 needs CUDA; on the CPU use fp32 or bf16")
     return resolved
+
+
+def resolve_precision(cfg: DictConfig, device: str) -> str:
+    """fp32, bf16 or fp16: `auto` is bf16 autocast on a CUDA device that supports it, else fp32."""
+    if cfg.device.precision != "auto":
+        return cfg.device.precision
+    import torch
+
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def check_writable(path: str | os.PathLike, key: str, value: Any = None) -> None:

@@ -96,10 +96,23 @@ def record_failure(run_dir: Path, error: BaseException, overrides: list[str]) ->
     print(f"regexp: job {run_dir} failed: {summary.get('error')}", file=sys.stderr)
 
 
-def already_finished(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The summary of a run that finished in an earlier invocation (for resume=auto)."""
+def already_finished(run_dir: Path, overrides: list[str]) -> Optional[dict[str, Any]]:
+    """For resume=auto: the summary of this job's run if an earlier invocation finished it.
+    ConfigError when the run dir holds a run of other overrides (another command into the
+    same sweep dir): continuing it would mix two experiments."""
+    from regexp.config import ConfigError
+
     summary = read_summary(run_dir)
-    return summary if summary is not None and summary.get("status") in FINISHED else None
+    if summary is None:
+        return None
+    if _without_resume(summary.get("overrides", [])) != _without_resume(overrides):
+        raise ConfigError("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(summary.get('overrides', []))}); "
+                          "use another hydra.sweep.dir / hydra.run.dir")
+    return summary if summary.get("status") in FINISHED else None
+
+
+def _without_resume(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.startswith("resume="))
 
 
 def objective(summary: Optional[dict[str, Any]]) -> float:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import RunError, resolve_device, resolved_container, validate, warnings_for
+from regexp.config import RunError, resolve_device, resolve_precision, resolved_container, validate, warnings_for
 from regexp.diagnose import diagnose, read_run
 from regexp.sweep import read_summary
 from regexp.data import augment_batch, check_available, load_data
@@ -225,7 +225,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.device.deterministic)
     device = torch.device(resolve_device(cfg))
-    precision = cfg.device.precision
+    precision = resolve_precision(cfg, device.type)
     if device.type == "cuda":  # TF32 matmuls and convs: fp32 range, tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from regexp.synthetic import write_cifar10
 from conftest import REGEXP, REPO, TINY, run_cli, summaries
 
 from regexp.config import config_dir, validate
+from regexp.synthetic import write_cifar10
 
 PRESETS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 CIFAR_PRESETS = [p for p in PRESETS if p.endswith("cifar10")]
