@@ -9,7 +9,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import random
 import time
 import traceback
@@ -22,14 +21,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import RunError, resolve_device, resolve_precision, resolved_container, validate, warnings_for
-from regexp.diagnose import diagnose, read_run
-from regexp.sweep import read_summary
 from regexp.data import augment_batch, check_available, load_data
+from regexp.diagnose import diagnose, read_run
 from regexp.init import init_weights
 from regexp.models import build_model
 from regexp.monitor import Monitor, NonfiniteGuard, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, clip_gradients, global_grad_norm, scaled_lr
 from regexp.regularizers import EarlyStopping, apply_max_norm, build_criterion, build_penalty, weights
+from regexp.sweep import read_summary
 from regexp.tracking import HistogramFile, MetricsFile, Reporter, Tracker, atomic_write, split_finite, write_json
 from regexp.wandb_logger import wandb_sinks
 

@@ -1,14 +1,13 @@
 """The real `regexp` command: help, config printing, bad input, and every option trained."""
 
-import json
 import subprocess
 import sys
 
 import pytest
-from regexp.synthetic import write_cifar10
-from conftest import REGEXP, TINY, run_cli, summaries
+from conftest import TINY, run_cli, summaries
 
 from regexp.config import GROUP_SCHEMAS, REGULARIZERS
+from regexp.synthetic import write_cifar10
 
 
 def test_help_is_instant_and_imports_no_torch():
@@ -154,7 +153,7 @@ def test_every_option_trains_through_the_cli(tmp_path, data_root, group):
 def test_resnet_and_datasets_train(tmp_path, data_root):
     cifar_root = write_cifar10(tmp_path / "cifar", per_batch=40, n_test=40)
     small = ["dataset.val_size=40", "eval_batch_size=64"]
-    cifar = sweep(tmp_path / "c", data_root, [f"dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false",
+    cifar = sweep(tmp_path / "c", data_root, ["dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false",
                                               "model=cnn,resnet", "+regularizer=augment", *small])
     assert [s["choices"]["model"] for s in cifar] == ["cnn", "resnet"]
     assert all(s["status"] == "completed" for s in cifar)

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SHARED_DATA, require_shared_data
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 import regexp.data as data
 from regexp.config import ConfigError, DatasetConfig, RunError
 from regexp.data import augment_batch, check_available, dataset_root, load_data
-
 from regexp.synthetic import write_cifar10
-from conftest import REPO, SHARED_DATA, require_shared_data
 
 REAL_DATA = SHARED_DATA
 REAL_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
