@@ -13,6 +13,7 @@ import random
 import time
 import traceback
 from datetime import datetime, timezone
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Optional
 
@@ -242,7 +243,7 @@ def fit(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], reporter: Repor
     k = cfg.accumulation.steps
     n_train = len(data.train_y)
     windows = window_sizes(n_train, cfg.batch_size, k)
-    offsets = [sum(map(sum, windows[:w])) for w in range(len(windows))]
+    offsets = list(accumulate(map(sum, windows), initial=0))[:-1]  # first sample of each window
     steps_per_epoch = len(windows)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     base_lr = scaled_lr(cfg.optimizer.lr, k, cfg.accumulation.scale_lr)
