@@ -137,18 +137,17 @@ def with_resumed_run(args: list[str]) -> list[str]:
     """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir."""
     from pathlib import Path
 
-    import yaml
-
     from regexp.config import ConfigError
+    from regexp.tracking import read_override_list
 
     value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     if value in (None, "null", "auto"):
         return args
     run_dir = Path(value)
-    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / ".hydra" / "overrides.yaml").is_file():
+    recorded = read_override_list(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
         raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
-    saved = [o for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-             if not o.startswith(("resume=", "hydra.run.dir="))]
+    saved = [o for o in recorded if not o.startswith(("resume=", "hydra.run.dir="))]
     keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
     kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
     return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]

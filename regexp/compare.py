@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regexp.cli import fail
+from regexp.tracking import read_override_list
 
 # Statuses whose runs finished normally; every other one is marked in the table.
 FINISHED = ("completed", "early_stopped")
@@ -110,16 +111,6 @@ def read_run(run_dir: Path) -> Optional[Run]:
         metrics={k: float(v) for k, v in metrics.items() if is_number(v) and math.isfinite(v)},
         error=summary.get("error"),
     )
-
-
-def read_override_list(run_dir: Path) -> Optional[list[str]]:
-    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
-    import yaml  # a dependency of omegaconf; only needed here
-
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    return [str(item) for item in yaml.safe_load(path.read_text()) or []]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from regexp.tracking import read_summary
+
 # Thresholds, chosen so that crafted failures trip them and default runs do not.
 VANISHING_RATIO = 1e-3  # first layer's gradient norm / last layer's
 SPIKE_FACTOR = 10.0  # global gradient norm / running median
@@ -263,8 +265,7 @@ def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    summary_path = run_dir / "summary.json"
-    return records, json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return records, read_summary(run_dir) or {}
 
 
 def diagnose_run(run_dir: Path) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ finished jobs on `resume=auto`, and per-job resources for parallel launchers.
 The summary is built from the jobs' own run dirs, so it is the same whichever launcher
 ran them (in this process, in joblib workers, or on a cluster)."""
 
-import json
 import math
 import os
 import sys
@@ -14,6 +13,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from regexp.tracking import read_override_list, read_summary
+
 # Set at the end of each multirun in this process: the CLI exits 1 when a job failed.
 LAST_SWEEP: dict[str, Any] = {}
 
@@ -21,22 +22,13 @@ FINISHED = ("completed", "early_stopped", "diverged")  # a divergence is a resul
 METRIC = "test/acc"
 
 
-def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job dir (those with .hydra/overrides.yaml), in job-number order."""
-    import yaml
-
     rows = []
     job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     for job_dir in sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
         summary = read_summary(job_dir) or {}
-        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        overrides = read_override_list(job_dir) or []
         status = summary.get("status", "failed")  # no summary at all: it died before starting
         if status in ("running",):
             status = "failed"  # the process ended without finishing the run

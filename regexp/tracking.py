@@ -49,6 +49,24 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=str))
 
 
+def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A run dir's summary.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_override_list(run_dir: Path) -> Optional[list[str]]:
+    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
+    import yaml  # a dependency of omegaconf; only needed here
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    return [str(item) for item in yaml.safe_load(path.read_text()) or []]
+
+
 def split_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(the record without non-finite floats, the names of those dropped)."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]

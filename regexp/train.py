@@ -17,6 +17,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +30,16 @@ from regexp.models import build_model
 from regexp.monitor import Monitor, NonfiniteGuard, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, clip_gradients, global_grad_norm, scaled_lr
 from regexp.regularizers import EarlyStopping, apply_max_norm, build_criterion, build_penalty, weights
-from regexp.sweep import read_summary
-from regexp.tracking import HistogramFile, MetricsFile, Reporter, Tracker, atomic_write, split_finite, write_json
+from regexp.tracking import (
+    HistogramFile,
+    MetricsFile,
+    Reporter,
+    Tracker,
+    atomic_write,
+    read_summary,
+    split_finite,
+    write_json,
+)
 from regexp.wandb_logger import wandb_sinks
 
 log = logging.getLogger("regexp")
@@ -54,12 +63,7 @@ def micro_batch_weights(sizes: list[int]) -> list[float]:
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
     if deterministic:
         import os
 
@@ -553,8 +557,6 @@ def move_to(state: Any, device: torch.device) -> Any:
 def rng_state() -> dict[str, Any]:
     """Every random generator's state, as tensors and plain values (checkpoints load with
     weights_only=True)."""
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
@@ -564,8 +566,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
