@@ -9,18 +9,46 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 REGEXP = str(Path(sys.executable).with_name("regexp"))  # the installed console script
+MISSING_DATA = "real data not found"  # the skip reason the terminal summary counts
+
+
+def data_dirs() -> list[Path]:
+    """Where the real data sets are looked for, in order: $REGEXP_DATA_DIR, then ../shared/data."""
+    env = os.environ.get("REGEXP_DATA_DIR")
+    return [Path(d).resolve() for d in (env, REPO.parent / "shared" / "data") if d]
+
+
+def find_data(folder: str = "MNIST") -> Path | None:
+    """The first data dir holding `folder` in torchvision's layout (`folder/raw`)."""
+    return next((d for d in data_dirs() if (d / folder / "raw").is_dir()), None)
+
+
+SHARED_DATA = find_data() or data_dirs()[0]  # the data dir of MNIST, for tests that link its folders
 
 
 def require_shared_data(folder: str = "MNIST") -> Path:
-    """../shared/data holding `folder`, or skip — but never skip in CI, where real-data
-    tests must run."""
-    if (SHARED_DATA / folder / "raw").is_dir():
-        return SHARED_DATA
+    """The data dir holding `folder`, or skip (counted in the run's summary line), but never
+    skip in CI, where real-data tests must run."""
+    found = find_data(folder)
+    if found is not None:
+        return found
+    looked = ", ".join(str(d) for d in data_dirs())
     if os.environ.get("CI") == "true":
-        pytest.fail(f"real data missing at {SHARED_DATA / folder} (CI=true: real-data tests may not skip)")
-    pytest.skip(f"real data not found at {SHARED_DATA / folder}")
+        pytest.fail(f"real data missing: {folder}/raw in {looked} (CI=true: real-data tests may not skip)")
+    pytest.skip(f"{MISSING_DATA}: {folder}/raw in {looked}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line when real-data tests were skipped, so a run without the data does not look green."""
+    reasons = [r.longrepr[2] for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple)]
+    missing = [reason.split(f"{MISSING_DATA}: ", 1)[1] for reason in reasons if MISSING_DATA in reason]
+    if missing:
+        folders = ", ".join(sorted({m.split("/raw in ")[0] for m in missing}))
+        looked = ", ".join(str(d) for d in data_dirs())
+        terminalreporter.write_line(
+            f"real data: {len(missing)} test{'s' * (len(missing) != 1)} skipped: no {folders} in {looked} "
+            "(set REGEXP_DATA_DIR to a folder holding MNIST/raw and FashionMNIST/raw)", yellow=True, bold=True)
 
 
 @pytest.fixture
