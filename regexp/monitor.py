@@ -14,6 +14,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from regexp.step import NO_PROBE as NO_MEASURE
+from regexp.step import Probe
+from regexp.state import TrainState
+
 ACTIVATION_TYPES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)
 SPARSE_BELOW = 1e-3  # |w| under this counts as zero for weight/sparsity
 
@@ -35,10 +39,14 @@ def _layer_grad_norms(layers: list[tuple[str, nn.Module]]) -> list[torch.Tensor]
     return norms
 
 
-class Monitor:
-    """Per-layer diagnostics for one log step: call `activations()` around the forward pass,
-    `grads("norm")` before clipping and `grads("norm_clipped")` after, `before_update()` and
-    `after_update()` around optimizer.step(); then `pop()` the device tensors to sync."""
+class Monitor(Probe):
+    """Per-layer diagnostics of a log step. `probe(log_step)` hands train_step this monitor on
+    log steps (when enabled) and a probe that measures nothing otherwise; the step calls
+    `forward()` around the forward pass, `grads("norm")` before clipping and
+    `grads("norm_clipped")` after, `before_update()` and `after_update()` around the update;
+    then the loop `pop()`s the device tensors to sync them once."""
+
+    wants_norm = True
 
     def __init__(self, model: nn.Module, cfg: Any):
         self.enabled = cfg.name != "off"
@@ -48,8 +56,11 @@ class Monitor:
         self.pending: dict[str, torch.Tensor] = {}
         self.weights_before: list[Optional[torch.Tensor]] = []
 
+    def probe(self, log_step: bool) -> Probe:
+        return self if log_step and self.enabled else NO_MEASURE
+
     @contextmanager
-    def activations(self) -> Iterator[None]:
+    def forward(self) -> Iterator[None]:
         """Forward hooks for this pass only: mean, std and dead fraction (units that are zero
         for every sample of the batch) of each activation layer's output."""
         handles = [m.register_forward_hook(self._activation_hook(name)) for name, m in self.activation_modules]
@@ -213,3 +224,35 @@ def _finite_or_none(loss: Optional[torch.Tensor]) -> Optional[float]:
         return None
     value = loss.detach().float().item()
     return value if torch.isfinite(torch.tensor(value)) else None
+
+
+class NonfinitePolicy:
+    """The one place that acts on a non-finite loss or gradient norm (monitor.on_nonfinite):
+    `stop` ends the run `diverged` at its last finite state, `skip` leaves the bad step out,
+    `continue` keeps it. Either way the first bad step is replayed once from the last finite
+    snapshot (same batches, same RNG) and traced to the first layer, forward or backward,
+    where a NaN/Inf appeared; `report` records that event."""
+
+    def __init__(self, action: str, replay: Callable[[dict[str, Any], int], dict[str, Any]],
+                 report: Callable[[dict[str, Any], int], None]):
+        self.action, self.replay, self.report = action, replay, report
+        self.snapshot: Optional[dict[str, Any]] = None  # the last state known to be finite
+        self.reported = False
+
+    @property
+    def skips(self) -> bool:
+        return self.action == "skip"
+
+    def keep(self, state: TrainState) -> None:
+        self.snapshot = state.state_dict()
+
+    def handle(self, state: TrainState, bad_step: int) -> bool:
+        """Trace and report the first bad step (later ones are only counted); True when the run
+        must stop, with `state` back at the last finite snapshot."""
+        if self.reported:
+            return False
+        current = None if self.action == "stop" else state.state_dict()
+        self.report(self.replay(self.snapshot, bad_step), bad_step)
+        self.reported = True
+        state.load_state_dict(self.snapshot if current is None else current)
+        return current is None

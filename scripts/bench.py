@@ -203,11 +203,11 @@ def regexp_loop(ctx: dict, n: int, epochs: int, monitor: str) -> tuple[float, in
     ctx["runs"] += 1
     run_dir = ctx["tmp"] / f"run-{ctx['runs']:03d}-{monitor}"
     summary = train(cfg, run_dir, reporter=Reporter(Console(file=io.StringIO())))
-    if summary["status"] != "completed":
-        raise RuntimeError(f"regexp run {run_dir} ended {summary['status']}: {summary.get('error')}")
+    if summary.status != "completed":
+        raise RuntimeError(f"regexp run {run_dir} ended {summary.status}: {summary.error}")
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a bench are not worth keeping
-    samples_per_s = summary["metrics"]["perf/samples_per_s"]
-    samples = summary.get("train_samples", n) * summary.get("epochs_completed", epochs)
+    samples_per_s = summary.metrics["perf/samples_per_s"]
+    samples = summary.train_samples * summary.epochs_completed
     return samples / samples_per_s, samples
 
 

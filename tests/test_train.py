@@ -11,7 +11,9 @@ from rich.console import Console
 from regexp.config import validate
 from regexp.data import load_data
 from regexp.tracking import Reporter
-from regexp.train import evaluate, micro_batch_weights, train, window_sizes
+from regexp.state import seed_everything
+from regexp.step import micro_batch_weights, train_step, window_batches, window_sizes
+from regexp.train import Plan, build_recipe, build_state, evaluate, train
 
 
 def quiet() -> Reporter:
@@ -50,19 +52,27 @@ def test_accumulation_4x16_equals_1x64(tmp_path, data_root, optimizer):
     assert {l["opt/effective_batch"] for l in lines if "opt/effective_batch" in l} == {64, 40}
 
 
-def test_accumulation_differs_from_dividing_by_k(tmp_path, data_root):
-    """Guards the test above: a short final window weighted 1/k would move the weights differently."""
-    import regexp.train as train_module
+def step_through_one_epoch(cfg, data, weighting=micro_batch_weights):
+    """train_step over every window of one epoch, as fit runs it; yields the state after each step."""
+    seed_everything(cfg.seed)
+    plan = Plan.from_config(cfg, len(data.train_y))
+    state = build_state(cfg, data, torch.device("cpu"), "fp32", plan)
+    recipe = build_recipe(cfg, data, "fp32")
+    perm = torch.randperm(len(data.train_y))
+    for w in range(len(plan.windows)):
+        train_step(state, recipe, window_batches(perm, plan.offsets[w], plan.windows[w], weighting))
+        yield state
 
-    common = ["dataset.limit=232", "epochs=1", "optimizer=sgd", "batch_size=16", "accumulation=steps", "accumulation.steps=4"]
-    run(tmp_path, data_root, common, "right")
-    original = train_module.micro_batch_weights
-    try:
-        train_module.micro_batch_weights = lambda sizes: [1 / 4] * len(sizes)
-        run(tmp_path, data_root, common, "wrong")
-    finally:
-        train_module.micro_batch_weights = original
-    right, wrong = final_weights(tmp_path / "right"), final_weights(tmp_path / "wrong")
+
+def test_accumulation_differs_from_dividing_by_k(data_root):
+    """Guards the test above: a short final window weighted 1/k would move the weights differently."""
+    cfg = validate(compose_train([f"dataset.root={data_root}", "dataset.val_size=500", "device=cpu", "dataset.limit=232",
+                                  "optimizer=sgd", "batch_size=16", "accumulation=steps", "accumulation.steps=4"]))
+    data = load_data(cfg.dataset, torch.device("cpu"))
+    *_, right = step_through_one_epoch(cfg, data)
+    right = {k: v.clone() for k, v in right.model.state_dict().items()}
+    *_, wrong = step_through_one_epoch(cfg, data, weighting=lambda sizes: [1 / 4] * len(sizes))
+    wrong = wrong.model.state_dict()
     assert max(((right[k] - wrong[k]).norm() / right[k].norm()).item() for k in right) > 1e-4
 
 
@@ -70,11 +80,11 @@ def test_early_stopping_stops_and_restores_best(tmp_path, data_root):
     # 64 samples and a large lr overfit at once: val loss rises after its first minimum
     cfg, summary = run(tmp_path, data_root, ["dataset.limit=64", "batch_size=16", "epochs=40", "optimizer.lr=0.01",
                                               "+regularizer=early_stopping", "regularizer.early_stopping.patience=2"])
-    assert summary["status"] == "early_stopped"
-    assert summary["epochs_completed"] < 40
-    assert summary["epochs_completed"] == summary["metrics"]["best_epoch"] + 2
+    assert summary.status == "early_stopped"
+    assert summary.epochs_completed < 40
+    assert summary.epochs_completed == summary.metrics["best_epoch"] + 2
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert best["epoch"] == summary["metrics"]["best_epoch"]
+    assert best["epoch"] == summary.metrics["best_epoch"]
     # the reported test metrics are those of the best weights, recomputed here independently
     from regexp.models import build_model
 
@@ -82,35 +92,25 @@ def test_early_stopping_stops_and_restores_best(tmp_path, data_root):
     model = build_model(cfg.model, cfg.norm, None, data.input_shape, data.num_classes)
     model.load_state_dict(best["model"])
     recomputed = evaluate(model, data.test_x, data.test_y, 1024, "fp32")
-    assert recomputed["acc"] == pytest.approx(summary["metrics"]["test/acc"])
-    assert recomputed["loss"] == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
+    assert recomputed["acc"] == pytest.approx(summary.metrics["test/acc"])
+    assert recomputed["loss"] == pytest.approx(summary.metrics["test/loss"], rel=1e-5)
     val_losses = [json.loads(l)["val/loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val/loss" in l]
-    assert min(val_losses) == pytest.approx(summary["metrics"]["val/loss"])
+    assert min(val_losses) == pytest.approx(summary.metrics["val/loss"])
 
 
-def test_max_norm_holds_after_every_step(tmp_path, data_root, monkeypatch):
-    import regexp.train as train_module
-
-    seen = []
-    original_step = torch.optim.AdamW.step
-
-    def checked(self, *args, **kwargs):
-        out = original_step(self, *args, **kwargs)
-        seen.append(self)
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", checked)
-    norms = []
-    original_project = train_module.apply_max_norm
-
-    def project_and_record(params, value):
-        original_project(params, value)
-        norms.append(max(p.flatten(1).norm(dim=1).max().item() for p in params))
-
-    monkeypatch.setattr(train_module, "apply_max_norm", project_and_record)
-    run(tmp_path, data_root, ["dataset.limit=512", "epochs=1", "optimizer.lr=0.05", "+regularizer=max_norm", "regularizer.max_norm.value=0.5"])
-    assert len(norms) == len(seen) == 4 and max(norms) <= 0.5 + 1e-5
-    for name, w in final_weights(tmp_path / "run").items():
+def test_max_norm_holds_after_every_step(data_root):
+    cfg = validate(compose_train([f"dataset.root={data_root}", "dataset.val_size=500", "device=cpu", "dataset.limit=512",
+                                  "optimizer.lr=0.05", "+regularizer=max_norm", "regularizer.max_norm.value=0.5"]))
+    data = load_data(cfg.dataset, torch.device("cpu"))
+    norms, optimizer_steps = [], []
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda opt, args, kwargs: optimizer_steps.append(opt))
+    try:
+        for state in step_through_one_epoch(cfg, data):
+            norms.append(max(p.flatten(1).norm(dim=1).max().item() for p in state.penalized))
+    finally:
+        hook.remove()
+    assert len(norms) == len(optimizer_steps) == 4 and max(norms) <= 0.5 + 1e-5
+    for name, w in state.model.state_dict().items():
         if w.ndim >= 2:
             assert (w.flatten(1).norm(dim=1) <= 0.5 + 1e-5).all(), name
 
@@ -118,10 +118,10 @@ def test_max_norm_holds_after_every_step(tmp_path, data_root, monkeypatch):
 def test_outputs_of_a_run(tmp_path, data_root):
     _, summary = run(tmp_path, data_root, ["dataset.limit=512", "epochs=2", "monitor.log_every=2", "+regularizer=l1", "clip=norm"])
     run_dir = tmp_path / "run"
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == summary["status"] == "completed"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == summary.status == "completed"
     for key in ("test/acc", "test/loss", "val/acc", "train/loss", "perf/samples_per_s"):
-        assert key in summary["metrics"]
-    assert summary["config"]["regularizer"]["l1"]["coef"] == 1e-5 and summary["wall_time_s"] > 0
+        assert key in summary.metrics
+    assert summary.config["regularizer"]["l1"]["coef"] == 1e-5 and summary.wall_time_s > 0
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/penalty" in r]
     assert len(steps) == 4 and all(r["train/penalty"] > 0 for r in steps)
@@ -133,8 +133,8 @@ def test_outputs_of_a_run(tmp_path, data_root):
 def test_divergence_is_a_result_and_no_nan_is_logged(tmp_path, data_root):
     _, summary = run(tmp_path, data_root, ["dataset.limit=512", "epochs=2", "optimizer=sgd", "optimizer.lr=1e6",
                                            "init=normal", "init.std=1.0", "monitor.log_every=1"])
-    assert summary["status"] == "diverged"
+    assert summary.status == "diverged"
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
     events = [json.loads(l) for l in text.splitlines() if "nonfinite/step" in l]
-    assert len(events) == 1 and "test/acc" not in summary["metrics"]
+    assert len(events) == 1 and "test/acc" not in summary.metrics

@@ -1,0 +1,308 @@
+"""Typed run records: everything that reads or writes a run dir's record files goes through here.
+
+A run dir holds `summary.json` (a `Summary`: status, final metrics, config, timings),
+`metrics.jsonl` (one JSON object per log step, evaluation or event), `diagnosis.json`
+(`{"findings": [...]}`) and Hydra's `.hydra/overrides.yaml`. Every whole-file write is
+atomic (a temp file in the same folder, fsync, `os.replace`, the temp file removed on
+failure), so a reader or a crash never sees half a file and a full disk leaves no
+`.tmp` behind. A NaN or Inf is never written as a number: it is dropped from the record
+and named under `nonfinite` instead.
+
+This module is a leaf: it imports nothing else from regexp, and no torch.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, get_origin
+
+SUMMARY, METRICS, DIAGNOSIS = "summary.json", "metrics.jsonl", "diagnosis.json"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: `key=value: allowed`. Exit code 2 at the CLI."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return str(value)
+
+
+class UsageError(ValueError):
+    """Bad command-line input to a command that reads run dirs (compare, diagnose): the
+    message is the whole line. Exit code 2 at the CLI."""
+
+
+class RunError(RuntimeError):
+    """A problem with a file the run needs or writes (data, checkpoint, output): the
+    message says which file and what to do. Exit code 1, one line, no traceback."""
+
+
+class Status(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        """The run ended with a result (exit code 0); a divergence is a result, not a crash."""
+        return self in (Status.COMPLETED, Status.EARLY_STOPPED, Status.DIVERGED)
+
+    @property
+    def trained(self) -> bool:
+        """Its final metrics are those of a trained model (what means over runs may average)."""
+        return self in (Status.COMPLETED, Status.EARLY_STOPPED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Summary:
+    """summary.json. Optional fields left at None are not written; keys this version does
+    not know are kept in `extra` and written back unchanged."""
+
+    status: Status = Status.RUNNING
+    run_dir: str = ""
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    choices: dict[str, Any] = field(default_factory=dict)  # group -> option, as Hydra chose them
+    overrides: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # resolved
+    metrics: dict[str, float] = field(default_factory=dict)  # final: train/*, val/*, test/*, perf/*
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    epochs_completed: int = 0
+    train_time_s: Optional[float] = None
+    wall_time_s: Optional[float] = None
+    device: Optional[str] = None
+    parameters: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    effective_batch: Optional[int] = None
+    train_samples: Optional[int] = None
+    wandb_id: Optional[str] = None
+    nonfinite: Optional[dict[str, Any]] = None  # the first non-finite event
+    last_finite_step: Optional[int] = None
+    skipped_steps: int = 0
+    resumed_from: Optional[str] = None
+    resumed_at_step: Optional[int] = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if v is not None}
+        out["status"] = self.status.value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Summary":
+        """Raises ValueError when `data` is not a summary (not an object, unknown status)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON object was expected, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        for f in fields(cls):  # a reader may index these: a wrong type is not a summary
+            container = get_origin(f.type)
+            if container in (dict, list) and f.name in data and not isinstance(data[f.name], container):
+                raise ValueError(f"{f.name} is a {type(data[f.name]).__name__}, not a {container.__name__}")
+        summary = cls(**{k: v for k, v in data.items() if k in known})
+        summary.status = Status(data.get("status", Status.FAILED.value))
+        summary.extra = {k: v for k, v in data.items() if k not in known}
+        return summary
+
+    def objective(self, metric: str = "val/acc") -> float:
+        """A sweeper's objective: `metric` of a finished run, NaN when there is none."""
+        value = self.metrics.get(metric) if self.status.finished else None
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+# ---------------------------------------------------------------- whole-file writes
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through a temp file in the same directory, fsync, then os.replace: a reader (or
+    a crash) never sees a half-written file, and a failed write leaves no temp file behind.
+    RunError naming the file on failure."""
+    path = Path(path)
+    tmp: Optional[Path] = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
+        raise cannot_write(path, OSError(str(e).splitlines()[0])) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def cannot_write(path: Path, error: OSError) -> RunError:
+    return RunError(f"{path}: cannot write ({error.strerror or error}); free disk space or make {Path(path).parent} "
+                    f"writable (or choose another out_dir); the files written before are intact")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=str))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; RunError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------- summary.json
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    write_json(Path(run_dir) / SUMMARY, summary.to_dict())
+
+
+def load_summary(run_dir: Path) -> Summary:
+    """The run's summary; RunError naming the file when it is missing or not a summary."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        return Summary.from_dict(read_json(path))
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{path}: not a regexp run summary ({e})") from None
+
+
+def read_summary(run_dir: Path) -> Optional[Summary]:
+    """The run's summary, or None when it is missing or unreadable."""
+    try:
+        return load_summary(run_dir)
+    except RunError:
+        return None
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+def split_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the record without non-finite floats, the names of those dropped)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {k: v for k, v in metrics.items() if k not in bad}, bad
+
+
+class MetricsFile:
+    """An append-only JSON-lines file (metrics.jsonl): one object per log step, evaluation
+    or event, each line flushed as it is written. Opened on first use: no empty files."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = Path(path), None
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean, bad = split_finite(record)
+        if bad:
+            clean["nonfinite"] = bad
+        try:
+            if self.file is None:
+                self.file = open(self.path, "a", buffering=1)
+            self.file.write(json.dumps(clean) + "\n")
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
+
+    def close(self, exit_code: int = 0) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:  # the write that failed has been reported already
+                pass
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file ([] when it does not exist). A half-written last
+    line (a run still writing, or killed mid-write) is ignored; any other bad line is a
+    RunError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # no newline after it: still being written
+                break
+            raise RunError(f"{path}:{number}: not a JSON record; the file is corrupted") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}:{number}: not a JSON object; the file is corrupted")
+        records.append(record)
+    return records
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_records(Path(run_dir) / METRICS)
+
+
+def keep_metrics_up_to(run_dir: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (those after its checkpoint's step)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return
+    kept = [record for record in read_records(path) if record.get("step", 0) <= step]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept)))
+
+
+# ---------------------------------------------------------------- diagnosis.json, overrides
+def write_diagnosis(run_dir: Path, findings: list[dict[str, Any]]) -> None:
+    write_json(Path(run_dir) / DIAGNOSIS, {"findings": findings})
+
+
+def read_diagnosis(run_dir: Path) -> Optional[list[dict[str, Any]]]:
+    """The findings written at the end of the run, None when there is no diagnosis.json."""
+    path = Path(run_dir) / DIAGNOSIS
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("findings"), list):
+        raise RunError(f'{path}: not a diagnosis (expected {{"findings": [...]}})')
+    return data["findings"]
+
+
+def read_overrides(run_dir: Path) -> Optional[list[str]]:
+    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
+    import yaml  # a dependency of omegaconf; only needed here
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        items = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RunError(f"{path}: cannot read the run's overrides ({str(e).splitlines()[0]})") from None
+    if items is not None and not isinstance(items, list):
+        raise RunError(f"{path}: not a list of overrides")
+    return [str(item) for item in items or []]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file()
+
