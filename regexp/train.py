@@ -156,7 +156,11 @@ class Meters:
         self.samples, self.steps, self.started = 0, 0, time.perf_counter()
 
     def start_epoch(self) -> None:
-        self.epoch_loss, self.epoch_correct, self.epoch_samples = self.zero, self.zero, 0
+        self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds = self.zero, self.zero, 0, 0.0
+
+    def add_time(self, seconds: float) -> None:
+        self.epoch_seconds += seconds
+        self.train_seconds += seconds
 
     def add(self, step: int, result: StepResult) -> None:
         self.guard.watch(step, result.loss_sum, result.pre_norm)
@@ -176,13 +180,13 @@ class Meters:
 
     def state_dict(self) -> dict[str, Any]:
         return {"interval": [self.loss, self.correct, self.penalty, self.clipped, self.samples, self.steps],
-                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples],
+                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds],
                 "train_seconds": self.train_seconds, "samples_trained": self.samples_trained}
 
     def load_state_dict(self, state: dict[str, Any], mid_epoch: bool) -> None:
         self.loss, self.correct, self.penalty, self.clipped, self.samples, self.steps = state["interval"]
         if mid_epoch:
-            self.epoch_loss, self.epoch_correct, self.epoch_samples = state["epoch"]
+            self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds = state["epoch"]
         self.train_seconds, self.samples_trained = state["train_seconds"], state["samples_trained"]
 
 
@@ -407,6 +411,12 @@ def train_epoch(loop: Loop) -> Status:
     return Status.COMPLETED
 
 
+# The epoch means of the log-step series, named as those series (DESIGN §5) on the console
+# and in the summary; metrics.jsonl keeps the epoch/* names, which W&B plots against `epoch`.
+SHOWN_AS = {"epoch/train_loss": "train/loss", "epoch/train_acc": "train/acc", "epoch/lr": "opt/lr",
+            "epoch/samples_per_s": "perf/samples_per_s"}
+
+
 def end_epoch(loop: Loop, status: Status, t_epoch: float) -> tuple[Status, dict[str, Any]]:
     """One sync for the epoch's training metrics and the guard, then (unless diverged)
     evaluation, best.pt, the epoch record and the checkpoint."""
@@ -416,7 +426,7 @@ def end_epoch(loop: Loop, status: Status, t_epoch: float) -> tuple[Status, dict[
     loss_sum, correct_sum, first_bad = to_host({"l": meters.epoch_loss, "c": meters.epoch_correct, "b": bad}).values()
     if loop.data.train_y.is_cuda:
         torch.cuda.synchronize()
-    meters.train_seconds += time.perf_counter() - t_epoch
+    meters.add_time(time.perf_counter() - t_epoch)
     meters.samples_trained += meters.epoch_samples
     if status != Status.DIVERGED and first_bad >= 0 and loop.policy.handle(state, int(first_bad)):
         status = Status.DIVERGED
@@ -436,9 +446,9 @@ def end_epoch(loop: Loop, status: Status, t_epoch: float) -> tuple[Status, dict[
             save_checkpoint(loop.run_dir / "best.pt", {"model": weights_now, "epoch": state.epoch, "step": state.step,
                                                        best.monitor: best.best})
     row["epoch/lr"] = state.optimizer.param_groups[0]["lr"]
-    row["epoch/samples_per_s"] = meters.samples_trained / meters.train_seconds  # over the run so far, eval excluded
+    row["epoch/samples_per_s"] = meters.epoch_samples / meters.epoch_seconds  # this epoch's own, eval excluded
     loop.tracker.write(row)
-    loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {k.replace("epoch/", ""): v for k, v in row.items() if k not in ("epoch", "step")})
+    loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {SHOWN_AS.get(k, k): v for k, v in row.items() if k not in ("epoch", "step")})
     state.window = len(loop.plan.windows)
     loop.checkpoint()
     state.perm = None  # the next epoch draws its own order
@@ -459,7 +469,7 @@ def fit(loop: Loop) -> None:
         t_epoch = time.perf_counter()
         status = train_epoch(loop)
         if status == Status.INTERRUPTED:
-            loop.meters.train_seconds += time.perf_counter() - t_epoch
+            loop.meters.add_time(time.perf_counter() - t_epoch)
             loop.checkpoint()
             loop.summary.steps, loop.summary.train_time_s = state.step, round(loop.meters.train_seconds, 3)
             raise Interrupted(loop.stop_signal.received)
@@ -472,7 +482,7 @@ def fit(loop: Loop) -> None:
 
 def finish(loop: Loop, status: Status, row: dict[str, Any]) -> None:
     state, meters, best = loop.state, loop.meters, loop.state.early_stopping
-    final = {k.replace("epoch/train_", "train/"): v for k, v in row.items() if k.startswith(("epoch/train_", "val/"))}
+    final = {SHOWN_AS.get(k, k): v for k, v in row.items() if k.startswith(("epoch/train_", "val/"))}
     if status == Status.EARLY_STOPPED and (loop.run_dir / "best.pt").is_file():
         best_weights = torch.load(loop.run_dir / "best.pt", map_location=loop.data.train_y.device, weights_only=True)["model"]
         state.model.load_state_dict(best_weights)  # report the weights early stopping chose
