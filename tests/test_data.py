@@ -1,12 +1,22 @@
+import gzip
+import json
+import http.server
 import os
 import pickle
+import re
+import socket
 import subprocess
 import sys
+import tarfile
+import threading
+import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, require_shared_data
+from conftest import REPO, SHARED_DATA, TINY, compose_train, require_shared_data, run_cli
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
@@ -19,8 +29,9 @@ REAL_DATA = SHARED_DATA
 REAL_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
-def ds_cfg(name: str, root: Path, val_size: int = 0, limit=None, download: bool = False):
-    return OmegaConf.structured(DatasetConfig(name=name, root=str(root), download=download, val_size=val_size, limit=limit))
+def ds_cfg(name: str, root: Path, val_size: int = 0, limit=None, download: bool = False, cache: str = "user"):
+    return OmegaConf.structured(DatasetConfig(name=name, root=str(root), download=download, val_size=val_size,
+                                              limit=limit, cache=cache))
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +55,79 @@ def real_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def cifar_root(tmp_path) -> Path:
     return write_cifar10(tmp_path / "data", per_batch=20, n_test=20)  # 100 training images
+
+
+def write_idx(path: Path, array: np.ndarray, magic: bytes = b"\x00\x00\x08") -> None:
+    """An idx file: magic (two zero bytes, element type 0x08 = ubyte), ndim, big-endian sizes, the bytes."""
+    header = magic + bytes([array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 30, n_test: int = 10) -> Path:
+    """A small MNIST-format data set (random images, labels 0..9 cycling) under `root/folder/raw`."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+@pytest.fixture
+def mnist_root(tmp_path) -> Path:
+    return write_mnist(tmp_path / "data")
+
+
+def closed_port() -> int:
+    """A local port nobody listens on: connecting is refused at once, as without a network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def point_downloads_at(monkeypatch, base: str) -> None:
+    """Every data set's download URLs at `base` (the tests never reach the internet), and no
+    checksums: the files a test serves are not the real archives."""
+    from torchvision import datasets
+
+    for cls in (datasets.MNIST, datasets.FashionMNIST):
+        monkeypatch.setattr(cls, "mirrors", [f"{base}/", f"{base}/second-mirror/"])
+        monkeypatch.setattr(cls, "resources", [(f, None) for f, _ in cls.resources])
+    monkeypatch.setattr(datasets.CIFAR10, "url", f"{base}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(datasets.CIFAR10, "tgz_md5", None)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(folder) -> the base URL of a local HTTP server of `folder` (404 for what it lacks)."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def mirror_of(root: Path, name: str, into: Path) -> Path:
+    """`into` holding what the real mirrors serve for the data set in `root`: gzipped idx
+    files, or CIFAR-10's tar.gz."""
+    into.mkdir(parents=True, exist_ok=True)
+    if name == "cifar10":
+        with tarfile.open(into / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        return into
+    for f in data.SPECS[name].files:
+        (into / f"{Path(f).name}.gz").write_bytes(gzip.compress((root / f).read_bytes()))
+    return into
 
 
 def row_indices(rows: torch.Tensor, reference: torch.Tensor) -> list[int]:
@@ -81,7 +165,6 @@ def test_check_available_names_the_missing_files(tmp_path, name, expected_file):
     assert f"no {name} files found at {tmp_path}" in err.allowed
     assert str(tmp_path / expected_file) in err.allowed
     assert "dataset.download=false" in err.allowed and "REGEXP_DATA_DIR" in err.allowed
-    check_available(ds_cfg(name, tmp_path, download=True))  # torchvision will fetch them
 
 
 def test_check_available_passes_when_the_files_exist(cifar_root):
@@ -92,6 +175,166 @@ def test_check_available_wants_every_file(cifar_root):
     (cifar_root / "cifar-10-batches-py" / "batches.meta").unlink()
     with pytest.raises(ConfigError, match="batches.meta"):
         check_available(ds_cfg("cifar10", cifar_root))
+
+
+# ---------------------------------------------------------------- download
+@pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion_mnist", "mnist"), ("cifar10", "cifar")])
+def test_missing_files_are_downloaded_in_the_preflight(tmp_path, monkeypatch, serve, name, source):
+    """download=true fetches them with torchvision's downloader (here from a local mirror)."""
+    folder = data.SPECS[name].files[0].split("/")[0]
+    made = write_mnist(tmp_path / "made", folder) if source == "mnist" else write_cifar10(tmp_path / "made")
+    point_downloads_at(monkeypatch, serve(mirror_of(made, name, tmp_path / "mirror")))
+    root = tmp_path / "fresh" / "data"
+    check_available(ds_cfg(name, root, download=True))
+    for f in data.SPECS[name].files:
+        assert (root / f).read_bytes() == (made / f).read_bytes()
+    check_available(ds_cfg(name, root, download=False))  # found now
+    assert load_data(ds_cfg(name, root), "cpu").num_classes == 10
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_failed_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, name):
+    point_downloads_at(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    root = tmp_path / "fresh" / "data"
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        check_available(ds_cfg(name, root, download=True))
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "\n" not in message and len(message.replace(str(root), "ROOT")) < 300
+    assert f"no {name} files found at {root}" in message  # the folder searched
+    assert "the download failed: [Errno 111] Connection refused;" in message  # why, in urllib's words
+    assert "REGEXP_DATA_DIR" in message and "dataset.root" in message  # how to point regexp at a copy
+    assert not (tmp_path / "fresh").exists()  # no empty data/MNIST/raw tree
+
+
+def test_failed_download_removes_its_partial_files_only(tmp_path, monkeypatch, serve, mnist_root):
+    """The first file arrives, the second does not exist on the mirror: the data set's folder
+    goes, what was in the root before stays."""
+    mirror = mirror_of(mnist_root, "mnist", tmp_path / "mirror")
+    for f in mirror.iterdir():
+        if f.name != "train-images-idx3-ubyte.gz":
+            f.unlink()
+    point_downloads_at(monkeypatch, serve(mirror))
+    root = tmp_path / "shared"
+    (root / "CIFAR").mkdir(parents=True)
+    (root / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match="the download failed: HTTP Error 404: File not found;"):
+        check_available(ds_cfg("mnist", root, download=True))
+    assert sorted(p.name for p in root.iterdir()) == ["CIFAR", "notes.txt"]
+
+
+def test_failed_download_keeps_what_the_folder_held_before(tmp_path, monkeypatch, mnist_root):
+    point_downloads_at(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    (mnist_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    before = sorted(p.relative_to(mnist_root) for p in mnist_root.rglob("*"))
+    with pytest.raises(ConfigError, match="t10k-labels-idx1-ubyte"):
+        check_available(ds_cfg("mnist", mnist_root, download=True))
+    assert sorted(p.relative_to(mnist_root) for p in mnist_root.rglob("*")) == before
+
+
+def test_a_stalled_server_fails_the_download_after_the_timeout(tmp_path, monkeypatch):
+    """A server that accepts and never answers (a dead network behind a proxy or firewall)."""
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        point_downloads_at(monkeypatch, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match="the download failed: timed out;"):
+            check_available(ds_cfg("cifar10", tmp_path / "data", download=True))
+    assert time.monotonic() - started < 5
+    assert socket.getdefaulttimeout() is None  # the process-wide timeout is restored
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- files that disagree (refused in the pre-flight)
+def rewrite_idx(path: Path, change) -> None:
+    """Rewrite an idx file's array through `change(array) -> array`."""
+    raw = path.read_bytes()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    array = np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+    write_idx(path, change(array.copy()))
+
+
+def set_label(array: np.ndarray) -> np.ndarray:
+    array[3] = 10
+    return array
+
+
+IDX_CASES = {
+    "wrong magic": ("train-images-idx3-ubyte", lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]),
+                    "not an idx file of 3-dimensional bytes (magic number 0x00000801, expected 0x00000803)"),
+    "label outside the classes": ("t10k-labels-idx1-ubyte", lambda p: rewrite_idx(p, set_label),
+                                  "label 10 outside the 10 classes (0..9)"),
+    "counts disagree": ("train-labels-idx1-ubyte", lambda p: rewrite_idx(p, lambda a: a[:-1]),
+                        "29 labels for the 30 images of train-images-idx3-ubyte"),
+    "wrong image size": ("t10k-images-idx3-ubyte", lambda p: rewrite_idx(p, lambda a: a[:, :27, :]),
+                         "images of 27x28 pixels, not 28x28"),
+    "truncated": ("train-images-idx3-ubyte", lambda p: p.write_bytes(p.read_bytes()[:1000]),
+                  "1000 bytes where its header announces 23536: truncated or corrupted"),
+    "header cut short": ("t10k-labels-idx1-ubyte", lambda p: p.write_bytes(p.read_bytes()[:6]),
+                         "the header ends early: truncated or corrupted"),
+}
+
+
+@pytest.mark.parametrize("case", IDX_CASES)
+def test_idx_files_that_do_not_fit_are_named(mnist_root, case):
+    filename, damage, expected = IDX_CASES[case]
+    path = mnist_root / "MNIST" / "raw" / filename
+    damage(path)
+    with pytest.raises(ConfigError) as caught:
+        check_available(ds_cfg("mnist", mnist_root, download=True))  # present: nothing is downloaded over them
+    assert caught.value.key == "dataset.root"
+    assert f"{path}: {expected}; replace the file" in str(caught.value)
+
+
+class RunsCode:
+    """A pickle that would create `marker` when unpickled by a plain unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def cifar_batch(path: Path) -> dict:
+    return pickle.loads(path.read_bytes(), encoding="latin1")
+
+
+CIFAR_CASES = {
+    "label outside the classes": (lambda b: {**b, "labels": [*b["labels"][:-1], 10]}, "label 10 outside the 10 classes"),
+    "counts disagree": (lambda b: {**b, "labels": b["labels"][:-1]}, "19 labels for 20 images"),
+    "wrong image size": (lambda b: {**b, "data": b["data"][:, :3000]}, "'data' must be uint8 rows of 3072 values"),
+    "not a dict": (lambda b: [b], "not a CIFAR-10 batch (a list, not a dict)"),
+}
+
+
+@pytest.mark.parametrize("case", CIFAR_CASES)
+def test_cifar_batches_that_do_not_fit_are_named(cifar_root, case):
+    change, expected = CIFAR_CASES[case]
+    path = cifar_root / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(pickle.dumps(change(cifar_batch(path))))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {expected}")):
+        check_available(ds_cfg("cifar10", cifar_root))
+
+
+def test_cifar_meta_must_name_the_classes(cifar_root):
+    path = cifar_root / "cifar-10-batches-py" / "batches.meta"
+    path.write_bytes(pickle.dumps({"label_names": ["cat", "dog"]}))
+    with pytest.raises(ConfigError, match="batches.meta: label_names must list the 10 classes"):
+        check_available(ds_cfg("cifar10", cifar_root))
+
+
+def test_a_crafted_cifar_pickle_is_refused_without_running_it(cifar_root, tmp_path):
+    marker = tmp_path / "ran"
+    path = cifar_root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=2))
+    with pytest.raises(ConfigError, match=r"test_batch: not a CIFAR-10 pickle \(UnpicklingError: it refers to posix.mkdir"):
+        check_available(ds_cfg("cifar10", cifar_root))
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- real MNIST / Fashion-MNIST
@@ -113,7 +356,7 @@ def test_real_data_shapes_dtypes_and_normalization(real_root, name):
 
 def test_real_data_is_cached_and_reloads_equal(real_root):
     require_shared_data("MNIST")
-    cfg = ds_cfg("mnist", real_root, val_size=100, limit=1000)
+    cfg = ds_cfg("mnist", real_root, val_size=100, limit=1000, cache="beside_data")
     first = load_data(cfg, "cpu")
     assert (real_root / "regexp-cache" / "mnist.pt").is_file()
     second = load_data(cfg, "cpu")
@@ -203,7 +446,7 @@ def forbid_decoding(monkeypatch):
 
 
 def test_second_load_reads_the_cache(cifar_root, monkeypatch):
-    cfg = ds_cfg("cifar10", cifar_root, val_size=10)
+    cfg = ds_cfg("cifar10", cifar_root, val_size=10, cache="beside_data")
     first = load_data(cfg, "cpu")
     assert (cifar_root / "regexp-cache" / "cifar10.pt").is_file()
     forbid_decoding(monkeypatch)
@@ -223,7 +466,7 @@ def test_cache_is_invalidated_when_the_files_change(cifar_root):
 
 
 def test_read_only_root_caches_in_the_user_directory(cifar_root, user_cache_dir, monkeypatch):
-    cfg = ds_cfg("cifar10", cifar_root)
+    cfg = ds_cfg("cifar10", cifar_root, cache="beside_data")
     cifar_root.chmod(0o555)
     try:
         first = load_data(cfg, "cpu")
@@ -233,6 +476,57 @@ def test_read_only_root_caches_in_the_user_directory(cifar_root, user_cache_dir,
         assert torch.equal(first.train_x, load_data(cfg, "cpu").train_x)
     finally:
         cifar_root.chmod(0o755)
+
+
+def test_the_cache_goes_to_the_user_directory_by_default(cifar_root, user_cache_dir, monkeypatch):
+    cfg = ds_cfg("cifar10", cifar_root)
+    assert cfg.cache == DatasetConfig().cache == "user"
+    first = load_data(cfg, "cpu")
+    assert not (cifar_root / "regexp-cache").exists()  # nothing written into the data folder
+    assert len(list(user_cache_dir.glob("cifar10-*.pt"))) == 1
+    forbid_decoding(monkeypatch)
+    assert torch.equal(first.train_x, load_data(cfg, "cpu").train_x)
+
+
+def test_roots_keep_their_own_cache_entries(tmp_path, user_cache_dir):
+    for seed, name in enumerate(("a", "b")):
+        write_cifar10(tmp_path / name, per_batch=4, n_test=4, seed=seed)
+        load_data(ds_cfg("cifar10", tmp_path / name), "cpu")
+    assert len(list(user_cache_dir.glob("cifar10-*.pt"))) == 2
+
+
+def test_cache_off_writes_nothing_and_decodes_each_time(cifar_root, user_cache_dir, monkeypatch):
+    cfg = ds_cfg("cifar10", cifar_root, cache="off")
+    load_data(cfg, "cpu")
+    assert not user_cache_dir.exists() and not (cifar_root / "regexp-cache").exists()
+    forbid_decoding(monkeypatch)
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_data(cfg, "cpu")
+
+
+def test_cache_mode_is_validated():
+    from regexp.config import validate
+
+    with pytest.raises(ConfigError, match="dataset.cache=next_to_data"):
+        validate(compose_train(["dataset.cache=next_to_data"]))
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"REGEXP_CACHE_DIR": "/tmp/mine", "XDG_CACHE_HOME": "/tmp/xdg"}, "/tmp/mine"),
+        ({"XDG_CACHE_HOME": "/tmp/xdg"}, "/tmp/xdg/regexp"),
+        ({"XDG_CACHE_HOME": "relative/xdg"}, "HOME/.cache/regexp"),  # the XDG spec ignores relative paths
+        ({}, "HOME/.cache/regexp"),
+    ],
+)
+def test_cache_directory_follows_the_environment(monkeypatch, tmp_path, env, expected):
+    monkeypatch.delenv("REGEXP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert data.cache_dir() == Path(expected.replace("HOME", str(tmp_path)))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -289,3 +583,55 @@ def test_augment_processes_the_batch_at_once():
             augment_batch(torch.randn(n, 3, 32, 32), crop=4, flip=True)
         counts.append(CountCalls.calls)
     assert counts[0] == counts[1]
+
+
+# ---------------------------------------------------------------- the pre-flight through the real CLI
+@pytest.fixture
+def no_internet(monkeypatch):
+    """For subprocesses: every HTTP(S) request goes to a proxy port that refuses (urllib honours
+    these variables), so a download fails as it does offline, without touching the network."""
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(key, proxy)
+    for key in ("no_proxy", "NO_PROXY", "REGEXP_DATA_DIR"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.slow
+def test_offline_first_run_says_why_in_one_line_and_writes_nothing(tmp_path, no_internet):
+    """`regexp train +regularizer=dropout` typed in an empty folder without data or network."""
+    out = run_cli(["train", "+regularizer=dropout"], tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"regexp: error: dataset.root=data: no mnist files found at {tmp_path / 'data'} ")
+    assert "and the download failed: [Errno 111] Connection refused; copy the data set there" in out.stderr
+    assert "REGEXP_DATA_DIR" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/, no empty data/MNIST/raw
+
+
+@pytest.mark.slow
+def test_a_data_file_that_does_not_fit_is_refused_before_any_run_dir(tmp_path, mnist_root):
+    rewrite_idx(mnist_root / "MNIST" / "raw" / "train-labels-idx1-ubyte", set_label)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = run_cli(["train", "logger=none"], cwd, data_root=mnist_root)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr == (f"regexp: error: dataset.root={mnist_root}: {mnist_root}/MNIST/raw/train-labels-idx1-ubyte: "
+                          f"label 10 outside the 10 classes (0..9); {data.REPLACE_IT}\n")
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_sweep_reports_the_job_whose_download_failed_and_runs_the_others(tmp_path, data_root, no_internet):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "MNIST").symlink_to(data_root / "MNIST")  # Fashion-MNIST is missing; the download may run, and fails
+    out = run_cli(["train", "-m", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep", "dataset=fashion_mnist,mnist",
+                   *TINY], tmp_path, data_root=root)
+    assert out.returncode == 1, out.stderr[-3000:]
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")}
+    assert [jobs[n]["status"] for n in ("0", "1")] == ["failed", "completed"]
+    line = f"dataset.root={root}: no fashion_mnist files found at {root} "
+    assert jobs["0"]["error"].startswith(f"ConfigError: {line}") and "the download failed" in jobs["0"]["error"]
+    assert line in out.stdout.replace("\n", "")  # the sweep summary on the console
+    assert sorted(p.name for p in root.iterdir()) == ["MNIST"]  # no empty FashionMNIST/raw
