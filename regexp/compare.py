@@ -3,13 +3,16 @@
 Every `summary.json` below the given paths is a run. The runs are grouped by the
 override keys whose values differ between them (seed aside: seeds are what a group
 averages over), or by `--by KEY`; each group gets mean ± sample std of the chosen metric,
-of the final train loss and of the wall time, and its runs' statuses. Groups are sorted
-best first. `--plot` draws each group's learning curves from metrics.jsonl.
+of the final train loss and of the wall time, and its runs' statuses. Only trained runs
+(completed, early stopped: `Status.trained`) enter the means; failed, diverged, interrupted
+and running runs are counted in the status column and listed under the table, never
+averaged (a crash's wall time or a diverged loss says nothing about the group). Groups are
+sorted best first. `--plot` draws each group's learning curves from metrics.jsonl.
 
-matplotlib is imported only for `--plot`, torch never.
+Runs are read through regexp.rundir; a run whose files are unreadable is named in a
+warning and left out. matplotlib is imported only for `--plot`, torch never.
 """
 
-import argparse
 import json
 import math
 import statistics
@@ -23,11 +26,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from regexp.cli import fail
-from regexp.tracking import read_override_list
+from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
+from regexp.tracking import CommandParser, plural
 
-# Statuses whose runs finished normally; every other one is marked in the table.
-FINISHED = ("completed", "early_stopped")
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
 NOT_EXPERIMENT_KEYS = ("seed", "out_dir", "resume", "dataset.root", "dataset.download")
@@ -36,19 +37,16 @@ TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
 MISSING = "—"
 
 
-class CompareError(Exception):
-    """Bad input: the message is one line for the user."""
-
-
 @dataclass
 class Run:
     run_dir: Path
-    status: str
+    status: Status
     overrides: dict[str, str]  # key (without +/~) -> value as typed
     choices: dict[str, Any]
     config: dict[str, Any]
     metrics: dict[str, float]  # final metrics (finite ones only) and wall_time_s
     error: Optional[str] = None
+    nonfinite_step: Optional[int] = None  # where a diverged run's loss or gradients left float range
 
     @property
     def seed(self) -> Any:
@@ -72,10 +70,11 @@ class Group:
         return " ".join(f"{k}={v if v is not None else MISSING}" for k, v in self.values.items()) or "all runs"
 
     def stat(self, name: str) -> Stat:
-        return mean_std(run.metrics[name] for run in self.runs if name in run.metrics)
+        """Over the group's trained runs only."""
+        return mean_std(run.metrics[name] for run in self.runs if run.status.trained and name in run.metrics)
 
     def statuses(self) -> Counter:
-        return Counter(run.status for run in self.runs)
+        return Counter(run.status.value for run in self.runs)
 
 
 # ---------------------------------------------------------------- reading runs
@@ -85,32 +84,38 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
     runs: dict[Path, Run] = {}
     for path in map(Path, paths):
         if not path.is_dir():
-            raise CompareError(f"{path}: no such directory")
+            raise UsageError(f"{path}: no such directory")
         found = [read_run(p.parent) for p in sorted(path.rglob("summary.json"))]
         found = [run for run in found if run is not None]
         if not found:
-            raise CompareError(f"{path}: no runs found (no readable summary.json in it or below it)")
+            raise UsageError(f"{path}: no runs found (no readable summary.json in it or below it)")
         runs.update((run.run_dir.resolve(), run) for run in found)
     return list(runs.values())
 
 
 def read_run(run_dir: Path) -> Optional[Run]:
+    """The run, or None (with a warning naming the file) when its records are unreadable."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError) as e:
-        print(f"regexp: warning: skipping {run_dir}: summary.json unreadable ({e})", file=sys.stderr)
+        summary = load_summary(run_dir)
+        overrides = read_overrides(run_dir)
+    except RunError as e:
+        warn(f"skipping {run_dir}: {e}")
         return None
-    metrics = dict(summary.get("metrics") or {})
-    metrics[WALL_TIME] = summary.get(WALL_TIME)
+    metrics = {**summary.metrics, WALL_TIME: summary.wall_time_s}
     return Run(
         run_dir=run_dir,
-        status=summary.get("status", "unknown"),
-        overrides=parse_overrides(read_override_list(run_dir) or summary.get("overrides") or []),
-        choices=summary.get("choices") or {},
-        config=summary.get("config") or {},
+        status=summary.status,
+        overrides=parse_overrides(overrides or summary.overrides),
+        choices=summary.choices,
+        config=summary.config,
         metrics={k: float(v) for k, v in metrics.items() if is_number(v) and math.isfinite(v)},
-        error=summary.get("error"),
+        error=summary.error,
+        nonfinite_step=(summary.nonfinite or {}).get("nonfinite/step"),
     )
+
+
+def warn(message: str) -> None:
+    print(f"regexp: warning: {message}", file=sys.stderr)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -127,20 +132,13 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_curve(run_dir: Path, name: str) -> dict[int, float]:
-    """{epoch: value} from metrics.jsonl; the last record of an epoch wins (the epoch's
-    own row comes after its log steps). Unparseable lines (a run still writing) are skipped."""
+def curve_of(records: list[dict[str, Any]], name: str) -> dict[int, float]:
+    """{epoch: value} of a run's metric records; the last record of an epoch wins (the
+    epoch's own row comes after its log steps)."""
     curve: dict[int, float] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return curve
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in records:
         value = record.get(name)
-        if "epoch" in record and is_number(value) and math.isfinite(value):
+        if is_number(record.get("epoch")) and is_number(value) and math.isfinite(value):
             curve[int(record["epoch"])] = float(value)
     return curve
 
@@ -191,7 +189,7 @@ def check_keys(runs: list[Run], keys: list[str]) -> None:
         if not any(key in run.overrides or key in run.choices or dotted(run.config, key)[0] for run in runs):
             overridden = dict.fromkeys(k for run in runs for k in run.overrides)
             groups = sorted({k for run in runs for k in run.choices if not k.startswith("hydra/")})
-            raise CompareError(
+            raise UsageError(
                 f"--by {key}: no run has this key; available: override keys {', '.join(overridden) or '(none)'}; "
                 f"config groups {', '.join(groups) or '(none)'}; or a dotted config key such as optimizer.lr")
 
@@ -226,11 +224,11 @@ def rank_groups(groups: list[Group], metric: str, higher_is_better: bool) -> lis
 
 
 def check_metric(runs: list[Run], metric: str) -> None:
-    """A metric no run has is a typo, unless no run finished (then the table shows why)."""
-    if any(metric in run.metrics for run in runs) or not any(run.status in FINISHED for run in runs):
+    """A metric no run has is a typo, unless no run was trained (then the table shows why)."""
+    if any(metric in run.metrics for run in runs) or not any(run.status.trained for run in runs):
         return
     available = sorted({name for run in runs for name in run.metrics})
-    raise CompareError(f"--metric {metric}: no run has this metric; available: {', '.join(available)}")
+    raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available)}")
 
 
 # ---------------------------------------------------------------- output
@@ -254,8 +252,8 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
         "groups": [{"label": g.label, "values": g.values, "runs": len(g.runs), "statuses": dict(g.statuses()),
                     "stats": {name: asdict(g.stat(name)) for name in columns},
                     "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
-        "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status,
-                  "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
+        "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status.value,
+                  "in_means": run.status.trained, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
                   **({"error": run.error} if run.error else {})} for g in groups for run in g.runs],
         "plot": str(plot) if plot else None,
     }
@@ -279,22 +277,27 @@ def fmt_stat(stat: Stat, runs: int) -> str:
     return text + (f" (n={stat.n})" if stat.n < runs else "")
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def status_text(counts: Counter) -> Text:
     text = Text()
-    for i, (status, count) in enumerate(sorted(counts.items(), key=lambda item: item[0] not in FINISHED)):
-        style = "green" if status in FINISHED else "yellow" if status in ("running", "interrupted") else "bold red"
+    for i, (status, count) in enumerate(sorted(counts.items(), key=lambda item: not Status(item[0]).trained)):
+        style = ("green" if Status(status).trained else "yellow" if status in (Status.RUNNING, Status.INTERRUPTED)
+                 else "bold red")
         text.append(", " if i else "").append(f"{count} {status}", style=style)
     return text
 
 
+def untrained_line(run: Run) -> str:
+    """Why a run is not in its group's means, under the table."""
+    detail = run.error.splitlines()[0] if run.error else None
+    if detail is None and run.nonfinite_step is not None:
+        detail = f"non-finite at step {run.nonfinite_step}"
+    return f"  {run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
+
+
 def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool) -> None:
     runs = sum(len(g.runs) for g in groups)
-    heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std over each group's runs · "
-               f"best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
+    heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std over each group's completed "
+               f"runs (others counted, not averaged) · best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
     table = Table()
     for key in keys or ["group"]:
         table.add_column(key)
@@ -315,31 +318,30 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
         console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
     console.print(heading, markup=False, soft_wrap=True)
     console.print(table)
-    for run in (run for g in groups for run in g.runs if run.status not in FINISHED):
-        error = f"  ({run.error.splitlines()[0]})" if run.error else ""
-        console.print(f"  {run.status}: {run.run_dir}{error}", markup=False, soft_wrap=True)
+    for run in (run for g in groups for run in g.runs if not run.status.trained):
+        console.print(untrained_line(run), markup=False, soft_wrap=True)
 
 
 def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
-    """Each group's mean curve (± std band where ≥ 2 runs reached the epoch) of the
-    metric's per-epoch counterpart and of the train loss. False when there is nothing to draw."""
+    """Each group's mean curve (± std band where ≥ 2 runs reached the epoch) over its
+    trained runs, of the metric's per-epoch counterpart and of the train loss, written
+    atomically to `out`. False when there is nothing to draw; RunError when `out` cannot be
+    written."""
     from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global state
     from matplotlib.ticker import MaxNLocator
 
-    panels = []
-    for name in dict.fromkeys([curve_metric(metric), curve_metric(TRAIN_LOSS)]):
-        curves = [(g, [read_curve(run.run_dir, name) for run in g.runs]) for g in groups]
-        if any(c for _, group_curves in curves for c in group_curves):
-            panels.append((name, curves))
+    names = list(dict.fromkeys([curve_metric(metric), curve_metric(TRAIN_LOSS)]))
+    curves = trained_curves(groups, names)
+    panels = [name for name in names if any(run_curves[name] for run_curves in curves.values())]
     if not panels:
         return False
     fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-    for ax, (name, curves) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for color, (g, group_curves) in enumerate(curves):
+    for ax, name in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for color, g in enumerate(groups):
+            group_curves = [curves[run.run_dir][name] for run in g.runs if run.run_dir in curves]
             epochs = sorted({e for c in group_curves for e in c})
             stats = [mean_std(c[e] for c in group_curves if e in c) for e in epochs]
-            means = [s.mean for s in stats]
-            ax.plot(epochs, means, marker="o", color=f"C{color}", label=f"{g.label} (n={len(g.runs)})")
+            ax.plot(epochs, [s.mean for s in stats], marker="o", color=f"C{color}", label=f"{g.label} (n={len(group_curves)})")
             band = [(e, s.mean - s.std, s.mean + s.std) for e, s in zip(epochs, stats) if s.std is not None]
             if band:
                 ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
@@ -347,18 +349,41 @@ def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize="small")
-    fig.savefig(out, dpi=120)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--plot {out}: cannot create {out.parent} ({e.strerror or e})") from None
+    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower(), dpi=120), mode="wb")
     return True
+
+
+def trained_curves(groups: list[Group], names: list[str]) -> dict[Path, dict[str, dict[int, float]]]:
+    """run dir -> name -> {epoch: value}, for each trained run; a run whose metrics.jsonl is
+    corrupted is named in a warning and left out of the plot."""
+    curves = {}
+    for run in (run for g in groups for run in g.runs if run.status.trained):
+        try:
+            records = read_metrics(run.run_dir)
+        except RunError as e:
+            warn(f"--plot: leaving out {run.run_dir}: {e}")
+            continue
+        curves[run.run_dir] = {name: curve_of(records, name) for name in names}
+    return curves
 
 
 # ---------------------------------------------------------------- command
 
-def parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(
+def parser() -> CommandParser:
+    p = CommandParser(
         prog="regexp compare",
         description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
-                    "override keys (seed aside), mean ± std over each group's runs, best first.",
-        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png")
+                    "override keys (seed aside), mean ± std over each group's completed runs, best first. "
+                    "Failed, diverged, interrupted and running runs are counted and listed, never averaged.",
+        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png. "
+               "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
+               "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "
+               "(no runs, an unknown --by key or --metric, a --plot path that cannot be written); 141 the reader "
+               "of a pipe left early (e.g. | head), quietly.")
     p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
                    help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
     p.add_argument("--metric", default="test/acc", help="the metric to rank by, from summary.json (default: test/acc)")
@@ -366,7 +391,7 @@ def parser() -> argparse.ArgumentParser:
                    help="group by this key instead of the swept ones (repeatable): an override key (optimizer), "
                         "a config group or a dotted config key (optimizer.lr)")
     p.add_argument("--plot", type=Path, metavar="OUT.png",
-                   help="write learning curves per group (mean ± std over runs) to this image")
+                   help="write learning curves per group (mean ± std over its completed runs) to this image")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON (and nothing else) on stdout")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--higher-is-better", dest="higher_is_better", action="store_true", default=None,
@@ -376,39 +401,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        fail(f"compare: {message} (see regexp compare --help)")
+def check_plot_path(out: Path) -> None:
+    """Before any work: a known image format, in a directory that can be written."""
+    from matplotlib.figure import Figure
+
+    from regexp.config import ConfigError, check_writable
+
+    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
+        raise UsageError(f"--plot {out}: unknown image format; use e.g. .png, .pdf or .svg")
+    if out.is_dir():
+        raise UsageError(f"--plot {out}: is a directory; name an image file, e.g. {out / 'curves.png'}")
+    try:
+        check_writable(out.parent, "--plot", out)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(args: list[str]) -> int:
+    """`regexp compare`. UsageError for bad input (exit 2), RunError when the plot cannot be written (1)."""
     options = parser().parse_args(args)
     higher_is_better = options.higher_is_better
     if higher_is_better is None:
         higher_is_better = not lower_is_better(options.metric)
     if options.plot is not None:
-        from matplotlib.figure import Figure
-
-        if options.plot.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
-            fail(f"--plot {options.plot}: unknown image format; use e.g. .png, .pdf or .svg")
-    try:
-        runs = find_runs(options.paths)
-        check_metric(runs, options.metric)
-        if options.by:
-            check_keys(runs, options.by)
-        keys = list(dict.fromkeys(options.by)) if options.by else swept_keys(runs)
-    except CompareError as e:
-        fail(str(e))
+        check_plot_path(options.plot)
+    runs = find_runs(options.paths)
+    check_metric(runs, options.metric)
+    if options.by:
+        check_keys(runs, options.by)
+    keys = list(dict.fromkeys(options.by)) if options.by else swept_keys(runs)
     groups = rank_groups(group_runs(runs, keys), options.metric, higher_is_better)
 
     plotted = None
     if options.plot is not None:
-        options.plot.parent.mkdir(parents=True, exist_ok=True)
         if plot_curves(groups, options.metric, options.plot):
             plotted = options.plot
         else:
-            print(f"regexp: warning: --plot: no curves to draw (no metrics.jsonl values); {options.plot} not written",
-                  file=sys.stderr)
+            warn(f"--plot: no curves to draw (no metrics.jsonl values); {options.plot} not written")
     if options.json:
         print(json.dumps(as_json(groups, keys, options.metric, higher_is_better, plotted), indent=2))
     else:

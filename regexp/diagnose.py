@@ -1,16 +1,23 @@
 """The diagnosis (DESIGN §6): seed 001's table of symptoms, turned into rules over a run's
 metrics. Each finding names the rule, the evidence (metric, layer, step, values) and the
 seeds' interventions in order. A healthy run has no findings.
+
+Every rule is linear (or n log n) in the number of log steps: the same diagnosis runs at
+the end of every training run and on `regexp diagnose` of a run of any length.
+`regexp diagnose RUN_DIR` is `main` below.
 """
 
-import json
+import heapq
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from regexp.tracking import read_summary
+from rich.console import Console
+
+from regexp.rundir import METRICS, SUMMARY, Status, Summary, UsageError, load_summary, read_metrics
+from regexp.tracking import CommandParser, plural, render
 
 # Thresholds, chosen so that crafted failures trip them and default runs do not.
 VANISHING_RATIO = 1e-3  # first layer's gradient norm / last layer's
@@ -41,10 +48,11 @@ class RunHistory:
     steps: list[dict[str, Any]]  # log steps
     epochs: list[dict[str, Any]]  # per-epoch rows with val/*
     events: list[dict[str, Any]]  # nonfinite/* events
-    summary: dict[str, Any]
+    summary: Summary
+    layer_keys: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_records(cls, records: list[dict[str, Any]], summary: dict[str, Any]) -> "RunHistory":
+    def from_records(cls, records: list[dict[str, Any]], summary: Summary) -> "RunHistory":
         return cls(
             steps=[r for r in records if "perf/step_ms" in r],
             epochs=[r for r in records if "perf/step_ms" not in r and "nonfinite/step" not in r and "epoch" in r],
@@ -54,17 +62,27 @@ class RunHistory:
 
     def layer_series(self, record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
         """(layer, value) of one record's per-layer metric, in the model's order."""
-        return [(k[len(prefix):], v) for k, v in record.items() if k.startswith(prefix)]
+        return [(layer, record[key]) for layer, key in self._layer_keys(tuple(record), prefix)]
+
+    def _layer_keys(self, keys: tuple[str, ...], prefix: str) -> list[tuple[str, str]]:
+        # the log steps of a run share their keys: look through them once, not at every step
+        if (keys, prefix) not in self.layer_keys:
+            self.layer_keys[keys, prefix] = [(k[len(prefix):], k) for k in keys if k.startswith(prefix)]
+        return self.layer_keys[keys, prefix]
 
     def config(self, *keys: str) -> Any:
-        node: Any = self.summary.get("config", {})
+        node: Any = self.summary.config
         for k in keys:
             node = node.get(k) if isinstance(node, dict) else None
         return node
 
 
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _finite(values: list[Any]) -> list[float]:
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return [v for v in values if _is_finite(v)]
 
 
 def divergence(run: RunHistory) -> Optional[Finding]:
@@ -108,8 +126,8 @@ def lr_too_high(run: RunHistory) -> Optional[Finding]:
     if len(losses) < 6 or run.events:
         return None
     third = len(losses) // 3
-    first, last = statistics.mean(losses[:third]), statistics.mean(losses[-third:])
-    swing = statistics.mean(abs(b - a) for a, b in zip(losses, losses[1:])) / statistics.mean(losses)
+    first, last = statistics.fmean(losses[:third]), statistics.fmean(losses[-third:])
+    swing = statistics.fmean(abs(b - a) for a, b in zip(losses, losses[1:])) / statistics.fmean(losses)
     if last < NO_TREND * first or swing < OSCILLATION:
         return None
     return Finding(
@@ -141,7 +159,7 @@ def vanishing_gradients(run: RunHistory) -> Optional[Finding]:
     ratios = []
     for record in run.steps:
         weighted = {name for name, _ in run.layer_series(record, "weight/norm/")}
-        norms = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if n in weighted and _finite([v])]
+        norms = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if n in weighted and _is_finite(v)]
         if len(norms) >= 2 and norms[-1][1] > 0:
             ratios.append((norms[0][1] / norms[-1][1], record["step"], norms[0], norms[-1]))
     if not ratios:
@@ -159,23 +177,51 @@ def vanishing_gradients(run: RunHistory) -> Optional[Finding]:
     )
 
 
+class RunningMedian:
+    """The median of the values added so far (equal to statistics.median of them) in
+    O(log n) per value: the smaller half in a max-heap, the larger half in a min-heap."""
+
+    def __init__(self) -> None:
+        self.low: list[float] = []  # negated: heapq's min-heap as a max-heap
+        self.high: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.low) + len(self.high)
+
+    def add(self, value: float) -> None:
+        if self.low and value > -self.low[0]:
+            heapq.heappush(self.high, value)
+        else:
+            heapq.heappush(self.low, -value)
+        if len(self.low) > len(self.high) + 1:  # keep len(low) - len(high) in {0, 1}
+            heapq.heappush(self.high, -heapq.heappop(self.low))
+        elif len(self.high) > len(self.low):
+            heapq.heappush(self.low, -heapq.heappop(self.high))
+
+    @property
+    def median(self) -> float:
+        if len(self.low) > len(self.high):
+            return -self.low[0]
+        return (-self.low[0] + self.high[0]) / 2
+
+
 def exploding_gradients(run: RunHistory) -> Optional[Finding]:
-    history: list[float] = []
+    history = RunningMedian()
     for record in run.steps:
         norm = record.get("grad/global_norm")
-        if not _finite([norm]):
+        if not _is_finite(norm):
             continue
-        if len(history) >= 4 and norm > SPIKE_FACTOR * statistics.median(history):
-            layers = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if _finite([v])]
+        if len(history) >= 4 and norm > SPIKE_FACTOR * history.median:
+            layers = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if _is_finite(v)]
             layer = max(layers, key=lambda nv: nv[1])[0] if layers else None
-            median = statistics.median(history)
+            median = history.median
             return Finding(
                 "exploding_gradients", f"Exploding gradients from layer {layer}",
                 f"grad/global_norm spiked to {norm:.3g} at step {record['step']}, {norm / median:.0f} x its running median {median:.3g}",
                 {"metric": "grad/global_norm", "layer": layer, "step": record["step"], "values": {"norm": norm, "median": median}},
                 ["clip the gradient norm (clip=norm clip.max_norm=1.0)", "lower the learning rate (optimizer.lr)", "add normalization (norm=batchnorm)"],
             )
-        history.append(norm)
+        history.add(norm)
     return None
 
 
@@ -183,7 +229,7 @@ def bad_init_scale(run: RunHistory) -> Optional[Finding]:
     first = next((r for r in run.steps if any(k.startswith("act/std/") for k in r)), None)
     if first is None:
         return None
-    stds = [(n, v) for n, v in run.layer_series(first, "act/std/") if _finite([v])]
+    stds = [(n, v) for n, v in run.layer_series(first, "act/std/") if _is_finite(v)]
     if len(stds) < 3 or stds[0][1] <= 0:
         return None
     ratio = stds[-1][1] / stds[0][1]
@@ -202,7 +248,7 @@ def dying_relu(run: RunHistory) -> Optional[Finding]:
     last = next((r for r in reversed(run.steps) if any(k.startswith("act/dead_frac/") for k in r)), None)
     if last is None:
         return None
-    dead = [(n, v) for n, v in run.layer_series(last, "act/dead_frac/") if _finite([v])]
+    dead = [(n, v) for n, v in run.layer_series(last, "act/dead_frac/") if _is_finite(v)]
     worst = max(dead, key=lambda nv: nv[1], default=None)
     if worst is None or worst[1] <= DEAD_FRACTION:
         return None
@@ -236,16 +282,16 @@ def overfitting(run: RunHistory) -> Optional[Finding]:
 
 def clip_too_low(run: RunHistory) -> Optional[Finding]:
     fractions = _finite([r.get("grad/clip_frac") for r in run.steps])
-    if not fractions or statistics.mean(fractions) <= CLIP_FRACTION:
+    if not fractions or statistics.fmean(fractions) <= CLIP_FRACTION:
         return None
     norms = sorted(_finite([r.get("grad/global_norm") for r in run.steps]))
     p90 = norms[min(len(norms) - 1, int(0.9 * len(norms)))] if norms else None
     max_norm = run.config("clip", "max_norm")
     return Finding(
         "clip_too_low", "Clipping threshold too low: most steps are clipped",
-        f"{statistics.mean(fractions):.0%} of the steps were clipped at clip.max_norm={max_norm}"
+        f"{statistics.fmean(fractions):.0%} of the steps were clipped at clip.max_norm={max_norm}"
         + (f"; the 90th percentile of the pre-clip norm is {p90:.3g}" if p90 is not None else ""),
-        {"metric": "grad/clip_frac", "layer": None, "step": run.steps[-1]["step"], "values": {"clip_frac": statistics.mean(fractions), "p90_pre_clip_norm": p90}},
+        {"metric": "grad/clip_frac", "layer": None, "step": run.steps[-1]["step"], "values": {"clip_frac": statistics.fmean(fractions), "p90_pre_clip_norm": p90}},
         [f"raise clip.max_norm to about the 90th percentile of the pre-clip norm ({p90:.3g})" if p90 else "raise clip.max_norm"],
     )
 
@@ -256,32 +302,47 @@ RULES: list[Callable[[RunHistory], Optional[Finding]]] = [
 ]
 
 
-def diagnose(records: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[str, Any]]:
+def diagnose(records: list[dict[str, Any]], summary: Summary) -> list[dict[str, Any]]:
     run = RunHistory.from_records(records, summary)
     return [asdict(f) for f in (rule(run) for rule in RULES) if f is not None]
 
 
-def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    return records, read_summary(run_dir) or {}
+def parser() -> CommandParser:
+    p = CommandParser(
+        prog="regexp diagnose",
+        description="What went wrong in a run and what to try, from the metrics it recorded (metrics.jsonl) "
+                    "and its summary.json: the rules of the diagnosis that ends every run, applied again.",
+        epilog="A failed, interrupted or still running run is diagnosed too, on what it recorded, after a line "
+               "saying so (with its error). Exit codes: 0 the diagnosis was printed, whatever the run's status "
+               "or findings; 1 a record file is unreadable or corrupted (named); 2 not a run directory.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's directory (holding summary.json, metrics.jsonl)")
+    return p
 
 
-def diagnose_run(run_dir: Path) -> list[dict[str, Any]]:
-    return diagnose(*read_run(run_dir))
+def main(args: list[str]) -> int:
+    """`regexp diagnose RUN_DIR`. UsageError for bad input, RunError for a bad record file."""
+    run_dir = parser().parse_args(args).run_dir
+    has_summary, has_metrics = (run_dir / SUMMARY).is_file(), (run_dir / METRICS).is_file()
+    if not (has_summary or has_metrics):
+        raise UsageError(f"RUN_DIR={run_dir}: not a run directory (no {SUMMARY} or {METRICS})")
+    summary = load_summary(run_dir) if has_summary else None
+    records = read_metrics(run_dir)
+    console = Console(highlight=False)
+    note = what_was_recorded(summary, records)
+    if note:
+        console.print(f"{run_dir}: {note}", style="yellow", markup=False, soft_wrap=True)
+    render(diagnose(records, summary or Summary()), console)
+    return 0
 
 
-def render(findings: list[dict[str, Any]], console: Any) -> None:
-    """The diagnosis as a rich panel (green when healthy)."""
-    from rich.markup import escape
-    from rich.panel import Panel
-
-    if not findings:
-        console.print(Panel("no findings: nothing in the metrics matches a known failure", title="diagnosis", border_style="green", expand=False))
-        return
-    parts = []
-    for i, f in enumerate(findings, 1):
-        steps = "\n".join(f"     {n}. {escape(s)}" for n, s in enumerate(f["interventions"], 1))
-        parts.append(f"[bold]{i}. {escape(f['title'])}[/bold]\n   {escape(f['message'])}\n   try, in order:\n{steps}")
-    console.print(Panel("\n\n".join(parts), title="diagnosis", border_style="red", expand=False))
+def what_was_recorded(summary: Optional[Summary], records: list[dict[str, Any]]) -> Optional[str]:
+    """A line for a run that did not end with a result: what it was and what is diagnosed."""
+    steps = plural(sum("perf/step_ms" in r for r in records), "log step")
+    if summary is None:
+        return f"no {SUMMARY}: diagnosing the {steps} of {METRICS} alone"
+    if summary.status.finished:
+        return None
+    error = f" ({summary.error.splitlines()[0]})" if summary.error else ""
+    why = {Status.FAILED: "the run failed", Status.INTERRUPTED: "the run was interrupted",
+           Status.RUNNING: "the run is still running (or was killed)"}[summary.status]
+    return f"{why}{error}; diagnosing the {steps} it recorded"

@@ -231,31 +231,33 @@ class MetricsFile:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file ([] when it does not exist). A half-written last
-    line (a run still writing, or killed mid-write) is ignored; any other bad line is a
-    RunError naming the file and line."""
+    """The objects of a JSON-lines file ([] when it does not exist), read line by line. A
+    half-written last line (a run still writing, or killed mid-write) is ignored; any other
+    bad line is a RunError naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, errors="replace") as lines:
+            return list(_parse_records(lines, path))
     except FileNotFoundError:
         return []
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = text.split("\n")
-    records = []
+
+
+def _parse_records(lines: Iterator[str], path: Path) -> Iterator[dict[str, Any]]:
+    names: dict[str, str] = {}  # one string per metric name, shared by every record (a long run holds 100k of them)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines):  # no newline after it: still being written
-                break
+            if not line.endswith("\n"):  # the last line, still being written
+                return
             raise RunError(f"{path}:{number}: not a JSON record; the file is corrupted") from None
         if not isinstance(record, dict):
             raise RunError(f"{path}:{number}: not a JSON object; the file is corrupted")
-        records.append(record)
-    return records
+        yield {names.setdefault(key, key): value for key, value in record.items()}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

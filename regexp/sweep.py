@@ -2,9 +2,9 @@
 finished jobs on `resume=auto`, and per-job resources for parallel launchers.
 
 The summary is built from the jobs' own run dirs, so it is the same whichever launcher
-ran them (in this process, in joblib workers, or on a cluster)."""
+ran them (in this process, in joblib workers, or on a cluster). A failed job ends the
+sweep with SweepFailed, which the CLI turns into exit code 1."""
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -13,104 +13,105 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from regexp.tracking import read_override_list, read_summary
+from regexp.rundir import ConfigError, RunError, Status, Summary, read_overrides, read_summary, write_json, write_summary
+from regexp.tracking import plural
 
-# Set at the end of each multirun in this process: the CLI exits 1 when a job failed.
-LAST_SWEEP: dict[str, Any] = {}
-
-FINISHED = ("completed", "early_stopped", "diverged")  # a divergence is a result, not a failure
 METRIC = "test/acc"
+SWEEP_SUMMARY = "sweep_summary.json"
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job dir (those with .hydra/overrides.yaml), in job-number order."""
-    rows = []
     job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    for job_dir in sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
-        summary = read_summary(job_dir) or {}
-        overrides = read_override_list(job_dir) or []
-        status = summary.get("status", "failed")  # no summary at all: it died before starting
-        if status in ("running",):
-            status = "failed"  # the process ended without finishing the run
-        rows.append({
-            "job": job_dir.name, "overrides": overrides, "status": status,
-            METRIC: summary.get("metrics", {}).get(METRIC), "wall_time_s": summary.get("wall_time_s"),
-            "error": summary.get("error"), "run_dir": str(job_dir),
-        })
-    return rows
+    return [job_row(job_dir) for job_dir in sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))]
+
+
+def job_row(job_dir: Path) -> dict[str, Any]:
+    try:
+        overrides = read_overrides(job_dir) or []
+    except RunError as e:
+        overrides = [f"({e})"]
+    summary = read_summary(job_dir)
+    if summary is None:  # no (readable) summary at all: it died before starting
+        summary = Summary(status=Status.FAILED, error=f"no readable summary.json in {job_dir}: it died before starting")
+    status = Status.FAILED if summary.status is Status.RUNNING else summary.status  # the process ended mid-run
+    return {"job": job_dir.name, "overrides": overrides, "status": status.value, METRIC: summary.metrics.get(METRIC),
+            "wall_time_s": summary.wall_time_s, "error": summary.error, "run_dir": str(job_dir)}
 
 
 class SweepSummary(Callback):
     """At the end of a multirun: a table on the console and sweep_summary.json."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        from regexp.tracking import write_json
-
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = job_rows(sweep_dir)
-        failed = [r for r in rows if r["status"] not in FINISHED]
-        summary = {"sweep_dir": str(sweep_dir), "jobs": len(rows), "failed": len(failed), "metric": METRIC, "rows": rows}
-        write_json(sweep_dir / "sweep_summary.json", summary)
-        LAST_SWEEP.clear()
-        LAST_SWEEP.update(summary)
+        failed = [r for r in rows if not Status(r["status"]).finished]
+        write_json(sweep_dir / SWEEP_SUMMARY,
+                   {"sweep_dir": str(sweep_dir), "jobs": len(rows), "failed": len(failed), "metric": METRIC, "rows": rows})
+        print_sweep_table(sweep_dir, rows, failed)
+        if failed:
+            raise SweepFailed(len(failed), len(rows))
 
-        shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
-        table = Table(title=f"sweep {sweep_dir}: {len(rows)} jobs, {len(failed)} failed", title_justify="left",
-                      caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
-                      caption_justify="left")
-        for column in ("job", "overrides", "status", METRIC, "wall s"):
-            table.add_column(column, overflow="fold")
-        for r in rows:
-            style = "red" if r["status"] not in FINISHED else "yellow" if r["status"] == "diverged" else ""
-            metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
-            wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
-            table.add_row(r["job"], " ".join(o for o in r["overrides"] if o not in shared), r["status"], metric, wall, style=style)
-        console = Console(soft_wrap=False)
-        console.print(table)
-        for r in failed:
-            console.print(f"job {r['job']} failed: {r['error'] or 'no summary.json: it died before starting'}", style="red", markup=False)
+
+def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
+    table = Table(title=f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {len(failed)} failed", title_justify="left",
+                  caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
+                  caption_justify="left")
+    for column in ("job", "overrides", "status", METRIC, "wall s"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        style = "red" if r in failed else "yellow" if r["status"] == Status.DIVERGED else ""
+        metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
+        wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
+        table.add_row(r["job"], " ".join(o for o in r["overrides"] if o not in shared), r["status"], metric, wall, style=style)
+    console = Console(soft_wrap=False)
+    console.print(table)
+    for r in failed:
+        console.print(f"job {r['job']} failed: {r['error']}", style="red", markup=False)
+
+
+class SweepFailed(BaseException):
+    """Raised at the end of a sweep in which a job did not finish (after the table and
+    sweep_summary.json name each one): the CLI catches it and exits 1. A BaseException,
+    because Hydra turns an Exception raised by a callback into a warning."""
+
+    def __init__(self, failed: int, jobs: int):
+        self.failed, self.jobs = failed, jobs
+        super().__init__(f"{failed} of {plural(jobs, 'job')} failed")
 
 
 def record_failure(run_dir: Path, error: BaseException, overrides: list[str]) -> None:
     """A failed job's summary.json, unless train() already wrote one (it does, once started)."""
     import traceback
 
-    from regexp.tracking import write_json
-
     summary = read_summary(run_dir)
-    if summary is None or summary.get("status") == "running":
-        summary = {**(summary or {}), "status": "failed", "run_dir": str(run_dir), "overrides": overrides,
-                   "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        write_json(Path(run_dir) / "summary.json", summary)
-    print(f"regexp: job {run_dir} failed: {summary.get('error')}", file=sys.stderr)
+    if summary is None or summary.status is Status.RUNNING:
+        summary = summary or Summary()
+        summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), overrides
+        summary.error, summary.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
+        write_summary(run_dir, summary)
+    print(f"regexp: job {run_dir} failed: {summary.error}", file=sys.stderr)
 
 
-def already_finished(run_dir: Path, overrides: list[str]) -> Optional[dict[str, Any]]:
+def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
     """For resume=auto: the summary of this job's run if an earlier invocation finished it.
     ConfigError when the run dir holds a run of other overrides (another command into the
     same sweep dir): continuing it would mix two experiments."""
-    from regexp.config import ConfigError
-
     summary = read_summary(run_dir)
     if summary is None:
         return None
-    if _without_resume(summary.get("overrides", [])) != _without_resume(overrides):
-        raise ConfigError("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(summary.get('overrides', []))}); "
+    if _without_resume(summary.overrides) != _without_resume(overrides):
+        raise ConfigError("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(summary.overrides)}); "
                           "use another hydra.sweep.dir / hydra.run.dir")
-    return summary if summary.get("status") in FINISHED else None
+    return summary if summary.status.finished else None
 
 
 def _without_resume(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if not o.startswith("resume="))
-
-
-def objective(summary: Optional[dict[str, Any]]) -> float:
-    """What a sweeper optimizes: val/acc; NaN when the job has none (failed, diverged)."""
-    value = (summary or {}).get("metrics", {}).get("val/acc")
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
 
 def share_machine(hydra_cfg: Any) -> None:

@@ -1,101 +1,25 @@
-"""Where results go: metrics.jsonl and summary.json (always), the console (rich), train.log.
-
-A metric value that is NaN or Inf is never written as a number: it is dropped from the
-record and named under `nonfinite` instead, so a reader never averages a NaN by mistake.
+"""Metric sinks (DESIGN §7): the Tracker fans each record out to metrics.jsonl, histograms
+and W&B; the Reporter is the console (rich) and train.log. The record files themselves are
+written by regexp.rundir. Also the console pieces that the commands reading run dirs
+(compare, diagnose) share: the diagnosis panel, number formats, one-line usage errors.
 """
 
-import json
+import argparse
 import logging
 import math
-import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from regexp.config import RunError
+from regexp.rundir import MetricsFile, Summary, UsageError
 
 log = logging.getLogger("regexp")
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temp file in the same directory, fsync, then os.replace: a reader
-    (or a crash) never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
-        raise cannot_write(path, OSError(str(e).splitlines()[0])) from None
-
-
-def cannot_write(path: Path, error: OSError) -> RunError:
-    return RunError(f"{path}: cannot write ({error.strerror or error}); free disk space or make {path.parent} "
-                    f"writable (or choose another out_dir); the files written before are intact")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=str))
-
-
-def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
-    """A run dir's summary.json, or None when it is missing or unreadable."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_override_list(run_dir: Path) -> Optional[list[str]]:
-    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
-    import yaml  # a dependency of omegaconf; only needed here
-
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    return [str(item) for item in yaml.safe_load(path.read_text()) or []]
-
-
-def split_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(the record without non-finite floats, the names of those dropped)."""
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    return {k: v for k, v in metrics.items() if k not in bad}, bad
-
-
-class MetricsFile:
-    """metrics.jsonl: one JSON object per log step or evaluation."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
-
-    def write(self, record: dict[str, Any]) -> None:
-        clean, bad = split_finite(record)
-        if bad:
-            clean["nonfinite"] = bad
-        try:
-            if self.file is None:  # opened on first use: no empty files
-                self.file = open(self.path, "a", buffering=1)
-            self.file.write(json.dumps(clean) + "\n")
-        except OSError as e:
-            raise cannot_write(self.path, e) from None
-
-    def close(self, exit_code: int = 0) -> None:
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError:  # the write that failed has been reported already
-                pass
 
 
 class Tracker:
@@ -110,7 +34,7 @@ class Tracker:
         for sink in self.sinks:
             sink.write(record)
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Summary) -> None:
         for sink in self.sinks:
             if hasattr(sink, "summary"):
                 sink.summary(summary)
@@ -136,12 +60,47 @@ class HistogramFile(MetricsFile):
         super().write({"step": step, **histograms})
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A number as a person reads it: 4 significant digits, thousands separators up to
+    millions (samples/s), scientific notation beyond and below (a diverged loss of 3.1e+12)."""
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e7 else f"{value:.4g}"
     return str(value)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def render(findings: list[dict[str, Any]], console: Console) -> None:
+    """The diagnosis as a rich panel (green when healthy)."""
+    if not findings:
+        console.print(Panel("no findings: nothing in the metrics matches a known failure", title="diagnosis", border_style="green", expand=False))
+        return
+    parts = []
+    for i, f in enumerate(findings, 1):
+        steps = "\n".join(f"     {n}. {escape(s)}" for n, s in enumerate(f["interventions"], 1))
+        parts.append(f"[bold]{i}. {escape(f['title'])}[/bold]\n   {escape(f['message'])}\n   try, in order:\n{steps}")
+    console.print(Panel("\n\n".join(parts), title="diagnosis", border_style="red", expand=False))
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for `regexp compare` and `regexp diagnose`: a usage error is a UsageError
+    (one line, exit 2 at the CLI), not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog.split()[-1]}: {message} (see {self.prog} --help)")
+
+
+@contextmanager
+def wider(console: Console, width: int) -> Iterator[None]:
+    """The console at least `width` columns wide for a while (rich never prints wider than it)."""
+    before = console.width
+    console.width = max(before, width)
+    try:
+        yield
+    finally:
+        console.width = before
 
 
 class Reporter:
@@ -177,20 +136,24 @@ class Reporter:
             yield EpochBar(progress, task)
 
     def epoch_line(self, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
         self.line(f"epoch {epoch}/{epochs}  {shown}")
 
     def summary(self, title: str, rows: dict[str, Any], style: str) -> None:
         table = Table.grid(padding=(0, 2))
+        table.add_column()
+        table.add_column(overflow="fold")  # a path too wide for a terminal folds, never loses its middle
         for k, v in rows.items():
-            table.add_row(k, _fmt(v))
-        self.console.print(Panel(table, title=title, border_style=style, expand=False))
-        log.info("%s: %s", title, "  ".join(f"{k}={_fmt(v)}" for k, v in rows.items()))
-
+            table.add_row(k, fmt_value(v))
+        panel = Panel(table, title=title, border_style=style, expand=False)
+        if self.console.is_terminal:
+            self.console.print(panel)
+        else:  # a file or a pipe has no width to respect: each path whole, on one line
+            with wider(self.console, self.console.measure(panel, options=self.console.options.update_width(10_000)).maximum):
+                self.console.print(panel)
+        log.info("%s: %s", title, "  ".join(f"{k}={fmt_value(v)}" for k, v in rows.items()))
 
     def diagnosis(self, findings: list[dict[str, Any]]) -> None:
-        from regexp.diagnose import render
-
         render(findings, self.console)
         for f in findings:
             log.warning("diagnosis: %s: %s", f["title"], f["message"])
@@ -204,4 +167,4 @@ class EpochBar:
         self.progress.update(self.task, advance=samples)
 
     def show(self, loss: float, samples_per_s: float) -> None:
-        self.progress.update(self.task, loss=_fmt(loss), rate=f"{samples_per_s:,.0f}")
+        self.progress.update(self.task, loss=fmt_value(loss), rate=f"{samples_per_s:,.0f}")

@@ -8,6 +8,7 @@ credentials a run is logged offline, to be synced later with `wandb sync`.
 import netrc
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
@@ -15,22 +16,31 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig
 
 from regexp.config import GROUP_SCHEMAS, REGULARIZERS
-from regexp.tracking import split_finite
+from regexp.rundir import Summary, split_finite
 
 # An unreachable server costs at most this long before the run is logged offline instead.
 ONLINE_INIT_TIMEOUT_S = 5
-# Set when an online init failed: the later jobs of a one-process multirun go offline at once.
-_server_unreachable = False
 # summary.json keys that the W&B config already holds; the rest goes to the W&B summary.
 IN_CONFIG = ("config", "choices", "overrides")
 
 
+@dataclass
+class WandbServer:
+    """What the jobs of one process learned about the W&B server: once an online start
+    failed, the later jobs of a one-process multirun log offline at once (the timeout is
+    paid once). The caller that runs the jobs holds one and passes it to each job."""
+
+    unreachable: bool = False
+
+
 def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: str, group: str,
-                warn: Callable[[str], None], run_id: Optional[str] = None) -> list["WandbRun"]:
+                warn: Callable[[str], None], run_id: Optional[str] = None,
+                server: Optional[WandbServer] = None) -> list["WandbRun"]:
     """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the
     resolved config; the chosen options are added to it as `choices/<group>` (regularizers,
     added with `+`, joined by commas, or none) and become the run's tags. A resumed run
-    passes its earlier `run_id`, so W&B continues that run instead of starting another."""
+    passes its earlier `run_id`, so W&B continues that run instead of starting another.
+    `server`: shared by the jobs of one process (default: this job knows nothing yet)."""
     if cfg.logger.name == "none":
         return []
     # wandb's own console lines (login, sync hints) would break into regexp's; WANDB_SILENT=false shows them
@@ -49,7 +59,7 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
     )
     if run_id is not None:
         init_args.update(id=run_id, resume="allow")
-    return [WandbRun(init_run(mode, init_args, run_dir, warn))]
+    return [WandbRun(init_run(mode, init_args, run_dir, warn, server or WandbServer()))]
 
 
 def choose_mode(requested: str, warn: Callable[[str], None]) -> str:
@@ -85,23 +95,22 @@ def has_credentials() -> bool:
     return bool({urlsplit(settings.base_url).hostname, "api.wandb.ai"} & hosts.keys())
 
 
-def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable[[str], None]) -> Any:
+def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable[[str], None], server: WandbServer) -> Any:
     """wandb.init without console capture, code or git state. Online falls back to offline
-    (with a warning) when the server cannot be reached in time, and stays offline for the
-    rest of the process, so a sweep pays the timeout once."""
-    global _server_unreachable
+    (with a warning) when the server cannot be reached in time, and `server` remembers it,
+    so the later jobs that share it go offline at once."""
     import wandb
 
     # reinit: each job gets a run of its own, even if an earlier job's run were still open
     settings = dict(console="off", save_code=False, disable_git=True, reinit="finish_previous")
     sync_hint = f"sync later with `wandb sync {run_dir}/wandb/offline-run-*`"
-    if mode == "online" and _server_unreachable:
+    if mode == "online" and server.unreachable:
         warn(f"W&B could not go online earlier in this process; logging offline: {sync_hint}")
     elif mode == "online":
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S, **settings), **init_args)
         except Exception as e:  # unreachable, timed out, key rejected: the run goes on offline
-            _server_unreachable = True
+            server.unreachable = True
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warn(f"W&B could not go online ({reason}); logging offline: {sync_hint}")
             for aborted in (run_dir / "wandb").glob("run-*"):  # the failed attempt: `wandb sync` would upload it as an empty run
@@ -142,10 +151,10 @@ class WandbRun:
     def run_id(self) -> str:
         return self.run.id
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Summary) -> None:
         """Final metrics, status, timings and (when present) diagnosis findings."""
-        rest = {k: v for k, v in summary.items() if k not in IN_CONFIG and k != "metrics"}
-        self.run.summary.update(_finite({**summary.get("metrics", {}), **rest}))
+        rest = {k: v for k, v in summary.to_dict().items() if k not in IN_CONFIG and k != "metrics"}
+        self.run.summary.update(_finite({**summary.metrics, **rest}))
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -10,7 +10,8 @@ import pytest
 from conftest import TINY, require_shared_data, run_cli, summaries
 
 from regexp import compare
-from regexp.compare import CompareError, Stat
+from regexp.compare import Stat
+from regexp.rundir import UsageError, read_metrics
 
 
 def make_run(root: Path, name: str, overrides: list[str], metrics: dict | None = None, status: str = "completed",
@@ -122,15 +123,15 @@ def test_ranking_direction_and_groups_without_the_metric_last(tmp_path):
 def test_bad_input_errors(tmp_path):
     sweep_run(tmp_path, "0", "adam", 0, 0.9)
     runs = compare.find_runs([tmp_path])
-    with pytest.raises(CompareError, match="no such directory"):
+    with pytest.raises(UsageError, match="no such directory"):
         compare.find_runs([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CompareError, match="no runs found"):
+    with pytest.raises(UsageError, match="no runs found"):
         compare.find_runs([tmp_path / "empty"])
-    with pytest.raises(CompareError, match="available: override keys optimizer, seed, epochs; config groups optimizer"):
+    with pytest.raises(UsageError, match="available: override keys optimizer, seed, epochs; config groups optimizer"):
         compare.check_keys(runs, ["lr"])
     compare.check_keys(runs, ["optimizer", "optimizer.lr", "seed"])
-    with pytest.raises(CompareError, match="available: test/acc, train/loss, wall_time_s"):
+    with pytest.raises(UsageError, match="available: test/acc, train/loss, wall_time_s"):
         compare.check_metric(runs, "test/accuracy")
 
 
@@ -144,8 +145,9 @@ def test_curves_take_each_epochs_last_record(tmp_path):
         {"step": 2, "epoch": 1, "train/loss": 2.0}, {"step": 4, "epoch": 1, "train/loss": 1.5, "val/acc": 0.5},
         {"step": 4, "nonfinite/step": 4}, {"step": 6, "epoch": 2, "train/loss": 1.0, "val/acc": 0.6}])
     (run_dir / "metrics.jsonl").open("a").write('{"step": 8, "epoch": 3, "train/lo')  # a run still writing
-    assert compare.read_curve(run_dir, "train/loss") == {1: 1.5, 2: 1.0}
-    assert compare.read_curve(run_dir, compare.curve_metric("test/acc")) == {1: 0.5, 2: 0.6}
+    records = read_metrics(run_dir)
+    assert compare.curve_of(records, "train/loss") == {1: 1.5, 2: 1.0}
+    assert compare.curve_of(records, compare.curve_metric("test/acc")) == {1: 0.5, 2: 0.6}
 
 
 # ---------------------------------------------------------------- the real command on a real sweep

@@ -17,6 +17,7 @@ from regexp.diagnose import diagnose
 from regexp.init import init_weights
 from regexp.models import build_model
 from regexp.monitor import trace_nonfinite
+from regexp.rundir import Summary
 from regexp.tracking import Reporter
 from regexp.state import seed_everything
 from regexp.train import train
@@ -199,4 +200,101 @@ def test_rules_on_a_hand_made_healthy_history():
               "grad/norm/fc1": 0.5, "grad/norm/fc2": 0.6, "weight/norm/fc1": 3.0, "weight/norm/fc2": 2.0,
               "act/std/act1": 1.0, "act/std/act2": 0.9, "act/std/act3": 1.1, "act/dead_frac/act1": 0.01} for s in range(1, 30)]
     epochs = [{"epoch": e, "epoch/train_acc": 0.9 + 0.01 * e, "val/acc": 0.89 + 0.01 * e, "val/loss": 0.5 - 0.05 * e} for e in range(1, 5)]
-    assert diagnose(steps + epochs, {"config": {"clip": {"name": "none"}}}) == []
+    assert diagnose(steps + epochs, Summary(config={"clip": {"name": "none"}})) == []
+
+
+# ---------------------------------------------------------------- reading runs: long, failed, running, corrupted
+
+def step_records(n: int, spike_at: int | None = None) -> list[dict]:
+    """n log steps of a healthy 2-layer history; a gradient spike at `spike_at`."""
+    return [{"step": s, "train/loss": 2.3 / s, "perf/step_ms": 1.0, "grad/global_norm": 100.0 if s == spike_at else 1.0 + 0.1 * (s % 3),
+             "grad/norm/fc1": 0.5, "grad/norm/fc2": 0.6, "weight/norm/fc1": 3.0, "weight/norm/fc2": 2.0} for s in range(1, n + 1)]
+
+
+def test_running_median_equals_statistics_median():
+    import random
+    import statistics
+
+    from regexp.diagnose import RunningMedian
+
+    rng = random.Random(0)
+    values = [rng.choice([rng.random(), rng.randint(0, 5), 1e30, -2.0]) for _ in range(500)]
+    median = RunningMedian()
+    for i, value in enumerate(values, 1):
+        median.add(value)
+        assert len(median) == i and median.median == statistics.median(values[:i])
+
+
+def test_exploding_gradients_uses_the_running_median_of_the_steps_before():
+    [finding] = diagnose(step_records(40, spike_at=30), Summary())
+    assert finding["rule"] == "exploding_gradients" and finding["evidence"]["step"] == 30
+    assert finding["evidence"]["values"]["median"] == 1.1  # 29 steps cycling 1.0, 1.1, 1.2 before it
+
+
+def test_a_long_run_is_diagnosed_in_linear_time():
+    """30k log steps: the median recomputed over the whole history at every step took ~15 s."""
+    import time
+
+    records = step_records(30_000)
+    started = time.process_time()
+    assert diagnose(records, Summary()) == []
+    assert time.process_time() - started < 8
+
+
+def write_run(run_dir, summary: dict | str | None, records: list[dict] | None = None, tail: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if summary is not None:
+        (run_dir / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    if records is not None:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_diagnose_a_failed_run_says_so_and_diagnoses_what_it_recorded(tmp_path):
+    error = "RuntimeError: CUDA out of memory\nTried to allocate 2 GiB"
+    write_run(tmp_path / "nothing", {"status": "failed", "error": error})  # failed before its first log step
+    out = run_cli(["diagnose", str(tmp_path / "nothing")], tmp_path)
+    assert out.returncode == 0 and not out.stderr
+    assert "the run failed (RuntimeError: CUDA out of memory); diagnosing the 0 log steps it recorded" in out.stdout
+    assert "no findings" in out.stdout and "Tried to allocate" not in out.stdout
+
+    write_run(tmp_path / "some", {"status": "failed", "error": error}, step_records(40, spike_at=30))
+    out = run_cli(["diagnose", str(tmp_path / "some")], tmp_path)
+    assert out.returncode == 0 and "diagnosing the 40 log steps it recorded" in out.stdout
+    assert "Exploding gradients" in out.stdout
+
+
+def test_diagnose_a_running_run_with_a_half_written_last_line(tmp_path):
+    write_run(tmp_path / "run", {"status": "running"}, step_records(5), tail='{"step": 6, "train/lo')
+    out = run_cli(["diagnose", str(tmp_path / "run")], tmp_path)
+    assert out.returncode == 0 and not out.stderr
+    assert "still running" in out.stdout and "5 log steps" in out.stdout
+
+
+@pytest.mark.parametrize("summary,tail,file,why", [
+    ('{"status": "completed", "metr', "", "summary.json", "not valid JSON"),  # truncated
+    ("[1, 2, 3]", "", "summary.json", "a JSON object was expected"),
+    ('{"status": "completed"}', 'garbage\n{"step": 9}\n', "metrics.jsonl:6", "not a JSON record"),
+    ('{"status": "completed"}', "[1]\n", "metrics.jsonl:6", "not a JSON object"),
+])
+def test_diagnose_a_corrupted_record_is_one_line_exit_1(tmp_path, summary, tail, file, why):
+    write_run(tmp_path / "run", summary, step_records(5), tail=tail)
+    out = run_cli(["diagnose", str(tmp_path / "run")], tmp_path)
+    assert out.returncode == 1 and not out.stdout
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"regexp: error: {tmp_path / 'run' / file}")
+    assert why in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{tmp}"], "not a run directory (no summary.json or metrics.jsonl)"),
+    ([], "the following arguments are required: RUN_DIR"),
+    (["{tmp}", "{tmp}"], "unrecognized arguments"),
+])
+def test_diagnose_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    out = run_cli(["diagnose", *(a.format(tmp=tmp_path) for a in args)], tmp_path)
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: ") and message in out.stderr
+
+
+def test_diagnose_help_documents_the_exit_codes(tmp_path):
+    out = run_cli(["diagnose", "--help"], tmp_path)
+    assert out.returncode == 0 and "Exit codes: 0" in out.stdout and "failed" in out.stdout

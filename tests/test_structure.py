@@ -1,0 +1,72 @@
+"""The package's shape (DESIGN §2): imports run one way, with no cycles, counting the
+imports inside functions too (a lazy import is still a dependency)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "regexp"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The regexp modules that a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from regexp import config` imports a module; `from regexp.x import y` the module x
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        found.update(name.split(".")[1] for name in names if name.startswith("regexp.") and name.count(".") >= 1)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    return {m: (imported_modules(PACKAGE / f"{m}.py") & modules) - {m} for m in modules}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One path per cycle found by depth-first search (empty: the graph is acyclic)."""
+    found, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                found.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_graph_sees_lazy_and_package_imports(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import json\nfrom regexp import rundir\n\ndef f():\n    from regexp.tracking import Reporter\n"
+                      "    import regexp.compare\n")
+    assert imported_modules(source) == {"rundir", "tracking", "compare"}
+
+
+def test_no_import_cycles_in_the_package():
+    graph = import_graph()
+    assert graph["compare"] and "rundir" in graph["compare"]  # the graph is really read
+    assert cycles(graph) == []
+
+
+def test_run_records_are_a_leaf():
+    """Every reader and writer of run dirs depends on rundir; rundir on nothing of regexp."""
+    graph = import_graph()
+    assert graph["rundir"] == set()
+    for reader in ("compare", "diagnose", "sweep", "tracking", "wandb_logger"):
+        assert "rundir" in graph[reader], reader
