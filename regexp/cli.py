@@ -74,31 +74,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    if command == "compare":
-        from regexp.compare import main as compare_main
-
-        return compare_main(rest)
-    if command == "diagnose":
-        return diagnose_command(rest)
+    if command in ("compare", "diagnose"):
+        return reader_command(command, rest)
     fail(f"unknown command {command!r}; commands: train, compare, diagnose (see regexp --help)")
     return 2
 
 
-def diagnose_command(args: list[str]) -> int:
-    """`regexp diagnose RUN_DIR`: the diagnosis of a finished run, from its files."""
-    from pathlib import Path
+def reader_command(command: str, args: list[str]) -> int:
+    """`regexp compare` / `regexp diagnose`, which read run dirs: bad input is one line and
+    exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
+    leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
+    import os
 
-    if len(args) != 1 or args[0].startswith("-"):
-        fail("usage: regexp diagnose RUN_DIR")
-    run_dir = Path(args[0])
-    if not (run_dir / "metrics.jsonl").is_file():
-        fail(f"RUN_DIR={run_dir}: not a run directory (no metrics.jsonl)")
-    from rich.console import Console
+    from regexp.rundir import ConfigError, RunError, UsageError
 
-    from regexp.diagnose import diagnose_run, render
-
-    render(diagnose_run(run_dir), Console())
-    return 0
+    try:
+        if command == "compare":
+            from regexp.compare import main as command_main
+        else:
+            from regexp.diagnose import main as command_main
+        code = command_main(args)
+        sys.stdout.flush()  # a closed pipe is found here, not at exit
+        return code
+    except (UsageError, ConfigError) as e:
+        fail(str(e))
+    except RunError as e:
+        print(f"regexp: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail again
+        return 141
+    return 2
 
 
 def train_command(args: list[str]) -> int:
@@ -119,12 +125,12 @@ def train_command(args: list[str]) -> int:
 
     hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(hydra_task)
     sys.argv = ["regexp train", *args]
+    from regexp.sweep import SweepFailed
+
     try:
         hydra_main()
-        from regexp.sweep import LAST_SWEEP
-
-        if multirun and LAST_SWEEP.get("failed"):
-            return 1
+    except SweepFailed:  # the sweep's table has named each failed job
+        return 1
     except Interrupted as e:
         print(f"regexp: interrupted by signal {e.signum}; checkpoint saved, continue with resume=<run dir>", file=sys.stderr)
         return 128 + e.signum
@@ -138,13 +144,13 @@ def with_resumed_run(args: list[str]) -> list[str]:
     from pathlib import Path
 
     from regexp.config import ConfigError
-    from regexp.tracking import read_override_list
+    from regexp.rundir import read_overrides
 
     value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     if value in (None, "null", "auto"):
         return args
     run_dir = Path(value)
-    recorded = read_override_list(run_dir)
+    recorded = read_overrides(run_dir)
     if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
         raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
     saved = [o for o in recorded if not o.startswith(("resume=", "hydra.run.dir="))]
@@ -167,7 +173,7 @@ def hydra_task(cfg) -> float:
     from hydra.types import RunMode
 
     from regexp.config import ConfigError, RunError
-    from regexp.sweep import already_finished, objective, record_failure, share_machine
+    from regexp.sweep import already_finished, record_failure, share_machine
     from regexp.train import prepare, train
 
     hydra_cfg = HydraConfig.get()
@@ -177,8 +183,8 @@ def hydra_task(cfg) -> float:
     try:
         finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
         if finished is not None:
-            print(f"{run_dir}: already {finished['status']}, skipped (resume=auto)")
-            return objective(finished)
+            print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
+            return finished.objective()
         typed = prepare(cfg)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
         summary = train(typed, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
@@ -193,7 +199,7 @@ def hydra_task(cfg) -> float:
             print(f"regexp: error: {e}", file=sys.stderr)
             sys.exit(1)
         raise
-    return objective(summary)
+    return summary.objective()
 
 
 def precheck(overrides: list[str], multirun: bool) -> None:
