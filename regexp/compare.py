@@ -407,10 +407,10 @@ def check_plot_path(out: Path) -> None:
 
     from regexp.config import ConfigError, check_writable
 
-    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
-        raise UsageError(f"--plot {out}: unknown image format; use e.g. .png, .pdf or .svg")
     if out.is_dir():
         raise UsageError(f"--plot {out}: is a directory; name an image file, e.g. {out / 'curves.png'}")
+    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
+        raise UsageError(f"--plot {out}: unknown image format; use e.g. .png, .pdf or .svg")
     try:
         check_writable(out.parent, "--plot", out)
     except ConfigError as e:

@@ -4,10 +4,11 @@ real sweep trained through the real CLI."""
 import json
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY, require_shared_data, run_cli, summaries
+from conftest import REGEXP, TINY, require_shared_data, run_cli, summaries
 
 from regexp import compare
 from regexp.compare import Stat
@@ -293,3 +294,94 @@ def test_bad_input_exits_2_with_one_line(sweep, tmp_path, args, message):
     out = run_cli(["compare", *(a.format(sweep=sweep, empty=tmp_path / "empty") for a in args)], tmp_path)
     assert out.returncode == 2 and not out.stdout
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: ") and message in out.stderr
+
+
+# ---------------------------------------------------------------- what is averaged, and bad files (hand-made runs)
+
+def wall(run_dir: Path, seconds: float, **fields) -> Path:
+    edit_summary(run_dir, lambda s: s.update(wall_time_s=seconds, **fields))
+    return run_dir
+
+
+def test_failed_and_diverged_runs_are_counted_never_averaged(tmp_path):
+    wall(sweep_run(tmp_path, "0", "adam", 0, 0.98), 474.9)
+    wall(sweep_run(tmp_path, "1", "adam", 1, None, status="failed"), 3.0, error="RuntimeError: boom\nTraceback")
+    wall(sweep_run(tmp_path, "2", "sgd", 0, 0.90), 100.0)
+    wall(make_run(tmp_path, "3", ["optimizer=sgd", "seed=1", "epochs=2"], metrics={"train/loss": 3137039191466.1, "test/acc": 0.1},
+                  status="diverged", choices={"optimizer": "sgd"}, config={"seed": 1}), 20.0, nonfinite={"nonfinite/step": 7})
+    groups = {g.values["optimizer"]: g for g in compare.group_runs(compare.find_runs([tmp_path]), ["optimizer"])}
+    assert groups["adam"].stat("wall_time_s") == Stat(474.9, None, 1)  # not (474.9 + 3.0) / 2
+    assert groups["sgd"].stat("train/loss") == Stat(pytest.approx(0.1), None, 1)  # the diverged loss stays out
+    assert groups["sgd"].stat("test/acc").mean == pytest.approx(0.90)
+
+    out = run_cli(["compare", str(tmp_path)], tmp_path)
+    assert out.returncode == 0 and not out.stderr
+    rows = table_rows(out.stdout)
+    assert [c.strip() for c in rows["adam"].split("│")][4:] == ["474.9", "1 completed, 1 failed"]
+    assert [c.strip() for c in rows["sgd"].split("│")][4:] == ["100.0", "1 completed, 1 diverged"]
+    assert f"failed: {tmp_path / '1'}  (RuntimeError: boom)" in out.stdout
+    assert f"diverged: {tmp_path / '3'}  (non-finite at step 7)" in out.stdout
+
+    result = json.loads(run_cli(["compare", str(tmp_path), "--json"], tmp_path).stdout)
+    adam = next(g for g in result["groups"] if g["values"]["optimizer"] == "adam")
+    assert adam["stats"]["wall_time_s"] == {"mean": 474.9, "std": None, "n": 1} and adam["statuses"] == {"completed": 1, "failed": 1}
+    assert {r["status"]: r["in_means"] for r in result["runs"]} == {"completed": True, "failed": False, "diverged": False}
+
+
+def test_json_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`regexp compare ... --json | head -1`: more than a pipe's buffer of JSON, the reader gone after one line."""
+    for i in range(300):
+        sweep_run(tmp_path / "runs", str(i), f"opt{i % 100}", i, 0.5 + i / 1000)
+    out = subprocess.run(f"set -o pipefail; {REGEXP} compare {tmp_path / 'runs'} --json 2>{tmp_path / 'err'} | head -1",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
+    assert out.stdout == "{\n" and (tmp_path / "err").read_text() == ""
+    assert out.returncode == 141  # as SIGPIPE ends other tools
+
+
+def test_unreadable_summaries_are_named_and_left_out(tmp_path):
+    sweep_run(tmp_path, "0", "adam", 0, 0.9)
+    for name, text in (("1", '{"status": "completed", "metr'), ("2", "[1, 2]"), ("3", '{"status": "completed", "metrics": 5}')):
+        sweep_run(tmp_path, name, "sgd", 0, 0.1)
+        (tmp_path / name / "summary.json").write_text(text)
+    out = run_cli(["compare", str(tmp_path), "--json"], tmp_path)
+    assert out.returncode == 0 and [r["run_dir"] for r in json.loads(out.stdout)["runs"]] == [str(tmp_path / "0")]
+    warnings = out.stderr.splitlines()
+    assert len(warnings) == 3 and all(w.startswith("regexp: warning: skipping ") for w in warnings)
+    for name, why in (("1", "not valid JSON"), ("2", "a JSON object was expected, not list"), ("3", "metrics is a int")):
+        assert any(str(tmp_path / name / "summary.json") in w and why in w for w in warnings), name
+
+    for name in ("0",):
+        (tmp_path / name / "summary.json").write_text("")
+    out = run_cli(["compare", str(tmp_path)], tmp_path)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("regexp: error: ") and "no runs found" in out.stderr
+
+
+def test_plot_leaves_out_a_corrupted_metrics_file(tmp_path):
+    curve = [{"step": 2, "epoch": 1, "train/loss": 2.0, "val/acc": 0.5}, {"step": 4, "epoch": 2, "train/loss": 1.0, "val/acc": 0.6}]
+    sweep_run(tmp_path / "runs", "0", "adam", 0, 0.9, curve=curve)
+    bad = sweep_run(tmp_path / "runs", "1", "sgd", 0, 0.8, curve=curve)
+    (bad / "metrics.jsonl").write_text('{"step": 2, "epo\n{"step": 4}\n')
+    png = tmp_path / "curves.png"
+    out = run_cli(["compare", str(tmp_path / "runs"), "--plot", str(png)], tmp_path)
+    assert out.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert out.stderr == f"regexp: warning: --plot: leaving out {bad}: {bad / 'metrics.jsonl'}:1: not a JSON record; the file is corrupted\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+@pytest.mark.parametrize("plot,message", [
+    ("{file}/curves.png", "output directory cannot be created: {file} is a file"),
+    ("{dir}", "is a directory; name an image file"),
+])
+def test_plot_to_an_unwritable_path_exits_2_before_any_work(tmp_path, plot, message):
+    sweep_run(tmp_path / "runs", "0", "adam", 0, 0.9, curve=[{"step": 2, "epoch": 1, "train/loss": 2.0}])
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "out.png").mkdir()
+    names = {"file": tmp_path / "a-file", "dir": tmp_path / "out.png"}
+    out = run_cli(["compare", str(tmp_path / "runs"), "--plot", plot.format(**names)], tmp_path)
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: --plot") and message.format(**names) in out.stderr
+
+
+def test_help_documents_the_exit_codes(tmp_path):
+    out = run_cli(["compare", "--help"], tmp_path)
+    assert out.returncode == 0 and "Exit codes: 0" in " ".join(out.stdout.split())
