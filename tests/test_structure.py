@@ -70,3 +70,14 @@ def test_run_records_are_a_leaf():
     assert graph["rundir"] == set()
     for reader in ("compare", "diagnose", "sweep", "tracking", "wandb_logger"):
         assert "rundir" in graph[reader], reader
+
+
+def test_the_readers_of_run_dirs_import_nothing_heavy():
+    """`regexp compare` and `regexp diagnose` read files: no torch, torchvision, wandb or matplotlib at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, regexp.compare, regexp.diagnose, regexp.sweep, regexp.tracking; "
+            "print([m for m in ('torch', 'torchvision', 'wandb', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -138,3 +138,44 @@ def test_no_secret_reaches_the_run_dir(tmp_path, data_root, wandb_env, monkeypat
     files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()]
     assert len(files) > 10
     assert [p for p in files if FAKE_KEY.encode() in p.read_bytes()] == []
+
+
+def test_an_unreachable_server_is_tried_once_per_shared_server_state(tmp_path, monkeypatch):
+    """The jobs that share a WandbServer pay the online timeout once; a fresh one tries again."""
+    import types
+
+    from regexp.wandb_logger import WandbServer, init_run
+
+    attempts = []
+
+    def init(mode, settings, **kwargs):
+        attempts.append(mode)
+        if mode == "online":
+            raise TimeoutError("timed out")
+        return f"{mode} run"
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Settings=lambda **kwargs: kwargs))
+    warnings = []
+    server = WandbServer()
+    assert init_run("online", {}, tmp_path, warnings.append, server) == "offline run" and server.unreachable
+    assert init_run("online", {}, tmp_path, warnings.append, server) == "offline run"
+    assert attempts == ["online", "offline", "offline"]
+    assert "could not go online (timed out)" in warnings[0] and "could not go online earlier" in warnings[1]
+    init_run("online", {}, tmp_path, warnings.append, WandbServer())
+    assert attempts[3:] == ["online", "offline"]
+
+
+def test_the_wandb_summary_is_the_typed_summary_without_the_config():
+    import types
+
+    from regexp.rundir import Status, Summary
+    from regexp.wandb_logger import WandbRun
+
+    run = types.SimpleNamespace(define_metric=lambda *args, **kwargs: None, summary={})
+    summary = Summary(status=Status.DIVERGED, config={"seed": 0}, choices={"model": "mlp"}, overrides=["seed=0"],
+                      metrics={"test/acc": 0.1, "train/loss": float("inf")}, findings=[{"rule": "divergence"}],
+                      wall_time_s=2.0, extra={"threads": 1})
+    WandbRun(run).summary(summary)
+    assert run.summary == {"test/acc": 0.1, "nonfinite": ["train/loss"], "status": "diverged", "run_dir": "",
+                           "findings": [{"rule": "divergence"}], "steps": 0, "epochs_completed": 0, "wall_time_s": 2.0,
+                           "skipped_steps": 0, "threads": 1}
