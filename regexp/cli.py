@@ -5,7 +5,6 @@ Nothing heavy is imported at module level: `regexp --help` must stay instant.
 """
 
 import math
-import re
 import sys
 import warnings
 from typing import Optional
@@ -19,40 +18,34 @@ regularization, optimizer, schedule, clipping and accumulation, and records what
 commands:
   train [OVERRIDES...]      one run, e.g.  regexp train +regularizer=dropout optimizer=adam
   train -m [OVERRIDES...]   a sweep, e.g.  regexp train -m optimizer=adam,adamw seed=0,1,2
-  train --cfg job           print the composed config and exit
+  train --cfg job           print the composed config and exit (--resolve: with ${...} resolved)
   train --help              config groups, options and Hydra's flags
   diagnose RUN_DIR          what went wrong in a run and what to try, from its metrics
   compare PATH... [--metric test/acc] [--by KEY] [--plot out.png] [--json]
                             runs and sweeps side by side: groups by the swept keys, mean ± std over seeds
 
 config groups (pick with group=option, set values with group.key=value):
-  dataset       mnist fashion_mnist cifar10
-  model         mlp deep_mlp cnn resnet
-  init          default xavier_uniform xavier_normal kaiming_uniform kaiming_normal orthogonal normal
-  norm          none batchnorm layernorm
-  +regularizer  dropout l1 l2 elastic_net max_norm augment label_smoothing early_stopping
-                (added with '+': +regularizer=dropout or +regularizer=[dropout,l2])
-  optimizer     sgd momentum nesterov adam adamw
-  scheduler     none step cosine warmup_cosine onecycle
-  clip          none norm value
-  accumulation  none steps
-  device        auto cpu cuda
-  monitor       default full off
+{groups}
   +experiment   presets reproducing classic results, e.g. regexp train -m +experiment=dropout_mnist
   hydra/launcher  joblib submitit_local submitit_slurm   (parallel or cluster sweeps)
   hydra/sweeper   tune   (Optuna search over lr, weight decay, dropout)
-  logger        wandb none     (logger.mode=auto|online|offline|disabled)
+'+' adds a group that is not in the defaults: +regularizer=dropout, +regularizer=[dropout,l2],
++experiment=NAME. Without the '+' (W&B sweep agents cannot pass it), regularizer=dropout and
+experiment=NAME add the group just the same.
 
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
 Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
 """
 
-# The launcher presets share the plugins' names on purpose (hydra/launcher=joblib); Hydra
-# then warns on every run, also in each worker (they import this module to unpickle the task).
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema", category=UserWarning)
-
 # Hydra flags that only print something: they get no pre-check.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
+
+
+def usage() -> str:
+    """The help text; its groups and options come from the registry."""
+    from regexp.config import group_lines
+
+    return USAGE.replace("{groups}", "\n".join(group_lines()))
 
 
 def fail(message: str) -> None:
@@ -64,7 +57,7 @@ def fail(message: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "--version":
@@ -108,16 +101,21 @@ def reader_command(command: str, args: list[str]) -> int:
 
 
 def train_command(args: list[str]) -> int:
-    from regexp.config import ConfigError
+    from regexp.config import ConfigError, RunError
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         if not multirun:
             args = with_resumed_run(args)
+        args = with_plus_where_needed(args)
         if not INFO_FLAGS.intersection(args):
-            precheck([a for a in args if is_override(a)], multirun)
+            printing = any(a in ("-c", "--cfg") for a in args)  # --cfg job: the config, validated; no run
+            precheck([a for a in args if is_override(a)], multirun, run=not printing)
     except ConfigError as e:
         fail(str(e))
+    except RunError as e:  # a data file that does not fit (data.check_available): one line, exit 1, nothing written
+        print(f"regexp: error: {e}", file=sys.stderr)
+        return 1
     import hydra
 
     from regexp.config import config_dir
@@ -128,7 +126,12 @@ def train_command(args: list[str]) -> int:
     from regexp.sweep import SweepFailed
 
     try:
-        hydra_main()
+        with warnings.catch_warnings():
+            # The launcher presets share the plugins' names on purpose (hydra/launcher=joblib),
+            # which Hydra reports as deprecated schema matching on every run.
+            warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                                    category=UserWarning)
+            hydra_main()
     except SweepFailed:  # the sweep's table has named each failed job
         return 1
     except Interrupted as e:
@@ -137,6 +140,16 @@ def train_command(args: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def with_plus_where_needed(args: list[str]) -> list[str]:
+    """The command line with `regularizer=X` / `experiment=X` read as `+regularizer=X` where
+    the group is not in the defaults yet (regexp.compose.with_added_groups); flags untouched."""
+    from regexp.compose import with_added_groups
+
+    positions = [i for i, a in enumerate(args) if is_override(a)]
+    rewritten = dict(zip(positions, with_added_groups([args[i] for i in positions])))
+    return [rewritten.get(i, a) for i, a in enumerate(args)]
 
 
 def with_resumed_run(args: list[str]) -> list[str]:
@@ -164,17 +177,22 @@ def is_override(arg: str) -> bool:
 
 
 def hydra_task(cfg) -> float:
-    """The job Hydra runs (once per sweep job): checks, then train(). Returns the sweep
-    objective (val/acc; NaN when there is none). In a sweep a failing job is recorded in
-    its run dir and the sweep goes on; alone, bad input exits 2 and a bad file 1."""
+    """The job Hydra runs (once per sweep job): train() on the job's typed config. Returns
+    the sweep objective (val/acc; NaN when there is none). The pre-flight validated every job
+    it could list (a single run, each job of a basic sweep), so Hydra's composed config, typed
+    by the schemas, is used as it is; only a search sweeper's draws are validated here. In a
+    sweep a failing job is recorded in its run dir and the sweep goes on; alone, bad input
+    exits 2 and a bad file 1."""
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from regexp.config import ConfigError, RunError
+    from regexp.compose import expands_its_jobs
+    from regexp.config import ConfigError, RunError, resolve_device, validate
+    from regexp.data import check_available
     from regexp.sweep import already_finished, record_failure, share_machine
-    from regexp.train import prepare, train
+    from regexp.train import train
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -185,9 +203,12 @@ def hydra_task(cfg) -> float:
         if finished is not None:
             print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
             return finished.objective()
-        typed = prepare(cfg)
+        if multirun and not expands_its_jobs(hydra_cfg):  # a search sweeper's draw: not seen by the pre-flight
+            resolve_device(validate(cfg))
+        if multirun:  # data problems fail this job, not the sweep
+            check_available(cfg.dataset)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
-        summary = train(typed, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
+        summary = train(cfg, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
                         composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
     except Exception as e:
         if multirun:
@@ -202,84 +223,30 @@ def hydra_task(cfg) -> float:
     return summary.objective()
 
 
-def precheck(overrides: list[str], multirun: bool) -> None:
-    """Compose and validate every job's config before Hydra starts any, so bad input fails
-    fast with one line (Hydra's own errors are several lines and exit 1)."""
-    from hydra import compose, initialize_config_dir
+def precheck(overrides: list[str], multirun: bool, run: bool = True) -> None:
+    """Pre-flight, before Hydra creates anything: compose and validate every job's config
+    (regexp.compose); to `run`, also the device, the output dir and, for a single run, the
+    data. Bad input fails fast with one line (Hydra's own errors are several lines, exit 1)."""
+    from regexp.compose import compose, initialized, sweep_jobs
+    from regexp.config import check_writable, resolve_device, validate
 
-    from regexp.config import check_writable, config_dir, resolve_device, validate
-    from regexp.train import prepare
+    out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    with initialized():
+        for job in sweep_jobs(overrides) if multirun else [overrides]:
+            cfg = compose(job, with_hydra=True)
+            typed = validate(cfg)
+            if not run:
+                continue
+            resolve_device(typed)
+            if not multirun:  # in a sweep, missing data fail their job, not the whole sweep
+                from regexp.data import check_available  # torch: only once the config is known good
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-        for job in sweep_jobs(compose, overrides) if multirun else [overrides]:
-            cfg = compose_or_explain(compose, job)
-            out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-            if not any(o.startswith(out_key + "=") for o in job):
-                out_key = "out_dir"
+                check_available(typed.dataset)
             out_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
-            shown = cfg.out_dir if out_key == "out_dir" else out_dir
-            if multirun:  # data problems fail a job, not the whole sweep
-                resolve_device(validate(cfg))
+            if any(o.startswith(out_key + "=") for o in job):
+                check_writable(out_dir, out_key, out_dir)
             else:
-                prepare(cfg)
-            check_writable(out_dir, out_key, shown)
-
-
-def sweep_jobs(compose, overrides: list[str]) -> list[list[str]]:
-    """The override list of each job of a basic-sweeper multirun: the command line's sweeps
-    and the config's own (`hydra.sweeper.params`, as experiment presets carry). A search
-    sweeper (Optuna) draws its jobs as it goes: then only the fixed part is checked here."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from regexp.config import ConfigError
-
-    parser = OverridesParser.create()
-    try:
-        parsed = parser.parse_overrides(overrides)
-    except Exception as e:  # a syntax error
-        raise ConfigError("overrides", " ".join(overrides), first_line(e)) from None
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    base = compose_or_explain(compose, fixed)
-    if not str(base.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return [fixed]
-    from_config = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
-    try:
-        combined = parser.parse_overrides(from_config) + parsed
-        return [job for batch in BasicSweeper.split_arguments(combined, None) for job in batch]
-    except Exception as e:  # e.g. interval() or tag() sweeps, which only a search sweeper expands
-        raise ConfigError("overrides", " ".join(overrides), first_line(e)) from None
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def compose_or_explain(compose, overrides: list[str]):
-    """Hydra's compose, with its errors turned into one ConfigError line."""
-    from hydra.errors import HydraException, MissingConfigException
-
-    from regexp.config import ConfigError
-
-    try:
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    except MissingConfigException as e:
-        group, _, option = (e.missing_cfg_file or "").rpartition("/")
-        if group and e.options:
-            key = next((o.split("=")[0] for o in overrides if o.lstrip("+~").split("=")[0] == group), group)
-            raise ConfigError(key, option, "unknown option; choose one of " + ", ".join(sorted(e.options))) from None
-        raise ConfigError("config", e.missing_cfg_file, first_line(e)) from None
-    except HydraException as e:
-        message = first_line(e)
-        ambiguous = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)
-        if ambiguous:
-            raise ConfigError(ambiguous.group(1), ambiguous.group(2), "several values make a sweep: add -m (regexp train -m ...)") from None
-        unknown = re.match(r"Could not override '([^']+)'", message)
-        if unknown:
-            key = unknown.group(1)
-            value = next((o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key), "?")
-            raise ConfigError(key, value, "unknown key (see `regexp train --cfg job` for the keys of this config)") from None
-        raise ConfigError("overrides", " ".join(overrides), message) from None
+                check_writable(out_dir, "out_dir", cfg.out_dir)
 
 
 if __name__ == "__main__":

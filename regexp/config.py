@@ -1,48 +1,30 @@
-"""Typed configuration: one dataclass schema per config-group option, plus validation.
+"""Typed configuration: one registry per config group, schemas in Hydra's ConfigStore, range
+rules beside their fields.
 
-Hydra composes `conf/` into an untyped DictConfig; `validate` merges every group into its
-option's schema (types, unknown keys) and then checks ranges and cross-field rules, so a
-bad value fails with one line naming the key, the value and what is allowed, before any
-data is touched. This module must not import torch: `regexp --help` stays instant.
+`REGISTRY[group][option]` names the dataclass that types the option's YAML file
+(`conf/<group>/<option>.yaml`, which extends `/schema/<group>/<option>` in its defaults list)
+and the function that realises the option. Hydra types every value while it composes
+(regexp/compose.py); `validate` then checks the range rules declared beside each field and
+the cross-field rules, so a bad value fails with one line naming the key, the value and what
+is allowed, before any data is touched.
+
+No torch here, and Hydra only inside functions: `regexp --help` reads the registry and stays instant.
 """
 
+import functools
 import math
 import os
-import re
 import tempfile
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, ClassVar, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
-
-def config_dir() -> str:
-    """`conf/`: inside the installed package, or at the repository root in a checkout."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else packaged.parent.parent / "conf")
+from regexp.rundir import ConfigError, RunError  # noqa: F401  (re-exported: config.ConfigError)
 
 
-class ConfigError(ValueError):
-    """A bad configuration value: `key=value: allowed`. Exit code 2 at the CLI."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={_show(value)}: {allowed}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
-    return str(value)
-
-
-class RunError(RuntimeError):
-    """A problem with a file the run needs or writes (data, checkpoint, output): the
-    message says which file and what to do. Exit code 1, one line, no traceback."""
-
-
+# ---------------------------------------------------------------- range rules, declared beside fields
 @dataclass(frozen=True)
 class Rule:
     """A range/choice check attached to a schema field through `metadata`."""
@@ -51,26 +33,26 @@ class Rule:
     allowed: str
 
 
+def rule(ok: Callable[[Any], bool], allowed: str) -> dict:
+    return {"rule": Rule(ok, allowed)}
+
+
 def choice(*options: str) -> dict:
-    return {"rule": Rule(lambda v: v in options, "must be one of " + ", ".join(options))}
+    return rule(lambda v: v in options, "must be one of " + ", ".join(options))
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-POSITIVE = {"rule": Rule(lambda v: _finite(v) and v > 0, "must be > 0")}
-NON_NEGATIVE = {"rule": Rule(lambda v: _finite(v) and v >= 0, "must be >= 0")}
-AT_LEAST_ONE = {"rule": Rule(lambda v: v >= 1, "must be an integer >= 1")}
-PROBABILITY = {"rule": Rule(lambda v: _finite(v) and 0 <= v < 1, "must satisfy 0 <= p < 1")}
-FRACTION = {"rule": Rule(lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1")}
-OPTIONAL_AT_LEAST_ONE = {
-    "rule": Rule(lambda v: v is None or v >= 1, "must be an integer >= 1 or null (off)")
-}
-POSITIVE_WIDTHS = {
-    "rule": Rule(lambda v: len(v) > 0 and all(w >= 1 for w in v), "must be a non-empty list of integers >= 1")
-}
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+POSITIVE = rule(lambda v: _finite(v) and v > 0, "must be > 0")
+NON_NEGATIVE = rule(lambda v: _finite(v) and v >= 0, "must be >= 0")
+AT_LEAST_ONE = rule(lambda v: v >= 1, "must be an integer >= 1")
+PROBABILITY = rule(lambda v: _finite(v) and 0 <= v < 1, "must satisfy 0 <= p < 1")
+FRACTION = rule(lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1")
+OPTIONAL_AT_LEAST_ONE = rule(lambda v: v is None or v >= 1, "must be an integer >= 1 or null (off)")
+POSITIVE_WIDTHS = rule(lambda v: len(v) > 0 and all(w >= 1 for w in v), "must be a non-empty list of integers >= 1")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")  # models.ACTIVATIONS holds their modules
 
 
 # ---------------------------------------------------------------- dataset
@@ -84,57 +66,67 @@ class AugmentRecipe:
 
 @dataclass
 class DatasetConfig:
-    name: str = field(default="mnist", metadata=choice("mnist", "fashion_mnist", "cifar10"))
+    name: str = MISSING
     root: str = "data"
     download: bool = True
     val_size: int = field(default=5000, metadata=NON_NEGATIVE)
     limit: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)
     augment: AugmentRecipe = field(default_factory=AugmentRecipe)
+    cache: str = field(default="user", metadata=choice("user", "beside_data", "off"))  # decoded tensors (data.py)
 
 
 # ---------------------------------------------------------------- model
 @dataclass
-class MLPConfig:
-    name: str = "mlp"
+class ModelConfig:
+    convolutional: ClassVar[bool] = False  # takes images as (C, H, W) maps: channels_last, spatial norms
+
+    name: str = MISSING
     activation: str = field(default="relu", metadata=choice(*ACTIVATIONS))
+
+
+@dataclass
+class MLPConfig(ModelConfig):
     hidden: List[int] = field(default_factory=lambda: [512, 256], metadata=POSITIVE_WIDTHS)
 
 
 @dataclass
-class DeepMLPConfig:
-    name: str = "deep_mlp"
-    activation: str = field(default="relu", metadata=choice(*ACTIVATIONS))
+class DeepMLPConfig(ModelConfig):
     depth: int = field(default=10, metadata=AT_LEAST_ONE)  # hidden layers
     width: int = field(default=512, metadata=AT_LEAST_ONE)
 
 
 @dataclass
-class CNNConfig:
-    name: str = "cnn"
-    activation: str = field(default="relu", metadata=choice(*ACTIVATIONS))
+class CNNConfig(ModelConfig):
+    convolutional: ClassVar[bool] = True
+
     channels: List[int] = field(default_factory=lambda: [32, 64], metadata=POSITIVE_WIDTHS)
     fc: int = field(default=128, metadata=AT_LEAST_ONE)
 
 
 @dataclass
-class ResNetConfig:
-    name: str = "resnet"
-    activation: str = field(default="relu", metadata=choice(*ACTIVATIONS))
+class ResNetConfig(ModelConfig):
+    convolutional: ClassVar[bool] = True
+
     widths: List[int] = field(default_factory=lambda: [64, 128, 256], metadata=POSITIVE_WIDTHS)
+
+
+def convolutional(model_cfg: Any) -> bool:
+    """Whether the configured model is a conv net (its schema says so, not its name)."""
+    return OmegaConf.get_type(model_cfg).convolutional if isinstance(model_cfg, DictConfig) else model_cfg.convolutional
 
 
 # ---------------------------------------------------------------- init / norm
 @dataclass
 class InitConfig:
-    name: str = "default"
-    gain: Optional[float] = field(default=None, metadata={"rule": Rule(lambda v: v is None or (_finite(v) and v > 0), "must be > 0 or null (from the activation)")})
+    name: str = MISSING
+    gain: Optional[float] = field(default=None, metadata=rule(lambda v: v is None or (_finite(v) and v > 0), "must be > 0 or null (from the activation)"))
     mode: str = field(default="fan_in", metadata=choice("fan_in", "fan_out"))  # kaiming
     std: float = field(default=0.01, metadata=POSITIVE)  # normal
 
 
 @dataclass
 class NormConfig:
-    name: str = "none"
+    name: str = MISSING
     placement: str = field(default="before", metadata=choice("before", "after"))  # vs activation
     affine: bool = True
     momentum: float = field(default=0.1, metadata=FRACTION)  # batchnorm running stats
@@ -166,7 +158,7 @@ class MaxNormConfig:
 
 @dataclass
 class AugmentConfig:
-    crop: Optional[int] = field(default=None, metadata={"rule": Rule(lambda v: v is None or v >= 0, "must be >= 0 or null (the data set's recipe)")})
+    crop: Optional[int] = field(default=None, metadata=rule(lambda v: v is None or v >= 0, "must be >= 0 or null (the data set's recipe)"))
     flip: Optional[bool] = None  # null: the data set's recipe
 
 
@@ -183,43 +175,29 @@ class EarlyStoppingConfig:
     min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
-@dataclass
-class RegularizerConfig:
-    """`+regularizer=a` or `+regularizer=[a,b]`: each chosen option fills its own key."""
-
-    dropout: Optional[DropoutConfig] = None
-    l1: Optional[PenaltyConfig] = None
-    l2: Optional[PenaltyConfig] = None
-    elastic_net: Optional[ElasticNetConfig] = None
-    max_norm: Optional[MaxNormConfig] = None
-    augment: Optional[AugmentConfig] = None
-    label_smoothing: Optional[LabelSmoothingConfig] = None
-    early_stopping: Optional[EarlyStoppingConfig] = None
-
-
 # ---------------------------------------------------------------- optimization
 @dataclass
-class SGDConfig:
-    name: str = "sgd"
-    lr: float = field(default=0.1, metadata=POSITIVE)
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = field(default=1e-3, metadata=POSITIVE)
     weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
-    momentum: float = field(default=0.0, metadata=PROBABILITY)  # optimizer=nesterov: Nesterov momentum
     decay_norm_and_bias: bool = False
 
 
 @dataclass
-class AdamConfig:
-    name: str = "adam"
-    lr: float = field(default=1e-3, metadata=POSITIVE)
-    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"rule": Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")})
+class SGDConfig(OptimizerConfig):
+    momentum: float = field(default=0.0, metadata=PROBABILITY)
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"))
     eps: float = field(default=1e-8, metadata=POSITIVE)
-    decay_norm_and_bias: bool = False
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"
+    name: str = MISSING
     step_size: int = field(default=10, metadata=AT_LEAST_ONE)  # step: epochs between decays
     gamma: float = field(default=0.1, metadata=POSITIVE)  # step: decay factor
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)  # optimizer steps
@@ -231,7 +209,7 @@ class SchedulerConfig:
 
 @dataclass
 class ClipConfig:
-    name: str = "none"
+    name: str = MISSING
     max_norm: float = field(default=1.0, metadata=POSITIVE)
     norm_type: float = field(default=2.0, metadata=POSITIVE)
     clip_value: float = field(default=1.0, metadata=POSITIVE)
@@ -239,7 +217,7 @@ class ClipConfig:
 
 @dataclass
 class AccumulationConfig:
-    name: str = "none"
+    name: str = MISSING
     steps: int = field(default=1, metadata=AT_LEAST_ONE)
     scale_lr: str = field(default="off", metadata=choice("off", "linear", "sqrt"))
 
@@ -247,7 +225,7 @@ class AccumulationConfig:
 # ---------------------------------------------------------------- runtime
 @dataclass
 class DeviceConfig:
-    name: str = "auto"
+    name: str = MISSING  # auto, cpu or cuda: the device asked for
     precision: str = field(default="auto", metadata=choice("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on CUDA, else fp32
     compile: bool = False
     channels_last: bool = True  # convs on CUDA only
@@ -256,19 +234,104 @@ class DeviceConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
+    name: str = MISSING
     project: str = "regexp"
     entity: Optional[str] = None  # null: the account's default entity
     mode: str = field(default="auto", metadata=choice("auto", "online", "offline", "disabled"))
-    tags: List[str] = field(default_factory=list, metadata={"rule": Rule(lambda v: all(1 <= len(t) <= 64 for t in v), "must be tags of 1 to 64 characters")})
+    tags: List[str] = field(default_factory=list, metadata=rule(lambda v: all(1 <= len(t) <= 64 for t in v), "must be tags of 1 to 64 characters"))
 
 
 @dataclass
 class MonitorConfig:
-    name: str = "default"
+    name: str = MISSING
+    per_layer: bool = True  # hooks and per-layer metrics on log steps; false: the loop runs bare
     log_every: int = field(default=50, metadata=AT_LEAST_ONE)  # optimizer steps
     histogram_every: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)  # log steps
     on_nonfinite: str = field(default="stop", metadata=choice("stop", "skip", "continue"))
+
+
+# ---------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Option:
+    """One option of a config group: the dataclass that types its YAML file and, where one
+    function realises the option, that function's dotted path (imported when first built)."""
+
+    schema: type
+    builder: Optional[str] = None
+
+
+def _same(schema: type, *names: str) -> dict[str, Option]:
+    """Options that differ only in their YAML values (no builder of their own)."""
+    return {name: Option(schema) for name in names}
+
+
+REGISTRY: dict[str, dict[str, Option]] = {
+    "dataset": _same(DatasetConfig, "mnist", "fashion_mnist", "cifar10"),
+    "model": {
+        "mlp": Option(MLPConfig, "regexp.models.mlp"),
+        "deep_mlp": Option(DeepMLPConfig, "regexp.models.deep_mlp"),
+        "cnn": Option(CNNConfig, "regexp.models.cnn"),
+        "resnet": Option(ResNetConfig, "regexp.models.resnet"),
+    },
+    "init": {
+        "default": Option(InitConfig, "regexp.init.keep_pytorch_default"),
+        "xavier_uniform": Option(InitConfig, "regexp.init.xavier_uniform"),
+        "xavier_normal": Option(InitConfig, "regexp.init.xavier_normal"),
+        "kaiming_uniform": Option(InitConfig, "regexp.init.kaiming_uniform"),
+        "kaiming_normal": Option(InitConfig, "regexp.init.kaiming_normal"),
+        "orthogonal": Option(InitConfig, "regexp.init.orthogonal"),
+        "normal": Option(InitConfig, "regexp.init.normal"),
+    },
+    "norm": {
+        "none": Option(NormConfig, "regexp.models.no_norm"),
+        "batchnorm": Option(NormConfig, "regexp.models.batch_norm"),
+        "layernorm": Option(NormConfig, "regexp.models.layer_norm"),
+    },
+    "regularizer": {  # added with '+', several at once: each option fills regularizer.<option>
+        "dropout": Option(DropoutConfig),  # read by build_model
+        "l1": Option(PenaltyConfig),  # l1, l2, elastic_net: build_penalty
+        "l2": Option(PenaltyConfig),
+        "elastic_net": Option(ElasticNetConfig),
+        "max_norm": Option(MaxNormConfig),  # apply_max_norm after each update
+        "augment": Option(AugmentConfig),  # the data set's recipe, on the device
+        "label_smoothing": Option(LabelSmoothingConfig),  # build_criterion
+        "early_stopping": Option(EarlyStoppingConfig),  # EarlyStopping on a validation metric
+    },
+    "optimizer": {
+        "sgd": Option(SGDConfig, "regexp.optim.sgd"),
+        "momentum": Option(SGDConfig, "regexp.optim.sgd"),
+        "nesterov": Option(SGDConfig, "regexp.optim.nesterov"),
+        "adam": Option(AdamConfig, "regexp.optim.adam"),
+        "adamw": Option(AdamConfig, "regexp.optim.adamw"),
+    },
+    "scheduler": {
+        "none": Option(SchedulerConfig, "regexp.optim.constant"),
+        "step": Option(SchedulerConfig, "regexp.optim.step_decay"),
+        "cosine": Option(SchedulerConfig, "regexp.optim.cosine"),
+        "warmup_cosine": Option(SchedulerConfig, "regexp.optim.warmup_cosine"),
+        "onecycle": Option(SchedulerConfig, "regexp.optim.one_cycle"),
+    },
+    "clip": {
+        "none": Option(ClipConfig, "regexp.optim.no_clip"),
+        "norm": Option(ClipConfig, "regexp.optim.clip_norm"),
+        "value": Option(ClipConfig, "regexp.optim.clip_value"),
+    },
+    "accumulation": _same(AccumulationConfig, "none", "steps"),
+    "device": _same(DeviceConfig, "auto", "cpu", "cuda"),
+    "logger": _same(LoggerConfig, "wandb", "none"),
+    "monitor": _same(MonitorConfig, "default", "full", "off"),
+}
+# Groups outside train.yaml's defaults list: added with `+group=option` (or `group=option`, see
+# with_added_groups). `experiment` holds presets (`# @package _global_`), so it has no schema.
+OPTIONAL_GROUPS = ("experiment", "regularizer")  # in this order: a preset may add regularizers
+REGULARIZERS = tuple(REGISTRY["regularizer"])
+GROUP_SCHEMAS = {g: {n: o.schema for n, o in opts.items()} for g, opts in REGISTRY.items() if g not in OPTIONAL_GROUPS}
+
+# cfg.regularizer: one optional key per regularizer, None unless added
+RegularizerConfig = make_dataclass(
+    "RegularizerConfig", [(name, Optional[opt.schema], None) for name, opt in REGISTRY["regularizer"].items()]
+)
+RegularizerConfig.__module__ = __name__  # importable by name: configs travel pickled to launcher workers
 
 
 @dataclass
@@ -278,7 +341,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """Top-level keys; each group is typed by its own option schema (GROUP_SCHEMAS)."""
+    """Top-level keys; each group's node is typed by its chosen option's schema."""
 
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     epochs: int = field(default=10, metadata=AT_LEAST_ONE)
@@ -289,133 +352,89 @@ class TrainConfig:
     out_dir: str = "outputs"
     resume: Optional[str] = None  # a run dir (or its checkpoint.pt) to continue; `auto` in sweeps
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    dataset: Any = None
-    model: Any = None
-    init: Any = None
-    norm: Any = None
-    regularizer: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    clip: Any = None
-    accumulation: Any = None
-    device: Any = None
-    logger: Any = None
-    monitor: Any = None
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    init: InitConfig = MISSING
+    norm: NormConfig = MISSING
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    clip: ClipConfig = MISSING
+    accumulation: AccumulationConfig = MISSING
+    device: DeviceConfig = MISSING
+    logger: LoggerConfig = MISSING
+    monitor: MonitorConfig = MISSING
 
 
-# Each group's options and the schema that types them. The `name` key of an option's
-# YAML selects its schema; the code's registries are keyed by the same names.
-GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {n: DatasetConfig for n in ("mnist", "fashion_mnist", "cifar10")},
-    "model": {"mlp": MLPConfig, "deep_mlp": DeepMLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig},
-    "init": {n: InitConfig for n in ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "normal")},
-    "norm": {n: NormConfig for n in ("none", "batchnorm", "layernorm")},
-    "optimizer": {"sgd": SGDConfig, "momentum": SGDConfig, "nesterov": SGDConfig, "adam": AdamConfig, "adamw": AdamConfig},
-    "scheduler": {n: SchedulerConfig for n in ("none", "step", "cosine", "warmup_cosine", "onecycle")},
-    "clip": {n: ClipConfig for n in ("none", "norm", "value")},
-    "accumulation": {n: AccumulationConfig for n in ("none", "steps")},
-    "device": {n: DeviceConfig for n in ("auto", "cpu", "cuda")},
-    "logger": {n: LoggerConfig for n in ("wandb", "none")},
-    "monitor": {n: MonitorConfig for n in ("default", "full", "off")},
-}
-REGULARIZERS = tuple(f.name for f in fields(RegularizerConfig))
+@functools.cache
+def builder(group: str, option: str) -> Callable:
+    """The function that realises `group=option` (a registry entry's builder)."""
+    from hydra.utils import get_method
+
+    if option not in REGISTRY[group]:
+        raise ConfigError(group, option, "unknown option; choose one of " + ", ".join(sorted(REGISTRY[group])))
+    path = REGISTRY[group][option].builder
+    if path is None:
+        raise KeyError(f"{group}={option} has no builder: its fields say what it does")
+    return get_method(path)
 
 
-def _typed(schema: type, node: Any, prefix: str) -> DictConfig:
-    """Merge `node` into `schema`, turning OmegaConf's errors into a ConfigError."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-    except OmegaConfBaseException as e:
-        inner = re.sub(r"\[\d+\]$", "", str(e.full_key or ""))  # a list element: report the list
-        key = ".".join(k for k in (prefix, inner) if k)
-        owner, last = _field_owner(schema, inner)
-        if last not in {f.name for f in fields(owner)}:
-            known = ", ".join(f.name for f in fields(owner))
-            raise ConfigError(key, _lookup(node, inner), f"unknown key; known keys here: {known}") from None
-        raise ConfigError(key, _lookup(node, inner), f"must be {_describe_type(owner, last)}") from None
+@functools.cache  # once per process: the ConfigStore keeps them
+def register_schemas() -> None:
+    """Store every option's schema as `schema/<group>/<option>` (its `name` filled in) and
+    the top level as `schema/train`, where the YAML files' defaults lists extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=TrainConfig)
+    for group, options in REGISTRY.items():
+        for name, opt in options.items():
+            named = "name" in {f.name for f in fields(opt.schema)}
+            store.store(group=f"schema/{group}", name=name, node=opt.schema(name=name) if named else opt.schema)
 
 
-def _lookup(node: Any, dotted: str) -> Any:
-    for part in [p for p in dotted.split(".") if p]:
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+def config_dir() -> str:
+    """`conf/` (inside the installed package, or at the repository root in a checkout), ready to
+    compose: its YAML files extend the schemas, so this registers them in the ConfigStore."""
+    register_schemas()
+    packaged = Path(__file__).resolve().parent / "conf"
+    return str(packaged if packaged.is_dir() else packaged.parent.parent / "conf")
 
 
-def _dataclass_of(tp: Any) -> Optional[type]:
-    """The dataclass inside a field type (X or Optional[X]), if any."""
-    if is_dataclass(tp):
-        return tp
-    return next((a for a in getattr(tp, "__args__", ()) if is_dataclass(a)), None)
-
-
-def _field_owner(schema: type, dotted: str) -> tuple[type, str]:
-    """The dataclass that owns the last key of `dotted`, and that key."""
-    parts = [p for p in dotted.split(".") if p] or [""]
-    for part in parts[:-1]:
-        f = {f.name: f for f in fields(schema)}.get(part)
-        inner = _dataclass_of(f.type) if f is not None else None
-        if inner is None:
-            break
-        schema = inner
-    return schema, parts[-1]
-
-
-_TYPE_WORDS = {
-    int: "an integer", float: "a number", bool: "true or false", str: "a string",
-    Optional[int]: "an integer or null", Optional[float]: "a number or null",
-    Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
-    List[str]: "a list of strings",
-}
-
-
-def _describe_type(owner: type, name: str) -> str:
-    tp = {f.name: f.type for f in fields(owner)}[name]
-    return _TYPE_WORDS.get(tp, "a mapping of its own keys" if _dataclass_of(tp) else str(tp))
-
-
-def _check_rules(node: DictConfig, schema: type, prefix: str) -> None:
-    for f in fields(schema):
-        value = node[f.name]
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        rule: Optional[Rule] = f.metadata.get("rule")
-        if rule is not None and not rule.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
-            raise ConfigError(key, value, rule.allowed)
-        inner = _dataclass_of(f.type)
-        if isinstance(value, DictConfig) and inner is not None:
-            _check_rules(value, inner, key)
-
-
-def resolved_container(cfg: DictConfig) -> dict:
-    """The config as plain data with interpolations resolved, without Hydra's own node
-    (whose job-time keys do not resolve outside a running job)."""
-    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-            for k, v in cfg.items() if k != "hydra"}
-
-
+# ---------------------------------------------------------------- validation
 def validate(cfg: DictConfig) -> DictConfig:
-    """Type- and range-check a composed config; return it typed. Raises ConfigError."""
-    raw = resolved_container(cfg)
-    groups = {g: raw.pop(g, None) for g in list(GROUP_SCHEMAS) + ["regularizer"]}
-    typed = _typed(TrainConfig, raw, "")
-    _check_rules(typed, TrainConfig, "")
-    for group, options in GROUP_SCHEMAS.items():
-        node = groups[group]
-        name = node.get("name") if isinstance(node, dict) else None
-        if name not in options:
-            raise ConfigError(group, name, "unknown option; choose one of " + ", ".join(sorted(options)))
-        typed[group] = _typed(options[name], node, group)
-        _check_rules(typed[group], options[name], group)
-    typed.regularizer = _typed(RegularizerConfig, groups["regularizer"], "regularizer")
-    _check_rules(typed.regularizer, RegularizerConfig, "regularizer")
-    _check_cross_fields(typed)
-    return typed
+    """Check a composed (hence typed) config: no keys outside the schemas, the range rules
+    beside each field, the cross-field rules. Returns the job's config, without Hydra's
+    node. Raises ConfigError."""
+    job = cfg
+    if "hydra" in cfg:
+        job = cfg.copy()
+        with open_dict(job):
+            del job["hydra"]
+    _check_fields(job, "")
+    _check_cross_fields(job)
+    return job
+
+
+def _check_fields(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    declared = {f.name: f for f in fields(schema)} if is_dataclass(schema) else {}
+    for key in node:
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in declared:  # only `+key=value` gets past Hydra's typed merge
+            raise ConfigError(full, node[key], "unknown key; known keys here: " + ", ".join(declared))
+        value = node[key]
+        check: Optional[Rule] = declared[key].metadata.get("rule")
+        if check is not None and not check.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
+            raise ConfigError(full, value, check.allowed)
+        if isinstance(value, DictConfig):
+            _check_fields(value, full)
 
 
 def _check_cross_fields(cfg: DictConfig) -> None:
-    reg = cfg.regularizer
-    if reg.early_stopping is not None and cfg.dataset.val_size == 0:
+    if cfg.regularizer.early_stopping is not None and cfg.dataset.val_size == 0:
         raise ConfigError("dataset.val_size", 0, "must be > 0 with +regularizer=early_stopping (it watches a validation metric)")
-    if cfg.model.name in ("cnn", "resnet") and cfg.norm.name == "layernorm" and cfg.norm.placement != "before":
+    if convolutional(cfg.model) and cfg.norm.name == "layernorm" and cfg.norm.placement != "before":
         raise ConfigError("norm.placement", cfg.norm.placement, "layernorm on conv models supports only 'before'")
 
 
@@ -432,6 +451,14 @@ def warnings_for(cfg: DictConfig) -> list[str]:
     return out
 
 
+def resolved_container(cfg: DictConfig) -> dict:
+    """The config as plain data with interpolations resolved, without Hydra's own node
+    (whose job-time keys do not resolve outside a running job)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
+# ---------------------------------------------------------------- runtime checks
 def resolve_device(cfg: DictConfig) -> str:
     """'cpu' or 'cuda' for device=auto|cpu|cuda; ConfigError when CUDA is asked for and absent."""
     import torch
@@ -470,3 +497,28 @@ def check_writable(path: str | os.PathLike, key: str, value: Any = None) -> None
         os.unlink(name)
     except OSError as e:
         raise ConfigError(key, value, f"output directory cannot be written: {probe}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------- listings derived from the registry
+def group_lines() -> list[str]:
+    """One line per config group and its options, for `regexp --help`."""
+    lines = []
+    for group, options in REGISTRY.items():
+        shown = f"+{group}" if group in OPTIONAL_GROUPS else group
+        lines.append(f"  {shown:<13} {' '.join(options)}")
+    return lines
+
+
+def options_markdown() -> str:
+    """The configuration reference table (docs): group, option, schema, keys, builder."""
+    rows = ["| group | option | schema | keys | realised by |", "|---|---|---|---|---|"]
+    for group, options in REGISTRY.items():
+        for name, opt in options.items():
+            keys = ", ".join(f"`{f.name}`" for f in fields(opt.schema) if f.name != "name")
+            shown = f"`+{group}={name}`" if group in OPTIONAL_GROUPS else f"`{group}={name}`"
+            rows.append(f"| {group} | {shown} | {opt.schema.__name__} | {keys} | {f'`{opt.builder}`' if opt.builder else 'its fields'} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_markdown())

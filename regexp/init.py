@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from regexp.config import builder
+
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv2d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -65,23 +67,19 @@ def by_layer_type(init_weight: Callable[[torch.Tensor, object, str], None]) -> C
     return apply
 
 
-def _keep_pytorch_default(model: nn.Module, init_cfg, activation: str) -> None:
+# ---------------------------------------------------------------- schemes (REGISTRY["init"])
+def keep_pytorch_default(model: nn.Module, init_cfg, activation: str) -> None:
     """Leave every parameter as the layer constructors set it."""
 
 
-INITS: dict[str, Callable[[nn.Module, object, str], None]] = {
-    "default": _keep_pytorch_default,
-    "xavier_uniform": by_layer_type(_xavier_uniform),
-    "xavier_normal": by_layer_type(_xavier_normal),
-    "kaiming_uniform": by_layer_type(_kaiming_uniform),
-    "kaiming_normal": by_layer_type(_kaiming_normal),
-    "orthogonal": by_layer_type(_orthogonal),
-    "normal": by_layer_type(_normal),
-}
+xavier_uniform = by_layer_type(_xavier_uniform)
+xavier_normal = by_layer_type(_xavier_normal)
+kaiming_uniform = by_layer_type(_kaiming_uniform)
+kaiming_normal = by_layer_type(_kaiming_normal)
+orthogonal = by_layer_type(_orthogonal)
+normal = by_layer_type(_normal)
 
 
 def init_weights(model: nn.Module, init_cfg, activation: str) -> None:
-    """Initialize `model` in place with the scheme `init_cfg.name`, tuned to `activation`."""
-    if init_cfg.name not in INITS:
-        raise ValueError(f"init={init_cfg.name}: unknown init; choose one of {', '.join(INITS)}")
-    INITS[init_cfg.name](model, init_cfg, activation)
+    """Initialize `model` in place with the scheme of option `init_cfg.name`, tuned to `activation`."""
+    builder("init", init_cfg.name)(model, init_cfg, activation)

@@ -21,6 +21,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from regexp.config import builder
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -31,29 +33,35 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 Layers = list[tuple[str, nn.Module]]
 
 
-def has_bias(norm_cfg) -> bool:
-    """A norm right after a layer subtracts the mean anyway; its shift replaces the layer's bias."""
-    return norm_cfg.name == "none" or norm_cfg.placement == "after"
+# ---------------------------------------------------------------- norms (REGISTRY["norm"])
+def no_norm(norm_cfg, features: int, spatial: bool) -> None:
+    return None
+
+
+def batch_norm(norm_cfg, features: int, spatial: bool) -> nn.Module:
+    batchnorm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+    return batchnorm(features, eps=norm_cfg.eps, momentum=norm_cfg.momentum, affine=norm_cfg.affine)
+
+
+def layer_norm(norm_cfg, features: int, spatial: bool) -> nn.Module:
+    if spatial:  # one group = LayerNorm over (C, H, W) of each sample, whatever H and W are
+        return nn.GroupNorm(1, features, eps=norm_cfg.eps, affine=norm_cfg.affine)
+    return nn.LayerNorm(features, eps=norm_cfg.eps, elementwise_affine=norm_cfg.affine)
 
 
 def make_norm(norm_cfg, features: int, spatial: bool) -> Optional[nn.Module]:
     """The configured norm over `features` units (channels of a feature map when `spatial`)."""
-    if norm_cfg.name == "none":
-        return None
-    if norm_cfg.name == "batchnorm":
-        batchnorm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
-        return batchnorm(features, eps=norm_cfg.eps, momentum=norm_cfg.momentum, affine=norm_cfg.affine)
-    if norm_cfg.name == "layernorm":
-        if spatial:  # one group = LayerNorm over (C, H, W) of each sample, whatever H and W are
-            return nn.GroupNorm(1, features, eps=norm_cfg.eps, affine=norm_cfg.affine)
-        return nn.LayerNorm(features, eps=norm_cfg.eps, elementwise_affine=norm_cfg.affine)
-    raise ValueError(f"norm={norm_cfg.name}: unknown norm; choose one of none, batchnorm, layernorm")
+    return builder("norm", norm_cfg.name)(norm_cfg, features, spatial)
 
 
-def norm_and_activation(suffix: int | str, features: int, spatial: bool, activation: str, norm_cfg) -> Layers:
+def keeps_bias(norm: Optional[nn.Module], norm_cfg) -> bool:
+    """A norm right after a layer subtracts the mean anyway; its shift replaces the layer's bias."""
+    return norm is None or norm_cfg.placement == "after"
+
+
+def norm_and_activation(suffix: int | str, norm: Optional[nn.Module], activation: str, norm_cfg) -> Layers:
     """`norm{suffix}` then `act{suffix}` (placement=before), or the other way round (after)."""
     act = (f"act{suffix}", ACTIVATIONS[activation]())
-    norm = make_norm(norm_cfg, features, spatial)
     if norm is None:
         return [act]
     named_norm = (f"norm{suffix}", norm)
@@ -67,20 +75,23 @@ def dropout(name: str, p: float) -> Layers:
 
 def dense_block(name: str, k: int, in_features: int, out_features: int, activation: str, norm_cfg, p: float) -> Layers:
     """The k-th hidden layer as a Linear `name` -> norm -> activation -> dropout."""
-    linear = nn.Linear(in_features, out_features, bias=has_bias(norm_cfg))
-    return [(name, linear)] + norm_and_activation(k, out_features, False, activation, norm_cfg) + dropout(f"drop{k}", p)
+    norm = make_norm(norm_cfg, out_features, False)  # (norms draw no random numbers: init order is kept)
+    linear = nn.Linear(in_features, out_features, bias=keeps_bias(norm, norm_cfg))
+    return [(name, linear)] + norm_and_activation(k, norm, activation, norm_cfg) + dropout(f"drop{k}", p)
 
 
-def conv3x3(in_channels: int, out_channels: int, norm_cfg) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=has_bias(norm_cfg))
+def conv3x3(in_channels: int, out_channels: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
 
 
 def conv_block(suffix: int | str, in_channels: int, out_channels: int, activation: str, norm_cfg) -> Layers:
     """`conv{suffix}` (3x3, same size) -> norm -> activation."""
-    conv = conv3x3(in_channels, out_channels, norm_cfg)
-    return [(f"conv{suffix}", conv)] + norm_and_activation(suffix, out_channels, True, activation, norm_cfg)
+    norm = make_norm(norm_cfg, out_channels, True)
+    conv = conv3x3(in_channels, out_channels, keeps_bias(norm, norm_cfg))
+    return [(f"conv{suffix}", conv)] + norm_and_activation(suffix, norm, activation, norm_cfg)
 
 
+# ---------------------------------------------------------------- models (REGISTRY["model"])
 def _mlp(widths: list[int], activation: str, norm_cfg, input_shape, num_classes: int, p: float, p_input: float) -> nn.Sequential:
     layers = [("flatten", nn.Flatten())] + dropout("drop_input", p_input)
     in_features = prod(input_shape)
@@ -138,9 +149,10 @@ def resnet(model_cfg, norm_cfg, input_shape, num_classes, p, p_input) -> nn.Sequ
             conv_block(1, out_channels, out_channels, activation, norm_cfg)
             + conv_block(2, out_channels, out_channels, activation, norm_cfg)
         ))
+        norm = make_norm(norm_cfg, out_channels, True)
         stage = (
-            [("conv", conv3x3(in_channels, out_channels, norm_cfg)), ("pool", nn.MaxPool2d(2))]
-            + norm_and_activation("", out_channels, True, activation, norm_cfg)
+            [("conv", conv3x3(in_channels, out_channels, keeps_bias(norm, norm_cfg))), ("pool", nn.MaxPool2d(2))]
+            + norm_and_activation("", norm, activation, norm_cfg)
             + [("res", residual)]
         )
         layers.append((f"stage{i}", nn.Sequential(OrderedDict(stage))))
@@ -149,12 +161,7 @@ def resnet(model_cfg, norm_cfg, input_shape, num_classes, p, p_input) -> nn.Sequ
     return nn.Sequential(OrderedDict(layers))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "deep_mlp": deep_mlp, "cnn": cnn, "resnet": resnet}
-
-
 def build_model(model_cfg, norm_cfg, dropout_cfg, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The model named by `model_cfg.name`; `dropout_cfg` is None without +regularizer=dropout."""
-    if model_cfg.name not in MODELS:
-        raise ValueError(f"model={model_cfg.name}: unknown model; choose one of {', '.join(MODELS)}")
+    """The model of option `model_cfg.name`; `dropout_cfg` is None without +regularizer=dropout."""
     p, p_input = (dropout_cfg.p, dropout_cfg.p_input) if dropout_cfg is not None else (0.0, 0.0)
-    return MODELS[model_cfg.name](model_cfg, norm_cfg, tuple(input_shape), num_classes, p, p_input)
+    return builder("model", model_cfg.name)(model_cfg, norm_cfg, tuple(input_shape), num_classes, p, p_input)

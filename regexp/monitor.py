@@ -49,7 +49,7 @@ class Monitor(Probe):
     wants_norm = True
 
     def __init__(self, model: nn.Module, cfg: Any):
-        self.enabled = cfg.name != "off"
+        self.enabled = cfg.per_layer
         self.layers = parameterized_layers(model)
         self.activation_modules = activation_layers(model)
         self.histogram_every = cfg.get("histogram_every")

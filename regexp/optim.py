@@ -1,11 +1,13 @@
 """Optimizers with decay/no-decay parameter groups, lr schedules as pure functions, clipping."""
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from regexp.config import builder
 
 
 def is_weight(p: torch.Tensor) -> bool:
@@ -30,23 +32,24 @@ def _kernels(groups: list[dict]) -> dict:
     return {"fused": True} if on_cuda else {}
 
 
-def _sgd(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.get("momentum", 0.0), nesterov=cfg.name == "nesterov", **_kernels(groups))
+# ---------------------------------------------------------------- optimizers (REGISTRY["optimizer"])
+def sgd(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD, or heavy-ball momentum when cfg.momentum > 0 (optimizer=momentum)."""
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **_kernels(groups))
 
 
-def _adam(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
-    # Adam adds weight_decay * w to the gradient (coupled L2); AdamW shrinks w directly.
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **_kernels(groups))
+def nesterov(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, **_kernels(groups))
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], DictConfig, float], torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "momentum": _sgd,
-    "nesterov": _sgd,
-    "adam": _adam,
-    "adamw": _adam,
-}
+def adam(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam adds weight_decay * w to the gradient (coupled L2, then adapted)."""
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **_kernels(groups))
+
+
+def adamw(groups: list[dict], cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW shrinks w directly: w -= lr * weight_decay * w (decoupled)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **_kernels(groups))
 
 
 def scaled_lr(lr: float, accumulation_steps: int, scale_lr: str) -> float:
@@ -56,45 +59,57 @@ def scaled_lr(lr: float, accumulation_steps: int, scale_lr: str) -> float:
 
 def build_optimizer(model: nn.Module, cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
-    return OPTIMIZERS[cfg.name](groups, cfg, lr)
+    return builder("optimizer", cfg.name)(groups, cfg, lr)
 
 
-# ------------------------------------------------------------------ schedules
+# ---------------------------------------------------------------- schedules (REGISTRY["scheduler"])
+# Each is a pure function of the optimizer step: (cfg, step, total_steps, steps_per_epoch,
+# base_lr) -> multiplier of the base lr. No state, so a stack of models can carry its own numbers.
 def _cosine(t: float, start: float, end: float) -> float:
     """Cosine from `start` (t=0) to `end` (t=1)."""
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
+def constant(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    return 1.0
+
+
+def step_decay(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    """x gamma every `step_size` epochs."""
+    return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+
+
+def cosine(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    """From the base lr down to min_lr over the run."""
+    return _cosine(step / max(total_steps, 1), 1.0, cfg.min_lr / base_lr)
+
+
+def warmup_cosine(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then cosine down to min_lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    return _cosine((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0, cfg.min_lr / base_lr)
+
+
+def one_cycle(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+    """Cosine up from lr / div_factor for pct_start of the run, then down to start / final_div_factor."""
+    start = 1.0 / cfg.div_factor
+    rise = max(int(cfg.pct_start * total_steps), 1)
+    if step < rise:
+        return _cosine(step / rise, start, 1.0)
+    return _cosine((step - rise) / max(total_steps - rise, 1), 1.0, start / cfg.final_div_factor)
+
+
 def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): a pure function."""
-    name = cfg.name
-    if name == "none":
-        return 1.0
-    if name == "step":
-        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
-    floor = cfg.min_lr / base_lr
-    if name == "cosine":
-        return _cosine(step / max(total_steps, 1), 1.0, floor)
-    if name == "warmup_cosine":
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        return _cosine((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0, floor)
-    if name == "onecycle":
-        start = 1.0 / cfg.div_factor
-        rise = max(int(cfg.pct_start * total_steps), 1)
-        if step < rise:
-            return _cosine(step / rise, start, 1.0)
-        return _cosine((step - rise) / max(total_steps - rise, 1), 1.0, start / cfg.final_div_factor)
-    raise KeyError(name)
-
-
-SCHEDULERS = ("none", "step", "cosine", "warmup_cosine", "onecycle")
+    return builder("scheduler", cfg.name)(cfg, step, total_steps, steps_per_epoch, base_lr)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int, steps_per_epoch: int, base_lr: float):
     plain = OmegaConf.to_object(cfg)  # a dataclass: read every step, at Python attribute speed
+    schedule = builder("scheduler", cfg.name)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(plain, step, total_steps, steps_per_epoch, base_lr)
+        optimizer, lambda step: schedule(plain, step, total_steps, steps_per_epoch, base_lr)
     )
 
 
@@ -105,16 +120,27 @@ def global_grad_norm(params: list[torch.Tensor], norm_type: float = 2.0) -> torc
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
 
 
-def clip_gradients(params: list[torch.Tensor], cfg: Any) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Clip in place (after unscaling). Returns, as device tensors, the pre-clip global norm
-    when clipping computed it anyway (clip=norm) and whether this step was clipped. `cfg` is
-    a ClipConfig; the loop passes the plain dataclass (DictConfig reads cost µs per step)."""
-    if cfg.name == "norm":
-        pre = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, norm_type=cfg.norm_type, foreach=True)
-        return pre, pre > cfg.max_norm
-    if cfg.name == "value":
-        grads = [p.grad for p in params if p.grad is not None]
-        clipped = torch.stack(torch._foreach_norm(grads, float("inf"))).amax() > cfg.clip_value
-        torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
-        return None, clipped
+# clip functions (REGISTRY["clip"]): clip in place (after unscaling) and return, as device
+# tensors, the pre-clip global norm when clipping computed it anyway, and whether this step was clipped.
+def no_clip(params: list[torch.Tensor], cfg: Any) -> tuple[None, None]:
     return None, None
+
+
+def clip_norm(params: list[torch.Tensor], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale all gradients together when their global norm exceeds max_norm."""
+    pre = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm, norm_type=cfg.norm_type, foreach=True)
+    return pre, pre > cfg.max_norm
+
+
+def clip_value(params: list[torch.Tensor], cfg: Any) -> tuple[None, torch.Tensor]:
+    """Clamp each gradient element to [-clip_value, clip_value]."""
+    grads = [p.grad for p in params if p.grad is not None]
+    clipped = torch.stack(torch._foreach_norm(grads, float("inf"))).amax() > cfg.clip_value
+    torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+    return None, clipped
+
+
+def clip_gradients(params: list[torch.Tensor], cfg: Any) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Clip as option `cfg.name` says: (pre-clip global norm or None, clipped or None). `cfg` is
+    a ClipConfig; the loop passes the plain dataclass (DictConfig reads cost µs per step)."""
+    return builder("clip", cfg.name)(params, cfg)

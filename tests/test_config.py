@@ -1,50 +1,84 @@
-"""The config tree composes for every option and the schema rejects bad values with the key."""
+"""The registry, the config tree and the one validation path: every option composes, validates
+and builds; bad values fail with the key; optional groups explain how to add them."""
 
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_train
+from omegaconf import OmegaConf
 
-from regexp.config import GROUP_SCHEMAS, REGULARIZERS, ConfigError, check_writable, config_dir, validate, warnings_for
+from regexp.compose import compose, compose_and_validate, sweep_jobs, with_added_groups
+from regexp.config import (OPTIONAL_GROUPS, REGISTRY, REGULARIZERS, ConfigError, TrainConfig, builder, check_writable,
+                           config_dir, group_lines, options_markdown, validate, warnings_for)
 
 CONF = Path(config_dir())
+ENTRIES = [(g, o) for g, options in REGISTRY.items() for o in options]
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", sorted(GROUP_SCHEMAS))
-def test_schema_lists_exactly_the_yaml_options(group):
-    assert options(group) == sorted(GROUP_SCHEMAS[group])
+@pytest.mark.parametrize("group", sorted(REGISTRY))
+def test_registry_lists_exactly_the_yaml_options(group):
+    assert options(group) == sorted(REGISTRY[group])
 
 
-def test_regularizer_options_match_schema():
-    assert options("regularizer") == sorted(REGULARIZERS)
+def test_every_group_of_the_tree_is_registered_or_a_preset():
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()} - {"hydra"}
+    assert groups == set(REGISTRY) | {"experiment"}
+    assert set(OPTIONAL_GROUPS) == {"regularizer", "experiment"}
 
 
-def test_registries_cover_every_option():
-    from regexp.init import INITS
-    from regexp.models import MODELS
-    from regexp.optim import OPTIMIZERS, SCHEDULERS
-
-    assert sorted(MODELS) == sorted(GROUP_SCHEMAS["model"])
-    assert sorted(INITS) == sorted(GROUP_SCHEMAS["init"])
-    assert sorted(OPTIMIZERS) == sorted(GROUP_SCHEMAS["optimizer"])
-    assert sorted(SCHEDULERS) == sorted(GROUP_SCHEMAS["scheduler"])
+@pytest.mark.parametrize("group,option", [(g, o) for g, o in ENTRIES if REGISTRY[g][o].builder])
+def test_every_builder_resolves(group, option):
+    assert callable(builder(group, option))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in sorted(GROUP_SCHEMAS) for o in sorted(GROUP_SCHEMAS[g])])
-def test_every_option_composes_and_validates(group, option):
-    cfg = validate(compose_train([f"{group}={option}"]))
-    assert cfg[group].name == option
+def _build(group: str, cfg) -> None:
+    """Realise the option chosen for `group` in `cfg` with the public builders."""
+    from regexp.init import init_weights
+    from regexp.models import build_model
+    from regexp.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
+    from regexp.regularizers import build_criterion, build_penalty
+
+    shape = (3, 32, 32) if cfg.dataset.name == "cifar10" else (1, 28, 28)
+    small = {"model.hidden": [8], "model.depth": 2, "model.width": 8, "model.channels": [4], "model.fc": 8, "model.widths": [4, 8]}
+    for key, value in small.items():
+        if OmegaConf.select(cfg, key) is not None:
+            OmegaConf.update(cfg, key, value)
+    model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, shape, 10)
+    init_weights(model, cfg.init, cfg.model.activation)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer.lr)
+    build_scheduler(optimizer, cfg.scheduler, 100, 10, cfg.optimizer.lr)
+    assert lr_factor(cfg.scheduler, 5, 100, 10, cfg.optimizer.lr) > 0
+    loss = build_criterion(cfg.regularizer)(model(torch.randn(2, *shape)), torch.tensor([0, 1]))
+    penalty = build_penalty(cfg.regularizer)
+    (loss + (penalty(list(model.parameters())) if penalty else 0)).backward()
+    clip_gradients([p for p in model.parameters()], OmegaConf.to_object(cfg.clip))
 
 
-@pytest.mark.parametrize("reg", REGULARIZERS)
-def test_every_regularizer_appends(reg):
-    cfg = validate(compose_train([f"+regularizer={reg}"]))
-    assert cfg.regularizer[reg] is not None
-    assert all(cfg.regularizer[r] is None for r in REGULARIZERS if r != reg)
+@pytest.mark.parametrize("group,option", ENTRIES, ids=[f"{g}={o}" for g, o in ENTRIES])
+def test_every_registry_entry_composes_validates_and_builds(group, option):
+    """Walks the registry: a new option (one entry + one YAML file) is picked up here."""
+    prefix = "+" if group in OPTIONAL_GROUPS else ""
+    cfg = compose_and_validate([f"{prefix}{group}={option}"])
+    if group in OPTIONAL_GROUPS:
+        assert [r for r in REGULARIZERS if cfg.regularizer[r] is not None] == [option]
+    else:
+        assert cfg[group].name == option
+        assert OmegaConf.get_type(cfg[group]) is REGISTRY[group][option].schema
+    _build(group, cfg)
+
+
+def test_composed_config_is_typed_by_hydra():
+    cfg = compose_train([])  # Hydra's own compose, as `regexp train --cfg job` prints it
+    assert OmegaConf.get_type(cfg) is TrainConfig
+    assert OmegaConf.get_type(cfg.optimizer).__name__ == "AdamConfig"
+    with pytest.raises(Exception, match="epochs=abc") as err:
+        compose_train(["epochs=abc"])
+    assert "could not be converted to Integer" in str(err.value.__cause__)
 
 
 def test_several_regularizers_compose_side_by_side():
@@ -54,11 +88,17 @@ def test_several_regularizers_compose_side_by_side():
 
 def test_defaults_match_design():
     cfg = validate(compose_train([]))
-    chosen = {g: cfg[g].name for g in GROUP_SCHEMAS}
+    chosen = {g: cfg[g].name for g in REGISTRY if g not in OPTIONAL_GROUPS}
     assert chosen == {"dataset": "mnist", "model": "mlp", "init": "default", "norm": "none", "optimizer": "adamw",
                       "scheduler": "none", "clip": "none", "accumulation": "none", "device": "auto",
                       "logger": "wandb", "monitor": "default"}
     assert cfg.max_steps is None and cfg.regularizer.dropout is None
+
+
+def test_monitor_off_is_a_field_not_a_name():
+    assert compose_and_validate(["monitor=off"]).monitor.per_layer is False
+    assert compose_and_validate(["monitor=default", "monitor.per_layer=false"]).monitor.per_layer is False
+    assert compose_and_validate(["monitor=full"]).monitor.per_layer is True
 
 
 @pytest.mark.parametrize("overrides,key,allowed", [
@@ -86,13 +126,76 @@ def test_defaults_match_design():
     (["+regularizer=early_stopping", "dataset.val_size=0"], "dataset.val_size", "early_stopping"),
     (["dataset.val_size=-1"], "dataset.val_size", ">= 0"),
     (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size", ">= 1"),
+    (["optimizer.lrr=1"], "optimizer.lrr", "unknown key; known keys here: name, lr,"),
+    (["+optimizer.lrr=1"], "optimizer.lrr", "unknown key"),
+    (["+foo=1"], "foo", "unknown key"),
+    (["model=foo"], "model", "choose one of cnn, deep_mlp, mlp, resnet"),
+    (["+regularizer=foo"], "+regularizer", "choose one of augment, dropout,"),
+    (["optimizer=adam,adamw"], "optimizer", "add -m"),
+    (["+experiment=batchnorm_sigmoid", "model=cnn"], "model.hidden", "unknown key"),
 ])
 def test_bad_values_name_key_value_and_rule(overrides, key, allowed):
     with pytest.raises(ConfigError) as err:
-        validate(compose_train(overrides))
+        compose_and_validate(overrides)
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}=")
     assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [["regularizer.dropout.p=0.3"], ["+regularizer=l2", "regularizer.dropout.p=0.3"],
+                                       ["+regularizer=[l1,l2]", "regularizer.dropout.p_input=0.1"]])
+def test_a_key_of_an_option_not_added_says_how_to_add_it(overrides):
+    with pytest.raises(ConfigError) as err:
+        compose_and_validate(overrides)
+    assert err.value.key.startswith("regularizer.dropout.p")
+    assert "add it with +regularizer=dropout" in str(err.value)
+
+
+def test_a_key_of_an_option_a_preset_added_is_fine():
+    cfg = compose_and_validate(["+experiment=dropout_mnist", "regularizer.dropout.p=0.3"])
+    assert cfg.regularizer.dropout.p == 0.3
+
+
+@pytest.mark.parametrize("typed,added", [
+    (["regularizer=dropout"], ["+regularizer=dropout"]),
+    (["regularizer=[dropout,l2]", "seed=1"], ["+regularizer=[dropout,l2]", "seed=1"]),
+    (["experiment=cnn_cifar10"], ["+experiment=cnn_cifar10"]),
+    (["experiment=dropout_mnist", "regularizer=l2"], ["+experiment=dropout_mnist", "regularizer=l2"]),  # the preset holds it
+    (["+regularizer=l1", "model=cnn"], ["+regularizer=l1", "model=cnn"]),
+])
+def test_optional_groups_without_plus(typed, added):
+    assert with_added_groups(typed) == added
+
+
+def test_optional_groups_without_plus_compose_as_with_plus():
+    plain = compose_and_validate(["regularizer=[dropout,l2]", "regularizer.dropout.p=0.2"])
+    plus = compose_and_validate(["+regularizer=[dropout,l2]", "regularizer.dropout.p=0.2"])
+    assert plain == plus and plain.regularizer.dropout.p == 0.2
+
+
+def test_sweep_jobs_expand_config_and_command_line_sweeps():
+    assert sweep_jobs(["optimizer=adam,sgd", "seed=0,1", "epochs=1"]) == [
+        ["optimizer=adam", "seed=0", "epochs=1"], ["optimizer=adam", "seed=1", "epochs=1"],
+        ["optimizer=sgd", "seed=0", "epochs=1"], ["optimizer=sgd", "seed=1", "epochs=1"]]
+    preset = sweep_jobs(["+experiment=batchnorm_sigmoid", "seed=0,1"])
+    assert len(preset) == 4 and ["norm=batchnorm", "+experiment=batchnorm_sigmoid", "seed=1"] in preset
+    assert sweep_jobs(["regularizer=dropout,l1"]) == [["+regularizer=dropout"], ["+regularizer=l1"]]
+    assert sweep_jobs(["hydra/sweeper=tune", "seed=1"]) == [["hydra/sweeper=tune", "seed=1"]]  # a search draws its own
+
+
+def test_compose_keeps_hydra_node_on_request():
+    cfg = compose(["out_dir=elsewhere"], with_hydra=True)
+    assert str(cfg.hydra.run.dir).startswith("elsewhere/")
+    assert "hydra" not in validate(cfg)
+
+
+def test_help_and_docs_tables_derive_from_the_registry():
+    lines = "\n".join(group_lines())
+    table = options_markdown()
+    for group, opts in REGISTRY.items():
+        assert (f"+{group}" if group in OPTIONAL_GROUPS else group) in lines
+        for option in opts:
+            assert option in lines and f"={option}`" in table
 
 
 def test_weight_decay_with_l2_warns():

@@ -9,18 +9,18 @@ from torch import nn
 
 from regexp import config
 from regexp.config import CNNConfig, DeepMLPConfig, DropoutConfig, InitConfig, MLPConfig, NormConfig, ResNetConfig
-from regexp.init import INITS, init_weights
-from regexp.models import ACTIVATIONS, MODELS, build_model
+from regexp.init import init_weights
+from regexp.models import ACTIVATIONS, build_model
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
 # Small versions of each model, to keep the tests fast.
 SMALL = {
-    "mlp": MLPConfig(hidden=[32, 16]),
-    "deep_mlp": DeepMLPConfig(depth=3, width=16),
-    "cnn": CNNConfig(channels=[4, 8], fc=16),
-    "resnet": ResNetConfig(widths=[4, 8, 16]),
+    "mlp": MLPConfig(name="mlp", hidden=[32, 16]),
+    "deep_mlp": DeepMLPConfig(name="deep_mlp", depth=3, width=16),
+    "cnn": CNNConfig(name="cnn", channels=[4, 8], fc=16),
+    "resnet": ResNetConfig(name="resnet", widths=[4, 8, 16]),
 }
 # The gain each activation's variance-preserving init uses, written out rather than asked of torch.
 GAIN = {"relu": math.sqrt(2), "gelu": math.sqrt(2), "tanh": 5 / 3, "sigmoid": 1.0}
@@ -62,14 +62,13 @@ def names_of(model, kind):
 
 
 def test_registries_cover_the_config_options():
-    assert set(MODELS) == set(config.GROUP_SCHEMAS["model"])
-    assert set(INITS) == set(config.GROUP_SCHEMAS["init"])
+    assert set(SMALL) == set(config.REGISTRY["model"])
     assert set(ACTIVATIONS) == set(config.ACTIVATIONS)
 
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="model=transformer"):
-        build_model(OmegaConf.create({"name": "transformer"}), cfg(NormConfig()), None, MNIST, 10)
+        build_model(OmegaConf.create({"name": "transformer"}), cfg(NormConfig(name="none")), None, MNIST, 10)
 
 
 # ---------------------------------------------------------------- shapes and gradients
@@ -77,7 +76,7 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.parametrize("shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
 @pytest.mark.parametrize("norm,placement", [("none", "before"), ("batchnorm", "before"), ("batchnorm", "after"), ("layernorm", "before")])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_logits_shape_and_backprop(name, norm, placement, shape):
     model = build(name, norm, placement, DropoutConfig(p=0.2, p_input=0.1), shape)
     logits = model(torch.randn(4, *shape))
@@ -87,15 +86,15 @@ def test_logits_shape_and_backprop(name, norm, placement, shape):
         assert param.grad is not None and torch.isfinite(param.grad).all(), pname
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_default_sized_models_run_on_their_data_set(name):
     shape = CIFAR if name == "resnet" else MNIST
-    model = build_model(cfg(config.GROUP_SCHEMAS["model"][name]()), cfg(NormConfig()), None, shape, 10)
+    model = build_model(cfg(config.REGISTRY["model"][name].schema(name=name)), cfg(NormConfig(name="none")), None, shape, 10)
     assert model(torch.randn(2, *shape)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_every_activation(name, activation):
     model = build(name, activation=activation)
     acts = [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
@@ -118,7 +117,7 @@ def test_channels_last_and_compile_match_eager(name):
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_norm_before_activation_replaces_the_bias(name, norm):
     model = build(name, norm, "before")
     seen = 0
@@ -133,7 +132,7 @@ def test_norm_before_activation_replaces_the_bias(name, norm):
     assert isinstance(output_layer, nn.Linear) and output_layer.bias is not None
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_norm_after_activation_keeps_the_bias(name):
     model = build(name, "batchnorm", "after")
     seen = 0
@@ -146,14 +145,14 @@ def test_norm_after_activation_keeps_the_bias(name):
     assert seen > 0
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_no_norm_means_every_layer_has_a_bias(name):
     model = build(name)
     assert not any(isinstance(m, NORMS) for m in model.modules())
     assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_norm_kind_follows_the_layer_it_normalizes(name):
     for norm, linear_norm, conv_norm in [("batchnorm", nn.BatchNorm1d, nn.BatchNorm2d), ("layernorm", nn.LayerNorm, nn.GroupNorm)]:
         model = build(name, norm)
@@ -204,7 +203,7 @@ def test_mlp_dropout_follows_the_activation_and_input_dropout_the_flatten():
 
 
 @pytest.mark.parametrize("dropout", [None, DropoutConfig(p=0.0, p_input=0.0)], ids=["off", "p=0"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
 def test_no_dropout_modules_when_nothing_is_dropped(name, dropout):
     assert names_of(build(name, dropout=dropout), nn.Dropout) == []
 
@@ -285,7 +284,7 @@ def init(name, **fields):
     return cfg(InitConfig(name=name, **fields))
 
 
-@pytest.mark.parametrize("name", [n for n in INITS if n != "default"])
+@pytest.mark.parametrize("name", [n for n in config.REGISTRY["init"] if n != "default"])
 def test_init_zeroes_biases_and_resets_norms(name):
     model = build("cnn", "batchnorm")
     with torch.no_grad():  # off their construction values, so the init must really set them
@@ -356,7 +355,7 @@ def test_orthogonal_rows_are_orthogonal_with_the_gain(activation, fields, expect
 
 @torch.no_grad()
 def last_hidden_activation_std(init_cfg) -> float:
-    model = build_model(cfg(DeepMLPConfig(depth=10, width=512)), cfg(NormConfig()), None, MNIST, 10)
+    model = build_model(cfg(DeepMLPConfig(name="deep_mlp", depth=10, width=512)), cfg(NormConfig(name="none")), None, MNIST, 10)
     init_weights(model, init_cfg, "relu")
     captured = {}
     model.act10.register_forward_hook(lambda m, i, out: captured.__setitem__("act10", out))

@@ -1,0 +1,206 @@
+"""From a command line to a job's config: Hydra's compose API over conf/, Hydra's errors
+turned into one ConfigError line, optional groups added without `+`, sweeps expanded.
+
+`compose_and_validate(overrides)` is the one validation path: `regexp train` (its pre-flight,
+for every job of a sweep), and the Python API call it before any work. Hydra is imported only
+inside functions, torch never.
+"""
+
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
+from typing import Any, Iterator, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, config_dir, validate
+
+
+def compose_and_validate(overrides: list[str]) -> DictConfig:
+    """One job's config from `overrides`, composed as `regexp train` does, typed and
+    validated. Raises ConfigError (one line naming the key) on any bad input."""
+    return validate(compose(overrides))
+
+
+def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """Hydra's composition of conf/ for one job (typed by the schemas), with Hydra's errors
+    turned into ConfigError. `with_hydra` keeps Hydra's node (run and sweep dirs, sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialized():
+        parsed = _parse(OverridesParser.create(), with_added_groups(overrides))
+        sweep = next((o for o in parsed if o.is_sweep_override()), None)
+        if sweep is not None:
+            raise ConfigError(sweep.get_key_element(), sweep.get_value_string(),
+                              "several values make a sweep: add -m (regexp train -m ...)")
+        _require_added(parsed)
+        return _hydra_compose(parsed, with_hydra)
+
+
+@contextmanager
+def initialized() -> Iterator[None]:
+    """Hydra's compose API pointed at conf/ (nested calls reuse the outer initialization)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+        yield
+
+
+def _parse(parser: Any, overrides: list[str]) -> list:
+    from hydra.errors import HydraException
+
+    try:
+        return parser.parse_overrides(overrides)
+    except HydraException as e:  # a syntax error
+        raise ConfigError("overrides", " ".join(overrides), _first_line(e)) from None
+
+
+def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return hydra_compose(config_name="train", overrides=[o.input_line for o in parsed], return_hydra_config=with_hydra)
+    except MissingConfigException as e:
+        raise _unknown_option(e, parsed) from None
+    except ConfigCompositionException as e:
+        cause = e.__cause__ or e.__context__  # Hydra chains OmegaConf's error one way or the other
+        if isinstance(cause, OmegaConfBaseException):
+            raise _bad_value(cause, parsed) from None
+        raise ConfigError("overrides", " ".join(o.input_line for o in parsed), _first_line(e)) from None
+    except HydraException as e:
+        raise ConfigError("overrides", " ".join(o.input_line for o in parsed), _first_line(e)) from None
+
+
+def _unknown_option(e: Any, parsed: list) -> ConfigError:
+    """`group=option` whose option is no file: name the group's options."""
+    group, _, option = (e.missing_cfg_file or "").rpartition("/")
+    if not group or not e.options:
+        return ConfigError("config", e.missing_cfg_file, _first_line(e))
+    override = next((o for o in parsed if o.key_or_group == group), None)
+    key = override.get_key_element() if override is not None else group
+    options = REGISTRY[group] if group in REGISTRY else e.options
+    return ConfigError(key, option, "unknown option; choose one of " + ", ".join(sorted(options)))
+
+
+def _bad_value(cause: Any, parsed: list) -> ConfigError:
+    """An override (or a preset's value) that OmegaConf refused while merging it into its schema:
+    an unknown key or a value of the wrong type. The error's own fields say where."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    full_key = str(cause.full_key or "")
+    owner = cause.object_type
+    if owner is list:  # an element of a list: report the list
+        full_key, owner = full_key.rpartition("[")[0], None
+    override = next((o for o in parsed if f"{o.key_or_group}.".startswith(f"{full_key}.")), None)
+    value = override.get_value_string() if override is not None else "(in a preset)" if cause.value is None else cause.value
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        known = ", ".join(f.name for f in fields(owner)) if is_dataclass(owner) else "see regexp train --cfg job"
+        return ConfigError(full_key, value, f"unknown key; known keys here: {known}")
+    expected = {f.name: f.type for f in fields(owner)}.get(cause.key) if is_dataclass(owner) else cause.ref_type
+    return ConfigError(full_key, value, f"must be {_TYPE_WORDS.get(expected, str(expected))}")
+
+
+_TYPE_WORDS = {
+    int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    Optional[int]: "an integer or null", Optional[float]: "a number or null", Optional[str]: "a string or null",
+    Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
+    List[str]: "a list of strings",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _holds(composed: DictConfig, group: str) -> bool:
+    """Whether the composed defaults hold `group` (a list of options is missing from Hydra's
+    choices, so look at what they filled too)."""
+    node = OmegaConf.select(composed, group, default=None)
+    return group in composed.hydra.runtime.choices or any(v is not None for v in (node or {}).values())
+
+
+def _require_added(parsed: list) -> None:
+    """`regularizer.dropout.p=0.3` sets a key of an option that must be added first: say how
+    (OmegaConf would fail on the empty node with an assertion, not a message)."""
+    for o in parsed:
+        if _option_key(o) is None:
+            continue
+        group, option = _option_key(o)
+        added = [p.value() for p in parsed if p.key_or_group == group and not p.is_delete()]
+        if any(option == v or (isinstance(v, list) and option in v) for v in added):
+            continue
+        others = [p for p in parsed if _option_key(p) is None]
+        if OmegaConf.select(_hydra_compose(others, False), f"{group}.{option}") is None:  # a preset may add it
+            raise ConfigError(o.get_key_element(), o.get_value_string(),
+                              f"{group} {option} is not added; add it with +{group}={option} (then set {o.key_or_group})")
+
+
+def with_added_groups(overrides: list[str]) -> list[str]:
+    """`group=option` for an optional group that the composed defaults do not hold yet means
+    `+group=option` (W&B sweep agents cannot pass parameters that start with `+`). A group
+    that a preset already added (`+experiment=X regularizer=l2`) keeps Hydra's meaning: replace."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parser = OverridesParser.create()
+    parsed = _parse(parser, overrides)
+    undecided = {i for i, o in enumerate(parsed)
+                 if o.type == OverrideType.CHANGE and o.package is None and o.key_or_group in OPTIONAL_GROUPS}
+    lines = [o.input_line for o in parsed]
+    with initialized():
+        for group in OPTIONAL_GROUPS:  # in order: a preset may add the later groups
+            mine = {i for i in undecided if parsed[i].key_or_group == group}
+            if not mine:
+                continue
+            # what the rest composes to; keys inside an optional group wait for their option
+            known = [line for i, line in enumerate(lines) if i not in undecided and not parsed[i].is_sweep_override()
+                     and _option_key(parsed[i]) is None]
+            if not _holds(_hydra_compose(_parse(parser, known), True), group):
+                lines = [f"+{line}" if i in mine else line for i, line in enumerate(lines)]
+            undecided -= mine
+    return lines
+
+
+def _option_key(o: Any) -> Optional[tuple[str, str]]:
+    """(group, option) when the override sets a key of an optional group's option
+    (`regularizer.dropout.p`), else None."""
+    group, _, rest = o.key_or_group.partition(".")
+    option = rest.partition(".")[0]
+    return (group, option) if group in OPTIONAL_GROUPS and option in REGISTRY.get(group, {}) else None
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a basic-sweeper multirun: the config's own sweep
+    (`hydra.sweeper.params`, as presets carry) and then the command line's, expanded as
+    Hydra's BasicSweeper does (a later key replaces an earlier one in place). A search
+    sweeper (Optuna) draws its jobs as it goes: then only the fixed part, one job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = _parse(parser, with_added_groups(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose(fixed, with_hydra=True)
+    if not expands_its_jobs(base.hydra):
+        return [fixed]
+    params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
+    axes: dict[str, list[str]] = {}
+    for o in _parse(parser, params) + parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ConfigError(key, o.get_value_string(), "only a search sweeper (hydra/sweeper=tune) expands interval sweeps")
+        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes[key] = [f"{key}={v}" for v in values]
+    jobs: list[list[str]] = [[]]
+    for choices in axes.values():
+        jobs = [job + [c] for job in jobs for c in choices]
+    return jobs
+
+
+def expands_its_jobs(hydra_cfg: Any) -> bool:
+    """Whether the sweeper is Hydra's basic one, whose jobs sweep_jobs lists in advance."""
+    return str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
