@@ -8,14 +8,14 @@ Importing this module must stay light: torchvision is imported only to download 
 
 `check_available` is the pre-flight: it finds the files, downloads them when they are
 missing (and `dataset.download` allows it), and checks that they agree with each other,
-before any run dir exists; whatever it refuses is one ConfigError line (exit 2).
+before any run dir exists. What it refuses is one line: missing data a ConfigError (exit 2),
+a file that does not fit a RunError (exit 1).
 """
 
 import hashlib
 import os
 import pickle
 import re
-import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -87,8 +87,9 @@ def dataset_root(ds_cfg: Any) -> Path:
 def check_available(ds_cfg: Any) -> None:
     """The pre-flight for the data: the files are found under `dataset.root`, or downloaded
     there when missing and `dataset.download` is true, and must agree with each other.
-    ConfigError (one line: the folder searched, what went wrong, where to point regexp)
-    otherwise; a failed download leaves nothing behind."""
+    Missing data: ConfigError (one line: the folder searched, why the download failed,
+    where to point regexp; a failed download leaves nothing behind). A file that does not
+    fit: RunError naming it."""
     root = dataset_root(ds_cfg)
     missing = _missing_files(ds_cfg.name, root)
     failure = None
@@ -96,7 +97,8 @@ def check_available(ds_cfg: Any) -> None:
         failure = _download(ds_cfg.name, root)
         missing = _missing_files(ds_cfg.name, root)
     if missing:
-        why = "dataset.download=false" if not ds_cfg.download else f"the download failed: {failure or 'it left them out'}"
+        why = ("dataset.download=false" if not ds_cfg.download
+               else f"the download failed: {failure}" if failure else "the download did not bring them")
         raise ConfigError(
             "dataset.root",
             ds_cfg.root,
@@ -105,9 +107,9 @@ def check_available(ds_cfg: Any) -> None:
             + ("" if ds_cfg.download else ", or set dataset.download=true"),
         )
     problem = _file_problem(ds_cfg.name, root)
-    if problem is not None:
+    if problem is not None:  # a bad file, as at decoding time: RunError (exit 1)
         path, what = problem
-        raise ConfigError("dataset.root", ds_cfg.root, f"{path}: {what}; {REPLACE_IT}")
+        raise RunError(f"{path}: {what}; {REPLACE_IT}")
 
 
 REPLACE_IT = "replace the file with a good copy (or delete the data set's folder and keep dataset.download=true)"
