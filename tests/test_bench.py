@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # a training benchmark in a subprocess
 
 LOOPS = ["dataloader", "tensor_loop", "regexp_off", "regexp_default", "regexp_full"]
 

@@ -188,6 +188,7 @@ def table_rows(stdout: str) -> dict[str, str]:
     return {row.split("│")[0].strip(): row for row in rows}
 
 
+@pytest.mark.slow
 def test_table_shows_groups_best_first_with_mean_and_std(sweep, tmp_path):
     out = run_cli(["compare", str(sweep)], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -204,6 +205,7 @@ def test_table_shows_groups_best_first_with_mean_and_std(sweep, tmp_path):
     assert not out.stderr
 
 
+@pytest.mark.slow
 def test_json_output(sweep, tmp_path):
     out = run_cli(["compare", str(sweep), "--json"], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -221,6 +223,7 @@ def test_json_output(sweep, tmp_path):
     assert {r["run_dir"]: r["metrics"]["test/acc"] for r in result["runs"]} == on_disk
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(sweep, tmp_path):
     from PIL import Image
 
@@ -233,6 +236,7 @@ def test_plot_writes_a_png(sweep, tmp_path):
     assert f"curves: {png}" in out.stdout
 
 
+@pytest.mark.slow
 def test_group_by_other_keys(sweep, tmp_path):
     out = run_cli(["compare", str(sweep), "--by", "seed", "--json"], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -245,6 +249,7 @@ def test_group_by_other_keys(sweep, tmp_path):
     assert sorted(g["values"]["optimizer.lr"] for g in json.loads(out.stdout)["groups"]) == ["0.001", "0.1"]
 
 
+@pytest.mark.slow
 def test_failed_runs_are_marked_and_left_out_of_the_statistics(sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
@@ -289,6 +294,7 @@ def fail(summary: dict) -> None:
     (["{sweep}", "--plot", "curves.xyz"], "unknown image format"),
     ([], "the following arguments are required: PATH"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(sweep, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     out = run_cli(["compare", *(a.format(sweep=sweep, empty=tmp_path / "empty") for a in args)], tmp_path)

@@ -54,6 +54,7 @@ def run_and_read(tmp_path, data_root, overrides):
 
 
 @pytest.mark.parametrize("rule", sorted(CRAFTED))
+@pytest.mark.slow
 def test_crafted_run_trips_its_rule(tmp_path, data_root, rule):
     summary, stdout = run_and_read(tmp_path, data_root, CRAFTED[rule])
     finding = next((f for f in summary["findings"] if f["rule"] == rule), None)
@@ -65,6 +66,7 @@ def test_crafted_run_trips_its_rule(tmp_path, data_root, rule):
     assert again.returncode == 0 and finding["title"].split(":")[0] in again.stdout
 
 
+@pytest.mark.slow
 def test_divergence_names_the_first_bad_layer_and_keeps_a_finite_checkpoint(tmp_path, data_root):
     summary, _ = run_and_read(tmp_path, data_root, CRAFTED["divergence"])
     assert summary["status"] == "diverged" and summary["steps"] <= 10
@@ -78,6 +80,7 @@ def test_divergence_names_the_first_bad_layer_and_keeps_a_finite_checkpoint(tmp_
     assert "NaN" not in text and "Infinity" not in text
 
 
+@pytest.mark.slow
 def test_overflowing_preclip_norm_is_caught_not_reported_healthy(tmp_path, data_root):
     summary, _ = run_and_read(tmp_path, data_root, CRAFTED["clipping_zeroed_update"])
     assert summary["status"] == "diverged"
@@ -85,12 +88,14 @@ def test_overflowing_preclip_norm_is_caught_not_reported_healthy(tmp_path, data_
     assert [f["rule"] for f in summary["findings"]][0] == "clipping_zeroed_update"
 
 
+@pytest.mark.slow
 def test_healthy_default_run_has_no_findings(tmp_path, data_root):
     summary, stdout = run_and_read(tmp_path, data_root, ["dataset.limit=5000", "epochs=3"])
     assert summary["status"] == "completed" and summary["metrics"]["test/acc"] > 0.9
     assert summary["findings"] == [] and "no findings" in stdout
 
 
+@pytest.mark.slow
 def test_skip_and_continue_never_log_a_nan(tmp_path, data_root):
     for action in ("skip", "continue"):
         out = run_cli(["train", *BASE, *CRAFTED["divergence"], "epochs=1", "max_steps=20", f"monitor.on_nonfinite={action}",

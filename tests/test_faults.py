@@ -62,6 +62,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert records(a) == records(b)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data_root, uninterrupted):
     run_dir = tmp_path / "run"
     proc = start(run_dir, data_root)
@@ -77,6 +78,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, dat
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_saves_marks_interrupted_and_exits(tmp_path, data_root, uninterrupted, signum, code):
     run_dir = tmp_path / "run"
     proc = start(run_dir, data_root)
@@ -113,6 +115,7 @@ def assert_one_line_error(out, *needles):
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_nothing_changes(tmp_path, data_root, finished_run):
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])  # truncated mid-write by something else
@@ -122,6 +125,7 @@ def test_corrupted_checkpoint_is_named_and_nothing_changes(tmp_path, data_root, 
     assert out.returncode == 1 and snapshot_files(finished_run) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path, data_root, finished_run):
     before = snapshot_files(finished_run)
     out = run_cli(["train", f"resume={finished_run}", "model.hidden=[64]"], tmp_path, data_root)
@@ -129,12 +133,14 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, data_root, finished_ru
     assert out.returncode == 1 and snapshot_files(finished_run) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_dir_without_checkpoint_is_bad_input(tmp_path, data_root):
     out = run_cli(["train", f"resume={tmp_path}"], tmp_path, data_root)
     assert_one_line_error(out, f"resume={tmp_path}", "checkpoint.pt")
     assert out.returncode == 2
 
 
+@pytest.mark.slow
 def test_truncated_data_file_is_named(tmp_path, data_root):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -148,6 +154,7 @@ def test_truncated_data_file_is_named(tmp_path, data_root):
 
 
 @pytest.mark.parametrize("target,reason", [("/dev/full", "No space left"), ("/proc/version", "")])
+@pytest.mark.slow
 def test_disk_full_or_read_only_mid_run(tmp_path, data_root, finished_run, target, reason):
     """The next checkpoint write fails (full disk / unwritable): a clear error, the old one intact."""
     old_checkpoint = (finished_run / "checkpoint.pt").read_bytes()

@@ -103,6 +103,7 @@ def test_every_activation(name, activation):
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
+@pytest.mark.slow
 def test_channels_last_and_compile_match_eager(name):
     model = build(name, "batchnorm", shape=CIFAR).eval()
     x = torch.randn(2, *CIFAR)

@@ -108,6 +108,7 @@ def test_comparison_presets_compose_to_what_they_compare():
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p not in CIFAR_PRESETS])
+@pytest.mark.slow
 def test_preset_sweep_runs_a_few_steps(tmp_path, data_root, preset):
     """`regexp train -m +experiment=PRESET` runs the preset's whole sweep."""
     out = sweep_cli([f"+experiment={preset}", *TINY, "dataset.val_size=64"], tmp_path, data_root)
@@ -134,6 +135,7 @@ def test_cifar_presets_run_a_few_steps(tmp_path, data_root):
 # ---------------------------------------------------------------- launchers and search
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+@pytest.mark.slow
 def test_launcher_runs_a_two_job_sweep(tmp_path, data_root, launcher):
     extra = ["hydra.launcher.timeout_min=10"] if launcher.startswith("submitit") else []
     out = sweep_cli([f"hydra/launcher={launcher}", *extra, "optimizer=adam,adamw", *TINY], tmp_path, data_root)
@@ -183,6 +185,7 @@ def test_optuna_search_tunes_lr_decay_and_dropout_for_val_acc_and_resumes(tmp_pa
 
 # ---------------------------------------------------------------- failures and resume
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
     root = data_with(tmp_path, data_root, "MNIST")  # Fashion-MNIST is missing, and no download
     out = sweep_cli(["dataset=fashion_mnist,mnist", f"dataset.root={root}", "dataset.download=false", *TINY],
@@ -200,6 +203,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
     assert "failed" in out.stdout  # the table on the console
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_completed_jobs_and_reruns_the_rest(tmp_path, data_root):
     root = data_with(tmp_path, data_root, "MNIST")
     command = ["dataset=mnist,fashion_mnist", f"dataset.root={root}", "dataset.download=false", *TINY]

@@ -38,6 +38,7 @@ def test_window_sizes_and_weights():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.slow
 def test_accumulation_4x16_equals_1x64(tmp_path, data_root, optimizer):
     # 232 samples: 3 full windows, then a short window [16, 16, 8] vs one batch of 40
     common = ["dataset.limit=232", "epochs=2", f"optimizer={optimizer}", "monitor.log_every=1", "seed=3"]
@@ -64,6 +65,7 @@ def step_through_one_epoch(cfg, data, weighting=micro_batch_weights):
         yield state
 
 
+@pytest.mark.slow
 def test_accumulation_differs_from_dividing_by_k(data_root):
     """Guards the test above: a short final window weighted 1/k would move the weights differently."""
     cfg = validate(compose_train([f"dataset.root={data_root}", "dataset.val_size=500", "device=cpu", "dataset.limit=232",
@@ -76,6 +78,7 @@ def test_accumulation_differs_from_dividing_by_k(data_root):
     assert max(((right[k] - wrong[k]).norm() / right[k].norm()).item() for k in right) > 1e-4
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_restores_best(tmp_path, data_root):
     # 64 samples and a large lr overfit at once: val loss rises after its first minimum
     cfg, summary = run(tmp_path, data_root, ["dataset.limit=64", "batch_size=16", "epochs=40", "optimizer.lr=0.01",

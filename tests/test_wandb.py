@@ -62,6 +62,7 @@ def of_type(records: list[dict], kind: str) -> list[dict]:
     return [r[kind] for r in records if r["type"] == kind]
 
 
+@pytest.mark.slow
 def test_offline_run_logs_history_summary_config_and_names(tmp_path, data_root, wandb_env):
     overrides = [*TINY, "out_dir=runs", "optimizer=adam", "+regularizer=dropout"]
     out = run_cli(["train", *overrides], tmp_path, data_root)
@@ -90,6 +91,7 @@ def test_offline_run_logs_history_summary_config_and_names(tmp_path, data_root, 
     assert meta["run_group"] == meta["display_name"]  # a single run is its own group
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_run_in_the_sweep_group(tmp_path, data_root, wandb_env):
     sweep_dir = tmp_path / "sweep"
     out = run_cli(["train", "-m", *TINY, f"hydra.sweep.dir={sweep_dir}", "optimizer=adam,adamw"], tmp_path, data_root)
@@ -101,6 +103,7 @@ def test_multirun_gives_each_job_its_own_run_in_the_sweep_group(tmp_path, data_r
     assert len({r["run_id"] for r in runs}) == 2
 
 
+@pytest.mark.slow
 def test_crashed_job_finishes_its_run_with_a_failure_exit_code(tmp_path, wandb_env):
     empty = tmp_path / "no-data"
     empty.mkdir()
@@ -124,6 +127,7 @@ def test_wandb_off_never_imports_it(monkeypatch, logger):
     assert wandb_sinks(cfg, {}, Path("unused"), "name", "group", warn=pytest.fail) == []
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_the_run_dir(tmp_path, data_root, wandb_env, monkeypatch):
     """With a key in the environment: offline, and auto, which tries online with it, is
     refused (the key is fake) and falls back to offline with a warning."""
