@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, get_origin
+from typing import Any, Callable, Iterator, Optional, Union, get_args, get_origin
 
 SUMMARY, METRICS, DIAGNOSIS = "summary.json", "metrics.jsonl", "diagnosis.json"
 
@@ -116,9 +116,12 @@ class Summary:
             raise ValueError(f"a JSON object was expected, not {type(data).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         for f in fields(cls):  # a reader may index these: a wrong type is not a summary
-            container = get_origin(f.type)
-            if container in (dict, list) and f.name in data and not isinstance(data[f.name], container):
-                raise ValueError(f"{f.name} is a {type(data[f.name]).__name__}, not a {container.__name__}")
+            container, optional = get_origin(f.type), False
+            if container is Union:  # Optional[dict[...]]
+                container, optional = get_origin(get_args(f.type)[0]), True
+            value = data.get(f.name)
+            if container in (dict, list) and f.name in data and not isinstance(value, container) and not (optional and value is None):
+                raise ValueError(f"{f.name} is a {type(value).__name__}, not a {container.__name__}")
         summary = cls(**{k: v for k, v in data.items() if k in known})
         summary.status = Status(data.get("status", Status.FAILED.value))
         summary.extra = {k: v for k, v in data.items() if k not in known}

@@ -50,6 +50,8 @@ def test_objective_is_nan_unless_finished():
     ('{"status": "exploded"}', "not a regexp run summary"),
     ('{"status": "completed", "metrics": [0.9]}', "metrics is a list, not a dict"),
     ('{"status": "completed", "overrides": "optimizer=sgd"}', "overrides is a str, not a list"),
+    ('{"status": "completed", "metrics": null}', "metrics is a NoneType, not a dict"),
+    ('{"status": "diverged", "nonfinite": "step 7"}', "nonfinite is a str, not a dict"),
 ])
 def test_a_bad_summary_is_one_error_naming_the_file(tmp_path, text, why):
     (tmp_path / "summary.json").write_text(text)
@@ -57,6 +59,11 @@ def test_a_bad_summary_is_one_error_naming_the_file(tmp_path, text, why):
         rundir.load_summary(tmp_path)
     assert str(tmp_path / "summary.json") in str(error.value) and "\n" not in str(error.value)
     assert rundir.read_summary(tmp_path) is None
+
+
+def test_optional_fields_may_be_null(tmp_path):
+    summary = Summary.from_dict({"status": "completed", "nonfinite": None, "error": None})
+    assert summary.nonfinite is None and summary.status is Status.COMPLETED
 
 
 def test_a_missing_summary(tmp_path):
