@@ -230,6 +230,9 @@ class DeviceConfig:
     compile: bool = False
     channels_last: bool = True  # convs on CUDA only
     deterministic: bool = False
+    # CPU threads: auto times a few steps of the run's model at 1..free cores and keeps the fastest
+    threads: str = field(default="auto", metadata=rule(lambda v: v == "auto" or (v.isdigit() and int(v) >= 1),
+                                                       "must be auto or an integer >= 1"))
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Summary:
     train_time_s: Optional[float] = None
     wall_time_s: Optional[float] = None
     device: Optional[str] = None
+    threads: Optional[int] = None  # CPU threads the run trained with (device.threads)
     parameters: Optional[int] = None
     steps_per_epoch: Optional[int] = None
     effective_batch: Optional[int] = None
@@ -120,7 +121,8 @@ class Summary:
             if container is Union:  # Optional[dict[...]]
                 container, optional = get_origin(get_args(f.type)[0]), True
             value = data.get(f.name)
-            if container in (dict, list) and f.name in data and not isinstance(value, container) and not (optional and value is None):
+            allowed = isinstance(value, container) or (optional and value is None)
+            if container in (dict, list) and f.name in data and not allowed:
                 raise ValueError(f"{f.name} is a {type(value).__name__}, not a {container.__name__}")
         summary = cls(**{k: v for k, v in data.items() if k in known})
         summary.status = Status(data.get("status", Status.FAILED.value))

@@ -35,6 +35,7 @@ from regexp.rundir import (
 )
 from regexp.state import TrainState, move_to, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
+from regexp.threads import fastest_threads
 from regexp.tracking import HistogramFile, Reporter, Tracker
 from regexp.wandb_logger import wandb_sinks
 
@@ -301,10 +302,11 @@ class StopSignal:
 
 @contextlib.contextmanager
 def torch_settings(cfg: DictConfig, device: torch.device) -> Iterator[None]:
-    """The process-wide switches a run sets (deterministic kernels, TF32 on CUDA), put back
+    """The process-wide switches a run sets (deterministic kernels, TF32 on CUDA, threads), put back
     as they were afterwards: two runs in one process behave like two separate commands."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+             torch.get_num_threads())
     try:
         if cfg.device.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -315,7 +317,8 @@ def torch_settings(cfg: DictConfig, device: torch.device) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = True
         yield
     finally:
-        deterministic, benchmark, tf32_matmul, tf32_cudnn, workspace = saved
+        deterministic, benchmark, tf32_matmul, tf32_cudnn, workspace, threads = saved
+        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_matmul, tf32_cudnn
@@ -345,7 +348,7 @@ class Loop:
 
     def checkpoint(self, name: str = "checkpoint.pt") -> None:
         save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": self.meters.state_dict(),
-                                              "nonfinite_reported": self.policy.reported,
+                                              "nonfinite_reported": self.policy.reported, "threads": self.summary.threads,
                                               "config": OmegaConf.to_container(self.cfg, resolve=True)})
 
     def replay(self, snapshot: dict[str, Any], bad_step: int) -> dict[str, Any]:
@@ -508,6 +511,7 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
     loop = Loop(cfg, run_dir, data, plan, state, build_recipe(cfg, data, precision), Meters(device),
                 Monitor(state.model, cfg.monitor), None, summary, reporter, tracker, stop_signal, precision)
     loop.policy = NonfinitePolicy(cfg.monitor.on_nonfinite, loop.replay, loop.report_nonfinite)
+    summary.threads = threads_for(cfg, state.model, data, device, resumed[1] if resumed else None)
     summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
     summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
     if resumed is not None:
@@ -524,7 +528,7 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
     reporter.line(
         f"{cfg.dataset.name} ({len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test) · {cfg.model.name} "
         f"({summary.parameters:,} params) · {cfg.optimizer.name} lr {state.optimizer.param_groups[0]['initial_lr']:g} · "
-        f"{device} {precision} · {plural(cfg.epochs, 'epoch')} × {len(plan.windows)} steps · "
+        f"{device} {precision} · {plural(summary.threads, 'thread')} · {plural(cfg.epochs, 'epoch')} × {len(plan.windows)} steps · "
         f"batch {cfg.batch_size}×{cfg.accumulation.steps} · run dir {run_dir}"
     )
     if resumed is not None:
@@ -532,6 +536,23 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
     for warning in warnings_for(cfg):
         reporter.warn(warning)
     return loop
+
+
+def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, device: torch.device,
+                saved: Optional[dict[str, Any]]) -> int:
+    """The CPU threads of this run, decided once: the number asked for; on a resume, the
+    count the run started with; on a GPU, torch's default; else the fastest, timed."""
+    if cfg.device.threads != "auto":
+        threads = int(cfg.device.threads)
+    elif saved is not None and "threads" in saved:
+        threads = saved["threads"]
+    elif device.type != "cpu":
+        threads = torch.get_num_threads()
+    else:
+        batch = slice(0, cfg.batch_size)
+        threads = fastest_threads(model, data.train_x[batch], data.train_y[batch], cap=torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads
 
 
 def plural(n: int, word: str) -> str:
