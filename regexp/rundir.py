@@ -121,8 +121,9 @@ class Summary:
             if container is Union:  # Optional[dict[...]]
                 container, optional = get_origin(get_args(f.type)[0]), True
             value = data.get(f.name)
-            allowed = isinstance(value, container) or (optional and value is None)
-            if container in (dict, list) and f.name in data and not allowed:
+            if container not in (dict, list) or f.name not in data or (optional and value is None):
+                continue
+            if not isinstance(value, container):
                 raise ValueError(f"{f.name} is a {type(value).__name__}, not a {container.__name__}")
         summary = cls(**{k: v for k, v in data.items() if k in known})
         summary.status = Status(data.get("status", Status.FAILED.value))

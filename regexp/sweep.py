@@ -13,7 +13,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from regexp.rundir import ConfigError, RunError, Status, Summary, read_overrides, read_summary, write_json, write_summary
+from regexp.rundir import (ConfigError, RunError, Status, Summary, read_overrides, read_summary, write_json,
+                           write_summary)
 from regexp.tracking import plural
 
 METRIC = "test/acc"
@@ -23,7 +24,8 @@ SWEEP_SUMMARY = "sweep_summary.json"
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job dir (those with .hydra/overrides.yaml), in job-number order."""
     job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    return [job_row(job_dir) for job_dir in sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))]
+    by_number = sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    return [job_row(job_dir) for job_dir in by_number]
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:

@@ -149,7 +149,8 @@ class Reporter:
         if self.console.is_terminal:
             self.console.print(panel)
         else:  # a file or a pipe has no width to respect: each path whole, on one line
-            with wider(self.console, self.console.measure(panel, options=self.console.options.update_width(10_000)).maximum):
+            needed = self.console.measure(panel, options=self.console.options.update_width(10_000)).maximum
+            with wider(self.console, needed):
                 self.console.print(panel)
         log.info("%s: %s", title, "  ".join(f"{k}={fmt_value(v)}" for k, v in rows.items()))
 

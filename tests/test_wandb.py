@@ -178,8 +178,8 @@ def test_the_wandb_summary_is_the_typed_summary_without_the_config():
     run = types.SimpleNamespace(define_metric=lambda *args, **kwargs: None, summary={})
     summary = Summary(status=Status.DIVERGED, config={"seed": 0}, choices={"model": "mlp"}, overrides=["seed=0"],
                       metrics={"test/acc": 0.1, "train/loss": float("inf")}, findings=[{"rule": "divergence"}],
-                      wall_time_s=2.0, extra={"threads": 1})
+                      wall_time_s=2.0, threads=1, extra={"fused": {"models": 2}})
     WandbRun(run).summary(summary)
     assert run.summary == {"test/acc": 0.1, "nonfinite": ["train/loss"], "status": "diverged", "run_dir": "",
                            "findings": [{"rule": "divergence"}], "steps": 0, "epochs_completed": 0, "wall_time_s": 2.0,
-                           "skipped_steps": 0, "threads": 1}
+                           "skipped_steps": 0, "threads": 1, "fused": {"models": 2}}
