@@ -19,33 +19,53 @@ commands:
   train [OVERRIDES...]      one run, e.g.  regexp train +regularizer=dropout optimizer=adam
   train -m [OVERRIDES...]   a sweep, e.g.  regexp train -m optimizer=adam,adamw seed=0,1,2
   train --cfg job           print the composed config and exit (--resolve: with ${...} resolved)
-  train --help              config groups, options and Hydra's flags
+  train --help              how to write overrides, the config groups and the flags
   diagnose RUN_DIR          what went wrong in a run and what to try, from its metrics
   compare PATH... [--metric test/acc] [--by KEY] [--plot out.png] [--json]
                             runs and sweeps side by side: groups by the swept keys, mean ± std over seeds
 
-config groups (pick with group=option, set values with group.key=value):
 {groups}
+Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
+Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
+"""
+
+TRAIN_USAGE = """\
+usage: regexp train [-m] [--cfg job [--resolve]] [OVERRIDES...]
+
+Trains one model; with -m, one per job of a sweep. OVERRIDES are Hydra's:
+  group=option          choose an option       model=cnn optimizer=sgd
+  group.key=value       set a value            optimizer.lr=0.01 model.hidden=[256,128]
+  +group=option         add an optional group  +regularizer=dropout +regularizer=[dropout,l2]
+  key=a,b  key=range()  sweep (with -m)        -m seed=0,1,2 optimizer=adam,adamw
+
+{groups}
+flags:
+  -m, --multirun        run every job of the sweep (hydra/launcher and hydra/sweeper choose how)
+  --cfg job             print the job's composed, validated config and exit; --resolve resolves ${...}
+  --info                Hydra's view of the config: search path, defaults tree
+  --hydra-help          Hydra's own flags
+"""
+
+GROUPS = """\
+config groups (pick with group=option, set values with group.key=value):
+{registry}
   +experiment   presets reproducing classic results, e.g. regexp train -m +experiment=dropout_mnist
   hydra/launcher  joblib submitit_local submitit_slurm   (parallel or cluster sweeps)
   hydra/sweeper   tune   (Optuna search over lr, weight decay, dropout)
 '+' adds a group that is not in the defaults: +regularizer=dropout, +regularizer=[dropout,l2],
 +experiment=NAME. Without the '+' (W&B sweep agents cannot pass it), regularizer=dropout and
 experiment=NAME add the group just the same.
-
-Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
-Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
 """
 
 # Hydra flags that only print something: they get no pre-check.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
 
 
-def usage() -> str:
-    """The help text; its groups and options come from the registry."""
+def usage(text: str = USAGE) -> str:
+    """A help text; its groups and options come from the registry (no Hydra, no torch: instant)."""
     from regexp.config import group_lines
 
-    return USAGE.replace("{groups}", "\n".join(group_lines()))
+    return text.replace("{groups}", GROUPS.replace("{registry}", "\n".join(group_lines())))
 
 
 def fail(message: str) -> None:
@@ -101,6 +121,9 @@ def reader_command(command: str, args: list[str]) -> int:
 
 
 def train_command(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(usage(TRAIN_USAGE), end="")
+        return 0
     from regexp.config import ConfigError, RunError
 
     multirun = any(a in ("-m", "--multirun") for a in args)

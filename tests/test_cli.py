@@ -5,8 +5,9 @@ import sys
 
 import pytest
 from conftest import TINY, run_cli, summaries
+from omegaconf import OmegaConf
 
-from regexp.config import GROUP_SCHEMAS, REGULARIZERS
+from regexp.config import GROUP_SCHEMAS, REGISTRY, REGULARIZERS
 from regexp.synthetic import write_cifar10
 
 
@@ -22,13 +23,40 @@ def test_unknown_command(tmp_path):
     assert out.returncode == 2 and "unknown command" in out.stderr
 
 
+@pytest.mark.slow
 def test_train_help_lists_groups(tmp_path):
     out = run_cli(["train", "--help"], tmp_path)
     assert out.returncode == 0
     for group in ("dataset", "model", "optimizer", "regularizer"):
         assert group in out.stdout
+    for group, options in REGISTRY.items():  # from the registry, so a new option shows up by itself
+        assert all(option in out.stdout for option in options), group
+    assert "Without the '+'" in out.stdout and "--cfg job" in out.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.slow  # ~10 s: Hydra's own --cfg path imports the training module (torch)
+def test_optional_groups_work_without_plus(tmp_path):
+    """What a W&B sweep agent passes (no '+'): regularizer=... and experiment=... add the group."""
+    out = run_cli(["train", "--cfg", "job", "experiment=cnn_cifar10", "regularizer=[dropout,l2]",
+                   "regularizer.dropout.p=0.25"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.model.name == "cnn" and cfg.dataset.name == "cifar10"  # the preset's choices
+    assert cfg.regularizer.dropout.p == 0.25 and cfg.regularizer.l2.coef == 1e-4
+
+
+@pytest.mark.slow
+def test_a_run_started_without_plus_is_the_run_with_plus(tmp_path, data_root):
+    out = run_cli(["train", *TINY, "regularizer=dropout", "regularizer.dropout.p=0.3", "logger=none", f"out_dir={tmp_path}/out"],
+                  tmp_path, data_root)
+    assert out.returncode == 0, out.stderr
+    [summary] = summaries(tmp_path / "out")
+    assert summary["status"] == "completed"
+    assert "+regularizer=dropout" in summary["overrides"] and summary["config"]["regularizer"]["dropout"]["p"] == 0.3
+
+
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(tmp_path):
     out = run_cli(["train", "--cfg", "job", "+regularizer=[dropout,l2]", "optimizer=sgd"], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -69,6 +97,8 @@ BAD_INPUT = [
     (["device.precision=fp8"], "device.precision=fp8", "fp32, bf16, fp16"),
     (["optimizer=sgd", "optimizer.betas=[0.9,0.99]"], "optimizer.betas=[0.9,0.99]", "unknown key"),
     (["model.hidden=[64,-1]"], "model.hidden=[64, -1]", ">= 1"),
+    (["regularizer.dropout.p=0.3"], "regularizer.dropout.p=0.3", "add it with +regularizer=dropout"),
+    (["+regularizer=l2", "regularizer.dropout.p_input=0.2"], "regularizer.dropout.p_input=0.2", "add it with +regularizer=dropout"),
 ]
 
 
@@ -82,12 +112,14 @@ def assert_bad_input(out, expected_start, allowed, where):
 
 
 @pytest.mark.parametrize("args,expected_start,allowed", BAD_INPUT, ids=[" ".join(a) for a, _, _ in BAD_INPUT])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path, data_root, args, expected_start, allowed):
     out_dir = [] if any(a.startswith("out_dir=") for a in args) else [f"out_dir={tmp_path}/out"]
     out = run_cli(["train", *args, *out_dir], tmp_path, data_root)
     assert_bad_input(out, expected_start, allowed, tmp_path)
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_bad_input(tmp_path, data_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -95,6 +127,7 @@ def test_unwritable_output_dir_is_bad_input(tmp_path, data_root):
     assert_bad_input(out, f"out_dir={blocker}/runs", "is a file", tmp_path)
 
 
+@pytest.mark.slow
 def test_cuda_without_cuda_is_bad_input(tmp_path, data_root):
     import torch
 
@@ -104,11 +137,13 @@ def test_cuda_without_cuda_is_bad_input(tmp_path, data_root):
     assert_bad_input(out, "device=cuda", "no CUDA device", tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_value_in_one_sweep_job_fails_before_any_job(tmp_path, data_root):
     out = run_cli(["train", "-m", "optimizer.lr=0.1,-1", f"out_dir={tmp_path}/out"], tmp_path, data_root)
     assert_bad_input(out, "optimizer.lr=-1", "> 0", tmp_path)
 
 
+@pytest.mark.slow
 def test_single_run_from_another_directory(tmp_path, data_root):
     """Installed regexp finds its configs from any directory; relative roots resolve there."""
     (tmp_path / "data").symlink_to(data_root)
@@ -141,6 +176,7 @@ GROUP_SWEEPS["regularizer"] = (["+regularizer=" + ",".join(REGULARIZERS) + ",[dr
 
 
 @pytest.mark.parametrize("group", sorted(GROUP_SWEEPS))
+@pytest.mark.slow
 def test_every_option_trains_through_the_cli(tmp_path, data_root, group):
     overrides, jobs = GROUP_SWEEPS[group]
     results = sweep(tmp_path, data_root, overrides)
@@ -150,6 +186,7 @@ def test_every_option_trains_through_the_cli(tmp_path, data_root, group):
         assert summary["steps"] >= 1 and "test/acc" in summary["metrics"]
 
 
+@pytest.mark.slow
 def test_resnet_and_datasets_train(tmp_path, data_root):
     cifar_root = write_cifar10(tmp_path / "cifar", per_batch=40, n_test=40)
     small = ["dataset.val_size=40", "eval_batch_size=64"]
