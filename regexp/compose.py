@@ -99,8 +99,9 @@ def _bad_value(cause: Any, parsed: list) -> ConfigError:
     override = next((o for o in parsed if f"{o.key_or_group}.".startswith(f"{full_key}.")), None)
     value = override.get_value_string() if override is not None else "(in a preset)" if cause.value is None else cause.value
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-        known = ", ".join(f.name for f in fields(owner)) if is_dataclass(owner) else "see regexp train --cfg job"
-        return ConfigError(full_key, value, f"unknown key; known keys here: {known}")
+        if not is_dataclass(owner):
+            return ConfigError(full_key, value, "unknown key (regexp train --cfg job shows the keys)")
+        return ConfigError(full_key, value, "unknown key; known keys here: " + ", ".join(f.name for f in fields(owner)))
     expected = {f.name: f.type for f in fields(owner)}.get(cause.key) if is_dataclass(owner) else cause.ref_type
     return ConfigError(full_key, value, f"must be {_TYPE_WORDS.get(expected, str(expected))}")
 
