@@ -124,6 +124,19 @@ def train_command(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(usage(TRAIN_USAGE), end="")
         return 0
+    with warnings.catch_warnings():  # for this command only: importing regexp changes no filter
+        ignore_preset_warning()
+        return run_train(args)
+
+
+def ignore_preset_warning() -> None:
+    """The launcher presets share the plugins' names on purpose (hydra/launcher=joblib), which
+    Hydra reports as deprecated schema matching each time it composes one."""
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                            category=UserWarning)
+
+
+def run_train(args: list[str]) -> int:
     from regexp.config import ConfigError, RunError
 
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -144,17 +157,12 @@ def train_command(args: list[str]) -> int:
     from regexp.config import config_dir
     from regexp.train import Interrupted
 
-    hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(hydra_task)
+    hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(Job())
     sys.argv = ["regexp train", *args]
     from regexp.sweep import SweepFailed
 
     try:
-        with warnings.catch_warnings():
-            # The launcher presets share the plugins' names on purpose (hydra/launcher=joblib),
-            # which Hydra reports as deprecated schema matching on every run.
-            warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
-                                    category=UserWarning)
-            hydra_main()
+        hydra_main()
     except SweepFailed:  # the sweep's table has named each failed job
         return 1
     except Interrupted as e:
@@ -163,6 +171,23 @@ def train_command(args: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+class Job:
+    """The task Hydra runs: hydra_task. A launcher (joblib, submitit) pickles it into worker
+    processes that exist only to run jobs; unpickled there, it quiets the presets' warning in
+    that process as train_command does here, before the worker composes the job's config."""
+
+    def __call__(self, cfg) -> float:
+        return hydra_task(cfg)
+
+    def __reduce__(self) -> tuple:
+        return (job_in_worker, ())
+
+
+def job_in_worker() -> Job:
+    ignore_preset_warning()
+    return Job()
 
 
 def with_plus_where_needed(args: list[str]) -> list[str]:

@@ -18,6 +18,13 @@ def test_help_is_instant_and_imports_no_torch():
     assert "regexp train" in out.stdout and "+regularizer" in out.stdout
 
 
+def test_importing_regexp_leaves_warning_filters_alone():
+    code = ("import warnings; n = len(warnings.filters); import regexp.cli, regexp.compose, regexp.config; "
+            "assert len(warnings.filters) == n, warnings.filters[:3]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_unknown_command(tmp_path):
     out = run_cli(["fly"], tmp_path)
     assert out.returncode == 2 and "unknown command" in out.stderr
