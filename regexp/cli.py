@@ -228,7 +228,8 @@ def hydra_task(cfg) -> float:
     """The job Hydra runs (once per sweep job): train() on the job's typed config. Returns
     the sweep objective (val/acc; NaN when there is none). The pre-flight validated every job
     it could list (a single run, each job of a basic sweep), so Hydra's composed config, typed
-    by the schemas, is used as it is; only a search sweeper's draws are validated here. In a
+    by the schemas, is only put in the job's shape (job_config); a search sweeper's draws are
+    validated here. In a
     sweep a failing job is recorded in its run dir and the sweep goes on; alone, bad input
     exits 2 and a bad file 1."""
     from pathlib import Path
@@ -237,7 +238,7 @@ def hydra_task(cfg) -> float:
     from hydra.types import RunMode
 
     from regexp.compose import expands_its_jobs
-    from regexp.config import ConfigError, RunError, resolve_device, validate
+    from regexp.config import ConfigError, RunError, job_config, resolve_device, validate
     from regexp.data import check_available
     from regexp.sweep import already_finished, record_failure, share_machine
     from regexp.train import train
@@ -252,11 +253,14 @@ def hydra_task(cfg) -> float:
             print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
             return finished.objective()
         if multirun and not expands_its_jobs(hydra_cfg):  # a search sweeper's draw: not seen by the pre-flight
-            resolve_device(validate(cfg))
+            job = validate(cfg)
+            resolve_device(job)
+        else:
+            job = job_config(cfg)
         if multirun:  # data problems fail this job, not the sweep
-            check_available(cfg.dataset)
+            check_available(job.dataset)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
-        summary = train(cfg, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
+        summary = train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
                         composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
     except Exception as e:
         if multirun:

@@ -7,12 +7,11 @@ inside functions, torch never.
 """
 
 from contextlib import contextmanager
-from dataclasses import fields, is_dataclass
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, config_dir, validate
+from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, config_dir, explain, validate
 
 
 def compose_and_validate(overrides: list[str]) -> DictConfig:
@@ -88,30 +87,13 @@ def _unknown_option(e: Any, parsed: list) -> ConfigError:
 
 
 def _bad_value(cause: Any, parsed: list) -> ConfigError:
-    """An override (or a preset's value) that OmegaConf refused while merging it into its schema:
-    an unknown key or a value of the wrong type. The error's own fields say where."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
+    """An override (or a preset's value) that OmegaConf refused while merging it into its schema."""
     full_key = str(cause.full_key or "")
-    owner = cause.object_type
-    if owner is list:  # an element of a list: report the list
-        full_key, owner = full_key.rpartition("[")[0], None
+    if cause.object_type is list:  # an element of a list: report the list
+        full_key = full_key.rpartition("[")[0]
     override = next((o for o in parsed if f"{o.key_or_group}.".startswith(f"{full_key}.")), None)
     value = override.get_value_string() if override is not None else "(in a preset)" if cause.value is None else cause.value
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-        if not is_dataclass(owner):
-            return ConfigError(full_key, value, "unknown key (regexp train --cfg job shows the keys)")
-        return ConfigError(full_key, value, "unknown key; known keys here: " + ", ".join(f.name for f in fields(owner)))
-    expected = {f.name: f.type for f in fields(owner)}.get(cause.key) if is_dataclass(owner) else cause.ref_type
-    return ConfigError(full_key, value, f"must be {_TYPE_WORDS.get(expected, str(expected))}")
-
-
-_TYPE_WORDS = {
-    int: "an integer", float: "a number", bool: "true or false", str: "a string",
-    Optional[int]: "an integer or null", Optional[float]: "a number or null", Optional[str]: "a string or null",
-    Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
-    List[str]: "a list of strings",
-}
+    return explain(cause, full_key, value)
 
 
 def _first_line(e: BaseException) -> str:
@@ -129,7 +111,7 @@ def _require_added(parsed: list) -> None:
     """`regularizer.dropout.p=0.3` sets a key of an option that must be added first: say how
     (OmegaConf would fail on the empty node with an assertion, not a message)."""
     for o in parsed:
-        if _option_key(o) is None:
+        if _option_key(o) is None or o.is_add() or o.is_force_add():  # `+`/`++` add the option with the key
             continue
         group, option = _option_key(o)
         added = [p.value() for p in parsed if p.key_or_group == group and not p.is_delete()]

@@ -359,7 +359,10 @@ class TrainConfig:
     model: ModelConfig = MISSING
     init: InitConfig = MISSING
     norm: NormConfig = MISSING
-    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    # `+regularizer=X` fills regularizer.X, typed by X's schema; `++regularizer.X.k=v` may add
+    # one too (Optuna's search does), which a None-valued typed key could not take in
+    # OmegaConf, so: open here, a RegularizerConfig once validated (a key per regularizer).
+    regularizer: Any = field(default_factory=dict)
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     clip: ClipConfig = MISSING
@@ -407,16 +410,49 @@ def config_dir() -> str:
 # ---------------------------------------------------------------- validation
 def validate(cfg: DictConfig) -> DictConfig:
     """Check a composed (hence typed) config: no keys outside the schemas, the range rules
-    beside each field, the cross-field rules. Returns the job's config, without Hydra's
-    node. Raises ConfigError."""
-    job = cfg
-    if "hydra" in cfg:
-        job = cfg.copy()
-        with open_dict(job):
-            del job["hydra"]
+    beside each field, the cross-field rules. Returns it as the job reads it (`job_config`).
+    Raises ConfigError."""
+    job = job_config(cfg)
     _check_fields(job, "")
     _check_cross_fields(job)
     return job
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A composed config as the job reads it: without Hydra's node, and with a key for every
+    regularizer, None unless added (a RegularizerConfig). No range checks: see validate."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    job = cfg.copy()
+    with open_dict(job):
+        job.pop("hydra", None)
+    try:
+        job.regularizer = OmegaConf.merge(OmegaConf.structured(RegularizerConfig), cfg.regularizer)
+    except OmegaConfBaseException as e:  # a key or value that `++regularizer.X.k=v` brought in
+        raise explain(e, f"regularizer.{e.full_key}", OmegaConf.select(cfg.regularizer, str(e.full_key))) from None
+    return job
+
+
+def explain(e: Any, key: str, value: Any) -> ConfigError:
+    """OmegaConf's refusal of `key=value` (an unknown key, a wrong type) as one ConfigError line.
+    The error's own fields say where: the owning dataclass, or the list an element belongs to."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    owner = e.object_type
+    if isinstance(e, (ConfigAttributeError, ConfigKeyError)):
+        if not is_dataclass(owner):
+            return ConfigError(key, value, "unknown key (regexp train --cfg job shows the keys)")
+        return ConfigError(key, value, "unknown key; known keys here: " + ", ".join(f.name for f in fields(owner)))
+    expected = {f.name: f.type for f in fields(owner)}.get(e.key) if is_dataclass(owner) else e.ref_type
+    return ConfigError(key, value, f"must be {_TYPE_WORDS.get(expected, str(expected))}")
+
+
+_TYPE_WORDS = {
+    int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    Optional[int]: "an integer or null", Optional[float]: "a number or null", Optional[str]: "a string or null",
+    Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
+    List[str]: "a list of strings",
+}
 
 
 def _check_fields(node: DictConfig, prefix: str) -> None:

@@ -167,6 +167,13 @@ def test_optional_groups_without_plus(typed, added):
     assert with_added_groups(typed) == added
 
 
+def test_a_forced_regularizer_key_adds_the_regularizer_typed():
+    cfg = compose_and_validate(["++regularizer.dropout.p=0.42"])  # how the Optuna preset tunes dropout
+    assert cfg.regularizer.dropout.p == 0.42 and cfg.regularizer.dropout.p_input == 0.0 and cfg.regularizer.l1 is None
+    with pytest.raises(ConfigError, match=r"regularizer.dropout.q=1: unknown key; known keys here: p, p_input"):
+        compose_and_validate(["++regularizer.dropout.q=1"])
+
+
 def test_optional_groups_without_plus_compose_as_with_plus():
     plain = compose_and_validate(["regularizer=[dropout,l2]", "regularizer.dropout.p=0.2"])
     plus = compose_and_validate(["+regularizer=[dropout,l2]", "regularizer.dropout.p=0.2"])
