@@ -80,8 +80,9 @@ def test_preset_is_documented_and_every_job_composes(preset):
     header = path.read_text().splitlines()
     assert header[0] == "# @package _global_"
     assert header[1].startswith("# ") and any("Expected" in line for line in header[:6]), "a description and the expected outcome"
-    readme = (REPO / "README.md").read_text()
-    assert f"`{preset}`" in readme, "listed in README's Experiment presets"
+    presets_page = (REPO / "docs" / "experiments.md").read_text()
+    assert f"`{preset}`" in presets_page, "listed in the Experiment presets (docs/experiments.md)"
+    assert "docs/experiments.md" in (REPO / "README.md").read_text(), "README links to them"
 
     jobs = preset_jobs(preset)
     assert len(jobs) == 1 if preset in SINGLE_RUNS else len(jobs) >= 2
