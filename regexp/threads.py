@@ -29,7 +29,8 @@ def usable_cores() -> int:
 def free_cores(cap: int) -> int:
     """Cores not busy with other work now (the 1-minute load average), at least 1, at most `cap`."""
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cap, round(usable_cores() - busy + 1)))  # + 1: this process's own share of the load
+    cores = usable_cores()
+    return max(1, min(cap, cores, round(cores - busy + 1)))  # + 1: this process's own share of the load
 
 
 def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threads: int) -> float:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import compose_train
 from rich.console import Console
 
@@ -106,7 +107,7 @@ def test_max_norm_holds_after_every_step(data_root):
                                   "optimizer.lr=0.05", "+regularizer=max_norm", "regularizer.max_norm.value=0.5"]))
     data = load_data(cfg.dataset, torch.device("cpu"))
     norms, optimizer_steps = [], []
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda opt, args, kwargs: optimizer_steps.append(opt))
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: optimizer_steps.append(opt))
     try:
         for state in step_through_one_epoch(cfg, data):
             norms.append(max(p.flatten(1).norm(dim=1).max().item() for p in state.penalized))
