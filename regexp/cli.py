@@ -103,7 +103,7 @@ def reader_command(command: str, args: list[str]) -> int:
 
     try:
         if command == "compare":
-            from regexp.compare import main as command_main
+            from regexp.comparison import main as command_main
         else:
             from regexp.diagnose import main as command_main
         code = command_main(args)
@@ -137,7 +137,8 @@ def ignore_preset_warning() -> None:
 
 
 def run_train(args: list[str]) -> int:
-    from regexp.config import ConfigError, RunError
+    from regexp.compose import is_override, with_resumed_run
+    from regexp.rundir import ConfigError, Interrupted, RunError
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
@@ -155,7 +156,6 @@ def run_train(args: list[str]) -> int:
     import hydra
 
     from regexp.config import config_dir
-    from regexp.train import Interrupted
 
     hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(Job())
     sys.argv = ["regexp train", *args]
@@ -193,35 +193,11 @@ def job_in_worker() -> Job:
 def with_plus_where_needed(args: list[str]) -> list[str]:
     """The command line with `regularizer=X` / `experiment=X` read as `+regularizer=X` where
     the group is not in the defaults yet (regexp.compose.with_added_groups); flags untouched."""
-    from regexp.compose import with_added_groups
+    from regexp.compose import is_override, with_added_groups
 
     positions = [i for i, a in enumerate(args) if is_override(a)]
     rewritten = dict(zip(positions, with_added_groups([args[i] for i in positions])))
     return [rewritten.get(i, a) for i, a in enumerate(args)]
-
-
-def with_resumed_run(args: list[str]) -> list[str]:
-    """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir."""
-    from pathlib import Path
-
-    from regexp.config import ConfigError
-    from regexp.rundir import read_overrides
-
-    value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    if value in (None, "null", "auto"):
-        return args
-    run_dir = Path(value)
-    recorded = read_overrides(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
-        raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
-    saved = [o for o in recorded if not o.startswith(("resume=", "hydra.run.dir="))]
-    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
-    kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
-    return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]
-
-
-def is_override(arg: str) -> bool:
-    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
 
 
 def hydra_task(cfg) -> float:
@@ -237,8 +213,8 @@ def hydra_task(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from regexp.compose import expands_its_jobs
-    from regexp.config import ConfigError, RunError, job_config, resolve_device, validate
+    from regexp.compose import check_job, expands_its_jobs
+    from regexp.config import ConfigError, RunError, job_config
     from regexp.data import check_available
     from regexp.sweep import already_finished, record_failure, share_machine
     from regexp.train import train
@@ -253,12 +229,11 @@ def hydra_task(cfg) -> float:
             print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
             return finished.objective()
         if multirun and not expands_its_jobs(hydra_cfg):  # a search sweeper's draw: not seen by the pre-flight
-            job = validate(cfg)
-            resolve_device(job)
+            job = check_job(cfg)
         else:
             job = job_config(cfg)
-        if multirun:  # data problems fail this job, not the sweep
-            check_available(job.dataset)
+            if multirun:  # data problems fail this job, not the sweep
+                check_available(job.dataset)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
         summary = train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
                         composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
@@ -279,21 +254,17 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> None:
     """Pre-flight, before Hydra creates anything: compose and validate every job's config
     (regexp.compose); to `run`, also the device, the output dir and, for a single run, the
     data. Bad input fails fast with one line (Hydra's own errors are several lines, exit 1)."""
-    from regexp.compose import compose, initialized, sweep_jobs
-    from regexp.config import check_writable, resolve_device, validate
+    from regexp.compose import check_job, compose, initialized, sweep_jobs
+    from regexp.config import check_writable, validate
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     with initialized():
         for job in sweep_jobs(overrides) if multirun else [overrides]:
             cfg = compose(job, with_hydra=True)
-            typed = validate(cfg)
             if not run:
+                validate(cfg)
                 continue
-            resolve_device(typed)
-            if not multirun:  # in a sweep, missing data fail their job, not the whole sweep
-                from regexp.data import check_available  # torch: only once the config is known good
-
-                check_available(typed.dataset)
+            check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
             out_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
             if any(o.startswith(out_key + "=") for o in job):
                 check_writable(out_dir, out_key, out_dir)

@@ -187,3 +187,40 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 def expands_its_jobs(hydra_cfg: Any) -> bool:
     """Whether the sweeper is Hydra's basic one, whose jobs sweep_jobs lists in advance."""
     return str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
+def with_resumed_run(args: list[str]) -> list[str]:
+    """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir."""
+    from pathlib import Path
+
+    from regexp.rundir import read_overrides
+
+    value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    if value in (None, "null", "auto"):
+        return args
+    run_dir = Path(value)
+    recorded = read_overrides(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
+        raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
+    saved = [o for o in recorded if not o.startswith(("resume=", "hydra.run.dir="))]
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
+    kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
+    return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]
+
+
+def is_override(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
+def check_job(cfg: DictConfig, data: bool = True) -> DictConfig:
+    """The pre-flight of one composed job: its validated config, the device it asks for and,
+    with `data`, its data set (found or downloaded). ConfigError / RunError, one line."""
+    from regexp.config import resolve_device
+
+    typed = validate(cfg)
+    resolve_device(typed)
+    if data:
+        from regexp.data import check_available  # torch: only once the config is known good
+
+        check_available(typed.dataset)
+    return typed

@@ -48,6 +48,14 @@ class RunError(RuntimeError):
     message says which file and what to do. Exit code 1, one line, no traceback."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM after the checkpoint was saved; exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class Status(str, Enum):
     RUNNING = "running"
     COMPLETED = "completed"

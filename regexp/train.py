@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import resolve_device, resolve_precision, resolved_container, validate, warnings_for
-from regexp.data import DataSplits, check_available, load_data
+from regexp.config import resolve_device, resolve_precision, resolved_container, warnings_for
+from regexp.data import DataSplits, load_data
 from regexp.diagnose import diagnose
 from regexp.init import init_weights
 from regexp.models import build_model
@@ -30,7 +30,7 @@ from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfi
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
-    MetricsFile, RunError, Status, Summary, atomic_write, keep_metrics_up_to, read_metrics, read_summary,
+    Interrupted, MetricsFile, RunError, Status, Summary, atomic_write, keep_metrics_up_to, read_metrics, read_summary,
     split_finite, write_diagnosis, write_summary,
 )
 from regexp.state import TrainState, move_to, seed_everything
@@ -262,14 +262,6 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------- signals
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM after the checkpoint was saved; exit code 128 + signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
-
-
 class StopSignal:
     """The first SIGINT/SIGTERM asks the loop to save a checkpoint and stop at the next
     step; a second one stops at once. The previous handlers come back on exit."""
@@ -614,12 +606,3 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     reporter.summary(f"regexp · {summary.status}", {**summary.metrics, "wall_time_s": summary.wall_time_s, "run_dir": str(run_dir)}, style)
     reporter.diagnosis(summary.findings)
     return summary
-
-
-def prepare(cfg: DictConfig) -> DictConfig:
-    """Every check on the config that must pass before any work: schema, ranges, device,
-    data files. Raises ConfigError."""
-    typed = validate(cfg)
-    resolve_device(typed)
-    check_available(typed.dataset)
-    return typed

@@ -217,7 +217,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Pat
     from torchvision import transforms
 
     from regexp.config import config_dir
-    from regexp.train import prepare
+    from regexp.compose import check_job
 
     case = CASES[name]
     dataset = case["dataset"]
@@ -229,7 +229,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Pat
     def compose_cfg(extra: list[str], check: bool = True):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
             cfg = compose(config_name="train", overrides=[*base, f"dataset.root={root}", *extra])
-        return prepare(cfg) if check else cfg
+        return check_job(cfg) if check else cfg
 
     synthetic = False
     if not has_files(dataset, root):

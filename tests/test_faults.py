@@ -167,7 +167,8 @@ def test_disk_full_or_read_only_mid_run(tmp_path, data_root, finished_run, targe
 
 
 def test_second_signal_stops_at_once():
-    from regexp.train import Interrupted, StopSignal
+    from regexp.rundir import Interrupted
+    from regexp.train import StopSignal
 
     with StopSignal() as stop:
         stop.handle(signal.SIGINT, None)  # the first: noted, the loop saves and stops at the next step

@@ -1,0 +1,96 @@
+"""The Python API (`regexp.run`, `regexp.load`, `regexp.compare`): the same composition,
+validation and pre-flight as `regexp train`, without Hydra's job runner, for notebooks.
+
+A run writes the run dir the command line would (summary.json, metrics.jsonl,
+diagnosis.json, checkpoints, train.log, .hydra/config.yaml and overrides.yaml), so
+`regexp compare`, `regexp diagnose` and `resume=` work on it. Bad input raises
+ConfigError (a ValueError) naming the key; nothing is written then.
+"""
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from regexp.rundir import Summary, load_summary, read_diagnosis, read_metrics
+
+
+@dataclass
+class Run:
+    """A run dir, read back: its summary, its metric records and its findings."""
+
+    run_dir: Path
+    summary: Summary
+    metrics: list[dict[str, Any]]
+    findings: list[dict[str, Any]]
+
+
+def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> Summary:
+    """Train one run of `overrides` (as `regexp train` takes them) into `run_dir` (default:
+    Hydra's outputs/<date>/<time>); returns its summary, whatever its status. A crash is
+    recorded in the run dir and raised."""
+    from omegaconf import OmegaConf
+
+    from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
+    from regexp.config import check_writable
+    from regexp.train import train
+
+    overrides = with_added_groups(with_resumed_run(list(overrides)))
+    composed = compose(overrides, with_hydra=True)
+    typed = check_job(composed)
+    if run_dir is None:
+        run_dir = OmegaConf.select(composed, "hydra.run.dir")
+    run_dir = Path(run_dir)
+    check_writable(run_dir, "run_dir", str(run_dir))
+    choices = OmegaConf.to_container(composed.hydra.runtime.choices)
+    user_overrides = [o for o in overrides if not o.startswith("hydra.")]
+    with train_log(run_dir):
+        write_hydra_record(run_dir, composed, user_overrides)
+        return train(typed, run_dir, choices=choices, overrides=user_overrides, composed=composed)
+
+
+def load(run_dir: str | Path) -> Run:
+    """A run dir's summary, metric records and findings (RunError when it is no run dir)."""
+    run_dir = Path(run_dir)
+    return Run(run_dir, load_summary(run_dir), read_metrics(run_dir), read_diagnosis(run_dir) or [])
+
+
+def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, metric: str = "test/acc") -> dict[str, Any]:
+    """The table `regexp compare` prints, as data: groups (mean and std of each column, run
+    counts by status) and runs. Failed and diverged runs are counted, never averaged."""
+    from regexp.comparison import table_data
+
+    return table_data([Path(p) for p in paths], list(by) if by else None, metric)
+
+
+def write_hydra_record(run_dir: Path, composed: Any, overrides: list[str]) -> None:
+    """.hydra/config.yaml and overrides.yaml, as Hydra writes them for a job."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from regexp.rundir import atomic_write
+
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    job = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+    atomic_write(hydra_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(job)))
+    atomic_write(hydra_dir / "overrides.yaml", lambda f: yaml.safe_dump(overrides, f))
+
+
+@contextmanager
+def train_log(run_dir: Path) -> Iterator[None]:
+    """The run's log lines into run_dir/train.log for the length of the run, as under Hydra."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logger = logging.getLogger("regexp")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
