@@ -417,21 +417,32 @@ def check_plot_path(out: Path) -> None:
         raise UsageError(str(e)) from None
 
 
+def comparison(paths: list[Path], by: Optional[list[str]], metric: str,
+               higher_is_better: Optional[bool] = None) -> tuple[list[Group], list[str], bool]:
+    """(groups best first, the grouping keys, higher_is_better); UsageError on bad input."""
+    if higher_is_better is None:
+        higher_is_better = not lower_is_better(metric)
+    runs = find_runs(paths)
+    check_metric(runs, metric)
+    if by:
+        check_keys(runs, by)
+    keys = list(dict.fromkeys(by)) if by else swept_keys(runs)
+    return rank_groups(group_runs(runs, keys), metric, higher_is_better), keys, higher_is_better
+
+
+def table_data(paths: list[Path], by: Optional[list[str]] = None, metric: str = "test/acc",
+               higher_is_better: Optional[bool] = None) -> dict[str, Any]:
+    """The comparison as data, as `regexp compare --json` prints it (the Python API's compare)."""
+    groups, keys, higher_is_better = comparison(paths, by, metric, higher_is_better)
+    return as_json(groups, keys, metric, higher_is_better, None)
+
+
 def main(args: list[str]) -> int:
     """`regexp compare`. UsageError for bad input (exit 2), RunError when the plot cannot be written (1)."""
     options = parser().parse_args(args)
-    higher_is_better = options.higher_is_better
-    if higher_is_better is None:
-        higher_is_better = not lower_is_better(options.metric)
     if options.plot is not None:
         check_plot_path(options.plot)
-    runs = find_runs(options.paths)
-    check_metric(runs, options.metric)
-    if options.by:
-        check_keys(runs, options.by)
-    keys = list(dict.fromkeys(options.by)) if options.by else swept_keys(runs)
-    groups = rank_groups(group_runs(runs, keys), options.metric, higher_is_better)
-
+    groups, keys, higher_is_better = comparison(options.paths, options.by, options.metric, options.higher_is_better)
     plotted = None
     if options.plot is not None:
         if plot_curves(groups, options.metric, options.plot):

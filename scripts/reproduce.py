@@ -26,7 +26,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
-from regexp.compare import find_runs, fmt, key_value, swept_keys
+from regexp.comparison import find_runs, fmt, key_value, swept_keys
 from regexp.config import config_dir
 
 # What each preset's outcome is read from, one column each:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REGEXP, TINY, require_shared_data, run_cli, summaries
 
-from regexp import compare
-from regexp.compare import Stat
+from regexp import comparison as compare  # the module; regexp.compare is the Python API's function
+from regexp.comparison import Stat
 from regexp.rundir import UsageError, read_metrics
 
 
@@ -391,3 +391,15 @@ def test_plot_to_an_unwritable_path_exits_2_before_any_work(tmp_path, plot, mess
 def test_help_documents_the_exit_codes(tmp_path):
     out = run_cli(["compare", "--help"], tmp_path)
     assert out.returncode == 0 and "Exit codes: 0" in " ".join(out.stdout.split())
+
+
+def test_table_data_is_what_json_prints_and_what_the_python_api_returns(tmp_path):
+    import regexp
+
+    sweep_run(tmp_path, "0", "adam", 0, 0.9)
+    sweep_run(tmp_path, "1", "sgd", 0, None, status="failed")
+    data = compare.table_data([tmp_path], ["optimizer"])
+    assert data == json.loads(run_cli(["compare", str(tmp_path), "--by", "optimizer", "--json"], tmp_path).stdout)
+    assert regexp.compare([tmp_path], by=["optimizer"]) == data == regexp.compare([tmp_path], by=["optimizer"])  # still a function
+    with pytest.raises(UsageError, match="--by lr: no run has this key"):
+        compare.table_data([tmp_path], ["lr"])

@@ -54,13 +54,21 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_import_graph_sees_lazy_and_package_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("import json\nfrom regexp import rundir\n\ndef f():\n    from regexp.tracking import Reporter\n"
-                      "    import regexp.compare\n")
-    assert imported_modules(source) == {"rundir", "tracking", "compare"}
+                      "    import regexp.comparison\n")
+    assert imported_modules(source) == {"rundir", "tracking", "comparison"}
+
+
+def test_no_module_shadows_the_python_api():
+    """`regexp.compare(...)` is a function: a submodule of that name would replace it once imported."""
+    import regexp
+
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules.isdisjoint(regexp.__all__)
 
 
 def test_no_import_cycles_in_the_package():
     graph = import_graph()
-    assert graph["compare"] and "rundir" in graph["compare"]  # the graph is really read
+    assert graph["comparison"] and "rundir" in graph["comparison"]  # the graph is really read
     assert cycles(graph) == []
 
 
@@ -68,7 +76,7 @@ def test_run_records_are_a_leaf():
     """Every reader and writer of run dirs depends on rundir; rundir on nothing of regexp."""
     graph = import_graph()
     assert graph["rundir"] == set()
-    for reader in ("compare", "diagnose", "sweep", "tracking", "wandb_logger"):
+    for reader in ("comparison", "diagnose", "sweep", "tracking", "wandb_logger"):
         assert "rundir" in graph[reader], reader
 
 
@@ -77,7 +85,7 @@ def test_the_readers_of_run_dirs_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, regexp.compare, regexp.diagnose, regexp.sweep, regexp.tracking; "
+    code = ("import sys, regexp.comparison, regexp.diagnose, regexp.sweep, regexp.tracking; "
             "print([m for m in ('torch', 'torchvision', 'wandb', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
