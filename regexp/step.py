@@ -139,7 +139,7 @@ def unscale_and_clip(state: TrainState, recipe: Recipe, probe: Probe, measure: b
     """Unscale (fp16) and clip: (pre-clip global norm when measured or computed anyway, clipped?)."""
     state.scaler.unscale_(state.optimizer)
     probe.grads("norm")
-    pre = global_grad_norm(state.params) if measure and recipe.clip.name != "norm" else None
+    pre = global_grad_norm(state.params) if measure else None
     clip_norm, clipped = clip_gradients(state.params, recipe.clip)
     probe.grads("norm_clipped")
     return (clip_norm if clip_norm is not None else pre), clipped
@@ -168,7 +168,7 @@ def train_step(state: TrainState, recipe: Recipe, batches: list[MicroBatch], pro
         result.applied = False
         return result
     if probe.wants_norm:
-        result.post_norm = global_grad_norm(state.params) if recipe.clip.name != "none" else pre_norm
+        result.post_norm = global_grad_norm(state.params) if clipped is not None else pre_norm
     probe.before_update()
     apply_update(state, recipe)
     probe.after_update()

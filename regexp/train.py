@@ -192,7 +192,7 @@ class Meters:
 
 
 def interval_record(state: TrainState, meters: Meters, result: StepResult, lr: float, monitor: Monitor,
-                    has_penalty: bool, clips: bool) -> tuple[dict[str, Any], int]:
+                    has_penalty: bool) -> tuple[dict[str, Any], int]:
     """The log step's metrics (one host sync) and the interval's first non-finite step (-1: none)."""
     device_values = {"loss": meters.loss, "correct": meters.correct, "penalty": meters.penalty,
                      "clipped": meters.clipped, "first_bad": meters.guard.first_bad_step()}
@@ -208,7 +208,7 @@ def interval_record(state: TrainState, meters: Meters, result: StepResult, lr: f
     penalty_sum, clipped_steps, first_bad = host.pop("penalty"), host.pop("clipped"), int(host.pop("first_bad"))
     if has_penalty:
         record["train/penalty"] = penalty_sum / meters.samples
-    if clips and monitor.enabled:
+    if result.clipped is not None and monitor.enabled:  # a clipping option is on
         record["grad/clip_frac"] = clipped_steps / meters.steps
     record.update(host)
     return record, first_bad
@@ -388,8 +388,7 @@ def train_epoch(loop: Loop) -> Status:
                 continue
             meters.add(state.step - 1, result)
             if log_step:
-                record, first_bad = interval_record(state, meters, result, lr, monitor, loop.recipe.penalty is not None,
-                                                    loop.recipe.clip.name != "none")
+                record, first_bad = interval_record(state, meters, result, lr, monitor, loop.recipe.penalty is not None)
                 loop.tracker.write(record)
                 if plan.histogram_every and (state.step // plan.log_every) % plan.histogram_every == 0:
                     loop.tracker.write_histograms(state.step, monitor.histograms())
