@@ -131,6 +131,7 @@ class NormConfig:
     affine: bool = True
     momentum: float = field(default=0.1, metadata=FRACTION)  # batchnorm running stats
     eps: float = field(default=1e-5, metadata=POSITIVE)
+    batch_statistics: bool = False  # normalizes with the batch's own statistics: training needs >= 2 samples a batch
 
 
 # ---------------------------------------------------------------- regularizers
@@ -473,6 +474,10 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
 def _check_cross_fields(cfg: DictConfig) -> None:
     if cfg.regularizer.early_stopping is not None and cfg.dataset.val_size == 0:
         raise ConfigError("dataset.val_size", 0, "must be > 0 with +regularizer=early_stopping (it watches a validation metric)")
+    if cfg.norm.batch_statistics and cfg.batch_size < 2:
+        raise ConfigError("batch_size", cfg.batch_size, "must be >= 2 with norm=batchnorm (batch statistics need two samples)")
+    if cfg.norm.batch_statistics and cfg.dataset.limit == 1:
+        raise ConfigError("dataset.limit", 1, "must be >= 2 with norm=batchnorm (batch statistics need two samples)")
     if convolutional(cfg.model) and cfg.norm.name == "layernorm" and cfg.norm.placement != "before":
         raise ConfigError("norm.placement", cfg.norm.placement, "layernorm on conv models supports only 'before'")
 

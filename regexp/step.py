@@ -22,10 +22,13 @@ from regexp.regularizers import apply_max_norm
 from regexp.state import TrainState
 
 
-def window_sizes(n: int, batch_size: int, k: int) -> list[list[int]]:
+def window_sizes(n: int, batch_size: int, k: int, min_batch: int = 1) -> list[list[int]]:
     """One epoch's micro-batch sizes, grouped into accumulation windows of k micro-batches.
-    The last micro-batch and the last window may be short."""
+    The last micro-batch and the last window may be short; a last micro-batch under
+    `min_batch` samples (BatchNorm cannot train on one) joins the one before it."""
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] < min_batch:
+        sizes[-2:] = [sizes[-2] + sizes[-1]]
     return [sizes[i : i + k] for i in range(0, len(sizes), k)]
 
 

@@ -59,7 +59,7 @@ class Plan:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, n_train: int) -> "Plan":
-        windows = window_sizes(n_train, cfg.batch_size, cfg.accumulation.steps)
+        windows = window_sizes(n_train, cfg.batch_size, cfg.accumulation.steps, 2 if cfg.norm.batch_statistics else 1)
         return cls(windows, list(accumulate(map(sum, windows), initial=0))[:-1], cfg.epochs, cfg.max_steps,
                    cfg.monitor.log_every, cfg.monitor.histogram_every, cfg.checkpoint.every_steps, cfg.eval_every)
 

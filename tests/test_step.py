@@ -42,6 +42,7 @@ def test_windows_cover_the_epoch_once():
     batches = [b for w, offset in zip(sizes, (0, 32)) for b in window_batches(perm, offset, w)]
     assert torch.equal(torch.cat([b.index for b in batches]), perm)
     assert [b.share for b in window_batches(perm, 0, [16, 16, 8])] == micro_batch_weights([16, 16, 8]) == [0.4, 0.4, 0.2]
+    assert window_sizes(33, 16, 1, min_batch=2) == [[16], [17]] and window_sizes(33, 16, 2) == [[16, 16], [1]]
 
 
 def test_a_window_of_micro_batches_equals_one_batch():
