@@ -57,6 +57,9 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
         project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=name, group=group, tags=tags,
         config={**config, **{f"choices/{g}": o for g, o in choices.items()}},
     )
+    if os.environ.get("WANDB_SWEEP_ID"):  # started by `wandb agent`: its run (WANDB_RUN_ID) lives in the sweep's project
+        init_args.update(project=os.environ.get("WANDB_PROJECT") or cfg.logger.project,
+                         entity=os.environ.get("WANDB_ENTITY") or cfg.logger.entity)
     if run_id is not None:
         init_args.update(id=run_id, resume="allow")
     return [WandbRun(init_run(mode, init_args, run_dir, warn, server or WandbServer()))]
