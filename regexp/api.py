@@ -60,8 +60,12 @@ def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, met
     """The table `regexp compare` prints, as data: groups (mean and std of each column, run
     counts by status) and runs. Failed and diverged runs are counted, never averaged."""
     from regexp.comparison import table_data
+    from regexp.rundir import ConfigError, UsageError
 
-    return table_data([Path(p) for p in paths], list(by) if by else None, metric)
+    try:
+        return table_data([Path(p) for p in paths], list(by) if by else None, metric)
+    except UsageError as e:  # e.g. an unknown --by key or metric: the message names it
+        raise ConfigError("compare", [str(p) for p in paths], str(e)) from None
 
 
 def write_hydra_record(run_dir: Path, composed: Any, overrides: list[str]) -> None:

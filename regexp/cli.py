@@ -178,8 +178,13 @@ class Job:
     processes that exist only to run jobs; unpickled there, it quiets the presets' warning in
     that process as train_command does here, before the worker composes the job's config."""
 
+    def __init__(self):
+        from regexp.wandb_logger import WandbServer
+
+        self.wandb_server = WandbServer()  # what this process's jobs learn about the W&B server
+
     def __call__(self, cfg) -> float:
-        return hydra_task(cfg)
+        return hydra_task(cfg, self.wandb_server)
 
     def __reduce__(self) -> tuple:
         return (job_in_worker, ())
@@ -200,7 +205,7 @@ def with_plus_where_needed(args: list[str]) -> list[str]:
     return [rewritten.get(i, a) for i, a in enumerate(args)]
 
 
-def hydra_task(cfg) -> float:
+def hydra_task(cfg, wandb_server) -> float:
     """The job Hydra runs (once per sweep job): train() on the job's typed config. Returns
     the sweep objective (val/acc; NaN when there is none). The pre-flight validated every job
     it could list (a single run, each job of a basic sweep), so Hydra's composed config, typed
@@ -236,7 +241,8 @@ def hydra_task(cfg) -> float:
                 check_available(job.dataset)
         # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
         summary = train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                        composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
+                        composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
+                        wandb_server=wandb_server)
     except Exception as e:
         if multirun:
             record_failure(run_dir, e, list(hydra_cfg.overrides.task))

@@ -36,8 +36,8 @@ from regexp.rundir import (
 from regexp.state import TrainState, move_to, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
 from regexp.threads import fastest_threads
-from regexp.tracking import HistogramFile, Reporter, Tracker
-from regexp.wandb_logger import wandb_sinks
+from regexp.tracking import HistogramFile, Reporter, Tracker, plural
+from regexp.wandb_logger import WandbServer, wandb_sinks
 
 log = logging.getLogger("regexp")
 
@@ -546,17 +546,14 @@ def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, devic
     return threads
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 # ---------------------------------------------------------------- one run, with its records
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
           composed: Optional[DictConfig] = None, reporter: Optional[Reporter] = None,
-          name: Optional[str] = None, group: Optional[str] = None) -> Summary:
+          name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
     """Run one validated config into `run_dir`. summary.json says `running` until the run
     ends, then its status: completed, early_stopped, diverged, failed or interrupted.
-    `name` and `group` name the W&B run (default: the run dir's name, for both)."""
+    `name` and `group` name the W&B run (default: the run dir's name, for both); the jobs of
+    one process share a `wandb_server`, so an unreachable server costs its timeout once."""
     run_dir = Path(run_dir)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     resumed = None
@@ -578,7 +575,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     try:
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
         earlier_id = previous.wandb_id if resumed is not None and previous is not None else None
-        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn, earlier_id)
+        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn, earlier_id, wandb_server)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
         with StopSignal() as stop_signal, torch_settings(cfg, torch.device(resolve_device(cfg))):
             fit(start(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed))

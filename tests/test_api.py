@@ -51,6 +51,12 @@ def test_two_runs_in_one_process_match_and_leave_nothing_changed(tmp_path, data_
     assert [r["step"] for r in run.metrics if "train/loss" in r] == [2, 4]
     assert (tmp_path / "a" / ".hydra" / "overrides.yaml").is_file() and "epoch 1/1" in (tmp_path / "a" / "train.log").read_text()
 
+    table = regexp.compare([tmp_path], by=["seed"])
+    assert [(g["label"], g["runs"], g["stats"]["test/acc"]["mean"]) for g in table["groups"]] == [
+        ("seed=0", 2, pytest.approx(first.metrics["test/acc"]))]
+    with pytest.raises(regexp.ConfigError, match="no_such_key"):
+        regexp.compare([tmp_path], by=["no_such_key"])
+
 
 def test_load_of_a_dir_that_is_no_run(tmp_path):
     with pytest.raises(regexp.RunError, match="summary.json"):
