@@ -15,11 +15,13 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union, get_args, get_origin
 
 SUMMARY, METRICS, DIAGNOSIS = "summary.json", "metrics.jsonl", "diagnosis.json"
+CONTINUATION = "continuation.json"  # a resumed finished run's own record, until it ends at least as well
 
 
 class ConfigError(ValueError):
@@ -49,11 +51,12 @@ class RunError(RuntimeError):
 
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM after the checkpoint was saved; exit code 128 + signal."""
+    """Ctrl-C or SIGTERM; exit code 128 + signal. `saved`: a checkpoint of this very step was
+    written (the first signal); a second signal stops at once, without one."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, saved: bool = False):
         super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
+        self.signum, self.saved = signum, saved
 
 
 class Status(str, Enum):
@@ -73,6 +76,11 @@ class Status(str, Enum):
     def trained(self) -> bool:
         """Its final metrics are those of a trained model (what means over runs may average)."""
         return self in (Status.COMPLETED, Status.EARLY_STOPPED)
+
+    @property
+    def rank(self) -> int:
+        """How good a record it is: a trained result, a divergence, or no result."""
+        return 2 if self.trained else 1 if self is Status.DIVERGED else 0
 
     def __str__(self) -> str:
         return self.value
@@ -192,6 +200,27 @@ def read_json(path: Path) -> Any:
 # ---------------------------------------------------------------- summary.json
 def write_summary(run_dir: Path, summary: Summary) -> None:
     write_json(Path(run_dir) / SUMMARY, summary.to_dict())
+
+
+class SummaryRecord:
+    """Where a run writes its summary. A run dir that already holds a finished result (a
+    resumed completed run, continued for more epochs) keeps that summary.json until the
+    continuation ends at least as well with metrics; until then, and for good if it ends
+    worse, the continuation's summary is continuation.json beside it."""
+
+    def __init__(self, run_dir: Path, earlier: Optional[Summary]):
+        self.run_dir, self.earlier = Path(run_dir), earlier
+        self.guarded = earlier is not None and earlier.status.finished
+
+    def replaces_earlier(self, summary: Summary) -> bool:
+        return not self.guarded or (summary.status.rank >= self.earlier.status.rank and bool(summary.metrics))
+
+    def write(self, summary: Summary, final: bool = False) -> None:
+        if final and self.replaces_earlier(summary):
+            write_summary(self.run_dir, summary)
+            (self.run_dir / CONTINUATION).unlink(missing_ok=True)
+        else:
+            write_json(self.run_dir / (CONTINUATION if self.guarded else SUMMARY), summary.to_dict())
 
 
 def load_summary(run_dir: Path) -> Summary:
@@ -314,11 +343,32 @@ def read_overrides(run_dir: Path) -> Optional[list[str]]:
         items = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise RunError(f"{path}: cannot read the run's overrides ({str(e).splitlines()[0]})") from None
-    if items is not None and not isinstance(items, list):
-        raise RunError(f"{path}: not a list of overrides")
+    if items is not None and not (isinstance(items, list) and all(isinstance(item, str) for item in items)):
+        raise RunError(f"{path}: not a list of overrides (strings)")
     return [str(item) for item in items or []]
 
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file()
 
+
+@contextmanager
+def sole_writer(run_dir: Path, key: str) -> Iterator[None]:
+    """Hold `run_dir` as its only writer: an exclusive flock on the directory, which the
+    operating system releases on any exit, SIGKILL included. ConfigError naming the dir
+    when another process holds it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself: no lock file to leave behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(key, str(run_dir), "another regexp process is writing this directory now; "
+                                             "wait for it to end or choose another") from None
+    try:
+        yield
+    finally:
+        os.close(fd)

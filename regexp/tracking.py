@@ -6,7 +6,6 @@ written by regexp.rundir. Also the console pieces that the commands reading run 
 
 import argparse
 import logging
-import math
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, NoReturn, Optional

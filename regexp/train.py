@@ -30,8 +30,8 @@ from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfi
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
-    Interrupted, MetricsFile, RunError, Status, Summary, atomic_write, keep_metrics_up_to, read_metrics, read_summary,
-    split_finite, write_diagnosis, write_summary,
+    CONTINUATION, SUMMARY, ConfigError, Interrupted, MetricsFile, RunError, Status, Summary, SummaryRecord, atomic_write,
+    keep_metrics_up_to, load_summary, read_metrics, read_summary, split_finite, write_diagnosis,
 )
 from regexp.state import TrainState, move_to, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
@@ -238,15 +238,69 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+# What a resumed run may change: how long it goes on and how it is watched and logged. The rest
+# (model, data, optimizer and its numbers, schedule, regularizers, seed, ...) is the checkpoint's:
+# a changed value would not take effect (the optimizer's state brings back its own lr) or not fit.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "eval_every", "eval_batch_size", "out_dir", "resume", "checkpoint",
+                     "logger", "monitor", "device", "dataset.root", "dataset.download", "dataset.cache")
+
+
 def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) -> None:
-    """The checkpoint must come from the same model, norm and data set (a resumed run may
-    change anything else, e.g. epochs)."""
+    """The checkpoint must come from this run's config, but for RESUME_MAY_CHANGE: another
+    model, norm or data set is a RunError (the file does not fit), any other change bad input."""
     saved = state["config"]
     for key in ("model", "norm"):
         if saved.get(key) != OmegaConf.to_container(cfg[key], resolve=True):
             raise RunError(f"{path}: the checkpoint is of another {key} ({saved.get(key)}); resume with that run's own config")
     if saved.get("dataset", {}).get("name") != cfg.dataset.name:
         raise RunError(f"{path}: the checkpoint was trained on {saved.get('dataset', {}).get('name')}, not {cfg.dataset.name}")
+    now = flat(OmegaConf.to_container(cfg, resolve=True))
+    before = flat(saved)
+    for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):  # a changed option first
+        if not key.startswith(tuple(p + "." for p in RESUME_MAY_CHANGE) + RESUME_MAY_CHANGE) and now.get(key) != before.get(key):
+            raise ConfigError(key, now.get(key), f"the run in {path.parent} was trained with {key}={before.get(key)}; "
+                                                 f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
+
+
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer.lr": 0.001, ...}: a nested config's leaves by dotted key."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The pre-flight of what a run finds in its run dir, before anything is written: a new
+    run never goes where a run is recorded; a resume needs its checkpoint (readable, of this
+    config) and readable records. Returns the checkpoint's (path, state) to resume from."""
+    checkpoint = resume_checkpoint(cfg.resume, run_dir)
+    if checkpoint is None:
+        earlier = read_summary(run_dir) if (run_dir / SUMMARY).exists() else None
+        if (run_dir / SUMMARY).exists() and not (cfg.resume == "auto" and earlier is not None and not earlier.status.finished):
+            raise ConfigError(key, str(run_dir), "holds a run already; continue it with resume=" + str(run_dir) +
+                              " (or resume=auto), or choose another run dir")
+        return None  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
+    state = read_checkpoint(checkpoint)
+    check_checkpoint_fits(checkpoint, state, cfg)
+    if (run_dir / SUMMARY).exists():
+        load_summary(run_dir)
+    read_metrics(run_dir)
+    if (run_dir / "best.pt").exists():
+        read_weights(run_dir / "best.pt")
+    return checkpoint, state
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """best.pt's weights; RunError naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        raise RunError(f"{path}: cannot read the best weights ({type(e).__name__}); the file is truncated or "
+                       "corrupted: restore it, or move it away to resume without it") from None
 
 
 def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -466,7 +520,7 @@ def fit(loop: Loop) -> None:
             loop.meters.add_time(time.perf_counter() - t_epoch)
             loop.checkpoint()
             loop.summary.steps, loop.summary.train_time_s = state.step, round(loop.meters.train_seconds, 3)
-            raise Interrupted(loop.stop_signal.received)
+            raise Interrupted(loop.stop_signal.received, saved=True)
         status, row = end_epoch(loop, status, t_epoch)
         if status != Status.COMPLETED or plan.last_epoch(state.epoch, state.step):
             break
@@ -478,7 +532,7 @@ def finish(loop: Loop, status: Status, row: dict[str, Any]) -> None:
     state, meters, best = loop.state, loop.meters, loop.state.early_stopping
     final = {SHOWN_AS.get(k, k): v for k, v in row.items() if k.startswith(("epoch/train_", "val/"))}
     if status == Status.EARLY_STOPPED and (loop.run_dir / "best.pt").is_file():
-        best_weights = torch.load(loop.run_dir / "best.pt", map_location=loop.data.train_y.device, weights_only=True)["model"]
+        best_weights = read_weights(loop.run_dir / "best.pt")
         state.model.load_state_dict(best_weights)  # report the weights early stopping chose
         final.update({best.monitor: best.best, "best_epoch": best.best_epoch})
     if status != Status.DIVERGED:
@@ -514,8 +568,8 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
         loop.meters.load_state_dict(saved["meters"], mid_epoch)
         if not mid_epoch:  # saved at the end of an epoch: start the next one
             state.epoch, state.window, state.perm = state.epoch + 1, 0, None
-        keep_metrics_up_to(run_dir, state.step)
         summary.resumed_from, summary.resumed_at_step = str(resume_from), state.step
+    keep_metrics_up_to(run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint
     reporter.line(
         f"{cfg.dataset.name} ({len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test) · {cfg.model.name} "
         f"({summary.parameters:,} params) · {cfg.optimizer.name} lr {state.optimizer.param_groups[0]['initial_lr']:g} · "
@@ -547,6 +601,24 @@ def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, devic
 
 
 # ---------------------------------------------------------------- one run, with its records
+def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
+    """The run's last word. When the disk that failed the run refuses it, a smaller summary
+    (no config, no traceback) may still fit: a summary never stays `running` after the end."""
+    try:
+        record.write(summary, final=True)
+        if record.guarded and not record.replaces_earlier(summary):
+            log.warning("this continuation ended %s: %s keeps the earlier %s result; its own record is %s",
+                        summary.status, SUMMARY, record.earlier.status, CONTINUATION)
+    except RunError as e:  # keep the first error
+        log.error("%s", e)
+        brief = Summary(status=summary.status, run_dir=summary.run_dir, started_at=summary.started_at,
+                        finished_at=summary.finished_at, error=summary.error or str(e))
+        try:
+            record.write(brief, final=True)
+        except RunError:
+            pass
+
+
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
           composed: Optional[DictConfig] = None, reporter: Optional[Reporter] = None,
           name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
@@ -555,33 +627,31 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     `name` and `group` name the W&B run (default: the run dir's name, for both); the jobs of
     one process share a `wandb_server`, so an unreachable server costs its timeout once."""
     run_dir = Path(run_dir)
-    checkpoint = resume_checkpoint(cfg.resume, run_dir)
-    resumed = None
-    if checkpoint is not None:  # checked before anything is written: a bad one leaves the run dir as it was
-        state = read_checkpoint(checkpoint)
-        check_checkpoint_fits(checkpoint, state, cfg)
-        resumed = (checkpoint, state)
+    resumed = check_resume(cfg, run_dir, "run_dir")  # before anything is written: a refusal leaves the run dir as it was
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_summary(run_dir)
+    record = SummaryRecord(run_dir, read_summary(run_dir))
     reporter = reporter or Reporter()
     started = time.perf_counter()
     resolved = resolved_container(composed if composed is not None else cfg)
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
                       choices=choices or {}, overrides=overrides or [], config=resolved)
-    write_summary(run_dir, summary)
+    record.write(summary)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
-    name = name or run_dir.name
     exit_code = 1
     try:
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
-        earlier_id = previous.wandb_id if resumed is not None and previous is not None else None
-        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name, group or name, reporter.warn, earlier_id, wandb_server)
+        earlier_id = record.earlier.wandb_id if resumed is not None and record.earlier is not None else None
+        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name or run_dir.name, group or name or run_dir.name,
+                                     reporter.warn, earlier_id, wandb_server)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
         with StopSignal() as stop_signal, torch_settings(cfg, torch.device(resolve_device(cfg))):
             fit(start(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed))
+        if stop_signal.received is not None:
+            reporter.warn(f"signal {stop_signal.received} came during the final evaluation; the run completed and its records are whole")
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         summary.findings = diagnose(read_metrics(run_dir), summary)
-        write_diagnosis(run_dir, summary.findings)
+        if record.replaces_earlier(summary):
+            write_diagnosis(run_dir, summary.findings)
         exit_code = 0
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
@@ -592,11 +662,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
         raise
     finally:
         summary.finished_at = datetime.now(timezone.utc).isoformat()
-        try:
-            write_summary(run_dir, summary)
-        except RunError as e:  # e.g. the disk that failed the run: keep the first error
-            log.error("%s", e)
-        tracker.summary(summary)
+        write_final_summary(record, summary)
+        if record.replaces_earlier(summary):
+            tracker.summary(summary)
         tracker.close(exit_code)
     style = {Status.COMPLETED: "green", Status.EARLY_STOPPED: "green", Status.DIVERGED: "red"}.get(summary.status, "yellow")
     reporter.summary(f"regexp · {summary.status}", {**summary.metrics, "wall_time_s": summary.wall_time_s, "run_dir": str(run_dir)}, style)

@@ -163,7 +163,10 @@ def test_disk_full_or_read_only_mid_run(tmp_path, data_root, finished_run, targe
     assert_one_line_error(out, str(finished_run / "checkpoint.pt"), "cannot write", reason, "intact")
     assert out.returncode == 1
     assert (finished_run / "checkpoint.pt").read_bytes() == old_checkpoint
-    assert json.loads((finished_run / "summary.json").read_text())["status"] == "failed"
+    # the finished run's record stays; the failed continuation is recorded beside it (issue 12)
+    assert json.loads((finished_run / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((finished_run / "continuation.json").read_text())["status"] == "failed"
+    assert not list(finished_run.glob(".*.tmp"))
 
 
 def test_second_signal_stops_at_once():
