@@ -7,11 +7,12 @@ inside functions, torch never.
 """
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from dataclasses import fields, is_dataclass
+from typing import Any, Iterator, Optional, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, config_dir, explain, validate
+from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, TrainConfig, config_dir, explain, validate
 
 
 def compose_and_validate(overrides: list[str]) -> DictConfig:
@@ -190,7 +191,9 @@ def expands_its_jobs(hydra_cfg: Any) -> bool:
 
 
 def with_resumed_run(args: list[str]) -> list[str]:
-    """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir."""
+    """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir.
+    A run dir may come from anyone (a shared folder, an archive): only config keys and group
+    choices are taken from it (trusted_overrides)."""
     from pathlib import Path
 
     from regexp.rundir import read_overrides
@@ -202,10 +205,80 @@ def with_resumed_run(args: list[str]) -> list[str]:
     recorded = read_overrides(run_dir)
     if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
         raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
-    saved = [o for o in recorded if not o.startswith(("resume=", "hydra.run.dir="))]
+    saved = trusted_overrides([o for o in recorded if not o.startswith("resume=")], run_dir / ".hydra" / "overrides.yaml")
     keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
     kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
     return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]
+
+
+def trusted_overrides(lines: list[str], path: Any) -> list[str]:
+    """`lines` read from a run dir's `path`, if each one only sets a key of the schemas
+    (TrainConfig, the options' schemas of config.REGISTRY) or chooses a group's option
+    (`+experiment=` a shipped preset). Anything else (hydra.*, any _target_, a deletion, a key
+    or option the schemas do not have) could make Hydra call or write what the file says:
+    ConfigError naming the file and the key, before anything is composed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for line in lines:
+        try:
+            override = parser.parse_override(line)
+        except HydraException:  # Hydra's grammar refuses it: no override regexp wrote
+            raise UntrustedOverride(path, line) from None
+        if "_target_" in line or override.is_delete() or override.package is not None or not (
+                _is_group_choice(override) or _in_schema(override.key_or_group.split("."))):
+            raise UntrustedOverride(path, line)
+    return lines
+
+
+class UntrustedOverride(ConfigError):
+    """A line of a run dir's overrides.yaml that a resume does not take: `file: line: why`."""
+
+    def __init__(self, path: Any, line: str):
+        super().__init__("resume", line, "a resumed run takes only config keys and group choices from its run dir")
+        self.args = (f"{path}: {line if line.isprintable() else repr(line)}: {self.allowed}",)
+
+
+def _is_group_choice(override: Any) -> bool:
+    """`group=option` with an option of config.REGISTRY, `+regularizer=[a,b]`, `+experiment=` a preset."""
+    group = override.key_or_group
+    value = override.value()
+    choices = value if isinstance(value, list) and group == "regularizer" else [value]
+    if group == "experiment":
+        return isinstance(value, str) and value in experiment_presets()
+    return group in REGISTRY and all(isinstance(c, str) and c in REGISTRY[group] for c in choices)
+
+
+def experiment_presets() -> list[str]:
+    """The `+experiment=` presets shipped in conf/experiment."""
+    from pathlib import Path
+
+    return [p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml")]
+
+
+def _in_schema(path: list[str]) -> bool:
+    """Whether a dotted key names a field of the schemas: TrainConfig's, any option's of a
+    group (the composed config then checks it against the chosen one), regularizer.<option>.*."""
+    head, rest = path[0], path[1:]
+    if head in REGISTRY and not rest:  # the group itself: only a choice (_is_group_choice)
+        return False
+    if head == "regularizer":
+        return rest[0] in REGISTRY[head] and _fields_have(REGISTRY[head][rest[0]].schema, rest[1:])
+    if head in REGISTRY:
+        return any(_fields_have(option.schema, rest) for option in REGISTRY[head].values())
+    return _fields_have(TrainConfig, path)
+
+
+def _fields_have(schema: type, path: list[str]) -> bool:
+    """Whether `path` walks the fields of dataclass `schema` (Optional[...] unwrapped)."""
+    if not path:
+        return True
+    declared = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
+    if path[0] not in declared:
+        return False
+    inner = next((t for t in (declared[path[0]], *get_args(declared[path[0]])) if is_dataclass(t)), None)
+    return len(path) == 1 or (inner is not None and _fields_have(inner, path[1:]))
 
 
 def is_override(arg: str) -> bool:

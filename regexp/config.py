@@ -14,10 +14,11 @@ No torch here, and Hydra only inside functions: `regexp --help` reads the regist
 import functools
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, List, Optional
+from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -45,13 +46,27 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _integer_in(low: int, high: int, words: str) -> dict:
+    return rule(lambda v: isinstance(v, int) and low <= v <= high, f"must be an integer >= {low} and <= {words}")
+
+
 POSITIVE = rule(lambda v: _finite(v) and v > 0, "must be > 0")
 NON_NEGATIVE = rule(lambda v: _finite(v) and v >= 0, "must be >= 0")
 AT_LEAST_ONE = rule(lambda v: v >= 1, "must be an integer >= 1")
 PROBABILITY = rule(lambda v: _finite(v) and 0 <= v < 1, "must satisfy 0 <= p < 1")
 FRACTION = rule(lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1")
 OPTIONAL_AT_LEAST_ONE = rule(lambda v: v is None or v >= 1, "must be an integer >= 1 or null (off)")
-POSITIVE_WIDTHS = rule(lambda v: len(v) > 0 and all(w >= 1 for w in v), "must be a non-empty list of integers >= 1")
+# Sizes are capped so that a typo (an extra zero or three) is refused here, before torch is
+# imported, not by the allocator minutes later; the parameter estimate (model_parameters)
+# catches combinations of legal sizes that are still too large.
+MAX_WIDTH, MAX_DEPTH, MAX_BATCH = 65536, 1024, 2**20
+MAX_PARAMETERS = 2**30  # 4 GiB of fp32 weights, about 16 GiB with gradients and Adam's moments
+MAX_STEP = 1e6  # lr, weight_decay: larger factors overflow float32 inside torch's optimizers
+WIDTH = _integer_in(1, MAX_WIDTH, str(MAX_WIDTH))
+WIDTHS = rule(lambda v: len(v) > 0 and all(1 <= w <= MAX_WIDTH for w in v),
+              f"must be a non-empty list of integers >= 1 and <= {MAX_WIDTH}")
+STEP_FACTOR = rule(lambda v: _finite(v) and 0 < v <= MAX_STEP, f"must be > 0 and <= {MAX_STEP:g} (larger overflow float32)")
+DECAY_FACTOR = rule(lambda v: _finite(v) and 0 <= v <= MAX_STEP, f"must be >= 0 and <= {MAX_STEP:g} (larger overflow float32)")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")  # models.ACTIVATIONS holds their modules
 
 
@@ -64,9 +79,15 @@ class AugmentRecipe:
     flip: bool = False  # random horizontal flip
 
 
+# Each data set's image shape (C, H, W); all three have 10 classes. data.SPECS takes the shapes
+# from here, so that the pre-flight sizes a model (model_parameters) without importing torch.
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+NUM_CLASSES = 10
+
+
 @dataclass
 class DatasetConfig:
-    name: str = MISSING
+    name: str = field(default=MISSING, metadata=choice(*IMAGE_SHAPES))
     root: str = "data"
     download: bool = True
     val_size: int = field(default=5000, metadata=NON_NEGATIVE)
@@ -86,28 +107,77 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig(ModelConfig):
-    hidden: List[int] = field(default_factory=lambda: [512, 256], metadata=POSITIVE_WIDTHS)
+    size_keys: ClassVar[tuple[str, ...]] = ("hidden",)  # what the parameter count grows with
+
+    hidden: List[int] = field(default_factory=lambda: [512, 256], metadata=WIDTHS)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        return _dense([math.prod(shape), *cfg.hidden, classes])
 
 
 @dataclass
 class DeepMLPConfig(ModelConfig):
-    depth: int = field(default=10, metadata=AT_LEAST_ONE)  # hidden layers
-    width: int = field(default=512, metadata=AT_LEAST_ONE)
+    size_keys: ClassVar[tuple[str, ...]] = ("width", "depth")
+    depth: int = field(default=10, metadata=_integer_in(1, MAX_DEPTH, str(MAX_DEPTH)))  # hidden layers
+    width: int = field(default=512, metadata=WIDTH)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        return _dense([math.prod(shape), *[cfg.width] * cfg.depth, classes])
 
 
 @dataclass
 class CNNConfig(ModelConfig):
     convolutional: ClassVar[bool] = True
+    size_keys: ClassVar[tuple[str, ...]] = ("channels", "fc")
 
-    channels: List[int] = field(default_factory=lambda: [32, 64], metadata=POSITIVE_WIDTHS)
-    fc: int = field(default=128, metadata=AT_LEAST_ONE)
+    channels: List[int] = field(default_factory=lambda: [32, 64], metadata=WIDTHS)
+    fc: int = field(default=128, metadata=WIDTH)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        """conv3x3 + 2x2 max-pool per width, then fc -> classes (models.cnn)."""
+        channels, height, width = shape
+        _require_pixels("model.channels", list(cfg.channels), len(cfg.channels), shape)
+        total = 0
+        for out in cfg.channels:
+            total += 9 * channels * out + out
+            channels, height, width = out, height // 2, width // 2
+        return total + _dense([channels * height * width, cfg.fc, classes])
 
 
 @dataclass
 class ResNetConfig(ModelConfig):
     convolutional: ClassVar[bool] = True
+    size_keys: ClassVar[tuple[str, ...]] = ("widths",)
 
-    widths: List[int] = field(default_factory=lambda: [64, 128, 256], metadata=POSITIVE_WIDTHS)
+    widths: List[int] = field(default_factory=lambda: [64, 128, 256], metadata=WIDTHS)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        """A stem conv, then per further width a conv, a 2x2 max-pool and two residual convs (models.resnet)."""
+        widths = list(cfg.widths)
+        _require_pixels("model.widths", widths, len(widths) - 1, shape)
+        stages = sum(9 * a * b + 2 * 9 * b * b + 3 * b for a, b in zip(widths, widths[1:]))
+        return 9 * shape[0] * widths[0] + widths[0] + stages + _dense([widths[-1], classes])
+
+
+def _dense(sizes: list[int]) -> int:
+    """Weights and biases of Linear layers through `sizes` (norm parameters are left out: a few per unit)."""
+    return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+
+
+def _require_pixels(key: str, value: list[int], poolings: int, shape: tuple[int, int, int]) -> None:
+    """Each 2x2 max-pool halves the map: more of them than the image has halvings leave nothing."""
+    if min(shape[1:]) >> poolings < 1:
+        raise ConfigError(key, value, f"{poolings} 2x2 poolings shrink a {shape[1]}x{shape[2]} input to nothing; "
+                          f"use at most {min(shape[1:]).bit_length() - 1}")
+
+
+def model_parameters(cfg: DictConfig) -> int:
+    """About how many parameters the configured model has on the configured data set."""
+    return OmegaConf.get_type(cfg.model).parameters(cfg.model, IMAGE_SHAPES[cfg.dataset.name], NUM_CLASSES)
 
 
 def convolutional(model_cfg: Any) -> bool:
@@ -180,8 +250,8 @@ class EarlyStoppingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
-    lr: float = field(default=1e-3, metadata=POSITIVE)
-    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    lr: float = field(default=1e-3, metadata=STEP_FACTOR)
+    weight_decay: float = field(default=0.0, metadata=DECAY_FACTOR)
     decay_norm_and_bias: bool = False
 
 
@@ -347,12 +417,12 @@ class CheckpointConfig:
 class TrainConfig:
     """Top-level keys; each group's node is typed by its chosen option's schema."""
 
-    seed: int = field(default=0, metadata=NON_NEGATIVE)
+    seed: int = field(default=0, metadata=_integer_in(0, 2**32 - 1, "2**32 - 1 (numpy's seed range)"))
     epochs: int = field(default=10, metadata=AT_LEAST_ONE)
     max_steps: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)
-    batch_size: int = field(default=128, metadata=AT_LEAST_ONE)
+    batch_size: int = field(default=128, metadata=_integer_in(1, MAX_BATCH, "2**20"))
     eval_every: int = field(default=1, metadata=AT_LEAST_ONE)  # epochs
-    eval_batch_size: int = field(default=1024, metadata=AT_LEAST_ONE)
+    eval_batch_size: int = field(default=1024, metadata=_integer_in(1, MAX_BATCH, "2**20"))
     out_dir: str = "outputs"
     resume: Optional[str] = None  # a run dir (or its checkpoint.pt) to continue; `auto` in sweeps
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -410,9 +480,10 @@ def config_dir() -> str:
 
 # ---------------------------------------------------------------- validation
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check a composed (hence typed) config: no keys outside the schemas, the range rules
-    beside each field, the cross-field rules. Returns it as the job reads it (`job_config`).
-    Raises ConfigError."""
+    """Check a composed (hence typed) config: its environment interpolations (before anything
+    resolves one), no keys outside the schemas, the range rules beside each field, the
+    cross-field rules. Returns it as the job reads it (`job_config`). Raises ConfigError."""
+    check_environment(cfg)
     job = job_config(cfg)
     _check_fields(job, "")
     _check_cross_fields(job)
@@ -462,16 +533,96 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
     for key in node:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in declared:  # only `+key=value` gets past Hydra's typed merge
-            raise ConfigError(full, node[key], "unknown key; known keys here: " + ", ".join(declared))
-        value = node[key]
+            raise ConfigError(full, _as_written(node, key), "unknown key; known keys here: " + ", ".join(declared))
+        value = _resolved(node, key, full)
         check: Optional[Rule] = declared[key].metadata.get("rule")
         if check is not None and not check.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
-            raise ConfigError(full, value, check.allowed)
+            raise ConfigError(full, _as_written(node, key), check.allowed)
         if isinstance(value, DictConfig):
             _check_fields(value, full)
 
 
+def _as_written(node: DictConfig, key: str) -> Any:
+    """A value as the config spells it: an interpolation's text, never what it resolves to
+    (which may come from the environment)."""
+    return OmegaConf.to_container(node, resolve=False)[key]
+
+
+def _resolved(node: DictConfig, key: str, full: str) -> Any:
+    """node[key], its interpolation resolved and typed; what does not resolve is one ConfigError
+    that shows the interpolation, not the value it reached."""
+    from omegaconf.errors import InterpolationValidationError, MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return node[key]
+    except MissingMandatoryValue:
+        raise ConfigError(full, "???", "must be set") from None
+    except InterpolationValidationError as e:  # resolved, but not to the field's type
+        raise explain(e, full, _as_written(node, key)) from None
+    except OmegaConfBaseException as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(full, _as_written(node, key), f"does not resolve: {reason}") from None
+
+
+# ---------------------------------------------------------------- environment interpolations
+# `${oc.env:NAME}` or `${oc.env:NAME,default}`; NAME is checked to be a literal variable name.
+ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*(?P<name>[^,}]*?)\s*(?P<default>,|\})")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+# W&B's variables hold its credentials and settings; a config may name only those that say
+# which run this is (the shipped W&B sweeps put WANDB_SWEEP_ID and WANDB_RUN_ID in hydra.run.dir).
+WANDB_RUN_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP",
+                       "WANDB_JOB_TYPE", "WANDB_NAME", "WANDB_TAGS", "WANDB_MODE")
+
+
+def is_secret(variable: str) -> bool:
+    """Whether an environment variable looks like it holds a credential."""
+    name = variable.upper()
+    return any(word in name for word in SECRET_WORDS) or (name.startswith("WANDB_") and name not in WANDB_RUN_VARIABLES)
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """Every `${oc.env:...}` in the composed config (Hydra's node and the presets' values
+    included), read from the raw, unresolved values: a secret-looking variable is refused
+    (its value would be written to the run's records and W&B), and so is one that is not set
+    and has no default. ConfigError names the key and the variable, never its value."""
+    written = OmegaConf.to_container(cfg, resolve=False)
+    # Hydra's node last: it records the overrides' text too, and the key they set is the one to name
+    hydra_last = dict(sorted(written.items(), key=lambda item: item[0] == "hydra"))
+    for key, text in _written_strings(hydra_last, ""):
+        for match in ENV_INTERPOLATION.finditer(text):
+            name = match["name"].strip("'\"")
+            if not VARIABLE_NAME.fullmatch(name):
+                raise ConfigError(key, text, "an environment interpolation must name its variable: ${oc.env:NAME}")
+            if is_secret(name):
+                raise ConfigError(key, text, f"refused: {name} looks like a secret (key, token, password, W&B credentials) "
+                                  "and a run's config is written to its records and W&B; W&B reads its own key itself")
+            if match["default"] == "}" and name not in os.environ:
+                raise ConfigError(key, text, f"the environment variable {name} is not set (set it, or give a default: "
+                                  f"${{oc.env:{name},DEFAULT}})")
+
+
+def _written_strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """(dotted key, string) for every string in a plain container; list items under their list's key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _written_strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _written_strings(v, key)
+    elif isinstance(node, str):
+        yield key, node
+
+
 def _check_cross_fields(cfg: DictConfig) -> None:
+    count = model_parameters(cfg)
+    if count > MAX_PARAMETERS:
+        model_type = OmegaConf.get_type(cfg.model)
+        first, *others = [f"model.{k}" for k in model_type.size_keys]
+        also = "".join(f" with {k}={OmegaConf.select(cfg, k)}" for k in others)
+        raise ConfigError(first, OmegaConf.select(cfg, first),
+                          f"{also.strip() + ': ' if also else ''}about {count:,} parameters on {cfg.dataset.name}; "
+                          f"at most 2**30 = {MAX_PARAMETERS:,} (4 GiB of fp32 weights)")
     if cfg.regularizer.early_stopping is not None and cfg.dataset.val_size == 0:
         raise ConfigError("dataset.val_size", 0, "must be > 0 with +regularizer=early_stopping (it watches a validation metric)")
     if cfg.norm.batch_statistics and cfg.batch_size < 2:
@@ -526,10 +677,17 @@ def resolve_precision(cfg: DictConfig, device: str) -> str:
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, apfs, ntfs)
+
+
 def check_writable(path: str | os.PathLike, key: str, value: Any = None) -> None:
     """ConfigError unless `path` is, or can be created as, a writable directory. Creating a
     file is the only honest test: root passes os.access() even on read-only mounts."""
     value = str(path) if value is None else value
+    too_long = next((part for part in Path(path).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long is not None:
+        raise ConfigError(key, value, f"a path part of {len(os.fsencode(too_long))} bytes ({too_long[:16]}...); "
+                          f"file systems allow at most {NAME_MAX} bytes a name")
     probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent

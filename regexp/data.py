@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from regexp.config import ConfigError, RunError
+from regexp.config import IMAGE_SHAPES, ConfigError, RunError
 
 CACHE_VERSION = 2  # bump when the cached entry's layout changes (2: written only after the files were checked)
 CACHE_MODES = ("user", "beside_data", "off")  # dataset.cache
@@ -71,11 +71,11 @@ CIFAR10_FILES = tuple(
 )
 
 SPECS = {
-    "mnist": DatasetSpec("MNIST", _idx_files("MNIST"), ("MNIST",), (1, 28, 28), (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetSpec("FashionMNIST", _idx_files("FashionMNIST"), ("FashionMNIST",), (1, 28, 28),
-                                 (0.2860,), (0.3530,)),
-    "cifar10": DatasetSpec("CIFAR10", CIFAR10_FILES, ("cifar-10-python.tar.gz", "cifar-10-batches-py"), (3, 32, 32),
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": DatasetSpec("MNIST", _idx_files("MNIST"), ("MNIST",), IMAGE_SHAPES["mnist"], (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetSpec("FashionMNIST", _idx_files("FashionMNIST"), ("FashionMNIST",),
+                                 IMAGE_SHAPES["fashion_mnist"], (0.2860,), (0.3530,)),
+    "cifar10": DatasetSpec("CIFAR10", CIFAR10_FILES, ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+                           IMAGE_SHAPES["cifar10"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
 
@@ -110,6 +110,27 @@ def check_available(ds_cfg: Any) -> None:
     if problem is not None:  # a bad file, as at decoding time: RunError (exit 1)
         path, what = problem
         raise RunError(f"{path}: {what}; {REPLACE_IT}")
+    check_split(ds_cfg, train_size(ds_cfg.name, root))
+
+
+def check_split(ds_cfg: Any, n_train: int) -> None:
+    """dataset.val_size and dataset.limit against the training split's size (as _split_indices
+    cuts it): a validation set that leaves nothing to train on, or a limit beyond what is left."""
+    if ds_cfg.val_size >= n_train:
+        raise ConfigError("dataset.val_size", ds_cfg.val_size, f"must be smaller than the {n_train} training samples of {ds_cfg.name}")
+    left = n_train - ds_cfg.val_size
+    if ds_cfg.limit is not None and ds_cfg.limit > left:
+        raise ConfigError("dataset.limit", ds_cfg.limit, f"must be at most the {left} training samples of {ds_cfg.name} "
+                          f"left beside dataset.val_size={ds_cfg.val_size} (or null: all of them)")
+
+
+def train_size(name: str, root: Path) -> int:
+    """Samples in the training split's files (checked by _file_problem first)."""
+    spec = SPECS[name]
+    if name == "cifar10":
+        batches = [f for f in spec.files if "data_batch" in f]
+        return sum(len(_load_cifar(root / f)["labels"]) for f in batches)
+    return _idx_dims(root / spec.files[0], 3)[0]
 
 
 REPLACE_IT = "replace the file with a good copy (or delete the data set's folder and keep dataset.download=true)"
@@ -240,10 +261,14 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _load_cifar(path: Path) -> Any:
+    with open(path, "rb") as fh:
+        return _ArraysOnly(fh, encoding="latin1").load()
+
+
 def _cifar_problem(path: Path, spec: DatasetSpec) -> Optional[tuple[Path, str]]:
     try:
-        with open(path, "rb") as fh:
-            entry = _ArraysOnly(fh, encoding="latin1").load()
+        entry = _load_cifar(path)
     except Exception as e:
         return path, f"not a CIFAR-10 pickle ({type(e).__name__}: {str(e).strip()[:120]}): truncated or corrupted"
     if not isinstance(entry, dict):
