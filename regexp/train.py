@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import accumulate
 from pathlib import Path
@@ -385,12 +385,15 @@ class Loop:
     recipe: Recipe
     meters: Meters
     monitor: Monitor
-    policy: NonfinitePolicy
     summary: Summary
     reporter: Reporter
     tracker: Tracker
     stop_signal: StopSignal
     precision: str
+    policy: NonfinitePolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
 
     def checkpoint(self, name: str = "checkpoint.pt") -> None:
         save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": self.meters.state_dict(),
@@ -554,21 +557,12 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
     plan = Plan.from_config(cfg, len(data.train_y))
     state = build_state(cfg, data, device, precision, plan)
     loop = Loop(cfg, run_dir, data, plan, state, build_recipe(cfg, data, precision), Meters(device),
-                Monitor(state.model, cfg.monitor), None, summary, reporter, tracker, stop_signal, precision)
-    loop.policy = NonfinitePolicy(cfg.monitor.on_nonfinite, loop.replay, loop.report_nonfinite)
+                Monitor(state.model, cfg.monitor), summary, reporter, tracker, stop_signal, precision)
     summary.threads = threads_for(cfg, state.model, data, device, resumed[1] if resumed else None)
     summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
     summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
     if resumed is not None:
-        resume_from, saved = resumed
-        saved = move_to(saved, device)
-        state.load_state_dict(saved)
-        loop.policy.reported = saved["nonfinite_reported"]
-        mid_epoch = state.window < len(plan.windows)
-        loop.meters.load_state_dict(saved["meters"], mid_epoch)
-        if not mid_epoch:  # saved at the end of an epoch: start the next one
-            state.epoch, state.window, state.perm = state.epoch + 1, 0, None
-        summary.resumed_from, summary.resumed_at_step = str(resume_from), state.step
+        continue_from(loop, *resumed)
     keep_metrics_up_to(run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint
     reporter.line(
         f"{cfg.dataset.name} ({len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test) · {cfg.model.name} "
@@ -581,6 +575,18 @@ def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, 
     for warning in warnings_for(cfg):
         reporter.warn(warning)
     return loop
+
+
+def continue_from(loop: Loop, checkpoint: Path, saved: dict[str, Any]) -> None:
+    """The loop where the checkpoint left it: state, meters, the non-finite report."""
+    state, saved = loop.state, move_to(saved, loop.data.train_y.device)
+    state.load_state_dict(saved)
+    loop.policy.reported = saved["nonfinite_reported"]
+    mid_epoch = state.window < len(loop.plan.windows)
+    loop.meters.load_state_dict(saved["meters"], mid_epoch)
+    if not mid_epoch:  # saved at the end of an epoch: start the next one
+        state.epoch, state.window, state.perm = state.epoch + 1, 0, None
+    loop.summary.resumed_from, loop.summary.resumed_at_step = str(checkpoint), state.step
 
 
 def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, device: torch.device,
