@@ -196,19 +196,32 @@ def with_resumed_run(args: list[str]) -> list[str]:
     choices are taken from it (trusted_overrides)."""
     from pathlib import Path
 
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from regexp.rundir import read_overrides
 
-    value = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    if value in (None, "null", "auto"):
+    line = next((a for a in args if a.startswith("resume=")), None)
+    value = None if line is None else _parse(OverridesParser.create(), [line])[0].value()  # quotes removed
+    if value in (None, "auto"):
         return args
-    run_dir = Path(value)
+    run_dir = Path(str(value))
     recorded = read_overrides(run_dir)
     if not (run_dir / "checkpoint.pt").is_file() or recorded is None:
         raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
     saved = trusted_overrides([o for o in recorded if not o.startswith("resume=")], run_dir / ".hydra" / "overrides.yaml")
     keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
     kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
-    return [*kept, *args, f"hydra.run.dir={run_dir.resolve()}"]
+    return [*kept, *args, f"hydra.run.dir={hydra_quoted(str(run_dir.resolve()))}"]
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as one value of Hydra's override grammar, whatever its characters (spaces,
+    non-ASCII, quotes): single-quoted, with the backslashes that precede a quote or end the
+    text doubled, as the grammar asks."""
+    import re
+
+    text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, text) + "'"
 
 
 def trusted_overrides(lines: list[str], path: Any) -> list[str]:

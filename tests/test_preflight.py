@@ -13,7 +13,7 @@ import yaml
 from conftest import REGEXP, TINY, run_cli, summaries
 from omegaconf import OmegaConf
 
-from regexp.compose import compose, compose_and_validate, initialized, with_resumed_run
+from regexp.compose import compose, compose_and_validate, hydra_quoted, initialized, with_resumed_run
 from regexp.config import ConfigError, RunError, check_writable, model_parameters, validate
 
 FAKE_KEY = "fake0123456789abcdefKEYVALUE"
@@ -66,7 +66,17 @@ def test_resume_takes_config_keys_and_group_choices(tmp_path):
              "optimizer.momentum=0.9"]
     run_dir = run_dir_with(tmp_path, saved)
     args = with_resumed_run([f"resume={run_dir}", "seed=2"])
-    assert args == [*saved[2:], f"resume={run_dir}", "seed=2", f"hydra.run.dir={run_dir.resolve()}"]
+    assert args == [*saved[2:], f"resume={run_dir}", "seed=2", f"hydra.run.dir='{run_dir.resolve()}'"]
+
+
+@pytest.mark.parametrize("name", ["ünï cödé ✓", "it's", "back\\slash\\", "a,b=[c]"])
+def test_a_resumed_run_dir_of_any_name_is_one_hydra_value(tmp_path, name):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = run_dir_with(tmp_path / name, ["seed=1"])
+    args = with_resumed_run([f"resume={hydra_quoted(str(run_dir))}"])
+    parsed = OverridesParser.create().parse_overrides(args)
+    assert parsed[-1].key_or_group == "hydra.run.dir" and parsed[-1].value() == str(run_dir.resolve())
 
 
 @pytest.mark.parametrize("text", ["a: 1\n", "- seed=1\n- 3\n", "- [seed=1]\n", ": : [\n"])
