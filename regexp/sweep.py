@@ -1,79 +1,214 @@
 """Sweeps that survive failure: the end-of-sweep summary (a Hydra callback), skipping
-finished jobs on `resume=auto`, and per-job resources for parallel launchers.
+finished jobs on `resume=auto`, the report of a sweep stopped by a signal, and per-job
+resources for parallel launchers.
 
-The summary is built from the jobs' own run dirs, so it is the same whichever launcher
-ran them (in this process, in joblib workers, or on a cluster). A failed job ends the
-sweep with SweepFailed, which the CLI turns into exit code 1."""
+The summary lists the jobs of THIS invocation only, each with its own overrides, status and
+error: a job records itself in `<sweep dir>/.sweep/<job number>.json` as it starts (whichever
+launcher ran it: in this process, in joblib workers or on a cluster), and the summary joins
+those records with the jobs' run dirs. A job dir left by an earlier sweep into the same dir
+is not one of its rows. A failed or refused job ends the sweep with SweepFailed, which the
+CLI turns into exit code 1; a signal ends it with Interrupted (128 + signal)."""
 
 import os
+import shutil
+import signal
 import sys
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from regexp.rundir import (ConfigError, RunError, Status, Summary, read_overrides, read_summary, write_json,
+from regexp.rundir import (ConfigError, Interrupted, RunError, Status, Summary, read_json, read_summary, write_json,
                            write_summary)
 from regexp.tracking import plural
 
 METRIC = "test/acc"
 SWEEP_SUMMARY = "sweep_summary.json"
+RECORDS, PLAN = ".sweep", "plan.json"  # this invocation's job records, and its planned jobs
+REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
+NO_CHECKPOINT = "no checkpoint saved"
 
 
-def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job dir (those with .hydra/overrides.yaml), in job-number order."""
-    job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    by_number = sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
-    return [job_row(job_dir) for job_dir in by_number]
-
-
-def job_row(job_dir: Path) -> dict[str, Any]:
-    try:
-        overrides = read_overrides(job_dir) or []
-    except RunError as e:
-        overrides = [f"({e})"]
-    summary = read_summary(job_dir)
-    if summary is None:  # no (readable) summary at all: it died before starting
-        summary = Summary(status=Status.FAILED, error=f"no readable summary.json in {job_dir}: it died before starting")
-    status = Status.FAILED if summary.status is Status.RUNNING else summary.status  # the process ended mid-run
-    return {"job": job_dir.name, "overrides": overrides, "status": status.value, METRIC: summary.metrics.get(METRIC),
-            "wall_time_s": summary.wall_time_s, "error": summary.error, "run_dir": str(job_dir)}
+class Refused(ConfigError):
+    """resume=auto finds a run of other overrides in a job's run dir: that run stays as it is."""
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: a table on the console and sweep_summary.json."""
+    """A multirun's bookkeeping: this invocation's job records, signals turned into
+    Interrupted between jobs (a job's own handler saves its checkpoint), and at the end a
+    table on the console and sweep_summary.json."""
+
+    def __init__(self):
+        self.previous_handlers: dict[int, Any] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_records(Path(config.hydra.sweep.dir), planned_jobs(config.hydra))
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous_handlers[signum] = signal.signal(signum, stop_sweep)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_job_record(config.hydra)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = job_rows(sweep_dir)
-        failed = [r for r in rows if not Status(r["status"]).finished]
-        write_json(sweep_dir / SWEEP_SUMMARY,
-                   {"sweep_dir": str(sweep_dir), "jobs": len(rows), "failed": len(failed), "metric": METRIC, "rows": rows})
+        rows = sweep_rows(sweep_dir)
+        failed = [r for r in rows if not row_finished(r)]
+        write_sweep_summary(sweep_dir, rows, "failed" if failed else "completed")
         print_sweep_table(sweep_dir, rows, failed)
         if failed:
             raise SweepFailed(len(failed), len(rows))
 
 
-def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+def signal_number(stopped_by: BaseException) -> int:
+    """Interrupted's signal; a KeyboardInterrupt is Ctrl-C's SIGINT."""
+    return int(getattr(stopped_by, "signum", signal.SIGINT))
+
+
+def stop_sweep(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM while no job is training (between jobs, or before a job's own handler)."""
+    raise Interrupted(signum)
+
+
+# ---------------------------------------------------------------- this invocation's records
+def planned_jobs(hydra_cfg: Any) -> Optional[list[list[str]]]:
+    """Every job's overrides in launch order, split as Hydra's basic sweeper splits them;
+    None for a search sweeper, which draws its jobs as it goes."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from regexp.compose import expands_its_jobs
+
+    if not expands_its_jobs(hydra_cfg):
+        return None
+    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *hydra_cfg.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def start_records(sweep_dir: Path, planned: Optional[list[list[str]]]) -> None:
+    """A fresh record folder: the jobs recorded there are this invocation's."""
+    shutil.rmtree(sweep_dir / RECORDS, ignore_errors=True)
+    (sweep_dir / RECORDS).mkdir(parents=True)
+    write_json(sweep_dir / RECORDS / PLAN, {"pid": os.getpid(), "jobs": planned})
+
+
+def job_record_path(hydra_cfg: Any) -> Path:
+    return Path(hydra_cfg.sweep.dir) / RECORDS / f"{hydra_cfg.job.num}.json"
+
+
+def write_job_record(hydra_cfg: Any, **outcome: str) -> None:
+    """The job as this invocation launched it (number, run dir, overrides), and how it ended
+    when that is not in its run dir (`refused`) or not only there (`error`)."""
+    path = job_record_path(hydra_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"job": str(hydra_cfg.job.num), "run_dir": str(hydra_cfg.runtime.output_dir),
+                      "overrides": list(hydra_cfg.overrides.task), **outcome})
+
+
+def read_records(sweep_dir: Path) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """(the plan, the job records in job-number order) of the sweep's last invocation."""
+    folder = Path(sweep_dir) / RECORDS
+    try:
+        plan = read_json(folder / PLAN)
+    except RunError:
+        plan = None
+    records = []
+    for path in folder.glob("*.json"):
+        if path.name != PLAN:
+            try:
+                records.append(read_json(path))
+            except RunError:  # half a record: its job is listed as not run (or not at all)
+                continue
+    return plan, sorted(records, key=lambda r: int(r["job"]))
+
+
+# ---------------------------------------------------------------- rows
+def sweep_rows(sweep_dir: Path, stopped_by: Optional[BaseException] = None) -> list[dict[str, Any]]:
+    """One row per job of this invocation, in job-number order: each launched job from its
+    record and run dir, then the planned jobs that never started (`not run`)."""
+    plan, records = read_records(sweep_dir)
+    rows = [job_row(record, stopped_by) for record in records]
+    launched = {r["job"] for r in rows}
+    planned = (plan or {}).get("jobs") or []
+    rows += [{"job": str(n), "overrides": job, "status": NOT_RUN, METRIC: None, "wall_time_s": None, "error": None,
+              "run_dir": None} for n, job in enumerate(planned) if str(n) not in launched]
+    return sorted(rows, key=lambda r: int(r["job"]))
+
+
+def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) -> dict[str, Any]:
+    run_dir = Path(record["run_dir"])
+    row = {"job": record["job"], "overrides": record["overrides"], "status": NOT_RUN, METRIC: None,
+           "wall_time_s": None, "error": None, "run_dir": str(run_dir)}
+    if REFUSED in record:  # the run dir holds another run, left as it was: nothing of it is this job's
+        return {**row, "status": REFUSED, "error": record[REFUSED]}
+    summary = read_summary(run_dir)
+    if summary is None and stopped_by is not None:  # the signal came before it started
+        return row
+    if summary is None:
+        summary = Summary(status=Status.FAILED, error=f"no readable summary.json in {run_dir}: it died before starting")
+    status, error = summary.status, record.get("error") or summary.error  # this invocation's error first
+    if status is Status.RUNNING:  # the process ended mid-run
+        status = Status.INTERRUPTED if stopped_by is not None else Status.FAILED
+    if status is Status.INTERRUPTED and stopped_by is not None:
+        saved = what_is_saved(run_dir, stopped_by)
+        then = "starts it again" if saved == NO_CHECKPOINT else "continues it from its checkpoint"
+        error = f"stopped by signal {signal_number(stopped_by)}; {saved}: resume=auto {then}"
+    return {**row, "status": status.value, METRIC: summary.metrics.get(METRIC), "wall_time_s": summary.wall_time_s,
+            "error": error}
+
+
+def what_is_saved(run_dir: Path, stopped_by: BaseException) -> str:
+    """What the interrupted job left to continue from: only what is on disk."""
+    if getattr(stopped_by, "saved", False) and (run_dir / "checkpoint.pt").is_file():
+        return "checkpoint saved"
+    if (run_dir / "checkpoint.pt").is_file():
+        return "no checkpoint of its last step, the one before is kept"
+    return NO_CHECKPOINT
+
+
+def row_finished(row: dict[str, Any]) -> bool:
+    return row["status"] not in (REFUSED, NOT_RUN) and Status(row["status"]).finished
+
+
+def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str, **more: Any) -> None:
+    counted = [Status.INTERRUPTED.value, NOT_RUN]
+    failed = [r for r in rows if not row_finished(r) and r["status"] not in counted]
+    write_json(sweep_dir / SWEEP_SUMMARY,
+               {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failed),
+                **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in counted},
+                **more, "metric": METRIC, "rows": rows})
+
+
+def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
-    table = Table(title=f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {len(failed)} failed", title_justify="left",
-                  caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
+    title = title or f"{len(failed)} failed"
+    table = Table(caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
                   caption_justify="left")
     for column in ("job", "overrides", "status", METRIC, "wall s"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        style = "red" if r in failed else "yellow" if r["status"] == Status.DIVERGED else ""
+        style = "red" if r in failed else "yellow" if r["status"] in (Status.DIVERGED, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
         table.add_row(r["job"], " ".join(o for o in r["overrides"] if o not in shared), r["status"], metric, wall, style=style)
     console = Console(soft_wrap=False)
+    console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
     console.print(table)
     for r in failed:
-        console.print(f"job {r['job']} failed: {r['error']}", style="red", markup=False)
+        console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {r['error']}",
+                      style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
 
 
 class SweepFailed(BaseException):
@@ -86,36 +221,88 @@ class SweepFailed(BaseException):
         super().__init__(f"{failed} of {plural(jobs, 'job')} failed")
 
 
-def record_failure(run_dir: Path, error: BaseException, overrides: list[str]) -> None:
-    """A failed job's summary.json, unless train() already wrote one (it does, once started)."""
+# ---------------------------------------------------------------- a sweep stopped by a signal
+def report_interruption(sweep_dir: Path, stopped_by: BaseException) -> str:
+    """After SIGINT/SIGTERM ended a sweep run in this process: the table and sweep_summary.json
+    say which jobs finished, which was interrupted (checkpoint saved only if it was) and which
+    did not run. Returns the advice line."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # this report is short: let it finish
+        signal.signal(signum, signal.SIG_IGN)
+    plan, _ = read_records(sweep_dir)
+    if plan is None or plan.get("pid") != os.getpid():
+        return "the sweep stopped before its first job started; nothing was run"
+    rows = sweep_rows(sweep_dir, stopped_by)
+    stopped = [r for r in rows if r["status"] == Status.INTERRUPTED]
+    not_run = [r["job"] for r in rows if r["status"] == NOT_RUN]
+    advice = f"to continue, run the same command again with resume=auto hydra.sweep.dir={sweep_dir}"
+    write_sweep_summary(sweep_dir, rows, Status.INTERRUPTED.value, signal=signal_number(stopped_by),
+                        advice=advice)
+    parts = [f"job {r['job']} interrupted ({what_is_saved(Path(r['run_dir']), stopped_by)})" for r in stopped]
+    parts += [f"{plural(len(not_run), 'job')} not run ({', '.join(not_run)})"] if not_run else []
+    print_sweep_table(sweep_dir, rows, [r for r in rows if r in stopped or r["status"] in (REFUSED, Status.FAILED)],
+                      "interrupted: " + ", ".join(f"{n} {status}" for status, n in Counter(r["status"] for r in rows).items()))
+    return f"sweep {sweep_dir}: " + ", ".join(parts or ["no job was running"]) + f"; {advice}"
+
+
+# ---------------------------------------------------------------- a job's failure or refusal
+def record_failure(hydra_cfg: Any, error: BaseException) -> None:
+    """A failed job's error in its record and, unless train() already wrote one (it does, once
+    started), its summary.json. A job refused by resume=auto writes nothing in its run dir:
+    that holds another run, whose records stay as they were."""
     import traceback
 
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if isinstance(error, Refused):
+        write_job_record(hydra_cfg, refused=str(error))
+        print(f"regexp: job {hydra_cfg.job.num} refused: {error}", file=sys.stderr)
+        return
     summary = read_summary(run_dir)
     if summary is None or summary.status is Status.RUNNING:
         summary = summary or Summary()
-        summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), overrides
+        summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), list(hydra_cfg.overrides.task)
         summary.error, summary.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
         write_summary(run_dir, summary)
-    print(f"regexp: job {run_dir} failed: {summary.error}", file=sys.stderr)
+    write_job_record(hydra_cfg, error=f"{type(error).__name__}: {error}")
+    print(f"regexp: job {run_dir} failed: {type(error).__name__}: {error}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- resume=auto
 def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
     """For resume=auto: the summary of this job's run if an earlier invocation finished it.
-    ConfigError when the run dir holds a run of other overrides (another command into the
-    same sweep dir): continuing it would mix two experiments."""
+    Refused (a ConfigError) when the run dir holds a run of other overrides (another command
+    into the same sweep dir): continuing it would mix two experiments."""
     summary = read_summary(run_dir)
     if summary is None:
         return None
-    if _without_resume(summary.overrides) != _without_resume(overrides):
-        raise ConfigError("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(summary.overrides)}); "
-                          "use another hydra.sweep.dir / hydra.run.dir")
+    theirs, ours = _run_overrides(summary.overrides), _run_overrides(overrides)
+    if theirs != ours:
+        only_theirs, only_ours = [o for o in theirs if o not in ours], [o for o in ours if o not in theirs]
+        raise Refused("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(only_theirs) or 'none'} "
+                      f"where this job has {' '.join(only_ours) or 'none'}); that run is left as it is: use another "
+                      "hydra.sweep.dir / hydra.run.dir for this command")
     return summary if summary.status.finished else None
 
 
-def _without_resume(overrides: list[str]) -> list[str]:
-    return sorted(o for o in overrides if not o.startswith("resume="))
+def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str]) -> None:
+    """The pre-flight of job `number` of a basic sweep with resume=auto: Refused, before Hydra
+    rewrites anything in its run dir, when that dir holds a run of other overrides."""
+    from omegaconf import open_dict
+
+    from regexp.compose import expands_its_jobs
+
+    if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra):  # a search's draws are checked as they come
+        return
+    with open_dict(cfg):
+        cfg.hydra.job.num = number  # as Hydra's launcher sets it, for a subdir made of it
+    already_finished(Path(sweep_dir) / str(cfg.hydra.sweep.subdir), overrides)
 
 
+def _run_overrides(overrides: list[str]) -> list[str]:
+    """What makes a run what it is: the overrides but resume= and Hydra's own (dirs, launcher)."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/")))
+
+
+# ---------------------------------------------------------------- parallel jobs
 def share_machine(hydra_cfg: Any) -> None:
     """Parallel jobs on one machine (joblib): each gets its own GPU by job number, or on
     CPU an equal share of the cores."""

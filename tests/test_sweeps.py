@@ -250,3 +250,91 @@ def test_resume_auto_continues_a_killed_job_from_its_checkpoint(tmp_path, data_r
     records = [json.loads(line) for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "val/acc" in r] == list(range(1, 61))  # each epoch's row once
     assert math.isfinite(resumed["metrics"]["test/acc"])
+
+
+SMALL = ["dataset.limit=512", "dataset.val_size=256", "epochs=1", "batch_size=64"]
+
+
+def tree(root: Path) -> dict[str, tuple[str, int]]:
+    """(hash, mtime) of every file under `root`, .hydra/ and train.log included."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict]:
+    return json.loads((sweep_dir / "sweep_summary.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_resume_auto_over_other_values_is_refused_and_rows_are_this_sweeps_jobs(tmp_path, data_root):
+    """A re-run sweep whose values differ: a job whose run dir holds a run of other overrides
+    refuses the command before Hydra writes anything (exit 2, one line); an extra job runs; a
+    shorter sweep lists only its own jobs; each row is its own job's overrides and result."""
+    sweep_dir = tmp_path / "sweep"
+    out = sweep_cli(["seed=0,1", *SMALL], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, results = tree(sweep_dir), {n: fingerprint(sweep_dir / n) for n in ("0", "1")}
+
+    for changed, theirs, ours in ((["seed=0,2"], "seed=1", "seed=2"), (["seed=0,1", "optimizer=sgd"], "optimizer", "optimizer=sgd")):
+        out = sweep_cli([*changed, *SMALL, "resume=auto"], tmp_path, data_root)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        [line] = out.stderr.strip().splitlines()
+        assert line.startswith("regexp: error: resume=auto: ") and "holds a run of other overrides" in line
+        assert theirs in line and f"where this job has {ours}" in line
+        assert tree(sweep_dir) == first  # nothing written: not summary.json, not .hydra/, not train.log
+
+    out = sweep_cli(["seed=0,1,2", *SMALL, "resume=auto"], tmp_path, data_root)  # one job more
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {n: fingerprint(sweep_dir / n) for n in ("0", "1")} == results  # skipped: no result file rewritten
+    jobs = job_summaries(sweep_dir)
+    rows = sweep_rows(sweep_dir)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "completed"), ("2", "completed")]
+    for row in rows:
+        seed = f"seed={row['job']}"
+        assert seed in row["overrides"] and seed in jobs[row["job"]]["overrides"]
+        assert row["test/acc"] == jobs[row["job"]]["metrics"]["test/acc"] and row["error"] is None
+
+    out = sweep_cli(["seed=0,1", *SMALL, "resume=auto"], tmp_path, data_root)  # one job fewer
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [(r["job"], [o for o in r["overrides"] if o.startswith("seed=")]) for r in sweep_rows(sweep_dir)] == [
+        ("0", ["seed=0"]), ("1", ["seed=1"])]
+    assert "None" not in out.stdout and "2 jobs, 0 failed" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_signal_to_a_sweep_reports_what_is_on_disk_and_resume_auto_finishes_it(tmp_path, data_root):
+    """SIGTERM to `regexp train -m` (basic launcher, one process) while its first job trains:
+    exit 143; that job is interrupted with its checkpoint saved, the others are listed as not
+    run, and the advice (resume=auto, the same sweep dir) finishes the sweep."""
+    sweep_dir = tmp_path / "sweep"
+    command = [REGEXP, "train", "-m", "logger=none", f"hydra.sweep.dir={sweep_dir}", *SMALL, "epochs=30",
+               "monitor.log_every=2", "seed=0,1,2"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = sweep_dir / "0" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # job 0's first metrics line
+            assert process.poll() is None and time.monotonic() < deadline, "job 0 never logged"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    assert json.loads((sweep_dir / "0" / "summary.json").read_text())["status"] == "interrupted"
+    assert (sweep_dir / "0" / "checkpoint.pt").is_file() and not (sweep_dir / "1").exists()
+    written = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert (written["status"], written["signal"], written["not_run"]) == ("interrupted", 15, 2)
+    assert [(r["job"], r["status"]) for r in written["rows"]] == [("0", "interrupted"), ("1", "not run"), ("2", "not run")]
+    assert written["rows"][0]["error"].startswith("stopped by signal 15; checkpoint saved")
+    assert (f"sweep {sweep_dir}: job 0 interrupted (checkpoint saved), 2 jobs not run (1, 2); to continue, run the same "
+            f"command again with resume=auto hydra.sweep.dir={sweep_dir}") in err
+    assert "1 interrupted, 2 not run" in out
+
+    out = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = json.loads((sweep_dir / "0" / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_at_step"] > 0
+    assert [r["status"] for r in sweep_rows(sweep_dir)] == ["completed"] * 3
