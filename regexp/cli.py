@@ -4,6 +4,7 @@ Exit codes: 0 the run(s) finished, whatever their status; 1 a crash; 2 bad input
 Nothing heavy is imported at module level: `regexp --help` must stay instant.
 """
 
+import contextlib
 import math
 import sys
 import warnings
@@ -137,40 +138,73 @@ def ignore_preset_warning() -> None:
 
 
 def run_train(args: list[str]) -> int:
-    from regexp.compose import is_override, with_resumed_run
-    from regexp.rundir import ConfigError, Interrupted, RunError
+    from pathlib import Path
+
+    from regexp.compose import hydra_quoted, is_override, with_resumed_run
+    from regexp.rundir import ConfigError, RunError, sole_writer
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         if not multirun:
             args = with_resumed_run(args)
         args = with_plus_where_needed(args)
+        out_dir = typed = None
         if not INFO_FLAGS.intersection(args):
             printing = any(a in ("-c", "--cfg") for a in args)  # --cfg job: the config, validated; no run
-            precheck([a for a in args if is_override(a)], multirun, run=not printing)
+            out_dir, typed = precheck([a for a in args if is_override(a)], multirun, run=not printing)
+        with contextlib.ExitStack() as held:
+            if out_dir is not None:
+                key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+                held.enter_context(sole_writer(Path(out_dir), key))  # the one writer until this process ends, however
+                if not multirun:
+                    from regexp.train import check_resume  # torch: only once the config is known good
+
+                    check_resume(typed, Path(out_dir), key)  # what the run dir holds, under the lock
+                args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
+            return run_hydra(args, out_dir)
     except ConfigError as e:
         fail(str(e))
-    except RunError as e:  # a data file that does not fit (data.check_available): one line, exit 1, nothing written
+    except RunError as e:  # a data or run file that does not fit: one line, exit 1, nothing written
         print(f"regexp: error: {e}", file=sys.stderr)
         return 1
+    return 2
+
+
+def run_hydra(args: list[str], out_dir: Optional[str]) -> int:
+    """Hydra runs the job(s) of the checked command line; exit code as the module says."""
+    from pathlib import Path
+
     import hydra
 
     from regexp.config import config_dir
+    from regexp.rundir import Interrupted
+    from regexp.sweep import SweepFailed, report_interruption
 
     hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(Job())
     sys.argv = ["regexp train", *args]
-    from regexp.sweep import SweepFailed
-
     try:
         hydra_main()
     except SweepFailed:  # the sweep's table has named each failed job
         return 1
     except Interrupted as e:
-        print(f"regexp: interrupted by signal {e.signum}; checkpoint saved, continue with resume=<run dir>", file=sys.stderr)
+        sweep = out_dir is not None and any(a in ("-m", "--multirun") for a in args)
+        advice = report_interruption(Path(out_dir), e) if sweep else interruption_advice(e, out_dir)
+        print(f"regexp: interrupted by signal {e.signum}; {advice}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def interruption_advice(e, out_dir: Optional[str]) -> str:
+    """What is on disk after a signal, and how to go on: only what is true."""
+    from pathlib import Path
+
+    if e.saved:
+        return f"checkpoint saved; continue with resume={out_dir}"
+    if out_dir is not None and (Path(out_dir) / "checkpoint.pt").is_file():
+        return f"stopped at once (second signal), no checkpoint of this step; resume={out_dir} continues from the last one saved"
+    return "stopped at once (second signal) before any checkpoint was saved; start the run again"
 
 
 class Job:
@@ -245,7 +279,7 @@ def hydra_task(cfg, wandb_server) -> float:
                         wandb_server=wandb_server)
     except Exception as e:
         if multirun:
-            record_failure(run_dir, e, list(hydra_cfg.overrides.task))
+            record_failure(hydra_cfg, e)
             return math.nan
         if isinstance(e, ConfigError):
             fail(str(e))
@@ -256,27 +290,43 @@ def hydra_task(cfg, wandb_server) -> float:
     return summary.objective()
 
 
-def precheck(overrides: list[str], multirun: bool, run: bool = True) -> None:
+def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     """Pre-flight, before Hydra creates anything: compose and validate every job's config
-    (regexp.compose); to `run`, also the device, the output dir and, for a single run, the
-    data. Bad input fails fast with one line (Hydra's own errors are several lines, exit 1)."""
+    (regexp.compose); to `run`, also the device, the output dir and, for a single run, its
+    data. Returns the directory the command will write (the run dir, or the sweep dir), as it
+    will be named, and the (last) job's typed config. Bad input fails fast with one line
+    (Hydra's own errors are several lines, exit 1)."""
+    from pathlib import Path
+
     from regexp.compose import check_job, compose, initialized, sweep_jobs
     from regexp.config import check_writable, validate
+    from regexp.sweep import check_sweep_job
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    out_dir = typed = None
     with initialized():
-        for job in sweep_jobs(overrides) if multirun else [overrides]:
+        for number, job in enumerate(sweep_jobs(overrides) if multirun else [overrides]):
             cfg = compose(job, with_hydra=True)
             if not run:
                 validate(cfg)
                 continue
-            check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
-            out_dir = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
-            if any(o.startswith(out_key + "=") for o in job):
-                check_writable(out_dir, out_key, out_dir)
-            else:
-                check_writable(out_dir, "out_dir", cfg.out_dir)
+            typed = check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
+            out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
+            key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
+            check_writable(out_dir, key, out_dir if key == out_key else cfg.out_dir)
+            if multirun:
+                check_sweep_dir(Path(out_dir), typed.resume, out_key)
+                check_sweep_job(Path(out_dir), cfg, number, job)  # resume=auto: its run dir holds no other run
+    return out_dir, typed
 
+
+def check_sweep_dir(sweep_dir, resume: Optional[str], key: str) -> None:
+    """A sweep into a directory that holds runs must continue them (resume=auto)."""
+    from regexp.rundir import SUMMARY, ConfigError
+
+    if resume != "auto" and sweep_dir.is_dir() and any(sweep_dir.glob(f"*/{SUMMARY}")):
+        raise ConfigError(key, str(sweep_dir), "holds the runs of an earlier sweep; continue them with resume=auto, "
+                                               "or choose another sweep dir")
 
 if __name__ == "__main__":
     sys.exit(main())
