@@ -156,11 +156,12 @@ def run_train(args: list[str]) -> int:
             if out_dir is not None:
                 key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
                 held.enter_context(sole_writer(Path(out_dir), key))  # the one writer until this process ends, however
+                args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
                 if not multirun:
                     from regexp.train import check_resume  # torch: only once the config is known good
 
-                    check_resume(typed, Path(out_dir), key)  # what the run dir holds, under the lock
-                args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
+                    if check_resume(typed, Path(out_dir), key) is not None:  # what the run dir holds, under the lock
+                        args.append("hydra.output_subdir=null")  # a resume leaves the run's own .hydra/ record as it is
             return run_hydra(args, out_dir)
     except ConfigError as e:
         fail(str(e))

@@ -205,7 +205,7 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
 class SummaryRecord:
     """Where a run writes its summary. A run dir that already holds a finished result (a
     resumed completed run, continued for more epochs) keeps that summary.json until the
-    continuation ends at least as well with metrics; until then, and for good if it ends
+    continuation ends at least as well, with every metric it had; until then, and for good if it ends
     worse, the continuation's summary is continuation.json beside it."""
 
     def __init__(self, run_dir: Path, earlier: Optional[Summary]):
@@ -213,7 +213,9 @@ class SummaryRecord:
         self.guarded = earlier is not None and earlier.status.finished
 
     def replaces_earlier(self, summary: Summary) -> bool:
-        return not self.guarded or (summary.status.rank >= self.earlier.status.rank and bool(summary.metrics))
+        """A worse status, or fewer metrics, never replaces a finished record."""
+        return not self.guarded or (summary.status.rank >= self.earlier.status.rank and bool(summary.metrics)
+                                    and set(self.earlier.metrics) <= set(summary.metrics))
 
     def write(self, summary: Summary, final: bool = False) -> None:
         if final and self.replaces_earlier(summary):
