@@ -145,6 +145,8 @@ def test_launcher_runs_a_two_job_sweep(tmp_path, data_root, launcher):
     assert sorted(jobs) == ["0", "1"]
     assert [jobs[n]["choices"]["optimizer"] for n in ("0", "1")] == ["adam", "adamw"]
     assert all(s["status"] == "completed" and "test/acc" in s["metrics"] for s in jobs.values())
+    rows = sweep_rows(tmp_path / "sweep")  # the jobs recorded themselves in the launcher's workers
+    assert [(r["job"], r["status"], r["test/acc"]) for r in rows] == [(n, "completed", jobs[n]["metrics"]["test/acc"]) for n in ("0", "1")]
     if launcher.startswith("submitit"):
         assert (tmp_path / "sweep" / ".submitit").is_dir()  # the jobs really went through submitit
 
