@@ -74,8 +74,8 @@ def data_with(tmp_path: Path, data_root: Path, *folders: str) -> Path:
 
 # ---------------------------------------------------------------- experiment presets
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_preset_is_documented_and_every_job_composes(preset):
+@pytest.mark.parametrize("preset", [p if p == "clip_deep_relu" else pytest.param(p, marks=pytest.mark.slow) for p in PRESETS])
+def test_preset_is_documented_and_every_job_composes(preset):  # one preset in the fast tier; each job composes in ~0.5 s
     path = Path(config_dir()) / "experiment" / f"{preset}.yaml"
     header = path.read_text().splitlines()
     assert header[0] == "# @package _global_"
@@ -335,7 +335,7 @@ def test_a_signal_to_a_sweep_reports_what_is_on_disk_and_resume_auto_finishes_it
             f"command again with resume=auto hydra.sweep.dir={sweep_dir}") in err
     assert "1 interrupted, 2 not run" in out
 
-    out = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = json.loads((sweep_dir / "0" / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumed_at_step"] > 0
