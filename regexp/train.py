@@ -641,10 +641,10 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     resolved = resolved_container(composed if composed is not None else cfg)
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
                       choices=choices or {}, overrides=overrides or [], config=resolved)
-    record.write(summary)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
     exit_code = 1
     try:
+        record.write(summary)  # `running`; if even this write fails, the final one below says why
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
         earlier_id = record.earlier.wandb_id if resumed is not None and record.earlier is not None else None
         tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name or run_dir.name, group or name or run_dir.name,
