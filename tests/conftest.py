@@ -1,5 +1,7 @@
 """Shared fixtures: the real data sets, the real CLI, and a small composed config."""
 
+import copy
+import functools
 import json
 import os
 import subprocess
@@ -80,10 +82,16 @@ def summaries(root: Path) -> list[dict]:
 
 
 def compose_train(overrides: list[str]):
-    """The real config tree composed with `overrides` (as `regexp train` would)."""
+    """The real config tree composed with `overrides` (as `regexp train` would); a copy, so a test
+    may change it."""
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+@functools.cache  # a composition costs ~0.5 s of CPU and several tests compose the same overrides
+def _composed(overrides: tuple[str, ...]):
     from hydra import compose, initialize_config_dir
 
     from regexp.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=list(overrides))

@@ -35,6 +35,7 @@ def global_settings() -> tuple:
             torch.backends.cudnn.allow_tf32)
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_match_and_leave_nothing_changed(tmp_path, data_env):
     before = global_settings()
     first = regexp.run([*TINY, "device.deterministic=true", "device.threads=1"], run_dir=tmp_path / "a")

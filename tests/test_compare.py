@@ -334,6 +334,7 @@ def test_failed_and_diverged_runs_are_counted_never_averaged(tmp_path):
     assert {r["status"]: r["in_means"] for r in result["runs"]} == {"completed": True, "failed": False, "diverged": False}
 
 
+@pytest.mark.slow
 def test_json_into_a_closed_pipe_ends_quietly(tmp_path):
     """`regexp compare ... --json | head -1`: more than a pipe's buffer of JSON, the reader gone after one line."""
     for i in range(300):
@@ -362,6 +363,7 @@ def test_unreadable_summaries_are_named_and_left_out(tmp_path):
     assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("regexp: error: ") and "no runs found" in out.stderr
 
 
+@pytest.mark.slow
 def test_plot_leaves_out_a_corrupted_metrics_file(tmp_path):
     curve = [{"step": 2, "epoch": 1, "train/loss": 2.0, "val/acc": 0.5}, {"step": 4, "epoch": 2, "train/loss": 1.0, "val/acc": 0.6}]
     sweep_run(tmp_path / "runs", "0", "adam", 0, 0.9, curve=curve)
@@ -374,6 +376,7 @@ def test_plot_leaves_out_a_corrupted_metrics_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plot,message", [
     ("{file}/curves.png", "output directory cannot be created: {file} is a file"),
     ("{dir}", "is a directory; name an image file"),

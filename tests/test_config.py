@@ -59,7 +59,12 @@ def _build(group: str, cfg) -> None:
     clip_gradients([p for p in model.parameters()], OmegaConf.to_object(cfg.clip))
 
 
-@pytest.mark.parametrize("group,option", ENTRIES, ids=[f"{g}={o}" for g, o in ENTRIES])
+# The fast tier walks each group's first option; the slow tier every option (a composition costs ~0.5 s).
+WALKED = [pytest.param(g, o, id=f"{g}={o}", marks=() if o == next(iter(REGISTRY[g])) else pytest.mark.slow)
+          for g, o in ENTRIES]
+
+
+@pytest.mark.parametrize("group,option", WALKED)
 def test_every_registry_entry_composes_validates_and_builds(group, option):
     """Walks the registry: a new option (one entry + one YAML file) is picked up here."""
     prefix = "+" if group in OPTIONAL_GROUPS else ""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import conftest
+import pytest
 
 REAL_DATA_TESTS = '''
 from conftest import require_shared_data
@@ -41,6 +42,7 @@ def test_data_dir_is_looked_up_in_regexp_data_dir_first(tmp_path, monkeypatch):
     assert conftest.require_shared_data("MNIST") == tmp_path.resolve()
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_summary_line_outside_ci(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -52,6 +54,7 @@ def test_missing_data_is_one_summary_line_outside_ci(tmp_path):
     assert str(empty.resolve()) in lines[0] and str(tmp_path / "shared" / "data") in lines[0]
 
 
+@pytest.mark.slow
 def test_missing_data_fails_in_ci(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -138,6 +138,7 @@ def row_indices(rows: torch.Tensor, reference: torch.Tensor) -> list[int]:
 
 
 # ---------------------------------------------------------------- module, root, availability
+@pytest.mark.slow
 def test_import_does_not_load_torchvision():
     code = "import sys, regexp.data; assert 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
