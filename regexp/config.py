@@ -65,8 +65,11 @@ MAX_STEP = 1e6  # lr, weight_decay: larger factors overflow float32 inside torch
 WIDTH = _integer_in(1, MAX_WIDTH, str(MAX_WIDTH))
 WIDTHS = rule(lambda v: len(v) > 0 and all(1 <= w <= MAX_WIDTH for w in v),
               f"must be a non-empty list of integers >= 1 and <= {MAX_WIDTH}")
-STEP_FACTOR = rule(lambda v: _finite(v) and 0 < v <= MAX_STEP, f"must be > 0 and <= {MAX_STEP:g} (larger overflow float32)")
-DECAY_FACTOR = rule(lambda v: _finite(v) and 0 <= v <= MAX_STEP, f"must be >= 0 and <= {MAX_STEP:g} (larger overflow float32)")
+LEARNING_RATE = rule(lambda v: _finite(v) and 0 < v <= MAX_STEP, f"must be > 0 and <= {MAX_STEP:g} (larger overflow float32)")
+CAPPED_NON_NEGATIVE = rule(lambda v: _finite(v) and 0 <= v <= MAX_STEP, f"must be >= 0 and <= {MAX_STEP:g} (larger overflow float32)")
+# A schedule moves the lr below optimizer.lr, never above it (where LEARNING_RATE's cap would not hold)
+DECAY = rule(lambda v: _finite(v) and 0 < v <= 1, "must be > 0 and <= 1 (a decay; larger grows the lr without bound)")
+DIVISOR = rule(lambda v: _finite(v) and v >= 1, "must be >= 1 (onecycle starts and ends below the peak lr)")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")  # models.ACTIVATIONS holds their modules
 
 
@@ -250,8 +253,8 @@ class EarlyStoppingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
-    lr: float = field(default=1e-3, metadata=STEP_FACTOR)
-    weight_decay: float = field(default=0.0, metadata=DECAY_FACTOR)
+    lr: float = field(default=1e-3, metadata=LEARNING_RATE)
+    weight_decay: float = field(default=0.0, metadata=CAPPED_NON_NEGATIVE)
     decay_norm_and_bias: bool = False
 
 
@@ -270,12 +273,12 @@ class AdamConfig(OptimizerConfig):
 class SchedulerConfig:
     name: str = MISSING
     step_size: int = field(default=10, metadata=AT_LEAST_ONE)  # step: epochs between decays
-    gamma: float = field(default=0.1, metadata=POSITIVE)  # step: decay factor
+    gamma: float = field(default=0.1, metadata=DECAY)  # step: decay factor
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)  # optimizer steps
-    min_lr: float = field(default=0.0, metadata=NON_NEGATIVE)  # cosine floor
+    min_lr: float = field(default=0.0, metadata=CAPPED_NON_NEGATIVE)  # cosine floor
     pct_start: float = field(default=0.3, metadata=FRACTION)  # onecycle: share spent rising
-    div_factor: float = field(default=25.0, metadata=POSITIVE)  # onecycle: start = lr / div
-    final_div_factor: float = field(default=1e4, metadata=POSITIVE)  # onecycle: end = start / final
+    div_factor: float = field(default=25.0, metadata=DIVISOR)  # onecycle: start = lr / div
+    final_div_factor: float = field(default=1e4, metadata=DIVISOR)  # onecycle: end = start / final
 
 
 @dataclass

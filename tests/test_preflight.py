@@ -174,6 +174,10 @@ BAD_INPUT = [
     (["optimizer.lr=inf"], "optimizer.lr=inf", "> 0"),
     (["optimizer.lr=nan"], "optimizer.lr=nan", "> 0"),
     (["optimizer.weight_decay=1e300"], "optimizer.weight_decay=1e+300", "<= 1e+06"),
+    (["scheduler=step", "scheduler.gamma=1e300"], "scheduler.gamma=1e+300", "<= 1 (a decay"),
+    (["scheduler=cosine", "scheduler.min_lr=1e300"], "scheduler.min_lr=1e+300", "<= 1e+06"),
+    (["scheduler=onecycle", "scheduler.div_factor=1e-300"], "scheduler.div_factor=1e-300", ">= 1"),
+    (["scheduler=onecycle", "scheduler.final_div_factor=0.5"], "scheduler.final_div_factor=0.5", ">= 1"),
     (["dataset.name=svhn"], "dataset.name=svhn", "mnist"),
     (["~model"], "model=???", "must be set"),
 ]
