@@ -241,46 +241,27 @@ def with_plus_where_needed(args: list[str]) -> list[str]:
 
 
 def hydra_task(cfg, wandb_server) -> float:
-    """The job Hydra runs (once per sweep job): train() on the job's typed config. Returns
-    the sweep objective (val/acc; NaN when there is none). The pre-flight validated every job
-    it could list (a single run, each job of a basic sweep), so Hydra's composed config, typed
-    by the schemas, is only put in the job's shape (job_config); a search sweeper's draws are
-    validated here. In a
-    sweep a failing job is recorded in its run dir and the sweep goes on; alone, bad input
-    exits 2 and a bad file 1."""
-    from pathlib import Path
-
+    """The job Hydra runs (once per sweep job): train() on the job's config; returns the sweep
+    objective (val/acc). In a sweep a failing job is recorded in its run dir and the sweep goes
+    on: the basic sweeper gets NaN; a search sweeper (Optuna) gets the exception, which it
+    records as a failed trial (it cannot rank a NaN). Alone, bad input exits 2, a bad file 1."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from regexp.compose import check_job, expands_its_jobs
-    from regexp.config import ConfigError, RunError, job_config
-    from regexp.data import check_available
-    from regexp.sweep import already_finished, record_failure, share_machine
-    from regexp.train import train
+    from regexp.compose import expands_its_jobs
+    from regexp.config import ConfigError, RunError
+    from regexp.sweep import record_failure
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    share_machine(hydra_cfg)
+    searching = multirun and not expands_its_jobs(hydra_cfg)
     try:
-        finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
-        if finished is not None:
-            print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
-            return finished.objective()
-        if multirun and not expands_its_jobs(hydra_cfg):  # a search sweeper's draw: not seen by the pre-flight
-            job = check_job(cfg)
-        else:
-            job = job_config(cfg)
-            if multirun:  # data problems fail this job, not the sweep
-                check_available(job.dataset)
-        # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
-        summary = train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                        composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
-                        wandb_server=wandb_server)
+        summary = run_job(cfg, hydra_cfg, multirun, searching, wandb_server)
     except Exception as e:
         if multirun:
             record_failure(hydra_cfg, e)
+            if searching:
+                raise
             return math.nan
         if isinstance(e, ConfigError):
             fail(str(e))
@@ -288,7 +269,41 @@ def hydra_task(cfg, wandb_server) -> float:
             print(f"regexp: error: {e}", file=sys.stderr)
             sys.exit(1)
         raise
-    return summary.objective()
+    objective = summary.objective()
+    if searching and math.isnan(objective):
+        raise RuntimeError(f"{summary.run_dir}: the run ended {summary.status} without val/acc: a failed trial")
+    return objective
+
+
+def run_job(cfg, hydra_cfg, multirun: bool, searching: bool, wandb_server):
+    """One job of `regexp train`: skipped when resume=auto finds it finished, else trained.
+    The pre-flight validated every job it could list (a single run, each job of a basic
+    sweep), so Hydra's config, typed by the schemas, is only put in the job's shape
+    (job_config); a search sweeper's draws are checked here."""
+    from pathlib import Path
+
+    from regexp.compose import check_job
+    from regexp.config import job_config
+    from regexp.data import check_available
+    from regexp.sweep import already_finished, share_machine
+    from regexp.train import train
+
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    share_machine(hydra_cfg)
+    finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
+    if finished is not None:
+        print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
+        return finished
+    if searching:  # a search sweeper's draw: not seen by the pre-flight
+        job = check_job(cfg)
+    else:
+        job = job_config(cfg)
+        if multirun:  # data problems fail this job, not the sweep
+            check_available(job.dataset)
+    # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
+    return train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
+                 composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
+                 wandb_server=wandb_server)
 
 
 def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
