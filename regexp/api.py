@@ -50,7 +50,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
         check_resume(typed, run_dir, "run_dir")  # what the run dir holds: nothing is written on a refusal
         with train_log(run_dir):
             write_hydra_record(run_dir, composed, user_overrides)
-            return train(typed, run_dir, choices=choices, overrides=user_overrides, composed=composed)
+            return train(typed, run_dir, choices=choices, overrides=user_overrides)
 
 
 def load(run_dir: str | Path) -> Run:

@@ -302,7 +302,7 @@ def run_job(cfg, hydra_cfg, multirun: bool, searching: bool, wandb_server):
             check_available(job.dataset)
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
     return train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                 composed=cfg, name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
+                 name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
                  wandb_server=wandb_server)
 
 

@@ -626,7 +626,7 @@ def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
-          composed: Optional[DictConfig] = None, reporter: Optional[Reporter] = None,
+          reporter: Optional[Reporter] = None,
           name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
     """Run one validated config into `run_dir`. summary.json says `running` until the run
     ends, then its status: completed, early_stopped, diverged, failed or interrupted.
@@ -638,7 +638,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     record = SummaryRecord(run_dir, read_summary(run_dir))
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    resolved = resolved_container(composed if composed is not None else cfg)
+    resolved = resolved_container(cfg)  # the typed job: every key, each regularizer None unless added
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
                       choices=choices or {}, overrides=overrides or [], config=resolved)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
