@@ -12,6 +12,7 @@ import time
 
 import regexp
 
+
 def busy(stop):
     """Another process holding a core."""
     x = 0
