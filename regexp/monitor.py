@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from regexp.state import TrainState
 from regexp.step import NO_PROBE as NO_MEASURE
 from regexp.step import Probe
-from regexp.state import TrainState
 
 ACTIVATION_TYPES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)
 SPARSE_BELOW = 1e-3  # |w| under this counts as zero for weight/sparsity

@@ -14,8 +14,8 @@ This module is a leaf: it imports nothing else from regexp, and no torch.
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union, get_args, get_origin

@@ -21,8 +21,17 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from regexp.rundir import (ConfigError, Interrupted, RunError, Status, Summary, read_json, read_summary, write_json,
-                           write_summary)
+from regexp.rundir import (
+    ConfigError,
+    Interrupted,
+    RunError,
+    Status,
+    Summary,
+    read_json,
+    read_summary,
+    write_json,
+    write_summary,
+)
 from regexp.tracking import plural
 
 METRIC = "test/acc"

@@ -30,8 +30,22 @@ from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfi
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
-    CONTINUATION, SUMMARY, ConfigError, Interrupted, MetricsFile, RunError, Status, Summary, SummaryRecord, atomic_write,
-    keep_metrics_up_to, load_summary, read_metrics, read_summary, split_finite, write_diagnosis,
+    CONTINUATION,
+    SUMMARY,
+    ConfigError,
+    Interrupted,
+    MetricsFile,
+    RunError,
+    Status,
+    Summary,
+    SummaryRecord,
+    atomic_write,
+    keep_metrics_up_to,
+    load_summary,
+    read_metrics,
+    read_summary,
+    split_finite,
+    write_diagnosis,
 )
 from regexp.state import TrainState, move_to, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes

@@ -216,8 +216,8 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Pat
     from hydra import compose, initialize_config_dir
     from torchvision import transforms
 
-    from regexp.config import config_dir
     from regexp.compose import check_job
+    from regexp.config import config_dir
 
     case = CASES[name]
     dataset = case["dataset"]

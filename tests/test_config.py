@@ -9,8 +9,20 @@ from conftest import compose_train
 from omegaconf import OmegaConf
 
 from regexp.compose import compose, compose_and_validate, sweep_jobs, with_added_groups
-from regexp.config import (OPTIONAL_GROUPS, REGISTRY, REGULARIZERS, ConfigError, TrainConfig, builder, check_writable,
-                           config_dir, group_lines, options_markdown, validate, warnings_for)
+from regexp.config import (
+    OPTIONAL_GROUPS,
+    REGISTRY,
+    REGULARIZERS,
+    ConfigError,
+    TrainConfig,
+    builder,
+    check_writable,
+    config_dir,
+    group_lines,
+    options_markdown,
+    validate,
+    warnings_for,
+)
 
 CONF = Path(config_dir())
 ENTRIES = [(g, o) for g, options in REGISTRY.items() for o in options]

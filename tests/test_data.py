@@ -1,6 +1,6 @@
 import gzip
-import json
 import http.server
+import json
 import os
 import pickle
 import re

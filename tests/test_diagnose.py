@@ -18,8 +18,8 @@ from regexp.init import init_weights
 from regexp.models import build_model
 from regexp.monitor import trace_nonfinite
 from regexp.rundir import Summary
-from regexp.tracking import Reporter
 from regexp.state import seed_everything
+from regexp.tracking import Reporter
 from regexp.train import train
 
 BASE = ["logger=none", "dataset.val_size=1000"]

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from conftest import REGEXP, run_cli
 
-from regexp.rundir import CONTINUATION, Interrupted, Status, Summary, SummaryRecord, load_summary, read_metrics, sole_writer
+from regexp.rundir import (
+    CONTINUATION,
+    Interrupted,
+    Status,
+    Summary,
+    SummaryRecord,
+    load_summary,
+    read_metrics,
+    sole_writer,
+)
 
 SMALL = ["logger=none", "dataset.limit=512", "dataset.val_size=256", "epochs=1", "batch_size=64"]
 

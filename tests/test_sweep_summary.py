@@ -15,8 +15,18 @@ from omegaconf import OmegaConf
 
 from regexp.compose import compose, initialized
 from regexp.rundir import ConfigError, Interrupted, Status, Summary, read_summary, write_summary
-from regexp.sweep import (SWEEP_SUMMARY, Refused, SweepFailed, SweepSummary, already_finished, check_sweep_job,
-                          planned_jobs, record_failure, report_interruption, start_records)
+from regexp.sweep import (
+    SWEEP_SUMMARY,
+    Refused,
+    SweepFailed,
+    SweepSummary,
+    already_finished,
+    check_sweep_job,
+    planned_jobs,
+    record_failure,
+    report_interruption,
+    start_records,
+)
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import compose_train
 from rich.console import Console
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from regexp.config import validate
 from regexp.data import load_data
-from regexp.tracking import Reporter
 from regexp.state import seed_everything
 from regexp.step import micro_batch_weights, train_step, window_batches, window_sizes
+from regexp.tracking import Reporter
 from regexp.train import Plan, build_recipe, build_state, evaluate, train
 
 
