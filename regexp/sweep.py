@@ -237,6 +237,14 @@ def report_interruption(sweep_dir: Path, stopped_by: BaseException) -> str:
     did not run. Returns the advice line."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # this report is short: let it finish
         signal.signal(signum, signal.SIG_IGN)
+    try:
+        return report_rows(sweep_dir, stopped_by)
+    finally:  # Python's own handlers again (the sweep's were for the jobs)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def report_rows(sweep_dir: Path, stopped_by: BaseException) -> str:
     plan, _ = read_records(sweep_dir)
     if plan is None or plan.get("pid") != os.getpid():
         return "the sweep stopped before its first job started; nothing was run"
