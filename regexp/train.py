@@ -667,7 +667,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
         with StopSignal() as stop_signal, torch_settings(cfg, torch.device(resolve_device(cfg))):
             fit(start(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed))
         if stop_signal.received is not None:
-            reporter.warn(f"signal {stop_signal.received} came during the final evaluation; the run completed and its records are whole")
+            reporter.warn(f"signal {stop_signal.received} came during the final evaluation; the run ended {summary.status} "
+                          "and its records are whole")
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         summary.findings = diagnose(read_metrics(run_dir), summary)
         if record.replaces_earlier(summary):
