@@ -114,14 +114,11 @@ def check_available(ds_cfg: Any) -> None:
 
 
 def check_split(ds_cfg: Any, n_train: int) -> None:
-    """dataset.val_size and dataset.limit against the training split's size (as _split_indices
-    cuts it): a validation set that leaves nothing to train on, or a limit beyond what is left."""
+    """dataset.val_size against the training split's size (as _split_indices cuts it): a
+    validation set that leaves nothing to train on. A dataset.limit beyond what is left means
+    all of it, as "the first N samples" says."""
     if ds_cfg.val_size >= n_train:
         raise ConfigError("dataset.val_size", ds_cfg.val_size, f"must be smaller than the {n_train} training samples of {ds_cfg.name}")
-    left = n_train - ds_cfg.val_size
-    if ds_cfg.limit is not None and ds_cfg.limit > left:
-        raise ConfigError("dataset.limit", ds_cfg.limit, f"must be at most the {left} training samples of {ds_cfg.name} "
-                          f"left beside dataset.val_size={ds_cfg.val_size} (or null: all of them)")
 
 
 def train_size(name: str, root: Path) -> int:

@@ -52,13 +52,16 @@ def run_as_agent(tmp_path: Path, data_root: Path, name: str, args: dict, sweep_i
     return command, json.loads((run_dir / "summary.json").read_text()), inspect(run_dir)
 
 
-def test_sweep_configs_are_shipped_in_the_package_and_listed():
+def test_sweep_configs_are_shipped_in_the_package_and_listed(tmp_path):
     assert set(CONFIGS) == {"lr_wd_random", "regularizers_grid"}
     assert all(path.parent == Path(sys.modules["regexp.wandb_sweeps"].__file__).parent for path in CONFIGS.values())
+    # from another folder: `python -m` puts the working dir first on sys.path, and the checkout's
+    # regexp/ is not the installed package CI tests
     listed = subprocess.run([sys.executable, "-m", "regexp.wandb_sweeps", "regularizers_grid"], capture_output=True,
-                            text=True, check=True).stdout
+                            text=True, check=True, cwd=tmp_path).stdout
     assert listed == f"{CONFIGS['regularizers_grid']}\n"
-    unknown = subprocess.run([sys.executable, "-m", "regexp.wandb_sweeps", "nope"], capture_output=True, text=True)
+    unknown = subprocess.run([sys.executable, "-m", "regexp.wandb_sweeps", "nope"], capture_output=True, text=True,
+                             cwd=tmp_path)
     assert unknown.returncode == 2 and "shipped: lr_wd_random, regularizers_grid" in unknown.stderr
 
 
