@@ -350,10 +350,6 @@ def read_overrides(run_dir: Path) -> Optional[list[str]]:
     return [str(item) for item in items or []]
 
 
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / SUMMARY).is_file()
-
-
 @contextmanager
 def sole_writer(run_dir: Path, key: str) -> Iterator[None]:
     """Hold `run_dir` as its only writer: an exclusive flock on the directory, which the

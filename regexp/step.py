@@ -76,6 +76,9 @@ class Recipe:
     augment: Optional[tuple[int, bool]]  # (crop padding, flip)
     precision: str
 
+    def __post_init__(self) -> None:
+        self.zero = torch.zeros((), device=self.train_y.device)  # where each window's sums start, made once
+
 
 class Probe:
     """What a log step measures around the step; the base class measures nothing."""
@@ -116,8 +119,7 @@ def forward_backward(state: TrainState, recipe: Recipe, batches: list[MicroBatch
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward + backward of one window's micro-batches, each loss weighted by its share of
     the window's samples. Returns the window's (loss, correct, penalty) sums."""
-    zero = torch.zeros((), device=recipe.train_y.device)
-    loss_sum = correct = penalty_sum = zero
+    loss_sum = correct = penalty_sum = recipe.zero
     device_type = recipe.train_y.device.type
     for batch in batches:
         x, y = recipe.train_x[batch.index], recipe.train_y[batch.index]
