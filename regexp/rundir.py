@@ -116,6 +116,7 @@ class Summary:
     skipped_steps: int = 0
     resumed_from: Optional[str] = None
     resumed_at_step: Optional[int] = None
+    fused: Optional[dict[str, Any]] = None  # trained side by side with other jobs: {models: N, ...}
     error: Optional[str] = None
     traceback: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)

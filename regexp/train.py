@@ -621,6 +621,24 @@ def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, devic
 
 
 # ---------------------------------------------------------------- one run, with its records
+@dataclass
+class RunSpec:
+    """One job of a group: its typed config, run dir and how it was asked for (see `train`)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    choices: dict = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
+    name: Optional[str] = None
+    group: Optional[str] = None
+
+
+def train_group(specs: list[RunSpec], reporter: Optional[Reporter] = None,
+                wandb_server: Optional[WandbServer] = None) -> list[Summary]:
+    """Train the specs' models side by side; each run dir gets a solo run's records."""
+    return [train(s.cfg, s.run_dir, s.choices, s.overrides, reporter, s.name, s.group, wandb_server) for s in specs]
+
+
 def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
     """The run's last word. When the disk that failed the run refuses it, a smaller summary
     (no config, no traceback) may still fit: a summary never stays `running` after the end."""
