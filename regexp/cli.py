@@ -8,7 +8,8 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 USAGE = """\
 usage: regexp <command> [args]
@@ -51,7 +52,7 @@ GROUPS = """\
 config groups (pick with group=option, set values with group.key=value):
 {registry}
   +experiment   presets reproducing classic results, e.g. regexp train -m +experiment=dropout_mnist
-  hydra/launcher  joblib submitit_local submitit_slurm   (parallel or cluster sweeps)
+  hydra/launcher  fused joblib submitit_local submitit_slurm   (side by side, parallel or cluster sweeps)
   hydra/sweeper   tune   (Optuna search over lr, weight decay, dropout)
 '+' adds a group that is not in the defaults: +regularizer=dropout, +regularizer=[dropout,l2],
 +experiment=NAME. Without the '+' (W&B sweep agents cannot pass it), regularizer=dropout and
@@ -249,8 +250,6 @@ def hydra_task(cfg, wandb_server) -> float:
     from hydra.types import RunMode
 
     from regexp.compose import expands_its_jobs
-    from regexp.config import ConfigError, RunError
-    from regexp.sweep import record_failure
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -258,17 +257,32 @@ def hydra_task(cfg, wandb_server) -> float:
     try:
         summary = run_job(cfg, hydra_cfg, multirun, searching, wandb_server)
     except Exception as e:
-        if multirun:
-            record_failure(hydra_cfg, e)
-            if searching:
-                raise
-            return math.nan
-        if isinstance(e, ConfigError):
-            fail(str(e))
-        if isinstance(e, RunError):  # a bad file: one line, not a traceback (summary.json has the details)
-            print(f"regexp: error: {e}", file=sys.stderr)
-            sys.exit(1)
-        raise
+        return job_failed(e, hydra_cfg, multirun, searching)
+    return sweep_objective(summary, searching)
+
+
+def job_failed(e: Exception, hydra_cfg, multirun: bool, searching: bool) -> float:
+    """A job's exception, answered inside its `except`: in a sweep recorded (summary.json, the
+    job's record) and NaN, or raised again for a search sweeper; alone, bad input exits 2, a
+    bad file 1, anything else is raised again."""
+    from regexp.config import ConfigError, RunError
+    from regexp.sweep import record_failure
+
+    if multirun:
+        record_failure(hydra_cfg, e)
+        if searching:
+            raise
+        return math.nan
+    if isinstance(e, ConfigError):
+        fail(str(e))
+    if isinstance(e, RunError):  # a bad file: one line, not a traceback (summary.json has the details)
+        print(f"regexp: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    raise
+
+
+def sweep_objective(summary, searching: bool) -> float:
+    """What the sweeper gets for a job's run: its val/acc; a search sweeper's run without one is a failed trial."""
     objective = summary.objective()
     if searching and math.isnan(objective):
         raise RuntimeError(f"{summary.run_dir}: the run ended {summary.status} without val/acc: a failed trial")
@@ -276,17 +290,30 @@ def hydra_task(cfg, wandb_server) -> float:
 
 
 def run_job(cfg, hydra_cfg, multirun: bool, searching: bool, wandb_server):
-    """One job of `regexp train`: skipped when resume=auto finds it finished, else trained.
-    The pre-flight validated every job it could list (a single run, each job of a basic
-    sweep), so Hydra's config, typed by the schemas, is only put in the job's shape
-    (job_config); a search sweeper's draws are checked here."""
+    """One job of `regexp train`: skipped when resume=auto finds it finished, else trained."""
+    from regexp.rundir import Summary
+    from regexp.train import train
+
+    job = job_spec(cfg, hydra_cfg, multirun, searching)
+    if isinstance(job, Summary):
+        return job
+    return train(job.cfg, job.run_dir, choices=job.choices, overrides=job.overrides, name=job.name, group=job.group,
+                 wandb_server=wandb_server)
+
+
+def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
+    """A job's checks before training: the summary of its finished run when resume=auto finds
+    one (the job is skipped), else what to train (a train.RunSpec). The pre-flight validated
+    every job it could list (a single run, each job of a basic sweep), so Hydra's config,
+    typed by the schemas, is only put in the job's shape (job_config); a search sweeper's
+    draws are checked here."""
     from pathlib import Path
 
     from regexp.compose import check_job
     from regexp.config import job_config
     from regexp.data import check_available
     from regexp.sweep import already_finished, share_machine
-    from regexp.train import train
+    from regexp.train import RunSpec
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     share_machine(hydra_cfg)
@@ -301,9 +328,75 @@ def run_job(cfg, hydra_cfg, multirun: bool, searching: bool, wandb_server):
         if multirun:  # data problems fail this job, not the sweep
             check_available(job.dataset)
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
-    return train(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                 name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None,
-                 wandb_server=wandb_server)
+    return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
+                   name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
+
+
+# ---------------------------------------------------------------- fused groups (hydra/launcher=fused)
+@dataclass
+class GroupMember:
+    """One job of a fused group, prepared inside Hydra's job context (its run dir and .hydra
+    files exist, its sweep record is written): its Hydra node, and what to train (a RunSpec),
+    or, when it needs no training (skipped, or failed its checks), the sweeper's value."""
+
+    hydra_cfg: Any
+    searching: bool
+    spec: Any = None  # train.RunSpec
+    value: float = math.nan
+
+
+def prepare_member(cfg) -> GroupMember:
+    """The task function Hydra's run_job calls for each job of a fused group: run_job's checks
+    (resume=auto, data), no training. A job that fails them is recorded as hydra_task does."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from regexp.compose import expands_its_jobs
+    from regexp.rundir import Summary
+
+    hydra_cfg = copy.deepcopy(HydraConfig.get())  # the job's node, kept beyond its job context
+    searching = not expands_its_jobs(hydra_cfg)
+    try:
+        job = job_spec(cfg, hydra_cfg, True, searching)
+    except Exception as e:
+        return GroupMember(hydra_cfg, searching, value=job_failed(e, hydra_cfg, True, searching))
+    if isinstance(job, Summary):
+        return GroupMember(hydra_cfg, searching, value=sweep_objective(job, searching))
+    return GroupMember(hydra_cfg, searching, spec=job)
+
+
+def run_group(members: list[GroupMember], wandb_server) -> list:
+    """Train the prepared members side by side (train.train_group); each member's sweeper
+    value in order: its objective, NaN for a failure (recorded in its run dir), or, for a
+    search sweeper's failed trial, the exception. A group that crashes fails each of its
+    members, and the sweep goes on."""
+    training = [m for m in members if m.spec is not None]
+    if not training:
+        return [m.value for m in members]
+    from regexp.train import train_group
+
+    try:
+        summaries = train_group([m.spec for m in training], wandb_server=wandb_server)
+    except Exception as e:
+        return [m.value if m.spec is None else member_failed(e, m) for m in members]
+    trained = iter(summaries)
+    return [m.value if m.spec is None else member_value(next(trained), m) for m in members]
+
+
+def member_failed(e: Exception, member: GroupMember):
+    """A member of a crashed group, answered as hydra_task answers its job's exception."""
+    try:
+        return job_failed(e, member.hydra_cfg, True, member.searching)
+    except Exception as raised:  # a search sweeper's failed trial
+        return raised
+
+
+def member_value(summary, member: GroupMember):
+    try:
+        return sweep_objective(summary, member.searching)
+    except RuntimeError as e:  # a search sweeper's failed trial
+        return e
 
 
 def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
@@ -316,6 +409,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
 
     from regexp.compose import check_job, compose, initialized, sweep_jobs
     from regexp.config import check_writable, validate
+    from regexp.fusion import check_launcher
     from regexp.sweep import check_sweep_job
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -327,6 +421,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
                 validate(cfg)
                 continue
             typed = check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
+            check_launcher(cfg.hydra)
             out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
             key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
             check_writable(out_dir, key, out_dir if key == out_key else cfg.out_dir)

@@ -1,0 +1,1 @@
+"""regexp's fused launcher (`hydra/launcher=fused`), where Hydra's plugin scan finds it."""

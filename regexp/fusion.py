@@ -1,0 +1,305 @@
+"""Which jobs of a sweep train side by side (`hydra/launcher=fused`): the partition of a
+sweep's jobs into groups of one stack of models each, with a reason line for every job
+that runs alone, and a simple memory estimate that splits a group that would not fit.
+
+Jobs fuse when their resolved configs agree on every key outside FREE (what each model of
+a stack may hold for itself: seed, init, hyperparameters, regularizer strengths, names),
+on the optimizer / scheduler / clip kind (KINDS), and, under resume=auto, on the step
+their run dirs stand at. No torch here and Hydra only inside functions: the launcher
+plugin imports this module at Hydra's plugin scan.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, model_parameters
+from regexp.rundir import Status, read_summary
+
+# Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
+FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
+
+# Dotted key prefixes each model of a stack may set for itself.
+FREE = (
+    "seed",
+    "init",  # scheme and its numbers
+    "optimizer", "scheduler", "clip",  # every field but the kind (KINDS)
+    "regularizer.dropout", "regularizer.l1", "regularizer.l2", "regularizer.elastic_net",  # on or off, any strength
+    "regularizer.max_norm.value",  # the value only: on in one job and off in another does not fuse
+    "regularizer.label_smoothing", "regularizer.early_stopping",
+    "out_dir", "logger.project", "logger.entity", "logger.tags",  # where the records go, how W&B names them
+)
+KINDS = ("optimizer.name", "scheduler.name", "clip.name")  # under FREE prefixes, but one kind a stack
+RESUME_STEP = "step (resume=auto)"  # the key the partition adds for a continued sweep
+
+LAUNCHER_KEYS = {"_target_", "max_models"}  # hydra.launcher's keys for the fused launcher
+MEMORY_SHARE = 0.5  # of the available memory, for the stacks' estimate
+BYTES = 4  # fp32
+STATE_COPIES = 4  # weights, gradients, two optimizer moments
+KEPT_ACTIVATIONS = 3  # outputs, their gradients and what norms/activations keep for the backward pass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One job of the sweep as the partition sees it."""
+
+    number: int  # Hydra's job number (hydra.job.num)
+    config: dict[str, Any]  # the resolved job config (config.resolved_container)
+    memory: int = 0  # bytes one model of it needs (model_memory)
+    step: Optional[int] = 0  # resume=auto: the step its run dir stands at; None: finished, it is skipped
+
+
+@dataclass
+class Partition:
+    """Groups of candidate indices (each a stack; launch order kept) and, by index, why a job runs alone."""
+
+    groups: list[list[int]] = field(default_factory=list)
+    alone: dict[int, str] = field(default_factory=dict)
+
+    def lines(self, jobs: list[Candidate]) -> list[str]:
+        """What the launcher prints: one line per fused group, one per job that runs alone with its reason."""
+        out = []
+        for group in self.groups:
+            if len(group) > 1:
+                out.append(f"fused: {job_numbers([jobs[i].number for i in group])} train as one group of "
+                           f"{len(group)} models")
+            elif group[0] in self.alone:
+                out.append(f"fused: job {jobs[group[0]].number} runs alone: {self.alone[group[0]]}")
+        return out
+
+
+def candidate(sweep_config: Any) -> Candidate:
+    """A job as the launcher loaded it (Hydra's node included, hydra.job.num set)."""
+    from omegaconf import OmegaConf
+
+    from regexp.config import job_config, resolved_container
+
+    job = job_config(sweep_config)
+    step: Optional[int] = 0
+    if job.get("resume") == "auto":
+        sweep_dir, subdir = (OmegaConf.select(sweep_config, f"hydra.sweep.{key}") for key in ("dir", "subdir"))
+        step = resume_step(Path(str(sweep_dir)) / str(subdir))
+    return Candidate(int(sweep_config.hydra.job.num), resolved_container(job), model_memory(job), step)
+
+
+# ---------------------------------------------------------------- the key
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf; a list is one value, an absent regularizer (None) one key."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def is_free(key: str) -> bool:
+    return key not in KINDS and any(key == p or key.startswith(p + ".") for p in FREE)
+
+
+def fused_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys every job of a stack must agree on, with their values."""
+    return {k: v for k, v in flat(config).items() if not is_free(k)}
+
+
+def fusion_key(config: dict[str, Any]) -> tuple:
+    """Equal for jobs that may train as one stack (a resolved job config, as a container)."""
+    return tuple((k, _hashable(v)) for k, v in fused_keys(config).items())
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    return value
+
+
+def _keys_of(job: Candidate) -> dict[str, Any]:
+    keys = fused_keys(job.config)
+    if job.config.get("resume") == "auto":
+        keys[RESUME_STEP] = job.step
+    return keys
+
+
+# ---------------------------------------------------------------- the partition
+def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[int] = None) -> Partition:
+    """Jobs with equal keys form groups of at most `max_models` models, and of no more than
+    `memory_budget` bytes by the estimate (None: no bound); groups are ordered by their first
+    job. A job of a model not in FUSES, a finished one (resume=auto skips it) and one whose
+    key no other job shares run alone, with the reason."""
+    result = Partition()
+    classes: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        reason = _unfusable(job)
+        if reason is not None:
+            result.groups.append([index])
+            result.alone[index] = reason
+        else:
+            classes.setdefault(tuple((k, _hashable(v)) for k, v in _keys_of(job).items()), []).append(index)
+    for members in classes.values():
+        capacity, bound = _capacity(jobs[members[0]], max_models, memory_budget)
+        chunks = [members[i:i + capacity] for i in range(0, len(members), capacity)]
+        result.groups += chunks
+        for chunk in chunks:
+            if len(chunk) == 1 and len(members) > 1:
+                result.alone[chunk[0]] = f"{bound} (jobs {_numbers(jobs, members)} share its config)"
+            elif len(chunk) == 1 and len(jobs) > 1:
+                result.alone[chunk[0]] = _difference(jobs, chunk[0])
+    result.groups.sort(key=lambda group: group[0])
+    return result
+
+
+def _unfusable(job: Candidate) -> Optional[str]:
+    if job.step is None:
+        return "its run is finished (resume=auto skips it)"
+    model = job.config["model"]["name"]
+    if model not in FUSES:
+        return f"model {model} is not one the fused engine stacks ({', '.join(sorted(FUSES))})"
+    return None
+
+
+def _capacity(job: Candidate, max_models: int, memory_budget: Optional[int]) -> tuple[int, str]:
+    """(models a group of this job's kind may hold, what bounds it, in words)."""
+    bound = f"hydra.launcher.max_models={max_models} caps a group"
+    if memory_budget is None or job.memory <= 0 or memory_budget // job.memory >= max_models:
+        return max_models, bound
+    fits = max(1, memory_budget // job.memory)
+    return fits, (f"about {_mib(job.memory)} a model and {_mib(memory_budget)} to spend fit {fits} "
+                  f"model{'s' * (fits != 1)} a group")
+
+
+def _difference(jobs: list[Candidate], index: int) -> str:
+    """The first key on which job `index` differs from the first other job, and the jobs that share that one's keys."""
+    others = [i for i in range(len(jobs)) if i != index]
+    other = next((i for i in others if _unfusable(jobs[i]) is None), others[0])
+    mine, theirs = _keys_of(jobs[index]), _keys_of(jobs[other])
+    key = next(k for k in [*mine, *theirs] if mine.get(k, _ABSENT) != theirs.get(k, _ABSENT))
+    sharing = [i for i in others if _unfusable(jobs[i]) is None and _keys_of(jobs[i]) == theirs]
+    have = f"jobs {_numbers(jobs, sharing)} have" if len(sharing) > 1 else f"job {jobs[other].number} has"
+    return (f"{key} is {_shown(_value_at(jobs[index], key, mine))} where {have} "
+            f"{_shown(_value_at(jobs[other], key, theirs))}")
+
+
+_ABSENT = object()
+
+
+def _value_at(job: Candidate, key: str, keys: dict[str, Any]) -> Any:
+    """The value of `key` for display: a fused key's, or the whole node (e.g. regularizer.max_norm's settings)."""
+    if key in keys:
+        return keys[key]
+    node: Any = job.config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _numbers(jobs: list[Candidate], indices: list[int]) -> str:
+    return job_numbers([jobs[i].number for i in indices]).partition(" ")[2]
+
+
+def job_numbers(numbers: list[int]) -> str:
+    """'job 3' / 'jobs 0-7' / 'jobs 0-3, 5, 8-9'."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return f"job{'s' * (len(numbers) != 1)} {text}"
+
+
+# ---------------------------------------------------------------- memory
+def model_memory(cfg: Any) -> int:
+    """Bytes one model of a stack needs, about: its parameters four times over (weights,
+    gradients, two optimizer moments) plus a batch's activations, each layer's output kept
+    about three times for the backward pass. `cfg`: a typed job config."""
+    per_sample = ACTIVATION_UNITS.get(cfg.model.name, lambda *_: 0)(cfg.model, IMAGE_SHAPES[cfg.dataset.name])
+    return (model_parameters(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
+
+
+def _map_units(widths: list[int], shape: tuple[int, int, int]) -> int:
+    """The input, then a conv's output per width, each at half the previous one's resolution."""
+    channels, height, width = shape
+    return channels * height * width + sum(c * (height >> i) * (width >> i) for i, c in enumerate(widths))
+
+
+# Per model name: the outputs a sample leaves in each layer (its input included), summed.
+ACTIVATION_UNITS = {
+    "mlp": lambda m, shape: _map_units([], shape) + sum(m.hidden) + NUM_CLASSES,
+    "deep_mlp": lambda m, shape: _map_units([], shape) + m.width * m.depth + NUM_CLASSES,
+    "cnn": lambda m, shape: _map_units(list(m.channels), shape) + m.fc + NUM_CLASSES,
+    "resnet": lambda m, shape: 3 * _map_units(list(m.widths), shape) + NUM_CLASSES,  # a stage: three convs
+}
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for training on `device` (auto, cpu, cuda): CUDA's free memory when the
+    jobs train there, else the system's MemAvailable."""
+    if device != "cpu":
+        import torch  # only a sweep that may train on CUDA pays for it
+
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
+
+
+def memory_budget(devices: set[str]) -> Optional[int]:
+    """What a group may spend: MEMORY_SHARE of the memory available on the jobs' devices (the
+    least of them); None where the system does not say (no /proc/meminfo): no bound."""
+    try:
+        return int(min(available_memory(d) for d in devices) * MEMORY_SHARE)
+    except OSError:
+        return None
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+# ---------------------------------------------------------------- resume=auto
+def resume_step(run_dir: Path) -> Optional[int]:
+    """The step a job's run dir stands at, for resume=auto: its summary's steps when the run
+    ended unfinished with a checkpoint, 0 when there is nothing to continue, None when it
+    finished (resume=auto skips it). summary.json only: no checkpoint is opened."""
+    summary = read_summary(run_dir)
+    if summary is None:
+        return 0
+    if summary.status.finished:
+        return None
+    unfinished = summary.status in (Status.INTERRUPTED, Status.FAILED, Status.RUNNING)
+    return summary.steps if unfinished and (Path(run_dir) / "checkpoint.pt").is_file() else 0
+
+
+# ---------------------------------------------------------------- the launcher's settings
+def is_fused(hydra_cfg: Any) -> bool:
+    """Whether the sweep's launcher is the fused one."""
+    return str((hydra_cfg.get("launcher") or {}).get("_target_", "")).endswith(".FusedLauncher")
+
+
+def check_launcher(hydra_cfg: Any) -> None:
+    """The pre-flight of hydra.launcher for the fused launcher: ConfigError (one line) for a
+    max_models that is not an integer >= 1, or a key the launcher does not take."""
+    from omegaconf import OmegaConf
+
+    if not is_fused(hydra_cfg):
+        return
+    launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=False)
+    unknown = sorted(set(launcher) - LAUNCHER_KEYS)
+    if unknown:
+        raise ConfigError(f"hydra.launcher.{unknown[0]}", launcher[unknown[0]],
+                          "unknown key; the fused launcher takes max_models")
+    value = launcher.get("max_models")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("hydra.launcher.max_models", value, "must be an integer >= 1 (models trained side by side)")
