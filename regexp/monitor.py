@@ -72,16 +72,19 @@ class Monitor(Probe):
 
     def _activation_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            out = output.detach().float()
-            self.pending[f"act/mean/{name}"] = out.mean()
-            self.pending[f"act/std/{name}"] = out.std()
-            # a unit (feature, or channel of a feature map) is dead when it is 0 for the whole batch
-            per_unit = out.abs().amax(dim=0)
-            if per_unit.dim() > 1:
-                per_unit = per_unit.flatten(1).amax(dim=1)
-            self.pending[f"act/dead_frac/{name}"] = (per_unit == 0).float().mean()
+            self.activation(name, output)
 
         return hook
+
+    def activation(self, name: str, output: torch.Tensor) -> None:
+        out = output.detach().float()
+        self.pending[f"act/mean/{name}"] = out.mean()
+        self.pending[f"act/std/{name}"] = out.std()
+        # a unit (feature, or channel of a feature map) is dead when it is 0 for the whole batch
+        per_unit = out.abs().amax(dim=0)
+        if per_unit.dim() > 1:
+            per_unit = per_unit.flatten(1).amax(dim=1)
+        self.pending[f"act/dead_frac/{name}"] = (per_unit == 0).float().mean()
 
     def grads(self, kind: str) -> None:
         """grad/<kind>/<layer>: each layer's gradient norm (kind: norm, or norm_clipped)."""

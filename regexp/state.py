@@ -8,8 +8,9 @@ weights_only=True) and the in-memory snapshot that a non-finite step is replayed
 
 import copy
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -66,13 +67,30 @@ class TrainState:
     window: int = 0  # its next accumulation window
     step: int = 0  # optimizer steps done
     perm: Optional[torch.Tensor] = field(default=None, repr=False)  # the epoch's data order
+    # a fused group's member draws its data order from a stream of its own (None: the process's)
+    rng: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @contextmanager
+    def own_random(self) -> Iterator[None]:
+        """The random generators as this run's own stream, for one draw (a no-op without one)."""
+        if self.rng is None:
+            yield
+            return
+        shared = rng_state()
+        set_rng_state(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = rng_state()
+            set_rng_state(shared)
 
     def state_dict(self) -> dict[str, Any]:
         """A copy (on the device) that later training does not change."""
         return {"model": {n: t.detach().clone() for n, t in self.model.state_dict().items()},
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "early_stopping": self.early_stopping.state_dict(),
-                "rng": rng_state(), "epoch": self.epoch, "window": self.window, "step": self.step, "perm": self.perm}
+                "rng": copy.deepcopy(self.rng) if self.rng is not None else rng_state(),
+                "epoch": self.epoch, "window": self.window, "step": self.step, "perm": self.perm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -80,6 +98,9 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.early_stopping.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
+        if self.rng is not None:
+            self.rng = copy.deepcopy(state["rng"])
+        else:
+            set_rng_state(state["rng"])
         self.epoch, self.window, self.step, self.perm = state["epoch"], state["window"], state["step"], state["perm"]
         self.optimizer.zero_grad(set_to_none=True)

@@ -88,6 +88,9 @@ class Probe:
     def forward(self) -> ContextManager:
         return contextlib.nullcontext()
 
+    def activation(self, name: str, output: torch.Tensor) -> None:
+        """An activation layer's output on this step (a fused forward hands them in one by one)."""
+
     def grads(self, kind: str) -> None:
         """kind: "norm" before clipping, "norm_clipped" after."""
 
@@ -160,14 +163,12 @@ def apply_update(state: TrainState, recipe: Recipe) -> None:
     state.step += 1
 
 
-def train_step(state: TrainState, recipe: Recipe, batches: list[MicroBatch], probe: Probe = NO_PROBE,
-               skip_nonfinite: bool = False) -> StepResult:
-    """One window: forward/backward, clip, update. With `skip_nonfinite` a window whose loss
-    or gradient norm is not finite is not applied (one host sync per step)."""
-    with probe.forward():
-        loss_sum, correct, penalty_sum = forward_backward(state, recipe, batches, state.net if probe is NO_PROBE else state.model)
+def finish_step(state: TrainState, recipe: Recipe, probe: Probe, skip_nonfinite: bool, sums: tuple, samples: int
+                ) -> StepResult:
+    """After the window's backward: clip, then update (unless skipped as non-finite)."""
+    loss_sum, correct, penalty_sum = sums
     pre_norm, clipped = unscale_and_clip(state, recipe, probe, measure=probe.wants_norm or skip_nonfinite)
-    result = StepResult(loss_sum, correct, penalty_sum, pre_norm, None, clipped, sum(b.size for b in batches))
+    result = StepResult(loss_sum, correct, penalty_sum, pre_norm, None, clipped, samples)
     if skip_nonfinite and not torch.isfinite(torch.stack([loss_sum, pre_norm])).all().item():
         state.optimizer.zero_grad(set_to_none=True)
         result.applied = False
@@ -178,3 +179,12 @@ def train_step(state: TrainState, recipe: Recipe, batches: list[MicroBatch], pro
     apply_update(state, recipe)
     probe.after_update()
     return result
+
+
+def train_step(state: TrainState, recipe: Recipe, batches: list[MicroBatch], probe: Probe = NO_PROBE,
+               skip_nonfinite: bool = False) -> StepResult:
+    """One window: forward/backward, clip, update. With `skip_nonfinite` a window whose loss
+    or gradient norm is not finite is not applied (one host sync per step)."""
+    with probe.forward():
+        sums = forward_backward(state, recipe, batches, state.net if probe is NO_PROBE else state.model)
+    return finish_step(state, recipe, probe, skip_nonfinite, sums, sum(b.size for b in batches))

@@ -134,9 +134,9 @@ class Reporter:
             task = progress.add_task("train", total=total_samples, rate="-", loss="-")
             yield EpochBar(progress, task)
 
-    def epoch_line(self, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
+    def epoch_line(self, epoch: int, epochs: int, metrics: dict[str, Any], label: str = "") -> None:
         shown = "  ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
-        self.line(f"epoch {epoch}/{epochs}  {shown}")
+        self.line(f"{label + ' · ' if label else ''}epoch {epoch}/{epochs}  {shown}")
 
     def summary(self, title: str, rows: dict[str, Any], style: str) -> None:
         table = Table.grid(padding=(0, 2))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import accumulate
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 import torch
@@ -47,7 +48,8 @@ from regexp.rundir import (
     split_finite,
     write_diagnosis,
 )
-from regexp.state import TrainState, move_to, seed_everything
+from regexp.stack import Stack, evaluate_stack, fused_step
+from regexp.state import TrainState, move_to, rng_state, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
 from regexp.threads import fastest_threads
 from regexp.tracking import HistogramFile, Reporter, Tracker, plural
@@ -405,6 +407,9 @@ class Loop:
     stop_signal: StopSignal
     precision: str
     policy: NonfinitePolicy = field(init=False)
+    status: Status = Status.COMPLETED  # until the run ends otherwise
+    row: dict[str, Any] = field(default_factory=dict)  # the last epoch's record
+    label: str = ""  # which run an epoch line is about, when several train at once
 
     def __post_init__(self) -> None:
         self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
@@ -439,41 +444,94 @@ class Loop:
             self.summary.nonfinite = event
 
 
-def train_epoch(loop: Loop) -> Status:
-    """The windows of one epoch from `state.window` on: a step each, a record on log steps."""
-    state, plan, meters, monitor, policy = loop.state, loop.plan, loop.meters, loop.monitor, loop.policy
-    with loop.reporter.epoch_progress(state.epoch, plan.epochs, len(loop.data.train_y)) as bar:
-        bar.advance(plan.offsets[state.window] if state.window < len(plan.windows) else len(loop.data.train_y))
-        for w in range(state.window, len(plan.windows)):
-            state.window = w
-            if loop.stop_signal.received is not None:  # Ctrl-C / SIGTERM: the caller saves where we are
+class Group:
+    """The runs one loop drives: a single run, its model called as an nn.Module, or N runs
+    whose models are fused (regexp.stack) and take each window's step at once."""
+
+    def __init__(self, loops: list[Loop], template: Optional[torch.nn.Module] = None):
+        self.loops, self.template = loops, template
+        self.stack: Optional[Stack] = None  # the last one built: the members' parameters live in it
+
+    def stack_of(self, loops: list[Loop]) -> Stack:
+        """The stack of exactly these members (rebuilt when one has left it)."""
+        models = [loop.state.model for loop in loops]
+        if self.stack is None or self.stack.models != models:
+            dropouts = [loop.cfg.regularizer.dropout for loop in loops]
+            self.stack = Stack(self.template, models, [d.p if d is not None else 0.0 for d in dropouts],
+                               [d.p_input if d is not None else 0.0 for d in dropouts], [loop.recipe for loop in loops])
+        return self.stack
+
+    def step(self, loops: list[Loop], window: int, log_steps: list[bool]) -> list[StepResult]:
+        states = [loop.state for loop in loops]
+        windows = [loop.plan.batches(state.perm, window) for loop, state in zip(loops, states)]
+        probes = [loop.monitor.probe(log_step) for loop, log_step in zip(loops, log_steps)]
+        skips = [loop.policy.skips for loop in loops]
+        if self.template is None:
+            return [train_step(states[0], loops[0].recipe, windows[0], probes[0], skips[0])]
+        return fused_step(self.stack_of(loops), states, windows, probes, skips)
+
+    def evaluate(self, loops: list[Loop], x: torch.Tensor, y: torch.Tensor) -> list[dict[str, float]]:
+        if not loops:
+            return []
+        first = loops[0]
+        if self.template is None:
+            return [evaluate(loop.state.model, x, y, loop.cfg.eval_batch_size, loop.precision) for loop in loops]
+        return evaluate_stack(self.stack_of(loops), x, y, first.cfg.eval_batch_size, first.precision)
+
+
+def train_epoch(group: Group, loops: list[Loop]) -> Status:
+    """The windows of one epoch from the members' `state.window` on: one step for all of them
+    (fused, or the single run's), a record on each member's log steps. A member that diverges
+    or reaches max_steps stops stepping; INTERRUPTED when a signal came."""
+    first, plan = loops[0], loops[0].plan
+    with first.reporter.epoch_progress(first.state.epoch, plan.epochs, len(first.data.train_y)) as bar:
+        bar.advance(plan.offsets[first.state.window] if first.state.window < len(plan.windows) else len(first.data.train_y))
+        stepping = list(loops)
+        for w in range(first.state.window, len(plan.windows)):
+            for loop in stepping:
+                loop.state.window = w
+            if first.stop_signal.received is not None:  # Ctrl-C / SIGTERM: the caller saves where we are
                 return Status.INTERRUPTED
-            log_step = (state.step + 1) % plan.log_every == 0
-            lr = state.optimizer.param_groups[0]["lr"]
-            result = train_step(state, loop.recipe, plan.batches(state.perm, w), monitor.probe(log_step), policy.skips)
-            state.window = w + 1
-            bar.advance(result.samples)
-            if not result.applied:
-                loop.summary.skipped_steps += 1
-                policy.handle(state, state.step)
-                continue
-            meters.add(state.step - 1, result)
-            if log_step:
-                record, first_bad = interval_record(state, meters, result, lr, monitor, loop.recipe.penalty is not None)
-                loop.tracker.write(record)
-                if plan.histogram_every and (state.step // plan.log_every) % plan.histogram_every == 0:
-                    loop.tracker.write_histograms(state.step, monitor.histograms())
-                bar.show(record["train/loss"], record["perf/samples_per_s"])
-                meters.close_interval()
-                if first_bad >= 0 and policy.handle(state, first_bad):
-                    return Status.DIVERGED
-                if first_bad < 0:
-                    policy.keep(state)
-            if plan.checkpoint_every is not None and state.step % plan.checkpoint_every == 0:
-                loop.checkpoint()
-            if plan.max_steps is not None and state.step >= plan.max_steps:
+            log_steps = [(loop.state.step + 1) % plan.log_every == 0 for loop in stepping]
+            lrs = [loop.state.optimizer.param_groups[0]["lr"] for loop in stepping]
+            results = group.step(stepping, w, log_steps)
+            bar.advance(results[0].samples)
+            for loop, result, log_step, lr in zip(stepping, results, log_steps, lrs):
+                loop.state.window = w + 1
+                record = after_step(loop, result, log_step, lr)
+                if record is not None and loop is first:
+                    bar.show(record["train/loss"], record["perf/samples_per_s"])
+            stepping = [loop for loop in stepping if loop.status != Status.DIVERGED
+                        and (plan.max_steps is None or loop.state.step < plan.max_steps)]
+            if not stepping:
                 break
     return Status.COMPLETED
+
+
+def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Optional[dict[str, Any]]:
+    """A member's bookkeeping after its step: meters, the log step's record, the non-finite
+    policy, checkpoints. Returns the record written on a log step."""
+    state, meters, policy = loop.state, loop.meters, loop.policy
+    if not result.applied:
+        loop.summary.skipped_steps += 1
+        policy.handle(state, state.step)
+        return None
+    meters.add(state.step - 1, result)
+    record = None
+    if log_step:
+        record, first_bad = interval_record(state, meters, result, lr, loop.monitor, loop.recipe.penalty is not None)
+        loop.tracker.write(record)
+        if loop.plan.histogram_every and (state.step // loop.plan.log_every) % loop.plan.histogram_every == 0:
+            loop.tracker.write_histograms(state.step, loop.monitor.histograms())
+        meters.close_interval()
+        if first_bad >= 0 and policy.handle(state, first_bad):
+            loop.status = Status.DIVERGED
+            return record
+        if first_bad < 0:
+            policy.keep(state)
+    if loop.plan.checkpoint_every is not None and state.step % loop.plan.checkpoint_every == 0:
+        loop.checkpoint()
+    return record
 
 
 # The epoch means of the log-step series, named as those series (DESIGN §5) on the console
@@ -482,113 +540,181 @@ SHOWN_AS = {"epoch/train_loss": "train/loss", "epoch/train_acc": "train/acc", "e
             "epoch/samples_per_s": "perf/samples_per_s"}
 
 
-def end_epoch(loop: Loop, status: Status, t_epoch: float) -> tuple[Status, dict[str, Any]]:
-    """One sync for the epoch's training metrics and the guard, then (unless diverged)
-    evaluation, best.pt, the epoch record and the checkpoint."""
+def close_epoch(loop: Loop, seconds: float) -> None:
+    """One sync for the epoch's training metrics and the guard; a divergence ends the run here
+    (its last finite state checkpointed). The epoch's row goes to `loop.row`."""
     state, meters = loop.state, loop.meters
     bad = meters.guard.first_bad_step()
     meters.close_interval()
     loss_sum, correct_sum, first_bad = to_host({"l": meters.epoch_loss, "c": meters.epoch_correct, "b": bad}).values()
-    if loop.data.train_y.is_cuda:
-        torch.cuda.synchronize()
-    meters.add_time(time.perf_counter() - t_epoch)
+    meters.add_time(seconds)
     meters.samples_trained += meters.epoch_samples
-    if status != Status.DIVERGED and first_bad >= 0 and loop.policy.handle(state, int(first_bad)):
-        status = Status.DIVERGED
-    row: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
+    if loop.status != Status.DIVERGED and first_bad >= 0 and loop.policy.handle(state, int(first_bad)):
+        loop.status = Status.DIVERGED
+    loop.row = {"epoch": state.epoch, "step": state.step}
     if meters.epoch_samples:
-        row.update({"epoch/train_loss": loss_sum / meters.epoch_samples, "epoch/train_acc": correct_sum / meters.epoch_samples})
-    if status == Status.DIVERGED:
+        loop.row.update({"epoch/train_loss": loss_sum / meters.epoch_samples, "epoch/train_acc": correct_sum / meters.epoch_samples})
+    if loop.status == Status.DIVERGED:
         loop.summary.last_finite_step = state.step
         loop.checkpoint()
-        return status, row
-    if state.epoch % loop.plan.eval_every == 0 or loop.plan.last_epoch(state.epoch, state.step):
-        for name, value in evaluate(state.model, loop.data.val_x, loop.data.val_y, loop.cfg.eval_batch_size, loop.precision).items():
-            row[f"val/{name}"] = value
-        best = state.early_stopping
-        if best.monitor in row and best.update(row[best.monitor], state.epoch):
-            weights_now = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
-            save_checkpoint(loop.run_dir / "best.pt", {"model": weights_now, "epoch": state.epoch, "step": state.step,
-                                                       best.monitor: best.best})
+
+
+def evaluates(loop: Loop) -> bool:
+    return loop.status != Status.DIVERGED and (loop.state.epoch % loop.plan.eval_every == 0
+                                               or loop.plan.last_epoch(loop.state.epoch, loop.state.step))
+
+
+def record_epoch(loop: Loop, val: Optional[dict[str, float]]) -> None:
+    """The epoch's validation metrics (when it evaluated), best.pt, the epoch record and the
+    checkpoint; early stopping decides here."""
+    state, row, best = loop.state, loop.row, loop.state.early_stopping
+    for name, value in (val or {}).items():
+        row[f"val/{name}"] = value
+    if best.monitor in row and best.update(row[best.monitor], state.epoch):
+        weights_now = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        save_checkpoint(loop.run_dir / "best.pt", {"model": weights_now, "epoch": state.epoch, "step": state.step,
+                                                   best.monitor: best.best})
     row["epoch/lr"] = state.optimizer.param_groups[0]["lr"]
-    row["epoch/samples_per_s"] = meters.epoch_samples / meters.epoch_seconds  # this epoch's own, eval excluded
+    row["epoch/samples_per_s"] = loop.meters.epoch_samples / loop.meters.epoch_seconds  # this epoch's own, eval excluded
     loop.tracker.write(row)
-    loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {SHOWN_AS.get(k, k): v for k, v in row.items() if k not in ("epoch", "step")})
+    loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {SHOWN_AS.get(k, k): v for k, v in row.items() if k not in ("epoch", "step")},
+                             loop.label)
     state.window = len(loop.plan.windows)
     loop.checkpoint()
     state.perm = None  # the next epoch draws its own order
-    return (Status.EARLY_STOPPED if state.early_stopping.should_stop else status), row
+    if state.early_stopping.should_stop:
+        loop.status = Status.EARLY_STOPPED
 
 
-def fit(loop: Loop) -> None:
-    """Epochs of windows until the schedule, max_steps, early stopping or a divergence ends
-    the run; then the final metrics (of the best weights, when early stopping chose them)."""
-    state, plan = loop.state, loop.plan
-    status, row = Status.COMPLETED, {}
-    while state.epoch <= plan.epochs:
-        state.model.train()
-        if state.perm is None:
+def begin_epoch(loop: Loop) -> None:
+    state = loop.state
+    state.model.train()
+    if state.perm is None:
+        with state.own_random():
             state.perm = torch.randperm(len(loop.data.train_y), device=loop.data.train_y.device)
-            loop.meters.start_epoch()
-        loop.policy.keep(state)
+        loop.meters.start_epoch()
+    loop.policy.keep(state)
+
+
+def fit(group: Group) -> None:
+    """Epochs of windows until the schedule, max_steps, early stopping or a divergence ends
+    each run; then the final metrics (of the best weights, when early stopping chose them).
+    The members of a group share the epochs and windows; each ends on its own."""
+    running = list(group.loops)
+    while running:
+        for loop in running:
+            begin_epoch(loop)
         t_epoch = time.perf_counter()
-        status = train_epoch(loop)
-        if status == Status.INTERRUPTED:
-            loop.meters.add_time(time.perf_counter() - t_epoch)
-            loop.checkpoint()
-            loop.summary.steps, loop.summary.train_time_s = state.step, round(loop.meters.train_seconds, 3)
-            raise Interrupted(loop.stop_signal.received, saved=True)
-        status, row = end_epoch(loop, status, t_epoch)
-        if status != Status.COMPLETED or plan.last_epoch(state.epoch, state.step):
-            break
-        state.epoch, state.window = state.epoch + 1, 0
-    finish(loop, status, row)
+        if train_epoch(group, running) == Status.INTERRUPTED:
+            for loop in running:
+                loop.meters.add_time(time.perf_counter() - t_epoch)
+                loop.checkpoint()
+                loop.summary.steps, loop.summary.train_time_s = loop.state.step, round(loop.meters.train_seconds, 3)
+            raise Interrupted(running[0].stop_signal.received, saved=True)
+        if running[0].data.train_y.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t_epoch
+        for loop in running:
+            close_epoch(loop, seconds)
+        evaluated = [loop for loop in running if evaluates(loop)]
+        val = dict(zip(map(id, evaluated), group.evaluate(evaluated, running[0].data.val_x, running[0].data.val_y)))
+        for loop in running:
+            if loop.status != Status.DIVERGED:
+                record_epoch(loop, val.get(id(loop)))
+        running = [loop for loop in running if loop.status == Status.COMPLETED
+                   and not loop.plan.last_epoch(loop.state.epoch, loop.state.step)]
+        for loop in running:
+            loop.state.epoch, loop.state.window = loop.state.epoch + 1, 0
+    for loop in group.loops:
+        if loop.status == Status.EARLY_STOPPED and (loop.run_dir / "best.pt").is_file():
+            loop.state.model.load_state_dict(read_weights(loop.run_dir / "best.pt"))  # the weights early stopping chose
+    tested = [loop for loop in group.loops if loop.status != Status.DIVERGED]
+    first = group.loops[0]
+    test = dict(zip(map(id, tested), group.evaluate(tested, first.data.test_x, first.data.test_y)))
+    for loop in group.loops:
+        finish(loop, test.get(id(loop), {}))
 
 
-def finish(loop: Loop, status: Status, row: dict[str, Any]) -> None:
-    state, meters, best = loop.state, loop.meters, loop.state.early_stopping
-    final = {SHOWN_AS.get(k, k): v for k, v in row.items() if k.startswith(("epoch/train_", "val/"))}
+def finish(loop: Loop, test: dict[str, float]) -> None:
+    state, meters, best, status = loop.state, loop.meters, loop.state.early_stopping, loop.status
+    final = {SHOWN_AS.get(k, k): v for k, v in loop.row.items() if k.startswith(("epoch/train_", "val/"))}
     if status == Status.EARLY_STOPPED and (loop.run_dir / "best.pt").is_file():
-        best_weights = read_weights(loop.run_dir / "best.pt")
-        state.model.load_state_dict(best_weights)  # report the weights early stopping chose
         final.update({best.monitor: best.best, "best_epoch": best.best_epoch})
-    if status != Status.DIVERGED:
-        test = evaluate(state.model, loop.data.test_x, loop.data.test_y, loop.cfg.eval_batch_size, loop.precision)
-        final.update({f"test/{k}": v for k, v in test.items()})
+    final.update({f"test/{k}": v for k, v in test.items()})
     final["perf/samples_per_s"] = meters.samples_trained / meters.train_seconds if meters.train_seconds else 0.0
     s = loop.summary
-    s.status, s.metrics, s.steps, s.epochs_completed = status, split_finite(final)[0], state.step, row.get("epoch", 0)
+    s.status, s.metrics, s.steps, s.epochs_completed = status, split_finite(final)[0], state.step, loop.row.get("epoch", 0)
     s.train_time_s = round(meters.train_seconds, 3)
 
 
-def start(cfg: DictConfig, run_dir: Path, summary: Summary, reporter: Reporter, tracker: Tracker,
-          stop_signal: StopSignal, resumed: Optional[tuple[Path, dict[str, Any]]]) -> Loop:
-    """Data, TrainState and the loop's parts, from the seed or from a checkpoint."""
+def start(run: "Run", data: DataSplits, device: torch.device, precision: str, stop_signal: StopSignal,
+          own_random: bool) -> Loop:
+    """One run's TrainState and loop parts, from its seed or from its checkpoint. A member of
+    a fused group draws its data order from a random stream of its own (`own_random`)."""
+    cfg, summary = run.cfg, run.summary
     seed_everything(cfg.seed)
+    plan = Plan.from_config(cfg, len(data.train_y))
+    state = build_state(cfg, data, device, precision, plan)
+    if own_random:
+        state.rng = rng_state()  # where the solo run's stream stands when it draws its first order
+    loop = Loop(cfg, run.run_dir, data, plan, state, build_recipe(cfg, data, precision), Meters(device),
+                Monitor(state.model, cfg.monitor), summary, run.reporter, run.tracker, stop_signal, precision)
+    summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
+    summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
+    if run.resumed is not None:
+        continue_from(loop, *run.resumed)
+    keep_metrics_up_to(run.run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint
+    return loop
+
+
+def start_group(runs: list["Run"], stop_signal: StopSignal, fuse: bool) -> Group:
+    """The data once, then each run's loop; the threads once, for the group."""
+    cfg = runs[0].cfg
     device = torch.device(resolve_device(cfg))
     precision = resolve_precision(cfg, device.type)
     data = load_data(cfg.dataset, device)
-    plan = Plan.from_config(cfg, len(data.train_y))
-    state = build_state(cfg, data, device, precision, plan)
-    loop = Loop(cfg, run_dir, data, plan, state, build_recipe(cfg, data, precision), Meters(device),
-                Monitor(state.model, cfg.monitor), summary, reporter, tracker, stop_signal, precision)
-    summary.threads = threads_for(cfg, state.model, data, device, resumed[1] if resumed else None)
-    summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
-    summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
-    if resumed is not None:
-        continue_from(loop, *resumed)
-    keep_metrics_up_to(run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint
-    reporter.line(
-        f"{cfg.dataset.name} ({len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test) · {cfg.model.name} "
-        f"({summary.parameters:,} params) · {cfg.optimizer.name} lr {state.optimizer.param_groups[0]['initial_lr']:g} · "
-        f"{device} {precision} · {plural(summary.threads, 'thread')} · {plural(cfg.epochs, 'epoch')} × {len(plan.windows)} steps · "
-        f"batch {cfg.batch_size}×{cfg.accumulation.steps} · run dir {run_dir}"
+    loops = [start(run, data, device, precision, stop_signal, own_random=fuse) for run in runs]
+    if any(loop.plan != loops[0].plan for loop in loops):
+        raise ValueError("the runs of a fused group must share their epochs, steps and batches")
+    resumed = runs[0].resumed
+    threads = threads_for(cfg, loops[0].state.model, data, device, resumed[1] if resumed else None)
+    group = Group(loops, fused_template(loops) if fuse else None)
+    if fuse:
+        seed_everything(cfg.seed)  # the group's dropout masks and augmentation draw from here
+    for loop in loops:
+        loop.summary.threads = threads
+        if fuse:
+            loop.summary.fused = {"models": len(loops), "runs": [str(other.run_dir) for other in loops]}
+            loop.label = loop.run_dir.name
+        announce(loop, device)
+    return group
+
+
+def fused_template(loops: list[Loop]) -> torch.nn.Module:
+    """The members' architecture on the meta device (no memory, no random draws), with a
+    Dropout wherever any member has one (a member's own p may be 0)."""
+    cfg, shape, classes = loops[0].cfg, loops[0].data.input_shape, loops[0].data.num_classes
+    dropouts = [loop.cfg.regularizer.dropout for loop in loops if loop.cfg.regularizer.dropout is not None]
+    rates = SimpleNamespace(p=0.5 if any(d.p > 0 for d in dropouts) else 0.0,
+                            p_input=0.5 if any(d.p_input > 0 for d in dropouts) else 0.0)
+    with torch.device("meta"):
+        return build_model(cfg.model, cfg.norm, rates, shape, classes)
+
+
+def announce(loop: Loop, device: torch.device) -> None:
+    cfg, state, summary, plan = loop.cfg, loop.state, loop.summary, loop.plan
+    fused = f" · fused with {summary.fused['models'] - 1} more" if summary.fused else ""
+    loop.reporter.line(
+        f"{cfg.dataset.name} ({len(loop.data.train_y)} train / {len(loop.data.val_y)} val / {len(loop.data.test_y)} test) · "
+        f"{cfg.model.name} ({summary.parameters:,} params) · {cfg.optimizer.name} lr "
+        f"{state.optimizer.param_groups[0]['initial_lr']:g} · {device} {loop.precision} · {plural(summary.threads, 'thread')} · "
+        f"{plural(cfg.epochs, 'epoch')} × {len(plan.windows)} steps · batch {cfg.batch_size}×{cfg.accumulation.steps}{fused} · "
+        f"run dir {loop.run_dir}"
     )
-    if resumed is not None:
-        reporter.line(f"resumed from {resumed[0]} at step {state.step} (epoch {state.epoch})")
+    if summary.resumed_from is not None:
+        loop.reporter.line(f"resumed from {summary.resumed_from} at step {state.step} (epoch {state.epoch})")
     for warning in warnings_for(cfg):
-        reporter.warn(warning)
-    return loop
+        loop.reporter.warn(warning)
 
 
 def continue_from(loop: Loop, checkpoint: Path, saved: dict[str, Any]) -> None:
@@ -620,10 +746,10 @@ def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, devic
     return threads
 
 
-# ---------------------------------------------------------------- one run, with its records
+# ---------------------------------------------------------------- runs, with their records
 @dataclass
 class RunSpec:
-    """One job of a group: its typed config, run dir and how it was asked for (see `train`)."""
+    """One job: its typed config, run dir and how it was asked for (see `train`)."""
 
     cfg: DictConfig
     run_dir: Path
@@ -633,10 +759,16 @@ class RunSpec:
     group: Optional[str] = None
 
 
-def train_group(specs: list[RunSpec], reporter: Optional[Reporter] = None,
-                wandb_server: Optional[WandbServer] = None) -> list[Summary]:
-    """Train the specs' models side by side; each run dir gets a solo run's records."""
-    return [train(s.cfg, s.run_dir, s.choices, s.overrides, reporter, s.name, s.group, wandb_server) for s in specs]
+@dataclass
+class Run:
+    """A run being recorded: what `start` builds its loop from."""
+
+    cfg: DictConfig
+    run_dir: Path
+    summary: Summary
+    tracker: Tracker
+    reporter: Reporter
+    resumed: Optional[tuple[Path, dict[str, Any]]]
 
 
 def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
@@ -657,36 +789,30 @@ def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
             pass
 
 
-def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
-          reporter: Optional[Reporter] = None,
-          name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
-    """Run one validated config into `run_dir`. summary.json says `running` until the run
-    ends, then its status: completed, early_stopped, diverged, failed or interrupted.
-    `name` and `group` name the W&B run (default: the run dir's name, for both); the jobs of
-    one process share a `wandb_server`, so an unreachable server costs its timeout once."""
-    run_dir = Path(run_dir)
-    resumed = check_resume(cfg, run_dir, "run_dir")  # before anything is written: a refusal leaves the run dir as it was
+@contextlib.contextmanager
+def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], reporter: Reporter,
+             wandb_server: Optional[WandbServer], concurrent: bool) -> Iterator[Run]:
+    """summary.json from start (`running`) to end (the run's status, or failed/interrupted with
+    the error when an exception ends the block), the metric sinks, W&B and the diagnosis.
+    `concurrent`: other runs of this process are open at the same time (a fused group)."""
+    run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = SummaryRecord(run_dir, read_summary(run_dir))
-    reporter = reporter or Reporter()
     started = time.perf_counter()
-    resolved = resolved_container(cfg)  # the typed job: every key, each regularizer None unless added
+    resolved = resolved_container(spec.cfg)  # the typed job: every key, each regularizer None unless added
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
-                      choices=choices or {}, overrides=overrides or [], config=resolved)
+                      choices=spec.choices or {}, overrides=spec.overrides or [], config=resolved)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
     exit_code = 1
     try:
         record.write(summary)  # `running`; if even this write fails, the final one below says why
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
         earlier_id = record.earlier.wandb_id if resumed is not None and record.earlier is not None else None
-        tracker.sinks += wandb_sinks(cfg, resolved, run_dir, name or run_dir.name, group or name or run_dir.name,
-                                     reporter.warn, earlier_id, wandb_server)
+        name = spec.name or run_dir.name
+        tracker.sinks += wandb_sinks(spec.cfg, resolved, run_dir, name, spec.group or name, reporter.warn, earlier_id,
+                                     wandb_server, concurrent)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
-        with StopSignal() as stop_signal, torch_settings(cfg, torch.device(resolve_device(cfg))):
-            fit(start(cfg, run_dir, summary, reporter, tracker, stop_signal, resumed))
-        if stop_signal.received is not None:
-            reporter.warn(f"signal {stop_signal.received} came during the final evaluation; the run ended {summary.status} "
-                          "and its records are whole")
+        yield Run(spec.cfg, run_dir, summary, tracker, reporter, resumed)
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         summary.findings = diagnose(read_metrics(run_dir), summary)
         if record.replaces_earlier(summary):
@@ -708,4 +834,48 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
     style = {Status.COMPLETED: "green", Status.EARLY_STOPPED: "green", Status.DIVERGED: "red"}.get(summary.status, "yellow")
     reporter.summary(f"regexp · {summary.status}", {**summary.metrics, "wall_time_s": summary.wall_time_s, "run_dir": str(run_dir)}, style)
     reporter.diagnosis(summary.findings)
-    return summary
+
+
+def position(resumed: Optional[tuple[Path, dict[str, Any]]]) -> tuple[int, int, int]:
+    """Where a run starts: (epoch, window, step) of its checkpoint, or the beginning."""
+    return (resumed[1]["epoch"], resumed[1]["window"], resumed[1]["step"]) if resumed is not None else (1, 0, 0)
+
+
+def train_group(specs: list[RunSpec], reporter: Optional[Reporter] = None, wandb_server: Optional[WandbServer] = None,
+                fuse: bool = True) -> list[Summary]:
+    """Train the specs' models side by side in one process (regexp.stack): one batched step
+    for all, each model with its own seed, data order, hyperparameters, clipping, early
+    stopping, non-finite handling, diagnostics and checkpoints; each run dir gets a solo
+    run's records, its summary `fused: {models: N, runs: [...]}`. The specs must fuse
+    (regexp.fusion); runs resumed from checkpoints at different steps train as separate
+    groups. Nothing is written when a run dir refuses its run (check_resume). A crash is
+    recorded in every member's summary (failed, traceback) and raised."""
+    resumed = [check_resume(spec.cfg, Path(spec.run_dir), "run_dir") for spec in specs]  # before anything is written
+    reporter = reporter or Reporter()
+    positions = [position(r) for r in resumed]
+    if len(set(positions)) > 1:
+        summaries: dict[int, Summary] = {}
+        for where in dict.fromkeys(positions):
+            members = [i for i, p in enumerate(positions) if p == where]
+            summaries.update(zip(members, train_group([specs[i] for i in members], reporter, wandb_server, fuse)))
+        return [summaries[i] for i in range(len(specs))]
+    fuse = fuse and len(specs) > 1
+    with contextlib.ExitStack() as records:
+        runs = [records.enter_context(recorded(spec, r, reporter, wandb_server, concurrent=fuse)) for spec, r in zip(specs, resumed)]
+        with StopSignal() as stop_signal, torch_settings(specs[0].cfg, torch.device(resolve_device(specs[0].cfg))):
+            fit(start_group(runs, stop_signal, fuse))
+        if stop_signal.received is not None:
+            for run in runs:
+                reporter.warn(f"signal {stop_signal.received} came during the final evaluation; {run.run_dir} ended "
+                              f"{run.summary.status} and its records are whole")
+    return [run.summary for run in runs]
+
+
+def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overrides: Optional[list] = None,
+          reporter: Optional[Reporter] = None,
+          name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
+    """Run one validated config into `run_dir`. summary.json says `running` until the run
+    ends, then its status: completed, early_stopped, diverged, failed or interrupted.
+    `name` and `group` name the W&B run (default: the run dir's name, for both); the jobs of
+    one process share a `wandb_server`, so an unreachable server costs its timeout once."""
+    return train_group([RunSpec(cfg, Path(run_dir), choices or {}, overrides or [], name, group)], reporter, wandb_server)[0]

@@ -35,12 +35,13 @@ class WandbServer:
 
 def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: str, group: str,
                 warn: Callable[[str], None], run_id: Optional[str] = None,
-                server: Optional[WandbServer] = None) -> list["WandbRun"]:
+                server: Optional[WandbServer] = None, concurrent: bool = False) -> list["WandbRun"]:
     """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the
     resolved config; the chosen options are added to it as `choices/<group>` (regularizers,
     added with `+`, joined by commas, or none) and become the run's tags. A resumed run
     passes its earlier `run_id`, so W&B continues that run instead of starting another.
-    `server`: shared by the jobs of one process (default: this job knows nothing yet)."""
+    `server`: shared by the jobs of one process (default: this job knows nothing yet).
+    `concurrent`: the runs of a fused group are open at the same time, one each."""
     if cfg.logger.name == "none":
         return []
     # wandb's own console lines (login, sync hints) would break into regexp's; WANDB_SILENT=false shows them
@@ -62,7 +63,7 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
                          entity=os.environ.get("WANDB_ENTITY") or cfg.logger.entity)
     if run_id is not None:
         init_args.update(id=run_id, resume="allow")
-    return [WandbRun(init_run(mode, init_args, run_dir, warn, server or WandbServer()))]
+    return [WandbRun(init_run(mode, init_args, run_dir, warn, server or WandbServer(), concurrent))]
 
 
 def choose_mode(requested: str, warn: Callable[[str], None]) -> str:
@@ -98,14 +99,16 @@ def has_credentials() -> bool:
     return bool({urlsplit(settings.base_url).hostname, "api.wandb.ai"} & hosts.keys())
 
 
-def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable[[str], None], server: WandbServer) -> Any:
+def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable[[str], None], server: WandbServer,
+             concurrent: bool = False) -> Any:
     """wandb.init without console capture, code or git state. Online falls back to offline
     (with a warning) when the server cannot be reached in time, and `server` remembers it,
     so the later jobs that share it go offline at once."""
     import wandb
 
-    # reinit: each job gets a run of its own, even if an earlier job's run were still open
-    settings = dict(console="off", save_code=False, disable_git=True, reinit="finish_previous")
+    # reinit: each job gets a run of its own, even if an earlier job's run were still open; the
+    # runs of a fused group stay open side by side
+    settings = dict(console="off", save_code=False, disable_git=True, reinit="create_new" if concurrent else "finish_previous")
     sync_hint = f"sync later with `wandb sync {run_dir}/wandb/offline-run-*`"
     if mode == "online" and server.unreachable:
         warn(f"W&B could not go online earlier in this process; logging offline: {sync_hint}")

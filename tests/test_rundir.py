@@ -26,10 +26,11 @@ def test_finished_is_a_result_trained_is_what_means_average():
 def test_summary_round_trip_keeps_unknown_keys(tmp_path):
     summary = Summary(status=Status.DIVERGED, run_dir=str(tmp_path), choices={"optimizer": "sgd"}, overrides=["optimizer=sgd"],
                       metrics={"train/loss": 2.5}, steps=7, nonfinite={"nonfinite/step": 7}, wall_time_s=1.5,
-                      extra={"fused": {"models": 4}, "written_by_a_later_version": 1})
+                      fused={"models": 4}, extra={"placement": {"node": 4}, "written_by_a_later_version": 1})
     rundir.write_summary(tmp_path, summary)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["status"] == "diverged" and on_disk["fused"] == {"models": 4} and "extra" not in on_disk
+    assert on_disk["placement"] == {"node": 4} and on_disk["written_by_a_later_version"] == 1
     assert "error" not in on_disk  # fields left at None are not written
     again = rundir.load_summary(tmp_path)
     assert again == summary and again.status is Status.DIVERGED

@@ -1,0 +1,248 @@
+"""N models of one architecture trained side by side: one batched forward and backward.
+
+Each member stays an ordinary nn.Module with its own optimizer, scheduler, loss scaler and
+early stopping (a TrainState). `Stack` moves every member's parameters and buffers into
+stacked tensors ([N, ...], one per name) and points the member's own tensors at their
+slice, so the member's optimizer, clipping, max-norm, checkpoints and diagnostics act on
+its slice in place, and the batched forward reads all of them at once (HFTA's horizontal
+fusion): a Linear is one bmm, a Conv2d one grouped convolution, a BatchNorm one norm over
+N x C channels. Dropout takes each member's own p (0 included).
+
+Activations travel in one of two layouts: dense ones as [N, B, F] ("nb"); feature maps as
+[B, N, C, H, W] ("bn"), which is [B, N*C, H, W] for a grouped conv, a norm or a pool
+without a copy.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regexp.data import augment_batch
+from regexp.models import ACTIVATIONS, Residual
+from regexp.state import TrainState
+from regexp.step import NO_PROBE, MicroBatch, Probe, Recipe, StepResult, autocast, finish_step
+
+ACTIVATION_TYPES = tuple(type(make()) for make in ACTIVATIONS.values())
+POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # per channel: the template's module runs as is
+
+Observer = Callable[[str, Callable[[int], torch.Tensor]], None]  # (layer name, member i -> its output)
+
+
+class Stack:
+    """The members' parameters and buffers as stacked tensors, and the batched forward.
+
+    `template` is one member's architecture (on the meta device) with a Dropout wherever any
+    member has one; `p` and `p_input` give each member's dropout rates."""
+
+    def __init__(self, template: nn.Module, models: list[nn.Module], p: list[float], p_input: list[float],
+                 recipes: list[Recipe]):
+        self.template, self.models, self.recipes = template, models, recipes
+        device = next(models[0].parameters()).device
+        self.p = torch.tensor(p, device=device)
+        self.p_input = torch.tensor(p_input, device=device)
+        self.smoothing = torch.tensor([r.criterion.label_smoothing for r in recipes], device=device)
+        self.l1 = torch.tensor([r.penalty.l1 if r.penalty is not None else 0.0 for r in recipes], device=device)
+        self.l2 = torch.tensor([r.penalty.l2 if r.penalty is not None else 0.0 for r in recipes], device=device)
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        for name, _ in models[0].named_parameters():
+            self.params[name] = self._alias(name, [m.get_parameter(name) for m in models]).requires_grad_()
+        for name, _ in models[0].named_buffers():
+            self.buffers[name] = self._alias(name, [m.get_buffer(name) for m in models])
+
+    @staticmethod
+    def _alias(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One stacked tensor holding `tensors`; each of them becomes a view of its slice (the
+        same Parameter object, so optimizer state keyed by it stays valid)."""
+        stacked = torch.stack([t.detach() for t in tensors])
+        for i, t in enumerate(tensors):
+            t.data = stacked[i]
+        return stacked
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    # ------------------------------------------------------------ gradients
+    def share_grads(self) -> None:
+        """After backward: each member's parameter .grad is its slice of the stacked gradient."""
+        for name, stacked in self.params.items():
+            grad = stacked.grad
+            for i, model in enumerate(self.models):
+                model.get_parameter(name).grad = None if grad is None else grad[i]
+
+    def zero_grad(self) -> None:
+        for stacked in self.params.values():
+            stacked.grad = None
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, training: bool, observe: Optional[Observer] = None) -> torch.Tensor:
+        """Logits [N, B, classes] of inputs [N, B, ...] (each member its own batch) or [B, ...]
+        (one batch for all: evaluation)."""
+        if x.dim() in (2, 4):  # one batch for every member
+            x = x.expand(len(self), *x.shape)
+        out, layout = self._run(self.template, "", x, "nb", training, observe)
+        return out if layout == "nb" else out.transpose(0, 1)
+
+    def _run(self, module: nn.Module, name: str, x: torch.Tensor, layout: str, training: bool,
+             observe: Optional[Observer]) -> tuple[torch.Tensor, str]:
+        if isinstance(module, nn.Sequential):
+            start, start_layout = x, layout
+            for child_name, child in module.named_children():
+                x, layout = self._run(child, f"{name}.{child_name}" if name else child_name, x, layout, training, observe)
+            if isinstance(module, Residual):
+                assert layout == start_layout
+                x = start + x
+            return x, layout
+        x, layout = self._layer(module, name, x, layout, training)
+        if observe is not None and isinstance(module, ACTIVATION_TYPES):
+            out = x
+            observe(name, (lambda i: out[i]) if layout == "nb" else (lambda i: out[:, i]))
+        return x, layout
+
+    def _layer(self, module: nn.Module, name: str, x: torch.Tensor, layout: str, training: bool
+               ) -> tuple[torch.Tensor, str]:
+        n = len(self)
+        if isinstance(module, ACTIVATION_TYPES):  # elementwise, in either layout
+            return module(x), layout
+        if isinstance(module, nn.Flatten):
+            return (x.flatten(2) if layout == "nb" else x.transpose(0, 1).flatten(2)), "nb"
+        if isinstance(module, nn.Dropout):
+            return self._dropout(x, layout, self.p_input if name == "drop_input" else self.p, training), layout
+        if isinstance(module, nn.Linear):
+            w = self.params[f"{name}.weight"].transpose(1, 2)
+            bias = self.params.get(f"{name}.bias")
+            return (torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, w)), "nb"
+        if isinstance(module, nn.LayerNorm):
+            out = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+            if module.elementwise_affine:
+                out = torch.addcmul(self.params[f"{name}.bias"].unsqueeze(1), out, self.params[f"{name}.weight"].unsqueeze(1))
+            return out, layout
+        if isinstance(module, nn.BatchNorm1d):  # [N, B, C] -> [B, N*C] and back
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+            out = self._batch_norm(module, name, flat, training)
+            return out.view(x.shape[1], n, -1).transpose(0, 1), layout
+        if layout == "nb":  # a feature map's layer: members' maps side by side as channels
+            x, layout = x.transpose(0, 1).contiguous(), "bn"
+        batch, maps = x.shape[0], x.flatten(1, 2)  # [B, N*C, H, W]
+        if isinstance(module, nn.Conv2d):
+            weight = self.params[f"{name}.weight"].flatten(0, 1)
+            bias = self.params.get(f"{name}.bias")
+            out = F.conv2d(maps, weight, None if bias is None else bias.flatten(), module.stride, module.padding,
+                           module.dilation, groups=n)
+        elif isinstance(module, nn.BatchNorm2d):
+            out = self._batch_norm(module, name, maps, training)
+        elif isinstance(module, nn.GroupNorm):  # GroupNorm(1, C) per member = N groups over N*C channels
+            weight, bias = (self.params[f"{name}.weight"].flatten(), self.params[f"{name}.bias"].flatten()) if module.affine else (None, None)
+            out = F.group_norm(maps, n * module.num_groups, weight, bias, module.eps)
+        elif isinstance(module, POOLS):
+            out = module(maps)
+        else:
+            raise TypeError(f"{name}: a {type(module).__name__} layer cannot be stacked")
+        return out.view(batch, n, -1, *out.shape[2:]), layout
+
+    def _batch_norm(self, module: nn.modules.batchnorm._BatchNorm, name: str, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """One batch norm over the members' channels; running stats update in place, as each member's would."""
+        weight = self.params[f"{name}.weight"].flatten() if module.affine else None
+        bias = self.params[f"{name}.bias"].flatten() if module.affine else None
+        if training:
+            self.buffers[f"{name}.num_batches_tracked"].add_(1)
+        return F.batch_norm(x, self.buffers[f"{name}.running_mean"].view(-1), self.buffers[f"{name}.running_var"].view(-1),
+                            weight, bias, training, module.momentum, module.eps)
+
+    def _dropout(self, x: torch.Tensor, layout: str, p: torch.Tensor, training: bool) -> torch.Tensor:
+        """Each member's own rate; p = 0 leaves its activations exactly as they are."""
+        if not training:
+            return x
+        shape = [1] * x.dim()
+        shape[0 if layout == "nb" else 1] = len(self)
+        keep = (1 - p).view(shape)
+        return x * (torch.rand_like(x) < keep) / keep
+
+    # ------------------------------------------------------------ losses
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each member's mean cross-entropy [N] with its own label smoothing (PyTorch's formula:
+        (1 - s) * nll + s * mean over classes of -log p)."""
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
+        if not self.smoothing.any():
+            return nll
+        return nll + self.smoothing * (-logp.mean(-1).mean(1) - nll)
+
+    def penalties(self) -> torch.Tensor:
+        """Each member's l1 * sum|w| + l2 * sum w^2 over its weights [N] (regularizers.Penalty)."""
+        weights = [w for w in self.params.values() if w.dim() >= 3]  # a member's matrices and kernels
+        total = torch.zeros_like(self.l1)
+        if self.l1.any():
+            total = total + self.l1 * sum(w.abs().flatten(1).sum(1) for w in weights)
+        if self.l2.any():
+            total = total + self.l2 * sum(w.pow(2).flatten(1).sum(1) for w in weights)
+        return total
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.l1.any() or self.l2.any())
+
+
+def stacked_forward_backward(stack: Stack, states: list[TrainState], windows: list[list[MicroBatch]],
+                             probes: list[Probe]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward + backward of every member's window at once (step.forward_backward, stacked):
+    each member's loss weighted by its micro-batch's share, scaled by its own loss scaler.
+    Returns the members' (loss, correct, penalty) sums, [N] each."""
+    recipe = stack.recipes[0]  # the data, augmentation and precision every member shares
+    watching = [(i, probe) for i, probe in enumerate(probes) if probe is not NO_PROBE]
+    observe = (lambda name, member_output: [probe.activation(name, member_output(i)) for i, probe in watching]) if watching else None
+    scaled = any(state.scaler.is_enabled() for state in states)
+    loss_sum = correct = penalty_sum = torch.zeros(len(stack), device=recipe.train_y.device)
+    for batches in zip(*windows):
+        index = torch.stack([batch.index for batch in batches])  # [N, b]: each member its own samples
+        x, y = recipe.train_x[index], recipe.train_y[index]
+        if recipe.augment is not None:
+            x = augment_batch(x.flatten(0, 1), *recipe.augment).view_as(x)
+        with autocast(recipe.train_y.device.type, recipe.precision):
+            logits = stack.forward(x, True, observe)
+        losses = stack.losses(logits.float(), y)
+        total = losses
+        if stack.penalized:
+            penalties = stack.penalties()
+            total = losses + penalties
+            penalty_sum = penalty_sum + penalties.detach() * batches[0].size
+        total = total * batches[0].share if batches[0].share != 1.0 else total
+        if scaled:
+            total = torch.stack([state.scaler.scale(t) for state, t in zip(states, total)])
+        total.sum().backward()
+        loss_sum = loss_sum + losses.detach() * batches[0].size
+        correct = correct + (logits.argmax(-1) == y).sum(1)
+    return loss_sum, correct, penalty_sum
+
+
+def fused_step(stack: Stack, states: list[TrainState], windows: list[list[MicroBatch]], probes: list[Probe],
+               skips: list[bool]) -> list[StepResult]:
+    """One window for every member: the stacked forward/backward, then each member's own
+    clipping and update on its slice (step.finish_step), as train_step would do alone."""
+    sums = stacked_forward_backward(stack, states, windows, probes)
+    stack.share_grads()
+    samples = sum(b.size for b in windows[0])
+    results = [finish_step(state, recipe, probe, skip, (sums[0][i], sums[1][i], sums[2][i]), samples)
+               for i, (state, recipe, probe, skip) in enumerate(zip(states, stack.recipes, probes, skips))]
+    stack.zero_grad()
+    return results
+
+
+@torch.no_grad()
+def evaluate_stack(stack: Stack, x: torch.Tensor, y: torch.Tensor, batch_size: int, precision: str) -> list[dict[str, float]]:
+    """train.evaluate for every member at once: mean cross-entropy and accuracy each, one host sync."""
+    if len(y) == 0:
+        return [{} for _ in range(len(stack))]
+    loss_sum = torch.zeros(len(stack), device=x.device)
+    correct = torch.zeros(len(stack), device=x.device)
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        with autocast(x.device.type, precision):
+            logits = stack.forward(xb, False)
+        yb = yb.expand(len(stack), -1)
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none").view_as(yb).sum(1)
+        correct += (logits.argmax(-1) == yb).sum(1)
+    losses, accs = torch.stack([loss_sum, correct]).tolist()
+    return [{"loss": loss / len(y), "acc": acc / len(y)} for loss, acc in zip(losses, accs)]
