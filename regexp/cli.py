@@ -388,8 +388,10 @@ def member_failed(e: Exception, member: GroupMember):
     """A member of a crashed group, answered as hydra_task answers its job's exception."""
     try:
         return job_failed(e, member.hydra_cfg, True, member.searching)
-    except Exception as raised:  # a search sweeper's failed trial
-        return raised
+    except Exception as raised:
+        if raised is not e:
+            raise
+        return e  # a search sweeper's failed trial
 
 
 def member_value(summary, member: GroupMember):

@@ -220,3 +220,38 @@ def test_jobs_that_cannot_fuse_say_why_and_complete(tmp_path, data_root):
     assert [r["status"] for r in rows] == ["completed"] * 2
     assert all("fused" not in json.loads((tmp_path / "sweep" / str(n) / "summary.json").read_text()) for n in range(2))
 
+
+
+# ---------------------------------------------------------------- a group that crashes
+def member(sweep_dir: Path, number: int, searching: bool = False):
+    from omegaconf import OmegaConf
+
+    from regexp.cli import GroupMember
+    from regexp.train import RunSpec
+
+    (sweep_dir / str(number)).mkdir(parents=True, exist_ok=True)  # as Hydra's run_job made it
+    hydra_cfg = OmegaConf.create({"runtime": {"output_dir": str(sweep_dir / str(number))}, "job": {"num": number},
+                                  "overrides": {"task": [f"seed={number}"]}, "sweep": {"dir": str(sweep_dir)}})
+    return GroupMember(hydra_cfg, searching, spec=RunSpec(cfg=None, run_dir=sweep_dir / str(number)))
+
+
+def test_a_crashed_group_fails_each_member_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import math
+
+    import regexp.train
+    from regexp.cli import GroupMember, run_group
+
+    def crash(specs, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(regexp.train, "train_group", crash)
+    skipped = GroupMember(member(tmp_path, 9).hydra_cfg, False, value=0.75)  # resume=auto found it finished
+    values = run_group([member(tmp_path, 0), skipped, member(tmp_path, 1, searching=True)], wandb_server=None)
+    assert math.isnan(values[0]) and values[1] == 0.75
+    assert isinstance(values[2], RuntimeError)  # a search sweeper's failed trial
+    for number in (0, 1):
+        summary = json.loads((tmp_path / str(number) / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == "RuntimeError: out of memory"
+        assert "out of memory" in summary["traceback"]
+        record = json.loads((tmp_path / ".sweep" / f"{number}.json").read_text())
+        assert record["error"] == "RuntimeError: out of memory"
