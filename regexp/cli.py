@@ -271,14 +271,14 @@ def job_failed(e: Exception, hydra_cfg, multirun: bool, searching: bool) -> floa
     if multirun:
         record_failure(hydra_cfg, e)
         if searching:
-            raise
+            raise e
         return math.nan
     if isinstance(e, ConfigError):
         fail(str(e))
     if isinstance(e, RunError):  # a bad file: one line, not a traceback (summary.json has the details)
         print(f"regexp: error: {e}", file=sys.stderr)
         sys.exit(1)
-    raise
+    raise e
 
 
 def sweep_objective(summary, searching: bool) -> float:

@@ -182,8 +182,8 @@ def test_an_unknown_launcher_key_is_refused(tmp_path, monkeypatch):
 def test_bad_max_models_exits_2_with_one_line_and_writes_nothing(tmp_path, value):
     out = run_cli(["train", "-m", "seed=0,1", "hydra/launcher=fused", f"hydra.launcher.max_models={value}"], tmp_path)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines() == [f"regexp: error: hydra.launcher.max_models={value}: must be an integer >= 1 "
-                                       "(models trained side by side)"]
+    refusal = f"regexp: error: hydra.launcher.max_models={value}: must be an integer >= 1 (models trained side by side)"
+    assert out.stderr.splitlines() == [refusal]
     assert list(tmp_path.iterdir()) == []
 
 
