@@ -192,57 +192,85 @@ def tensor_loop(ctx: dict, n: int, epochs: int) -> tuple[float, int]:
     return timed_epochs(epoch, epochs, device)
 
 
-def regexp_loop(ctx: dict, n: int, epochs: int, monitor: str) -> tuple[float, int]:
-    """One run through regexp.train.train (its own timing: training only, eval excluded)."""
+def train_quietly(cfgs: list, run_dirs: list[Path], fuse: bool) -> list:
+    """The summaries of regexp.train.train_group on these configs (fused, or one config alone),
+    its console silenced; every run must complete. The run dirs are removed afterwards."""
     from rich.console import Console
 
     from regexp.tracking import Reporter
-    from regexp.train import train
+    from regexp.train import RunSpec, train_group
 
+    specs = [RunSpec(cfg, run_dir) for cfg, run_dir in zip(cfgs, run_dirs)]
+    summaries = train_group(specs, reporter=Reporter(Console(file=io.StringIO())), fuse=fuse)
+    for run_dir, summary in zip(run_dirs, summaries):
+        if summary.status != "completed":
+            raise RuntimeError(f"regexp run {run_dir} ended {summary.status}: {summary.error}")
+        shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a bench are not worth keeping
+    return summaries
+
+
+def regexp_loop(ctx: dict, n: int, epochs: int, monitor: str) -> tuple[float, int]:
+    """One run through regexp.train (its own timing: training only, eval excluded)."""
     cfg = ctx["compose"]([f"monitor={monitor}", f"epochs={epochs}", f"dataset.limit={n}"])
     ctx["runs"] += 1
-    run_dir = ctx["tmp"] / f"run-{ctx['runs']:03d}-{monitor}"
-    summary = train(cfg, run_dir, reporter=Reporter(Console(file=io.StringIO())))
-    if summary.status != "completed":
-        raise RuntimeError(f"regexp run {run_dir} ended {summary.status}: {summary.error}")
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a bench are not worth keeping
+    summary, = train_quietly([cfg], [ctx["tmp"] / f"run-{ctx['runs']:03d}-{monitor}"], fuse=False)
     samples_per_s = summary.metrics["perf/samples_per_s"]
     samples = summary.train_samples * summary.epochs_completed
     return samples / samples_per_s, samples
 
 
 # ---------------------------------------------------------------- one case
-def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+def composer(overrides: list[str]) -> Callable[..., Any]:
+    """compose_cfg(extra, check=True): the train config of `overrides` + `extra`, as
+    `regexp train` composes it; validated (check_job) unless not `check`."""
     from hydra import compose, initialize_config_dir
-    from torchvision import transforms
 
     from regexp.compose import check_job
     from regexp.config import config_dir
 
+    def compose_cfg(extra: list[str], check: bool = True):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+            cfg = compose(config_name="train", overrides=[*overrides, *extra])
+        return check_job(cfg) if check else cfg
+
+    return compose_cfg
+
+
+def base_overrides(dataset: str, args: argparse.Namespace, device: torch.device) -> list[str]:
+    """What every in-process regexp run of the bench sets. --quick validates on 64 samples
+    (evaluation is never timed; it only costs wall time)."""
+    return [f"dataset={dataset}", "dataset.download=false", f"batch_size={BATCH_SIZE}", "logger=none",
+            f"device={device.type}", *(["dataset.val_size=64"] if args.quick else [])]
+
+
+def mnist_root(args: argparse.Namespace) -> Path:
+    root = Path(args.data_root).expanduser().resolve()
+    if not has_files("mnist", root):
+        raise SystemExit(f"bench: no MNIST at {root} (expected {root}/MNIST/raw/*-ubyte); use --data-root or REGEXP_DATA_DIR")
+    return root
+
+
+def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    from torchvision import transforms
+
     case = CASES[name]
     dataset = case["dataset"]
     root = Path(args.data_root).expanduser().resolve()
-    # --quick validates on 64 samples (evaluation is never timed; it only costs wall time)
-    base = [f"dataset={dataset}", "dataset.download=false", f"batch_size={BATCH_SIZE}", "logger=none",
-            f"device={device.type}", *case["overrides"], *(["dataset.val_size=64"] if args.quick else [])]
-
-    def compose_cfg(extra: list[str], check: bool = True):
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-            cfg = compose(config_name="train", overrides=[*base, f"dataset.root={root}", *extra])
-        return check_job(cfg) if check else cfg
+    base = [*base_overrides(dataset, args, device), *case["overrides"]]
 
     synthetic = False
-    if not has_files(dataset, root):
-        if dataset == "mnist":
-            raise SystemExit(f"bench: no MNIST at {root} (expected {root}/MNIST/raw/*-ubyte); use --data-root or REGEXP_DATA_DIR")
+    if dataset == "mnist":
+        root = mnist_root(args)
+    elif not has_files(dataset, root):
         synthetic = True
         wanted = args.limit or (case["quick_limit"] if args.quick else case["synthetic_limit"])
-        val_size = compose_cfg([], check=False).dataset.val_size
+        val_size = composer([*base, f"dataset.root={root}"])([], check=False).dataset.val_size
         root = tmp / "synthetic-cifar10"
         progress(f"no CIFAR-10 under {args.data_root}: writing SYNTHETIC real-format CIFAR-10 "
                  f"({wanted} training + {val_size} validation samples) to {root}")
         write_cifar10(root, per_batch=math.ceil((val_size + wanted) / 5), n_test=64 if args.quick else 1000)
 
+    compose_cfg = composer([*base, f"dataset.root={root}"])
     cfg = compose_cfg(["monitor=off"])
     mean, std = NORMALIZE[dataset]
     transformed = torchvision_train_set(dataset, root, synthetic,
@@ -308,6 +336,75 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, tmp: Pat
         "loops": loops,
         "overheads": {"monitor_default_vs_off": overhead("regexp_default"), "monitor_full_vs_off": overhead("regexp_full")},
     }
+
+
+# ---------------------------------------------------------------- fused jobs
+FUSED_MODELS = {  # --fused-model: the model of the --fused and --sweep jobs, on MNIST
+    "mlp": ("MNIST · MLP 784-256-10", ["model=mlp", "model.hidden=[256]"]),
+    "cnn": ("MNIST · SimpleCNN (conv32-pool-conv64-pool-fc128-fc10)", ["model=cnn"]),
+}
+FUSED_LIMIT = 6400  # training samples of a --fused job (100 steps of 64) unless --limit: N = 64 in minutes on 2 cores
+FUSED_QUICK_LIMIT = 256
+
+
+def group_throughput(summaries: list, wall_s: float) -> dict[str, Any]:
+    """Samples/s over all the runs: the samples they trained (each run's perf/samples_per_s ×
+    its training time) over the time spent training, the sum of the runs' training times one
+    after another, the group's when fused (each member's train_time_s is the group's)."""
+    times = [s.train_time_s for s in summaries]
+    samples = sum(s.metrics["perf/samples_per_s"] * t for s, t in zip(summaries, times))
+    fused = summaries[0].fused is not None
+    seconds = max(times) if fused else sum(times)
+    return {"samples_per_s": samples / seconds, "samples": samples, "train_s": seconds, "wall_s": wall_s,
+            "wall_per_job_s": wall_s / len(summaries), "threads": summaries[0].threads,
+            "models_per_group": summaries[0].fused["models"] if fused else 1}
+
+
+def fused_jobs(compose_cfg: Callable[..., Any], n: int, tmp: Path, fuse: bool) -> dict[str, Any]:
+    """Seeds 0..n-1: trained as one fused group, or one after another (each alone); timed
+    from the first job's start to the last one's end (composing the configs not counted)."""
+    cfgs = [compose_cfg([f"seed={i}"]) for i in range(n)]
+    run_dirs = [tmp / f"{'fused' if fuse else 'sequential'}-{n}-{i}" for i in range(n)]
+    t = time.perf_counter()
+    if fuse:
+        summaries = train_quietly(cfgs, run_dirs, fuse=True)
+    else:
+        summaries = [s for cfg, run_dir in zip(cfgs, run_dirs) for s in train_quietly([cfg], [run_dir], fuse=False)]
+    return group_throughput(summaries, time.perf_counter() - t)
+
+
+def run_fused(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    """For each N of --fused: N seeds fused (regexp.train.train_group) against the same N jobs
+    one after another in this process; --repeats rounds in alternating order, medians."""
+    title, model = FUSED_MODELS[args.fused_model]
+    n_train = args.limit or (FUSED_QUICK_LIMIT if args.quick else FUSED_LIMIT)
+    base = [*base_overrides("mnist", args, device), f"dataset.root={mnist_root(args)}", *model, "monitor=default"]
+    compose_cfg = composer([*base, f"epochs={args.epochs}", f"dataset.limit={n_train}"])
+    if not args.quick:  # the first runs of a process pay for imports and caches
+        progress("fused: warm-up (2 jobs alone, then fused)")
+        for fuse in (False, True):
+            fused_jobs(composer([*base, "epochs=1", f"dataset.limit={BATCH_SIZE * 8}"]), 2, tmp, fuse)
+    rows = []
+    for n in args.fused:
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fused": []}
+        for r in range(args.repeats):
+            for mode in (["sequential", "fused"] if r % 2 == 0 else ["fused", "sequential"]):
+                runs[mode].append(fused_jobs(compose_cfg, n, tmp, fuse=mode == "fused"))
+                x = runs[mode][-1]
+                progress(f"N={n} repeat {r + 1}/{args.repeats} {mode:<10} {x['samples_per_s']:>10,.0f} samples/s "
+                         f"(training {x['train_s']:.2f} s, wall {x['wall_s']:.2f} s)")
+        med = {mode: {key: statistics.median(x[key] for x in xs) for key in ("samples_per_s", "wall_per_job_s")}
+               for mode, xs in runs.items()}
+        paired = [f["samples_per_s"] / q["samples_per_s"] for q, f in zip(runs["sequential"], runs["fused"])]
+        paired_wall = [q["wall_s"] / f["wall_s"] for q, f in zip(runs["sequential"], runs["fused"])]
+        rows.append({"n": n, "sequential": med["sequential"], "fused": med["fused"],
+                     "ratio": statistics.median(paired), "wall_ratio": statistics.median(paired_wall),
+                     "models_per_group": runs["fused"][0]["models_per_group"], "threads": runs["fused"][0]["threads"],
+                     "runs": runs})
+    return {"title": f"{title} · AdamW lr 1e-3 · batch {BATCH_SIZE} · monitor=default · logger=none",
+            "jobs": f"{n_train:,} training samples × {args.epochs} epoch(s) per job "
+                    f"({math.ceil(n_train / BATCH_SIZE) * args.epochs} steps), seeds 0..N-1",
+            "repeats": args.repeats, "overrides": [*base, f"epochs={args.epochs}", f"dataset.limit={n_train}"], "rows": rows}
 
 
 # ---------------------------------------------------------------- the command line
@@ -379,10 +476,16 @@ def first_step(args: argparse.Namespace, device: torch.device, tmp: Path, env: d
             "to_first_step_s": median("to_first_step_s"), "total_s": median("total_s"), "runs": runs}
 
 
-def startup(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+def cli_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of the bench's `regexp` commands: --threads as OMP_NUM_THREADS."""
     env = dict(os.environ, COLUMNS="120")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def startup(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    env = cli_env(args)
     progress("timing `regexp --help` and the first training step of `regexp train`")
     warm_up = not args.quick
     help_times = wall_times([*regexp_command(), "--help"], args.help_repeats, env, warm_up)
@@ -396,6 +499,50 @@ def startup(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[s
                          "median_s": statistics.median(torch_times) if torch_times else None},
         "first_step": first_step(args, device, tmp, env),
     }
+
+
+def sweep_command(args: argparse.Namespace, device: torch.device, n: int) -> list[str]:
+    """`regexp train -m` over seeds 0..n-1 of one-epoch jobs (the whole train split unless --limit)."""
+    seeds = ",".join(map(str, range(n)))
+    return [*regexp_command(), "train", "-m", f"seed={seeds}", *FUSED_MODELS[args.fused_model][1], "epochs=1",
+            f"batch_size={BATCH_SIZE}", "logger=none", f"device={device.type}", f"dataset.root={mnist_root(args)}",
+            "dataset.download=false", *([f"dataset.limit={args.limit}"] if args.limit else [])]
+
+
+def timed_sweep(cmd: list[str], sweep_dir: Path, env: dict) -> dict[str, Any]:
+    """The sweep's wall time, once every job completed; for the fused launcher, how many
+    models each job was trained with (from its summary.json)."""
+    log = sweep_dir.with_suffix(".log")
+    t = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run([*cmd, f"hydra.sweep.dir={sweep_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    wall = time.perf_counter() - t
+    summary = sweep_dir / "sweep_summary.json"
+    if code != 0 or not summary.is_file() or json.loads(summary.read_text())["status"] != "completed":
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {log.read_text()[-2000:]}")
+    rows = json.loads(summary.read_text())["rows"]
+    fused = [json.loads((Path(row["run_dir"]) / "summary.json").read_text()).get("fused") for row in rows]
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    return {"wall_s": wall, "jobs": len(rows), "models_per_job": [f["models"] if f else 1 for f in fused]}
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    """`regexp train -m` of --sweep seeds with the basic launcher and with hydra/launcher=fused,
+    in turn (--repeats rounds, alternating which goes first); wall times of the whole command."""
+    cmd = sweep_command(args, device, args.sweep)
+    launchers = {"basic": cmd, "fused": [*cmd, "hydra/launcher=fused"]}
+    env = cli_env(args)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in launchers}
+    for r in range(args.repeats):
+        for name in (list(launchers) if r % 2 == 0 else list(launchers)[::-1]):
+            runs[name].append(timed_sweep(launchers[name], tmp / f"sweep-{name}-{r}", env))
+            progress(f"sweep of {args.sweep}: repeat {r + 1}/{args.repeats} {name:<6} {runs[name][-1]['wall_s']:.1f} s")
+    paired = [b["wall_s"] / f["wall_s"] for b, f in zip(runs["basic"], runs["fused"])]
+    return {"commands": {name: shlex.join([*c, "hydra.sweep.dir=..."]) for name, c in launchers.items()},
+            "wall_s": {name: statistics.median(x["wall_s"] for x in xs) for name, xs in runs.items()},
+            "ratio": statistics.median(paired), "paired_ratios": paired,
+            "models_per_job": runs["fused"][0]["models_per_job"], "runs": runs}
 
 
 # ---------------------------------------------------------------- report
@@ -442,6 +589,10 @@ def render(result: dict[str, Any]) -> None:
         console.print(f"[yellow]warning: {m['torch_threads']} torch threads on {m['usable_cores']} cores with a load average of "
                       f"{result['load_before'][0]}: intra-op threads wait for each other on a busy CPU, which can make every "
                       "loop many times slower and the timings erratic; --threads 1 measures more stably here[/]")
+    if "fused" in result:
+        render_fused(result["fused"])
+    if "sweep" in result:
+        render_sweep(result["sweep"])
     for case in result["cases"].values():
         d = case["data"]
         data = f"{d['dataset']} {'SYNTHETIC (random images in the real cifar-10-batches-py format)' if d['synthetic'] else 'real'}"
@@ -471,6 +622,34 @@ def render(result: dict[str, Any]) -> None:
                           f"(+ validation, test, checkpoints, exit); median of {len(f['runs'])}")
 
 
+def render_fused(fused: dict[str, Any]) -> None:
+    """A markdown table, ready for docs/benchmarks.md."""
+    rows = fused["rows"]
+    print(f"\n{fused['title']}\n{fused['jobs']} · {plural_threads(rows[0]['threads'])} · median of "
+          f"{fused['repeats']} repeat(s); ratio: fused / sequential samples/s, paired per repeat\n")
+    print("| N | sequential samples/s | fused samples/s | ratio | wall per job, sequential | wall per job, fused | wall ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        split = "" if row["models_per_group"] == row["n"] else f" (groups of {row['models_per_group']})"
+        print(f"| {row['n']}{split} | {row['sequential']['samples_per_s']:,.0f} | {row['fused']['samples_per_s']:,.0f} | "
+              f"{row['ratio']:.2f}× | {fmt_s(row['sequential']['wall_per_job_s'])} | {fmt_s(row['fused']['wall_per_job_s'])} | "
+              f"{row['wall_ratio']:.2f}× |")
+
+
+def plural_threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def render_sweep(sweep: dict[str, Any]) -> None:
+    wall, paired = sweep["wall_s"], ", ".join(f"{r:.2f}" for r in sweep["paired_ratios"])
+    print(f"\nbasic: {sweep['commands']['basic']}\nfused: {sweep['commands']['fused']}\n")
+    print("| sweep | basic launcher | hydra/launcher=fused | basic / fused |")
+    print("|---|---|---|---|")
+    print(f"| {len(sweep['models_per_job'])} jobs, wall time (median of {len(sweep['paired_ratios'])}) | {wall['basic']:.1f} s | "
+          f"{wall['fused']:.1f} s | {sweep['ratio']:.2f}× (paired: {paired}) |")
+    print(f"models per fused group, by job: {sweep['models_per_job']}")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -487,16 +666,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run in seconds, not a measurement: 256/128 samples, 1 epoch, 2 repeats, no warm-ups, 64 validation samples")
     p.add_argument("--no-startup", action="store_true", help="skip the `regexp --help` and first-step timings")
+    p.add_argument("--fused", type=int, nargs="+", metavar="N",
+                   help="instead of the loops: N seeds trained fused (regexp.train.train_group) vs the same N jobs one "
+                        f"after another, for each N (jobs of {FUSED_LIMIT} samples unless --limit; 1 epoch unless --epochs)")
+    p.add_argument("--fused-model", choices=list(FUSED_MODELS), default="mlp", help="the model of --fused and --sweep")
+    p.add_argument("--sweep", type=int, metavar="N",
+                   help="instead of the loops: the wall time of `regexp train -m seed=0,..,N-1 epochs=1` with the basic "
+                        "launcher vs hydra/launcher=fused (the whole train split unless --limit)")
     p.add_argument("--json", action="store_true", help="print machine-readable results only (progress goes to stderr)")
     p.add_argument("--save", metavar="PATH", help="also write the machine-readable results to PATH")
     args = p.parse_args(argv)
-    args.epochs = args.epochs or (1 if args.quick else 2)
+    args.epochs = args.epochs or (1 if args.quick or args.fused or args.sweep else 2)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.cli_repeats = 1 if args.quick else 3
     args.help_repeats = 2 if args.quick else 5
-    for name in ("epochs", "repeats", "limit"):
+    for name in ("epochs", "repeats", "limit", "sweep"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.fused and min(args.fused) < 1:
+        p.error(f"--fused {min(args.fused)}: each N must be >= 1")
     return args
 
 
@@ -516,9 +704,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
                               "machine": machine(device), "load_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
     with tempfile.TemporaryDirectory(prefix="regexp-bench-") as tmp:
-        for name in (list(CASES) if args.case == "all" else [args.case]):
+        if args.fused:
+            result["fused"] = run_fused(args, device, Path(tmp))
+        if args.sweep:
+            result["sweep"] = run_sweep(args, device, Path(tmp))
+        for name in (list(CASES) if args.case == "all" else [args.case]) if not (args.fused or args.sweep) else []:
             result["cases"][name] = run_case(name, args, device, Path(tmp))
-        if not args.no_startup:
+        if not (args.no_startup or args.fused or args.sweep):
             result["startup"] = startup(args, device, Path(tmp))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     # more runnable threads than cores: torch's intra-op threads stall on each other
