@@ -522,9 +522,10 @@ def timed_sweep(cmd: list[str], sweep_dir: Path, env: dict) -> dict[str, Any]:
     if code != 0 or not summary.is_file() or json.loads(summary.read_text())["status"] != "completed":
         raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {log.read_text()[-2000:]}")
     rows = json.loads(summary.read_text())["rows"]
-    fused = [json.loads((Path(row["run_dir"]) / "summary.json").read_text()).get("fused") for row in rows]
+    jobs = [json.loads((Path(row["run_dir"]) / "summary.json").read_text()) for row in rows]
     shutil.rmtree(sweep_dir, ignore_errors=True)
-    return {"wall_s": wall, "jobs": len(rows), "models_per_job": [f["models"] if f else 1 for f in fused]}
+    return {"wall_s": wall, "jobs": len(rows), "models_per_job": [(j.get("fused") or {}).get("models", 1) for j in jobs],
+            "threads_per_job": [j.get("threads") for j in jobs]}
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
@@ -542,7 +543,8 @@ def run_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict
     return {"commands": {name: shlex.join([*c, "hydra.sweep.dir=..."]) for name, c in launchers.items()},
             "wall_s": {name: statistics.median(x["wall_s"] for x in xs) for name, xs in runs.items()},
             "ratio": statistics.median(paired), "paired_ratios": paired,
-            "models_per_job": runs["fused"][0]["models_per_job"], "runs": runs}
+            "models_per_job": runs["fused"][0]["models_per_job"],
+            "threads_per_job": {name: xs[0]["threads_per_job"] for name, xs in runs.items()}, "runs": runs}
 
 
 # ---------------------------------------------------------------- report
@@ -647,7 +649,8 @@ def render_sweep(sweep: dict[str, Any]) -> None:
     print("|---|---|---|---|")
     print(f"| {len(sweep['models_per_job'])} jobs, wall time (median of {len(sweep['paired_ratios'])}) | {wall['basic']:.1f} s | "
           f"{wall['fused']:.1f} s | {sweep['ratio']:.2f}× (paired: {paired}) |")
-    print(f"models per fused group, by job: {sweep['models_per_job']}")
+    print(f"models per fused group, by job: {sweep['models_per_job']}; threads (device.threads), by job: "
+          f"basic {sweep['threads_per_job']['basic']}, fused {sweep['threads_per_job']['fused']}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -713,9 +716,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not (args.no_startup or args.fused or args.sweep):
             result["startup"] = startup(args, device, Path(tmp))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    # more runnable threads than cores: torch's intra-op threads stall on each other
+    # more runnable threads than cores: torch's intra-op threads stall on each other (the
+    # in-process runs; --sweep's jobs choose their own threads)
     m = result["machine"]
-    result["oversubscribed"] = m["torch_threads"] > 1 and max(result["load_before"][0], result["load_after"][0]) + m["torch_threads"] - 1 > m["usable_cores"]
+    result["oversubscribed"] = (args.fused or not args.sweep) and m["torch_threads"] > 1 and max(result["load_before"][0], result["load_after"][0]) + m["torch_threads"] - 1 > m["usable_cores"]
     if args.save:
         Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check (under 5 minutes on an H100/H200-class GPU): the CUDA tests, bench.py on CUDA,
-# the MNIST/Fashion-MNIST models to their accuracy, and the CIFAR-10 ResNet preset's throughput
+# The GPU check (under 8 minutes on an H100/H200-class GPU): the CUDA tests, bench.py on CUDA,
+# the MNIST/Fashion-MNIST models to their accuracy, the CIFAR-10 ResNet preset's throughput
 # on real-format synthetic data (real CIFAR-10 is not on these machines: its accuracy is only
-# stated where it was measured on the real data set). Prints the time of each step.
+# stated where it was measured on the real data set), and fused training (bench.py --fused)
+# against its targets. Prints the time of each step.
 #
 #   bash scripts/gpu_check.sh            # from the repository root, regexp installed
 set -euo pipefail
@@ -55,4 +56,22 @@ EOF
 step "resnet preset throughput" regexp train +experiment=resnet_cifar10 device=cuda logger=none device.precision=bf16 \
     dataset.root="$out/cifar" dataset.download=false epochs=2 hydra.run.dir="$out/resnet" >/dev/null
 summary "$out/resnet"
+
+# fused sweeps (hydra/launcher=fused's engine): N seeds trained side by side vs the same N jobs
+# one after another, samples/s over all models; targets: 64 MLPs >= 20x, 16 SimpleCNNs >= 5x
+fused_target() {  # fused_target JSON N TARGET: the bench's ratio at N against the target
+    python - "$@" <<'EOF'
+import json, sys
+row = next(r for r in json.load(open(sys.argv[1]))["fused"]["rows"] if r["n"] == int(sys.argv[2]))
+target = float(sys.argv[3])
+print(f"   N={row['n']}: fused / sequential samples/s {row['ratio']:.1f}x (target >= {target:g}x: "
+      f"{'met' if row['ratio'] >= target else 'MISSED'}); wall per job {row['wall_ratio']:.1f}x")
+EOF
+}
+step "fused bench, 64 mlp seeds" python scripts/bench.py --device cuda --fused 64 --limit 12800 --repeats 1 \
+    --save "$out/fused_mlp.json"
+fused_target "$out/fused_mlp.json" 64 20
+step "fused bench, 16 cnn seeds" python scripts/bench.py --device cuda --fused 16 --fused-model cnn --limit 12800 \
+    --repeats 1 --save "$out/fused_cnn.json"
+fused_target "$out/fused_cnn.json" 16 5
 echo "run dirs: $out"
