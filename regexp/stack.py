@@ -22,7 +22,7 @@ from torch import nn
 from regexp.data import augment_batch
 from regexp.models import ACTIVATIONS, Residual
 from regexp.state import TrainState
-from regexp.step import NO_PROBE, MicroBatch, Probe, Recipe, StepResult, autocast, finish_step
+from regexp.step import NO_PROBE, MicroBatch, Probe, Recipe, StepResult, apply_update, autocast, check_and_clip
 
 ACTIVATION_TYPES = tuple(type(make()) for make in ACTIVATIONS.values())
 POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # per channel: the template's module runs as is
@@ -42,6 +42,7 @@ class Stack:
         device = next(models[0].parameters()).device
         self.p = torch.tensor(p, device=device)
         self.p_input = torch.tensor(p_input, device=device)
+        self.update: Optional["StackedUpdate"] = None  # the members' optimizer steps at once, when they allow it
         self.smoothing = torch.tensor([r.criterion.label_smoothing for r in recipes], device=device)
         self.l1 = torch.tensor([r.penalty.l1 if r.penalty is not None else 0.0 for r in recipes], device=device)
         self.l2 = torch.tensor([r.penalty.l2 if r.penalty is not None else 0.0 for r in recipes], device=device)
@@ -110,10 +111,10 @@ class Stack:
             return (x.flatten(2) if layout == "nb" else x.transpose(0, 1).flatten(2)), "nb"
         if isinstance(module, nn.Dropout):
             return self._dropout(x, layout, self.p_input if name == "drop_input" else self.p, training), layout
-        if isinstance(module, nn.Linear):
-            w = self.params[f"{name}.weight"].transpose(1, 2)
-            bias = self.params.get(f"{name}.bias")
-            return (torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, w)), "nb"
+        if isinstance(module, nn.Linear):  # W x^T: the weight's gradient comes out in its own layout (no copy)
+            w, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+            out = torch.bmm(w, x.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(2), w, x.transpose(1, 2))
+            return out.transpose(1, 2), "nb"
         if isinstance(module, nn.LayerNorm):
             out = F.layer_norm(x, module.normalized_shape, eps=module.eps)
             if module.elementwise_affine:
@@ -185,6 +186,109 @@ class Stack:
         return bool(self.l1.any() or self.l2.any())
 
 
+
+class StackedUpdate:
+    """The members' optimizer steps as one step over the stacked tensors: torch's
+    single-tensor SGD (momentum, Nesterov) / Adam / AdamW formulas with each member's own lr,
+    weight decay, momentum, betas and eps as [N, 1, ...] factors. Each member's optimizer
+    keeps its own state (its tensors are slices of the stacked state), so its checkpoint and a
+    solo resume read it as if that optimizer had stepped. Without loss scaling only (an fp16
+    scaler may skip one member's step); other optimizers step one by one."""
+
+    def __init__(self, stack: Stack, optimizers: list[torch.optim.Optimizer]):
+        self.stack, self.optimizers = stack, optimizers
+        self.adam = isinstance(optimizers[0], torch.optim.Adam)
+        self.decoupled = [opt.param_groups[0].get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
+                          for opt in optimizers]
+        # each stacked name's parameter group, per member (decay / no decay)
+        self.group_of = {name: [next(g for g, group in enumerate(opt.param_groups)
+                                     if any(q is model.get_parameter(name) for q in group["params"]))
+                                for opt, model in zip(optimizers, stack.models)] for name in stack.params}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def fits(optimizers: list[torch.optim.Optimizer], scalers_enabled: bool) -> bool:
+        kinds = {type(opt) for opt in optimizers}
+        if scalers_enabled or len(kinds) != 1 or not issubclass(kinds.pop(), (torch.optim.SGD, torch.optim.Adam)):
+            return False
+        return all(not group.get(flag) for opt in optimizers for group in opt.param_groups
+                   for flag in ("amsgrad", "maximize", "dampening", "differentiable", "capturable"))
+
+    def _factors(self, name: str, key: str, dims: int) -> torch.Tensor:
+        values = [opt.param_groups[g][key] for opt, g in zip(self.optimizers, self.group_of[name])]
+        return self._column(values, dims)
+
+    def _column(self, values: list, dims: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.stack.p.device).view(-1, *[1] * (dims - 1))
+
+    def _stacked_state(self, name: str, key: str, initial: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, list[bool]]:
+        """The members' state `key` of parameter `name`, stacked and aliased; a member without
+        one yet starts from `initial(i)`. Returns it and which members had none."""
+        if key in self.state.setdefault(name, {}):
+            return self.state[name][key], [False] * len(self.optimizers)
+        states = [opt.state[model.get_parameter(name)] for opt, model in zip(self.optimizers, self.stack.models)]
+        fresh = [key not in state for state in states]
+        stacked = torch.stack([initial(i) if new else state[key].detach() for i, (state, new) in enumerate(zip(states, fresh))])
+        for i, state in enumerate(states):
+            state[key] = stacked[i]
+        self.state[name][key] = stacked
+        return stacked, fresh
+
+    @torch.no_grad()
+    def step(self, steps: list[int]) -> None:
+        """Every member's optimizer step; `steps`: each member's count of steps, this one included."""
+        for name, param in self.stack.params.items():
+            grad, dims = param.grad, param.dim()
+            lr, wd = self._factors(name, "lr", dims), self._factors(name, "weight_decay", dims)
+            if self.adam:
+                self._adam(name, param.detach(), grad, lr, wd, dims, steps)
+            else:
+                self._sgd(name, param.detach(), grad, lr, wd, dims)
+
+    def _sgd(self, name: str, p: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, dims: int) -> None:
+        grad = grad + wd * p
+        momentum = self._factors(name, "momentum", dims)
+        buf, fresh = self._stacked_state(name, "momentum_buffer", lambda i: grad[i].clone())
+        if not all(fresh):  # a new buffer is the gradient itself (as torch's first step)
+            updated = buf * momentum + grad
+            buf.copy_(torch.where(self._column(fresh, dims).bool(), buf, updated))
+        nesterov = [opt.param_groups[0]["nesterov"] for opt in self.optimizers]
+        step = torch.where(self._column(nesterov, dims).bool(), grad + momentum * buf, buf)
+        p.sub_(lr * step)
+
+    def _adam(self, name: str, p: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, dims: int,
+              steps: list[int]) -> None:
+        """In place, one scratch tensor: the update's memory passes are the per-member loop's."""
+        step_counts, _ = self._stacked_state(name, "step", lambda i: torch.zeros((), dtype=torch.float32))
+        exp_avg, _ = self._stacked_state(name, "exp_avg", lambda i: torch.zeros_like(p[i]))
+        exp_avg_sq, _ = self._stacked_state(name, "exp_avg_sq", lambda i: torch.zeros_like(p[i]))
+        step_counts.add_(1)
+        decoupled = self._column(self.decoupled, dims).bool()
+        p.mul_(torch.where(decoupled, 1 - lr * wd, 1))
+        if not all(self.decoupled):
+            grad.addcmul_(p, torch.where(decoupled, 0, wd))  # coupled weight decay: into the gradient
+        groups = [opt.param_groups[g] for opt, g in zip(self.optimizers, self.group_of[name])]
+        beta1, beta2 = (self._column([g["betas"][k] for g in groups], dims) for k in (0, 1))
+        exp_avg.lerp_(grad, 1 - beta1)
+        if len({g["betas"][1] for g in groups}) == 1:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - groups[0]["betas"][1])
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad * (1 - beta2), grad)
+        # bias corrections from Python numbers, as torch's own (no host sync)
+        bc1 = self._column([1 - g["betas"][0] ** t for g, t in zip(groups, steps)], dims)
+        bc2_sqrt = self._column([(1 - g["betas"][1] ** t) ** 0.5 for g, t in zip(groups, steps)], dims)
+        scratch = torch.sqrt(exp_avg_sq, out=self.scratch(name, p))
+        scratch.div_(bc2_sqrt).add_(self._column([g["eps"] for g in groups], dims))
+        torch.div(exp_avg, scratch, out=scratch)
+        p.addcmul_(scratch, -lr / bc1)
+
+    def scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer kept between steps: a fresh one per step costs page faults on the CPU."""
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty_like(like)
+        return self.buffers[name]
+
 def stacked_forward_backward(stack: Stack, states: list[TrainState], windows: list[list[MicroBatch]],
                              probes: list[Probe]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward + backward of every member's window at once (step.forward_backward, stacked):
@@ -219,13 +323,23 @@ def stacked_forward_backward(stack: Stack, states: list[TrainState], windows: li
 
 def fused_step(stack: Stack, states: list[TrainState], windows: list[list[MicroBatch]], probes: list[Probe],
                skips: list[bool]) -> list[StepResult]:
-    """One window for every member: the stacked forward/backward, then each member's own
-    clipping and update on its slice (step.finish_step), as train_step would do alone."""
+    """One window for every member: the stacked forward/backward, each member's own clipping
+    (and non-finite skip), then the members' updates: at once (StackedUpdate) when every
+    member takes its step, else each optimizer on its own slice, as train_step would."""
     sums = stacked_forward_backward(stack, states, windows, probes)
     stack.share_grads()
     samples = sum(b.size for b in windows[0])
-    results = [finish_step(state, recipe, probe, skip, (sums[0][i], sums[1][i], sums[2][i]), samples)
+    results = [check_and_clip(state, recipe, probe, skip, (sums[0][i], sums[1][i], sums[2][i]), samples)
                for i, (state, recipe, probe, skip) in enumerate(zip(states, stack.recipes, probes, skips))]
+    at_once = stack.update is not None and all(result.applied for result in results)
+    applied = [i for i, result in enumerate(results) if result.applied]
+    for i in applied:
+        probes[i].before_update()
+    if at_once:
+        stack.update.step([state.step + 1 for state in states])
+    for i in applied:
+        apply_update(states[i], stack.recipes[i], optimizer_step=not at_once)
+        probes[i].after_update()
     stack.zero_grad()
     return results
 

@@ -53,6 +53,16 @@ def move_to(state: Any, device: torch.device) -> Any:
     return state.to(device) if isinstance(state, torch.Tensor) else state
 
 
+def clone_tree(state: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are compact clones (a fused member's state
+    tensors are slices of its group's: a deepcopy would copy every member's)."""
+    if isinstance(state, dict):
+        return {k: clone_tree(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_tree(v) for v in state)
+    return state.detach().clone() if isinstance(state, torch.Tensor) else copy.deepcopy(state)
+
+
 @dataclass
 class TrainState:
     model: nn.Module
@@ -87,14 +97,14 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """A copy (on the device) that later training does not change."""
         return {"model": {n: t.detach().clone() for n, t in self.model.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
+                "optimizer": clone_tree(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "early_stopping": self.early_stopping.state_dict(),
                 "rng": copy.deepcopy(self.rng) if self.rng is not None else rng_state(),
                 "epoch": self.epoch, "window": self.window, "step": self.step, "perm": self.perm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.optimizer.load_state_dict(clone_tree(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.early_stopping.load_state_dict(state["early_stopping"])

@@ -153,9 +153,11 @@ def unscale_and_clip(state: TrainState, recipe: Recipe, probe: Probe, measure: b
     return (clip_norm if clip_norm is not None else pre), clipped
 
 
-def apply_update(state: TrainState, recipe: Recipe) -> None:
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
+def apply_update(state: TrainState, recipe: Recipe, optimizer_step: bool = True) -> None:
+    """The update after clipping; `optimizer_step=False` when a fused group's optimizers stepped at once."""
+    if optimizer_step:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
     if recipe.max_norm is not None:
         apply_max_norm(state.penalized, recipe.max_norm)
     state.scheduler.step()
@@ -163,21 +165,18 @@ def apply_update(state: TrainState, recipe: Recipe) -> None:
     state.step += 1
 
 
-def finish_step(state: TrainState, recipe: Recipe, probe: Probe, skip_nonfinite: bool, sums: tuple, samples: int
-                ) -> StepResult:
-    """After the window's backward: clip, then update (unless skipped as non-finite)."""
+def check_and_clip(state: TrainState, recipe: Recipe, probe: Probe, skip_nonfinite: bool, sums: tuple, samples: int
+                   ) -> StepResult:
+    """After the window's backward: unscale and clip; with `skip_nonfinite`, a window whose loss
+    or gradient norm is not finite is left out (not applied, gradients dropped)."""
     loss_sum, correct, penalty_sum = sums
     pre_norm, clipped = unscale_and_clip(state, recipe, probe, measure=probe.wants_norm or skip_nonfinite)
     result = StepResult(loss_sum, correct, penalty_sum, pre_norm, None, clipped, samples)
     if skip_nonfinite and not torch.isfinite(torch.stack([loss_sum, pre_norm])).all().item():
         state.optimizer.zero_grad(set_to_none=True)
         result.applied = False
-        return result
-    if probe.wants_norm:
+    elif probe.wants_norm:
         result.post_norm = global_grad_norm(state.params) if clipped is not None else pre_norm
-    probe.before_update()
-    apply_update(state, recipe)
-    probe.after_update()
     return result
 
 
@@ -187,4 +186,9 @@ def train_step(state: TrainState, recipe: Recipe, batches: list[MicroBatch], pro
     or gradient norm is not finite is not applied (one host sync per step)."""
     with probe.forward():
         sums = forward_backward(state, recipe, batches, state.net if probe is NO_PROBE else state.model)
-    return finish_step(state, recipe, probe, skip_nonfinite, sums, sum(b.size for b in batches))
+    result = check_and_clip(state, recipe, probe, skip_nonfinite, sums, sum(b.size for b in batches))
+    if result.applied:
+        probe.before_update()
+        apply_update(state, recipe)
+        probe.after_update()
+    return result

@@ -48,7 +48,7 @@ from regexp.rundir import (
     split_finite,
     write_diagnosis,
 )
-from regexp.stack import Stack, evaluate_stack, fused_step
+from regexp.stack import Stack, StackedUpdate, evaluate_stack, fused_step
 from regexp.state import TrainState, move_to, rng_state, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
 from regexp.threads import fastest_threads
@@ -459,6 +459,9 @@ class Group:
             dropouts = [loop.cfg.regularizer.dropout for loop in loops]
             self.stack = Stack(self.template, models, [d.p if d is not None else 0.0 for d in dropouts],
                                [d.p_input if d is not None else 0.0 for d in dropouts], [loop.recipe for loop in loops])
+            optimizers = [loop.state.optimizer for loop in loops]
+            if StackedUpdate.fits(optimizers, any(loop.state.scaler.is_enabled() for loop in loops)):
+                self.stack.update = StackedUpdate(self.stack, optimizers)
         return self.stack
 
     def step(self, loops: list[Loop], window: int, log_steps: list[bool]) -> list[StepResult]:

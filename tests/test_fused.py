@@ -119,7 +119,7 @@ def test_fused_losses_equal_each_solo_run(tmp_path, data_env):
         assert fused[i].metrics["test/acc"] == pytest.approx(alone.metrics["test/acc"], abs=0.01)
         assert (tmp_path / "fused" / str(i) / "checkpoint.pt").is_file() and (tmp_path / "fused" / str(i) / "best.pt").is_file()
         samples = fused[i].metrics["perf/samples_per_s"] * fused[i].train_time_s
-        assert samples == pytest.approx(fused[i].train_samples * 2, rel=1e-3)  # its own samples, of the group's time
+        assert samples == pytest.approx(fused[i].train_samples * 2, rel=1e-2)  # its own samples, of the group's time (train_time_s: ms)
 
 
 @pytest.mark.slow
@@ -202,3 +202,49 @@ def test_a_crash_in_a_group_is_recorded_on_every_member(tmp_path, data_env, monk
     for i in range(2):
         summary = json.loads((tmp_path / str(i) / "summary.json").read_text())
         assert summary["status"] == "failed" and "simulated" in summary["error"] and "Traceback" in summary["traceback"]
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("adamw", [{"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.999)}, {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)}]),
+    ("adam", [{"lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-6}, {"lr": 1e-2, "weight_decay": 0.0}]),
+    ("sgd", [{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}, {"lr": 0.05, "momentum": 0.0}]),
+    ("nesterov", [{"lr": 0.1, "momentum": 0.9, "nesterov": True}, {"lr": 0.01, "momentum": 0.5, "nesterov": True}]),
+])
+def test_stacked_update_equals_each_members_own_optimizer(kind, settings):
+    """The members' optimizer steps taken at once equal each torch optimizer stepping alone, and
+    leave each optimizer's own state as its own steps would (a checkpoint reads it)."""
+    from regexp.stack import StackedUpdate
+
+    make = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "nesterov": torch.optim.SGD}[kind]
+    torch.manual_seed(0)
+    members = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)) for _ in settings]
+    alone = copy.deepcopy(members)
+
+    def optimizers(models):
+        return [make([{"params": [m[0].weight, m[2].weight]}, {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0}],
+                     **{k: v for k, v in s.items() if k != "weight_decay"}, weight_decay=s.get("weight_decay", 0.0))
+                for m, s in zip(models, settings)]
+
+    with torch.device("meta"):
+        template = copy.deepcopy(alone[0]).to("meta")
+    recipe = SimpleNamespace(criterion=torch.nn.CrossEntropyLoss(), penalty=None)
+    stack = Stack(template, members, [0.0] * 2, [0.0] * 2, [recipe] * 2)
+    fused_opts, solo_opts = optimizers(members), optimizers(alone)
+    update = StackedUpdate(stack, fused_opts)
+    assert StackedUpdate.fits(fused_opts, scalers_enabled=False) and not StackedUpdate.fits(fused_opts, scalers_enabled=True)
+    for step in range(1, 4):
+        x = torch.randn(2, 4, 6)
+        stack.forward(x, training=True).pow(2).sum().backward()
+        stack.share_grads()
+        update.step([step, step])
+        stack.zero_grad()
+        for i, (model, opt) in enumerate(zip(alone, solo_opts)):
+            model(x[i]).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for member, model, fused_opt, solo_opt in zip(members, alone, fused_opts, solo_opts):
+        for (name, p), q in zip(member.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        for p, q in zip(member.parameters(), model.parameters()):
+            for key, value in solo_opt.state[q].items():
+                torch.testing.assert_close(fused_opt.state[p][key], value, rtol=1e-5, atol=1e-7)
