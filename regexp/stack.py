@@ -27,6 +27,7 @@ from regexp.step import NO_PROBE, MicroBatch, Probe, Recipe, StepResult, apply_u
 ACTIVATION_TYPES = tuple(type(make()) for make in ACTIVATIONS.values())
 POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # per channel: the template's module runs as is
 
+CHUNK_BYTES = 4 << 20  # a stacked optimizer update works on about this much of each tensor at a time (L3-sized)
 Observer = Callable[[str, Callable[[int], torch.Tensor]], None]  # (layer name, member i -> its output)
 
 
@@ -259,35 +260,44 @@ class StackedUpdate:
 
     def _adam(self, name: str, p: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor, dims: int,
               steps: list[int]) -> None:
-        """In place, one scratch tensor: the update's memory passes are the per-member loop's."""
+        """In place, a few members at a time: each chunk's tensors stay in the CPU's cache across
+        the update's passes (the whole stack's would not)."""
         step_counts, _ = self._stacked_state(name, "step", lambda i: torch.zeros((), dtype=torch.float32))
         exp_avg, _ = self._stacked_state(name, "exp_avg", lambda i: torch.zeros_like(p[i]))
         exp_avg_sq, _ = self._stacked_state(name, "exp_avg_sq", lambda i: torch.zeros_like(p[i]))
         step_counts.add_(1)
-        decoupled = self._column(self.decoupled, dims).bool()
-        p.mul_(torch.where(decoupled, 1 - lr * wd, 1))
-        if not all(self.decoupled):
-            grad.addcmul_(p, torch.where(decoupled, 0, wd))  # coupled weight decay: into the gradient
         groups = [opt.param_groups[g] for opt, g in zip(self.optimizers, self.group_of[name])]
+        decoupled = self._column(self.decoupled, dims).bool()
+        decay = torch.where(decoupled, 1 - lr * wd, 1)
+        coupled = None if all(self.decoupled) else torch.where(decoupled, 0, wd)  # into the gradient (Adam)
         beta1, beta2 = (self._column([g["betas"][k] for g in groups], dims) for k in (0, 1))
-        exp_avg.lerp_(grad, 1 - beta1)
-        if len({g["betas"][1] for g in groups}) == 1:
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - groups[0]["betas"][1])
-        else:
-            exp_avg_sq.mul_(beta2).addcmul_(grad * (1 - beta2), grad)
+        one_beta2 = groups[0]["betas"][1] if len({g["betas"][1] for g in groups}) == 1 else None
         # bias corrections from Python numbers, as torch's own (no host sync)
-        bc1 = self._column([1 - g["betas"][0] ** t for g, t in zip(groups, steps)], dims)
+        step_size = -lr / self._column([1 - g["betas"][0] ** t for g, t in zip(groups, steps)], dims)
         bc2_sqrt = self._column([(1 - g["betas"][1] ** t) ** 0.5 for g, t in zip(groups, steps)], dims)
-        scratch = torch.sqrt(exp_avg_sq, out=self.scratch(name, p))
-        scratch.div_(bc2_sqrt).add_(self._column([g["eps"] for g in groups], dims))
-        torch.div(exp_avg, scratch, out=scratch)
-        p.addcmul_(scratch, -lr / bc1)
+        eps = self._column([g["eps"] for g in groups], dims)
+        chunk = max(1, CHUNK_BYTES // (p[0].numel() * p.element_size()))
+        for rows in (slice(i, i + chunk) for i in range(0, len(p), chunk)):
+            pc, gc, m, v = p[rows], grad[rows], exp_avg[rows], exp_avg_sq[rows]
+            pc.mul_(decay[rows])
+            if coupled is not None:
+                gc.addcmul_(pc, coupled[rows])
+            m.lerp_(gc, 1 - beta1[rows])
+            if one_beta2 is not None:
+                v.mul_(one_beta2).addcmul_(gc, gc, value=1 - one_beta2)
+            else:
+                v.mul_(beta2[rows]).addcmul_(gc * (1 - beta2[rows]), gc)
+            scratch = torch.sqrt(v, out=self.scratch(name, p, chunk)[: len(v)])
+            scratch.div_(bc2_sqrt[rows]).add_(eps[rows])
+            torch.div(m, scratch, out=scratch)
+            pc.addcmul_(scratch, step_size[rows])
 
-    def scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def scratch(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
         """A buffer kept between steps: a fresh one per step costs page faults on the CPU."""
         if name not in self.buffers:
-            self.buffers[name] = torch.empty_like(like)
+            self.buffers[name] = like.new_empty((rows, *like.shape[1:]))
         return self.buffers[name]
+
 
 def stacked_forward_backward(stack: Stack, states: list[TrainState], windows: list[list[MicroBatch]],
                              probes: list[Probe]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -181,7 +181,7 @@ def test_fused_runs_resume_alone_or_fused_as_if_never_stopped(tmp_path, data_env
     again = train_group([RunSpec(cfg, tmp_path / str(i)) for i, cfg in zip((1, 2), resumed[1:])])
     assert alone.fused is None and again[0].fused["models"] == 2
     for i, cfg in enumerate(jobs(*per_job, common=("epochs=2",))):
-        solo = train(cfg, tmp_path / "solo" / str(i))
+        train(cfg, tmp_path / "solo" / str(i))
         resumed_summary = read_summary(tmp_path / str(i))
         assert resumed_summary.status == Status.COMPLETED and resumed_summary.resumed_at_step > 0
         epoch_rows = [r for r in read_metrics(tmp_path / str(i)) if "epoch/train_loss" in r]
