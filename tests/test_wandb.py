@@ -104,6 +104,20 @@ def test_multirun_gives_each_job_its_own_run_in_the_sweep_group(tmp_path, data_r
 
 
 @pytest.mark.slow
+def test_a_fused_sweep_gives_each_job_its_own_run_open_side_by_side(tmp_path, data_root, wandb_env):
+    sweep_dir = tmp_path / "sweep"
+    out = run_cli(["train", "-m", *TINY, f"hydra.sweep.dir={sweep_dir}", "seed=0,1", "hydra/launcher=fused"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    inspected = [inspect(d) for d in run_dirs(sweep_dir)]
+    runs = [of_type(records, "run")[0] for records, _ in inspected]
+    assert [r["run_group"] for r in runs] == [str(sweep_dir)] * 2 and len({r["run_id"] for r in runs}) == 2
+    for (records, run), seed in zip(inspected, ("seed=0", "seed=1")):
+        assert run["state"] == "finished" and run["summary"]["fused"]["models"] == 2
+        assert seed in of_type(records, "run")[0]["display_name"].split(",")
+    assert inspected[0][1]["summary"]["train/loss"] != inspected[1][1]["summary"]["train/loss"]  # each its own metrics
+
+
+@pytest.mark.slow
 def test_crashed_job_finishes_its_run_with_a_failure_exit_code(tmp_path, wandb_env):
     empty = tmp_path / "no-data"
     empty.mkdir()
