@@ -11,6 +11,7 @@ nothing. Nothing here holds state between steps: everything lives in the TrainSt
 """
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
 
@@ -160,7 +161,10 @@ def apply_update(state: TrainState, recipe: Recipe, optimizer_step: bool = True)
         state.scaler.update()
     if recipe.max_norm is not None:
         apply_max_norm(state.penalized, recipe.max_norm)
-    state.scheduler.step()
+    with warnings.catch_warnings():
+        if not optimizer_step:  # torch cannot see that the stack stepped this optimizer's parameters
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
 
