@@ -255,3 +255,44 @@ def test_a_crashed_group_fails_each_member_and_the_sweep_goes_on(tmp_path, monke
         assert "out of memory" in summary["traceback"]
         record = json.loads((tmp_path / ".sweep" / f"{number}.json").read_text())
         assert record["error"] == "RuntimeError: out of memory"
+
+
+# ---------------------------------------------------------------- a signal, then resume=auto
+@pytest.mark.slow
+def test_a_signal_to_a_fused_sweep_then_resume_auto_fuses_the_group_again(tmp_path, data_root):
+    """SIGTERM while a fused group trains: every member saves its checkpoint (the same step),
+    exit 143; the same command with resume=auto fuses them again and finishes each from there."""
+    import os
+    import signal
+    import time
+
+    from conftest import REGEXP
+
+    sweep_dir = tmp_path / "sweep"
+    command = [REGEXP, "train", "-m", "logger=none", f"hydra.sweep.dir={sweep_dir}", "dataset.limit=512",
+               "dataset.val_size=256", "batch_size=32", "model.hidden=[32]", "epochs=30", "monitor.log_every=2",
+               "seed=0,1,2", "hydra/launcher=fused"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = sweep_dir / "2" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # the group has logged
+            assert process.poll() is None and time.monotonic() < deadline, "the group never logged"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    stopped = [json.loads((sweep_dir / str(n) / "summary.json").read_text()) for n in range(3)]
+    assert [s["status"] for s in stopped] == ["interrupted"] * 3
+    assert len({s["steps"] for s in stopped}) == 1 and all((sweep_dir / str(n) / "checkpoint.pt").is_file() for n in range(3))
+
+    again = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fused: jobs 0-2 train as one group of 3 models" in again.stdout + again.stderr
+    resumed = [json.loads((sweep_dir / str(n) / "summary.json").read_text()) for n in range(3)]
+    assert [s["status"] for s in resumed] == ["completed"] * 3
+    assert {s["resumed_at_step"] for s in resumed} == {stopped[0]["steps"]} and all(s["fused"]["models"] == 3 for s in resumed)
