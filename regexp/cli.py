@@ -292,13 +292,10 @@ def sweep_objective(summary, searching: bool) -> float:
 def run_job(cfg, hydra_cfg, multirun: bool, searching: bool, wandb_server):
     """One job of `regexp train`: skipped when resume=auto finds it finished, else trained."""
     from regexp.rundir import Summary
-    from regexp.train import train
+    from regexp.train import train_group
 
     job = job_spec(cfg, hydra_cfg, multirun, searching)
-    if isinstance(job, Summary):
-        return job
-    return train(job.cfg, job.run_dir, choices=job.choices, overrides=job.overrides, name=job.name, group=job.group,
-                 wandb_server=wandb_server)
+    return job if isinstance(job, Summary) else train_group([job], wandb_server=wandb_server)[0]
 
 
 def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):

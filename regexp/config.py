@@ -649,6 +649,18 @@ def warnings_for(cfg: DictConfig) -> list[str]:
     return out
 
 
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer.lr": 0.001, ...}: a nested config's leaves by dotted key (a list is one
+    value; an empty mapping or an absent regularizer, None, one key)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def resolved_container(cfg: DictConfig) -> dict:
     """The config as plain data with interpolations resolved, without Hydra's own node
     (whose job-time keys do not resolve outside a running job)."""

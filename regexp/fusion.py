@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, model_parameters
+from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, flat, model_parameters
 from regexp.rundir import Status, read_summary
 
 # Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
@@ -84,18 +84,6 @@ def candidate(sweep_config: Any) -> Candidate:
 
 
 # ---------------------------------------------------------------- the key
-def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value for every leaf; a list is one value, an absent regularizer (None) one key."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flat(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def is_free(key: str) -> bool:
     return key not in KINDS and any(key == p or key.startswith(p + ".") for p in FREE)
 
@@ -103,11 +91,6 @@ def is_free(key: str) -> bool:
 def fused_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The keys every job of a stack must agree on, with their values."""
     return {k: v for k, v in flat(config).items() if not is_free(k)}
-
-
-def fusion_key(config: dict[str, Any]) -> tuple:
-    """Equal for jobs that may train as one stack (a resolved job config, as a container)."""
-    return tuple((k, _hashable(v)) for k, v in fused_keys(config).items())
 
 
 def _hashable(value: Any) -> Any:
@@ -125,6 +108,11 @@ def _keys_of(job: Candidate) -> dict[str, Any]:
     return keys
 
 
+def fusion_key(job: Candidate) -> tuple:
+    """Equal for jobs that may train as one stack."""
+    return tuple((k, _hashable(v)) for k, v in _keys_of(job).items())
+
+
 # ---------------------------------------------------------------- the partition
 def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[int] = None) -> Partition:
     """Jobs with equal keys form groups of at most `max_models` models, and of no more than
@@ -139,7 +127,7 @@ def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[in
             result.groups.append([index])
             result.alone[index] = reason
         else:
-            classes.setdefault(tuple((k, _hashable(v)) for k, v in _keys_of(job).items()), []).append(index)
+            classes.setdefault(fusion_key(job), []).append(index)
     for members in classes.values():
         capacity, bound = _capacity(jobs[members[0]], max_models, memory_budget)
         chunks = [members[i:i + capacity] for i in range(0, len(members), capacity)]

@@ -161,7 +161,12 @@ def resnet(model_cfg, norm_cfg, input_shape, num_classes, p, p_input) -> nn.Sequ
     return nn.Sequential(OrderedDict(layers))
 
 
+def dropout_rates(dropout_cfg) -> tuple[float, float]:
+    """(hidden p, input p); both 0 without +regularizer=dropout (`dropout_cfg` None)."""
+    return (dropout_cfg.p, dropout_cfg.p_input) if dropout_cfg is not None else (0.0, 0.0)
+
+
 def build_model(model_cfg, norm_cfg, dropout_cfg, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The model of option `model_cfg.name`; `dropout_cfg` is None without +regularizer=dropout."""
-    p, p_input = (dropout_cfg.p, dropout_cfg.p_input) if dropout_cfg is not None else (0.0, 0.0)
+    p, p_input = dropout_rates(dropout_cfg)
     return builder("model", model_cfg.name)(model_cfg, norm_cfg, tuple(input_shape), num_classes, p, p_input)

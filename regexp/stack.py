@@ -50,12 +50,12 @@ class Stack:
         self.params: dict[str, torch.Tensor] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         for name, _ in models[0].named_parameters():
-            self.params[name] = self._alias(name, [m.get_parameter(name) for m in models]).requires_grad_()
+            self.params[name] = self._alias([m.get_parameter(name) for m in models]).requires_grad_()
         for name, _ in models[0].named_buffers():
-            self.buffers[name] = self._alias(name, [m.get_buffer(name) for m in models])
+            self.buffers[name] = self._alias([m.get_buffer(name) for m in models])
 
     @staticmethod
-    def _alias(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _alias(tensors: list[torch.Tensor]) -> torch.Tensor:
         """One stacked tensor holding `tensors`; each of them becomes a view of its slice (the
         same Parameter object, so optimizer state keyed by it stays valid)."""
         stacked = torch.stack([t.detach() for t in tensors])
@@ -185,7 +185,6 @@ class Stack:
     @property
     def penalized(self) -> bool:
         return bool(self.l1.any() or self.l2.any())
-
 
 
 class StackedUpdate:

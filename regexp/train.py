@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import resolve_device, resolve_precision, resolved_container, warnings_for
+from regexp.config import flat, resolve_device, resolve_precision, resolved_container, warnings_for
 from regexp.data import DataSplits, load_data
 from regexp.diagnose import diagnose
 from regexp.init import init_weights
-from regexp.models import build_model
+from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
@@ -278,17 +278,6 @@ def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) ->
                                                  f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
 
-def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optimizer.lr": 0.001, ...}: a nested config's leaves by dotted key."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Optional[tuple[Path, dict[str, Any]]]:
     """The pre-flight of what a run finds in its run dir, before anything is written: a new
     run never goes where a run is recorded; a resume needs its checkpoint (readable, of this
@@ -456,9 +445,8 @@ class Group:
         """The stack of exactly these members (rebuilt when one has left it)."""
         models = [loop.state.model for loop in loops]
         if self.stack is None or self.stack.models != models:
-            dropouts = [loop.cfg.regularizer.dropout for loop in loops]
-            self.stack = Stack(self.template, models, [d.p if d is not None else 0.0 for d in dropouts],
-                               [d.p_input if d is not None else 0.0 for d in dropouts], [loop.recipe for loop in loops])
+            p, p_input = zip(*(dropout_rates(loop.cfg.regularizer.dropout) for loop in loops))
+            self.stack = Stack(self.template, models, list(p), list(p_input), [loop.recipe for loop in loops])
             optimizers = [loop.state.optimizer for loop in loops]
             if StackedUpdate.fits(optimizers, any(loop.state.scaler.is_enabled() for loop in loops)):
                 self.stack.update = StackedUpdate(self.stack, optimizers)
@@ -697,9 +685,8 @@ def fused_template(loops: list[Loop]) -> torch.nn.Module:
     """The members' architecture on the meta device (no memory, no random draws), with a
     Dropout wherever any member has one (a member's own p may be 0)."""
     cfg, shape, classes = loops[0].cfg, loops[0].data.input_shape, loops[0].data.num_classes
-    dropouts = [loop.cfg.regularizer.dropout for loop in loops if loop.cfg.regularizer.dropout is not None]
-    rates = SimpleNamespace(p=0.5 if any(d.p > 0 for d in dropouts) else 0.0,
-                            p_input=0.5 if any(d.p_input > 0 for d in dropouts) else 0.0)
+    p, p_input = zip(*(dropout_rates(loop.cfg.regularizer.dropout) for loop in loops))
+    rates = SimpleNamespace(p=0.5 if any(p) else 0.0, p_input=0.5 if any(p_input) else 0.0)
     with torch.device("meta"):
         return build_model(cfg.model, cfg.norm, rates, shape, classes)
 

@@ -77,6 +77,24 @@ def run_cli(args: list[str], cwd: Path, data_root: Path | None = None, timeout: 
     return subprocess.run([REGEXP, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, signum: int) -> tuple[int, str, str]:
+    """Start `command`, send it `signum` once `metrics` holds its first line, and wait for it:
+    (exit code, stdout, stderr)."""
+    import time
+
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert process.poll() is None and time.monotonic() < deadline, f"{metrics} never got a line"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
 def summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("summary.json"))]
 

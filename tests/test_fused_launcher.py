@@ -264,27 +264,16 @@ def test_a_signal_to_a_fused_sweep_then_resume_auto_fuses_the_group_again(tmp_pa
     exit 143; the same command with resume=auto fuses them again and finishes each from there."""
     import os
     import signal
-    import time
 
-    from conftest import REGEXP
+    from conftest import REGEXP, signal_once_logged
 
     sweep_dir = tmp_path / "sweep"
     command = [REGEXP, "train", "-m", "logger=none", f"hydra.sweep.dir={sweep_dir}", "dataset.limit=512",
                "dataset.val_size=256", "batch_size=32", "model.hidden=[32]", "epochs=30", "monitor.log_every=2",
                "seed=0,1,2", "hydra/launcher=fused"]
     env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        metrics = sweep_dir / "2" / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().strip()):  # the group has logged
-            assert process.poll() is None and time.monotonic() < deadline, "the group never logged"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    code, _, err = signal_once_logged(command, tmp_path, env, sweep_dir / "2" / "metrics.jsonl", signal.SIGTERM)  # the group logged
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err
     stopped = [json.loads((sweep_dir / str(n) / "summary.json").read_text()) for n in range(3)]
     assert [s["status"] for s in stopped] == ["interrupted"] * 3

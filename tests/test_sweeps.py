@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REGEXP, REPO, TINY, run_cli, summaries
+from conftest import REGEXP, REPO, TINY, run_cli, signal_once_logged, summaries
 
 from regexp.config import config_dir, validate
 from regexp.synthetic import write_cifar10
@@ -312,18 +312,8 @@ def test_a_signal_to_a_sweep_reports_what_is_on_disk_and_resume_auto_finishes_it
     command = [REGEXP, "train", "-m", "logger=none", f"hydra.sweep.dir={sweep_dir}", *SMALL, "epochs=30",
                "monitor.log_every=2", "seed=0,1,2"]
     env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        metrics = sweep_dir / "0" / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().strip()):  # job 0's first metrics line
-            assert process.poll() is None and time.monotonic() < deadline, "job 0 never logged"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    code, out, err = signal_once_logged(command, tmp_path, env, sweep_dir / "0" / "metrics.jsonl", signal.SIGTERM)  # job 0 logged
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err
     assert json.loads((sweep_dir / "0" / "summary.json").read_text())["status"] == "interrupted"
     assert (sweep_dir / "0" / "checkpoint.pt").is_file() and not (sweep_dir / "1").exists()
