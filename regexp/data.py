@@ -1,4 +1,4 @@
-"""Data sets as tensors on the training device, and batched augmentation (DESIGN §10).
+"""Data sets as tensors on the training device, and batched augmentation (docs/data.md).
 
 Images are decoded once (torchvision's readers), normalized once with the data set's
 per-channel constants and moved to the device once; the trainer then slices batches out
@@ -7,9 +7,10 @@ of them. The raw uint8 tensors are cached (in the user's cache directory unless
 Importing this module must stay light: torchvision is imported only to download or decode.
 
 `check_available` is the pre-flight: it finds the files, downloads them when they are
-missing (and `dataset.download` allows it), and checks that they agree with each other,
-before any run dir exists. What it refuses is one line: missing data a ConfigError (exit 2),
-a file that does not fit a RunError (exit 1).
+missing (and `dataset.download` allows it), checks that they agree with each other, and
+checks the cache against them (decoding again, with a line, when it does not fit), before
+any run dir exists. What it refuses is one line: missing data a ConfigError (exit 2), a file
+that does not fit a RunError (exit 1).
 """
 
 import hashlib
@@ -17,11 +18,13 @@ import os
 import pickle
 import re
 import socket
+import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +92,8 @@ def check_available(ds_cfg: Any) -> None:
     there when missing and `dataset.download` is true, and must agree with each other.
     Missing data: ConfigError (one line: the folder searched, why the download failed,
     where to point regexp; a failed download leaves nothing behind). A file that does not
-    fit: RunError naming it."""
+    fit: RunError naming it. Then the cache (unless `dataset.cache=off`) is read and checked
+    against the files, or decoded and written when it is missing or does not fit."""
     root = dataset_root(ds_cfg)
     missing = _missing_files(ds_cfg.name, root)
     failure = None
@@ -110,7 +114,10 @@ def check_available(ds_cfg: Any) -> None:
     if problem is not None:  # a bad file, as at decoding time: RunError (exit 1)
         path, what = problem
         raise RunError(f"{path}: {what}; {REPLACE_IT}")
-    check_split(ds_cfg, train_size(ds_cfg.name, root))
+    facts = split_facts(ds_cfg.name, root)
+    check_split(ds_cfg, facts["train"].count)
+    if ds_cfg.cache != "off":  # a cache that does not fit is decoded again now, not after the run dir says `running`
+        _load_raw(ds_cfg.name, root, ds_cfg.cache, facts)
 
 
 def check_split(ds_cfg: Any, n_train: int) -> None:
@@ -121,13 +128,43 @@ def check_split(ds_cfg: Any, n_train: int) -> None:
         raise ConfigError("dataset.val_size", ds_cfg.val_size, f"must be smaller than the {n_train} training samples of {ds_cfg.name}")
 
 
-def train_size(name: str, root: Path) -> int:
-    """Samples in the training split's files (checked by _file_problem first)."""
+@dataclass(frozen=True)
+class SplitFacts:
+    """What the raw files say about one split: its size, and its first and last samples as
+    (index, image bytes in C, H, W order, label), which the cache must hold at the same
+    places (so a cache with the splits swapped does not fit even where their sizes agree)."""
+    count: int
+    probes: tuple[tuple[int, bytes, int], ...]
+
+
+def split_facts(name: str, root: Path) -> dict[str, SplitFacts]:
+    """SplitFacts of the "train" and "test" splits, read from the files (checked by
+    _file_problem first): idx headers and two seeks, or the CIFAR batches."""
     spec = SPECS[name]
     if name == "cifar10":
-        batches = [f for f in spec.files if "data_batch" in f]
-        return sum(len(_load_cifar(root / f)["labels"]) for f in batches)
-    return _idx_dims(root / spec.files[0], 3)[0]
+        train = [f for f in spec.files if "data_batch" in f]
+        return {split: _cifar_facts([_load_cifar(root / f) for f in files])
+                for split, files in (("train", train), ("test", ["cifar-10-batches-py/test_batch"]))}
+    return {split: _idx_facts(root / images, root / labels, prod(spec.image_shape))
+            for split, images, labels in zip(("train", "test"), spec.files[0::2], spec.files[1::2])}
+
+
+def _idx_facts(images: Path, labels: Path, image_bytes: int) -> SplitFacts:
+    count = _idx_dims(images, 3)[0]
+    probes = []
+    with open(images, "rb") as xs, open(labels, "rb") as ys:
+        for i in (0, count - 1) if count else ():
+            xs.seek(16 + i * image_bytes)  # past the magic number and 3 sizes
+            ys.seek(8 + i)  # past the magic number and 1 size
+            probes.append((i, xs.read(image_bytes), ys.read(1)[0]))
+    return SplitFacts(count, tuple(probes))
+
+
+def _cifar_facts(batches: list[dict]) -> SplitFacts:
+    count = sum(len(b["labels"]) for b in batches)
+    filled = [b for b in batches if b["labels"]]
+    ends = ((0, filled[0], 0), (count - 1, filled[-1], -1)) if count else ()
+    return SplitFacts(count, tuple((i, b["data"][j].tobytes(), b["labels"][j]) for i, b, j in ends))
 
 
 REPLACE_IT = "replace the file with a good copy (or delete the data set's folder and keep dataset.download=true)"
@@ -323,18 +360,28 @@ def _normalize(images: torch.Tensor, spec: DatasetSpec, device: Any) -> torch.Te
 
 
 # ---------------------------------------------------------------- decoding and its cache
-def _load_raw(name: str, root: Path, cache: str) -> dict[str, torch.Tensor]:
-    """uint8 [N, C, H, W] images and int64 labels of both splits, from the cache when it is current."""
+def _load_raw(name: str, root: Path, cache: str,
+              facts: Optional[dict[str, SplitFacts]] = None) -> dict[str, torch.Tensor]:
+    """uint8 [N, C, H, W] images and int64 [N] labels of both splits: from the cache when it is
+    current and fits the raw files (`facts`, read here when not given), else decoded and cached,
+    after a line for each cache file that was there but did not fit."""
     spec = SPECS[name]
     cache_files = _cache_files(name, root, cache)
     fingerprint = _fingerprint(spec, root)
-    if fingerprint is not None:
-        for path in cache_files:
+    misfits = []
+    for path in cache_files if fingerprint is not None else []:
+        try:
             entry = _read_cache(path, fingerprint)
             if entry is not None:
+                _check_entry(entry, spec, facts or split_facts(name, root))
                 return entry
+        except CacheMisfit as e:
+            misfits.append(f"regexp: the decoded-data cache {path} does not fit the raw files ({e}); "
+                           "decoding them again")
+    for line in misfits:
+        print(line, file=sys.stderr)
     entry = _read_with_torchvision(name, root)
-    _write_cache(cache_files, {"fingerprint": _fingerprint(spec, root), **entry})
+    _write_cache(cache_files, {"fingerprint": _fingerprint(spec, root), **entry}, root)
     return entry
 
 
@@ -367,32 +414,109 @@ def _fingerprint(spec: DatasetSpec, root: Path) -> Optional[list]:
     return [CACHE_VERSION, stats]
 
 
-def _read_cache(path: Path, fingerprint: list) -> Optional[dict[str, torch.Tensor]]:
+class CacheMisfit(Exception):
+    """A file at a cache path that is not an entry for these raw files: why, in a few words."""
+
+
+FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _read_cache(path: Path, fingerprint: list) -> Optional[dict]:
+    """The entry at `path` (its fingerprint removed) when it was written for these files by
+    this CACHE_VERSION; None when there is none or the files changed since. Anything else at
+    the path is a CacheMisfit."""
+    fh = _open_regular(path)
+    if fh is None:
+        return None
+    with fh:
+        try:
+            entry = torch.load(fh, map_location="cpu", weights_only=True)
+        except Exception as e:  # whatever torch.load makes of a file it did not write (empty, cut, a pickle with code)
+            raise CacheMisfit(f"not a file that torch.load reads as tensors: {type(e).__name__}") from None
+    if not isinstance(entry, dict):
+        raise CacheMisfit(f"a {type(entry).__name__}, not a dict of tensors")
+    return entry if entry.pop("fingerprint", None) == fingerprint else None
+
+
+def _open_regular(path: Path) -> Optional[BinaryIO]:
+    """`path` opened for reading, or None when nothing is there; CacheMisfit unless it is a
+    regular file. The type is read from the descriptor, opened non-blocking (a FIFO does not
+    wait for a writer), before anything is read."""
     try:
-        entry = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # absent or unreadable: decode again
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
         return None
-    if not isinstance(entry, dict) or entry.pop("fingerprint", None) != fingerprint:
-        return None
-    return entry
+    except OSError as e:
+        raise CacheMisfit(f"unreadable: {e.strerror}") from None
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise CacheMisfit(f"{FILE_KINDS.get(kind, 'a special file')}, not a regular file")
+    return os.fdopen(fd, "rb")
 
 
-def _write_cache(cache_files: list[Path], entry: dict) -> None:
-    """Atomically into the first place that takes it; a cache that cannot be written is skipped."""
+CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _check_entry(entry: dict, spec: DatasetSpec, facts: dict[str, SplitFacts]) -> None:
+    """CacheMisfit unless the entry holds both splits as the raw files do: uint8 [N, C, H, W]
+    images and int64 [N] labels within the classes, N as the files count it, and the files'
+    first and last samples at their places."""
+    if set(entry) != set(CACHE_KEYS):
+        raise CacheMisfit(f"it holds {', '.join(map(str, entry)) or 'nothing'}, not {', '.join(CACHE_KEYS)}")
+    for split, fact in facts.items():
+        x, y = entry[f"{split}_x"], entry[f"{split}_y"]
+        _check_tensor(f"{split}_x", x, torch.uint8, (fact.count, *spec.image_shape))
+        _check_tensor(f"{split}_y", y, torch.int64, (fact.count,))
+        if fact.count and (y.min() < 0 or y.max() >= spec.num_classes):
+            classes = spec.num_classes
+            raise CacheMisfit(f"{split}_y has labels outside the {classes} classes (0..{classes - 1})")
+        for i, image, label in fact.probes:
+            raw_image = torch.frombuffer(bytearray(image), dtype=torch.uint8).view(spec.image_shape)
+            if y[i] != label or not torch.equal(x[i], raw_image):
+                raise CacheMisfit(f"its {split} sample {i} is not the raw files' (splits swapped or shifted?)")
+
+
+def _check_tensor(key: str, value: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise CacheMisfit(f"{key} is a {type(value).__name__}, not a tensor")
+    if value.dtype != dtype or tuple(value.shape) != shape:
+        expected = f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+        raise CacheMisfit(f"{key} is {str(value.dtype).removeprefix('torch.')} {list(value.shape)}, not {expected}")
+
+
+def _write_cache(cache_files: list[Path], entry: dict, root: Path) -> None:
+    """Atomically into the first place that takes it; a cache that cannot be written is skipped.
+    Beside the data, the file (and a folder made for it) is readable by whoever can read the
+    data folder; in the user's directory it stays private."""
     for path in cache_files:
         if not _writable(path.parent):
             continue
+        shared = root in path.parents
         tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_folder(path.parent, root if shared else None)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
             os.close(fd)
             torch.save(entry, tmp)
+            if shared:
+                os.chmod(tmp, 0o600 | (root.stat().st_mode & 0o044))
             os.replace(tmp, path)
             return
         except (OSError, RuntimeError):  # RuntimeError: torch.save's writer on a full disk
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _make_folder(folder: Path, readable_as: Optional[Path]) -> None:
+    """`folder` and its missing parents; made beside the data (`readable_as`), it lets in
+    whoever may list that folder, whatever the umask."""
+    if folder.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if readable_as is not None:
+        os.chmod(folder, 0o700 | (readable_as.stat().st_mode & 0o055))
 
 
 def _writable(directory: Path) -> bool:
