@@ -8,8 +8,8 @@ Importing this module must stay light: torchvision is imported only to download 
 
 `check_available` is the pre-flight: it finds the files, downloads them when they are
 missing (and `dataset.download` allows it), checks that they agree with each other, and
-checks the cache against them (decoding again, with a line, when it does not fit), before
-any run dir exists. What it refuses is one line: missing data a ConfigError (exit 2), a file
+checks the cache against them (a line when it does not fit: it will be decoded again),
+before any run dir exists. What it refuses is one line: missing data a ConfigError (exit 2), a file
 that does not fit a RunError (exit 1).
 """
 
@@ -92,8 +92,9 @@ def check_available(ds_cfg: Any) -> None:
     there when missing and `dataset.download` is true, and must agree with each other.
     Missing data: ConfigError (one line: the folder searched, why the download failed,
     where to point regexp; a failed download leaves nothing behind). A file that does not
-    fit: RunError naming it. Then the cache (unless `dataset.cache=off`) is read and checked
-    against the files, or decoded and written when it is missing or does not fit."""
+    fit: RunError naming it. Then the decoded-data cache is read and checked against the
+    files; one that does not fit is named in a line, since load_data will decode again.
+    Nothing is written here but a download."""
     root = dataset_root(ds_cfg)
     missing = _missing_files(ds_cfg.name, root)
     failure = None
@@ -116,8 +117,11 @@ def check_available(ds_cfg: Any) -> None:
         raise RunError(f"{path}: {what}; {REPLACE_IT}")
     facts = split_facts(ds_cfg.name, root)
     check_split(ds_cfg, facts["train"].count)
-    if ds_cfg.cache != "off":  # a cache that does not fit is decoded again now, not after the run dir says `running`
-        _load_raw(ds_cfg.name, root, ds_cfg.cache, facts)
+    entry, misfits = _fitting_entry(ds_cfg.name, root, _cache_files(ds_cfg.name, root, ds_cfg.cache), facts)
+    if entry is None:  # said before any run dir exists; load_data decodes them and replaces the cache
+        for path, why in misfits:
+            print(f"regexp: the decoded-data cache {path} does not fit the raw files ({why}); decoding them again",
+                  file=sys.stderr)
 
 
 def check_split(ds_cfg: Any, n_train: int) -> None:
@@ -360,13 +364,22 @@ def _normalize(images: torch.Tensor, spec: DatasetSpec, device: Any) -> torch.Te
 
 
 # ---------------------------------------------------------------- decoding and its cache
-def _load_raw(name: str, root: Path, cache: str,
-              facts: Optional[dict[str, SplitFacts]] = None) -> dict[str, torch.Tensor]:
+def _load_raw(name: str, root: Path, cache: str) -> dict[str, torch.Tensor]:
     """uint8 [N, C, H, W] images and int64 [N] labels of both splits: from the cache when it is
-    current and fits the raw files (`facts`, read here when not given), else decoded and cached,
-    after a line for each cache file that was there but did not fit."""
-    spec = SPECS[name]
+    current and fits the raw files, else decoded and cached (check_available has said why)."""
     cache_files = _cache_files(name, root, cache)
+    entry, _ = _fitting_entry(name, root, cache_files)
+    if entry is None:
+        entry = _read_with_torchvision(name, root)
+        _write_cache(cache_files, {"fingerprint": _fingerprint(SPECS[name], root), **entry}, root)
+    return entry
+
+
+def _fitting_entry(name: str, root: Path, cache_files: list[Path], facts: Optional[dict[str, SplitFacts]] = None
+                   ) -> tuple[Optional[dict[str, torch.Tensor]], list[tuple[Path, str]]]:
+    """The first cache entry that is current and fits the raw files (`facts`, read here when
+    not given), or None; and the cache files met on the way that do not fit, with why."""
+    spec = SPECS[name]
     fingerprint = _fingerprint(spec, root)
     misfits = []
     for path in cache_files if fingerprint is not None else []:
@@ -374,15 +387,10 @@ def _load_raw(name: str, root: Path, cache: str,
             entry = _read_cache(path, fingerprint)
             if entry is not None:
                 _check_entry(entry, spec, facts or split_facts(name, root))
-                return entry
+                return entry, misfits
         except CacheMisfit as e:
-            misfits.append(f"regexp: the decoded-data cache {path} does not fit the raw files ({e}); "
-                           "decoding them again")
-    for line in misfits:
-        print(line, file=sys.stderr)
-    entry = _read_with_torchvision(name, root)
-    _write_cache(cache_files, {"fingerprint": _fingerprint(spec, root), **entry}, root)
-    return entry
+            misfits.append((path, str(e)))
+    return None, misfits
 
 
 def cache_dir() -> Path:

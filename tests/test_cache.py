@@ -1,6 +1,7 @@
 """The decoded-data cache is checked against the raw files (sizes, dtypes, label range, the
-first and last samples of each split) and never blocks on what sits at its path; one that
-does not fit is decoded again with one line, and replaced."""
+first and last samples of each split) and never blocks on what sits at its path. One that
+does not fit is named in one line by the pre-flight (before any run dir), then decoded again
+and replaced when the data are loaded."""
 
 import json
 import os
@@ -42,6 +43,22 @@ def assert_fits(path: Path, name: str, root: Path) -> None:
     assert entry.pop("fingerprint") == data._fingerprint(data.SPECS[name], root)
     truth = decoded(name, root)
     assert entry.keys() == truth.keys() and all(torch.equal(entry[k], truth[k]) for k in truth)
+
+
+def run_on(cfg, capsys) -> tuple[str, object]:
+    """The pre-flight, then the load, as a run does them: (what the pre-flight said on stderr,
+    the splits). Loading says nothing more."""
+    check_available(cfg)
+    said = capsys.readouterr().err
+    splits = load_data(cfg, "cpu")
+    assert capsys.readouterr().err == ""
+    return said, splits
+
+
+def assert_trains_on_the_files(splits, name: str, root: Path) -> None:
+    truth = decoded(name, root)
+    assert torch.equal(splits.train_y, truth["train_y"]) and torch.equal(splits.test_y, truth["test_y"])
+    assert splits.train_x.shape[1:] == truth["train_x"].shape[1:]
 
 
 @pytest.fixture
@@ -86,11 +103,16 @@ TENSOR_CASES = {
 
 
 @pytest.mark.parametrize("case", TENSOR_CASES)
-def test_a_cache_whose_tensors_do_not_fit_is_decoded_again_in_the_preflight(mnist_cached, capsys, case):
+def test_a_cache_whose_tensors_do_not_fit_is_named_and_decoded_again(mnist_cached, capsys, case):
     change, why = TENSOR_CASES[case]
     damage(mnist_cached, change)
+    before = beside(mnist_cached).read_bytes()
     check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
     assert capsys.readouterr().err == misfit_line(beside(mnist_cached), why)
+    assert beside(mnist_cached).read_bytes() == before  # the pre-flight writes nothing
+    splits = load_data(ds_cfg("mnist", mnist_cached, cache="beside_data"), "cpu")
+    assert capsys.readouterr().err == ""  # said once
+    assert_trains_on_the_files(splits, "mnist", mnist_cached)
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
 
 
@@ -102,14 +124,12 @@ def test_the_right_splits_are_trained_on_after_a_swap_of_equal_sizes(tmp_path, c
     entry = cached(root, "cifar10")
     swap_splits(entry)
     torch.save(entry, beside(root, "cifar10"))
-    splits = load_data(cfg, "cpu")
-    assert capsys.readouterr().err == misfit_line(
-        beside(root, "cifar10"), "its train sample 0 is not the raw files' (splits swapped or shifted?)")
-    truth = decoded("cifar10", root)
-    assert torch.equal(splits.train_y, truth["train_y"]) and torch.equal(splits.test_y, truth["test_y"])
-    forbid_decoding(monkeypatch)  # replaced: the next run reads it
-    assert torch.equal(load_data(cfg, "cpu").test_x, splits.test_x)
-    assert capsys.readouterr().err == ""
+    said, splits = run_on(cfg, capsys)
+    assert said == misfit_line(beside(root, "cifar10"),
+                               "its train sample 0 is not the raw files' (splits swapped or shifted?)")
+    assert_trains_on_the_files(splits, "cifar10", root)
+    forbid_decoding(monkeypatch)  # replaced: the next run reads it, and says nothing
+    assert run_on(cfg, capsys)[0] == ""
 
 
 def test_a_fifo_at_the_cache_path_does_not_hang_the_run(mnist_cached, capsys):
@@ -118,10 +138,11 @@ def test_a_fifo_at_the_cache_path_does_not_hang_the_run(mnist_cached, capsys):
     os.mkfifo(path)
     signal.alarm(60)  # a regression blocks in open(): fail instead of hanging the suite
     try:
-        check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
+        said, splits = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
     finally:
         signal.alarm(0)
-    assert capsys.readouterr().err == misfit_line(path, "a FIFO, not a regular file")
+    assert said == misfit_line(path, "a FIFO, not a regular file")
+    assert_trains_on_the_files(splits, "mnist", mnist_cached)
     assert_fits(path, "mnist", mnist_cached)
 
 
@@ -129,8 +150,8 @@ def test_a_symlink_to_dev_zero_is_replaced_by_a_file(mnist_cached, capsys):
     path = beside(mnist_cached)
     path.unlink()
     path.symlink_to("/dev/zero")
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    assert capsys.readouterr().err == misfit_line(path, "a character device, not a regular file")
+    said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
+    assert said == misfit_line(path, "a character device, not a regular file")
     assert not path.is_symlink() and Path("/dev/zero").is_char_device()
     assert_fits(path, "mnist", mnist_cached)
 
@@ -141,14 +162,12 @@ def test_a_directory_at_the_cache_path_is_left_and_the_user_cache_used(mnist_cac
     path.unlink()
     (path / "notes").mkdir(parents=True)
     cfg = ds_cfg("mnist", mnist_cached, cache="beside_data")
-    check_available(cfg)
-    assert capsys.readouterr().err == misfit_line(path, "a directory, not a regular file")
+    assert run_on(cfg, capsys)[0] == misfit_line(path, "a directory, not a regular file")
     assert (path / "notes").is_dir()  # never removed
     [written] = user_cache_dir.glob("mnist-*.pt")
     assert_fits(written, "mnist", mnist_cached)
     forbid_decoding(monkeypatch)
-    load_data(cfg, "cpu")  # the user's entry fits: nothing is decoded, nothing said
-    assert capsys.readouterr().err == ""
+    assert run_on(cfg, capsys)[0] == ""  # the user's entry fits: nothing is decoded, nothing said
 
 
 @pytest.mark.parametrize("content, why", [
@@ -157,32 +176,61 @@ def test_a_directory_at_the_cache_path_is_left_and_the_user_cache_used(mnist_cac
 ])
 def test_an_empty_or_cut_cache_file_is_decoded_again(mnist_cached, capsys, content, why):
     beside(mnist_cached).write_bytes(content)
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    assert capsys.readouterr().err == misfit_line(beside(mnist_cached), why)
+    said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
+    assert said == misfit_line(beside(mnist_cached), why)
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
+
+
+def test_a_symlink_loop_at_the_cache_path_is_replaced(mnist_cached, capsys):
+    path = beside(mnist_cached)
+    path.unlink()
+    path.symlink_to(path.name)
+    said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
+    assert said == misfit_line(path, "unreadable: Too many levels of symbolic links")
+    assert_fits(path, "mnist", mnist_cached)
+
+
+def test_an_unreadable_cache_file_is_named(mnist_cached, capsys, monkeypatch):
+    """chmod 000 does not stop the superuser the tests run as: the refusal is the kernel's, simulated."""
+    path, real_open = beside(mnist_cached), os.open
+
+    def refuse(file, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
+    assert capsys.readouterr().err == misfit_line(path, "unreadable: Permission denied")
+
+
+def test_the_preflight_writes_no_cache(tmp_path, user_cache_dir, monkeypatch):
+    """A first run's pre-flight reads the files only; the data are decoded (and cached) when loaded."""
+    root = write_mnist(tmp_path / "data", n_train=30, n_test=10)
+    forbid_decoding(monkeypatch)
+    check_available(ds_cfg("mnist", root, cache="beside_data"))
+    assert not (root / "regexp-cache").exists() and not user_cache_dir.exists()
 
 
 def test_a_cache_with_code_is_never_run(mnist_cached, tmp_path, capsys):
     marker = tmp_path / "ran"
     torch.save({"fingerprint": cached(mnist_cached)["fingerprint"], "x": RunsCode(marker)}, beside(mnist_cached))
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
+    said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
     assert not marker.exists()
-    assert capsys.readouterr().err == misfit_line(
-        beside(mnist_cached), "not a file that torch.load reads as tensors: UnpicklingError")
+    assert said == misfit_line(beside(mnist_cached), "not a file that torch.load reads as tensors: UnpicklingError")
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
 
 
 def test_a_cache_that_is_not_a_dict_is_decoded_again(mnist_cached, capsys):
     torch.save([torch.zeros(3)], beside(mnist_cached))
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    assert capsys.readouterr().err == misfit_line(beside(mnist_cached), "a list, not a dict of tensors")
+    said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
+    assert said == misfit_line(beside(mnist_cached), "a list, not a dict of tensors")
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
 
 
 def test_an_entry_of_another_cache_version_is_replaced_without_a_word(mnist_cached, capsys):
     damage(mnist_cached, lambda e: e["fingerprint"].__setitem__(0, data.CACHE_VERSION - 1))
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    assert capsys.readouterr().err == ""  # stale, as after the files changed: not a misfit
+    assert run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)[0] == ""  # stale, as after a change
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
 
 
@@ -194,33 +242,28 @@ def test_a_misfit_that_cannot_be_replaced_is_said_each_time_and_the_user_cache_u
     folder.chmod(0o555)  # the superuser passes os.access; the mode is honoured anyway
     try:
         cfg = ds_cfg("mnist", mnist_cached, cache="beside_data")
-        check_available(cfg)
-        line = misfit_line(beside(mnist_cached), TENSOR_CASES["label out of range"][1])
-        assert capsys.readouterr().err == line
+        said, splits = run_on(cfg, capsys)
+        assert said == misfit_line(beside(mnist_cached), TENSOR_CASES["label out of range"][1])
+        assert_trains_on_the_files(splits, "mnist", mnist_cached)
         assert beside(mnist_cached).read_bytes() == before  # not writable: left as it was
         [written] = user_cache_dir.glob("mnist-*.pt")
         assert_fits(written, "mnist", mnist_cached)
-        splits = load_data(cfg, "cpu")
-        assert capsys.readouterr().err == ""  # the user's entry fits: nothing to decode
-        assert torch.equal(splits.test_y, decoded("mnist", mnist_cached)["test_y"])
+        assert run_on(cfg, capsys)[0] == ""  # the user's entry fits: nothing to decode, nothing said
     finally:
         folder.chmod(0o755)
 
 
 def test_load_data_checks_the_cache_too(mnist_cached, capsys):
-    """Called without the pre-flight (the API, the tests): the same check, the same line."""
+    """Called without the pre-flight: the cache is checked all the same (the pre-flight says why)."""
     damage(mnist_cached, TENSOR_CASES["label out of range"][0])
     splits = load_data(ds_cfg("mnist", mnist_cached, cache="beside_data"), "cpu")
-    assert capsys.readouterr().err == misfit_line(beside(mnist_cached), TENSOR_CASES["label out of range"][1])
-    assert splits.train_y.max() < 10
+    assert_trains_on_the_files(splits, "mnist", mnist_cached)
     assert_fits(beside(mnist_cached), "mnist", mnist_cached)
 
 
 def test_a_fitting_cache_is_read_without_decoding_or_a_line(mnist_cached, capsys, monkeypatch):
     forbid_decoding(monkeypatch)
-    check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    load_data(ds_cfg("mnist", mnist_cached, cache="beside_data"), "cpu")
-    assert capsys.readouterr().err == ""
+    assert run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)[0] == ""
 
 
 # ---------------------------------------------------------------- who may read it
@@ -231,7 +274,7 @@ def test_a_cache_beside_the_data_is_readable_by_whoever_reads_the_data(tmp_path,
     root.chmod(root_mode)
     previous = os.umask(0o077)  # a private umask must not make the shared cache private
     try:
-        check_available(ds_cfg("mnist", root, cache="beside_data"))
+        load_data(ds_cfg("mnist", root, cache="beside_data"), "cpu")
     finally:
         os.umask(previous)
     assert stat.S_IMODE(beside(root).stat().st_mode) == file_mode
@@ -240,7 +283,7 @@ def test_a_cache_beside_the_data_is_readable_by_whoever_reads_the_data(tmp_path,
 
 def test_the_user_cache_stays_private(tmp_path, user_cache_dir):
     root = write_mnist(tmp_path / "data", n_train=30, n_test=10)
-    check_available(ds_cfg("mnist", root))
+    load_data(ds_cfg("mnist", root), "cpu")
     [written] = user_cache_dir.glob("mnist-*.pt")
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
 
