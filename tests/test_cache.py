@@ -56,9 +56,12 @@ def run_on(cfg, capsys) -> tuple[str, object]:
 
 
 def assert_trains_on_the_files(splits, name: str, root: Path) -> None:
+    """The splits (val_size=0: every training sample, in order) are the raw files' own."""
     truth = decoded(name, root)
-    assert torch.equal(splits.train_y, truth["train_y"]) and torch.equal(splits.test_y, truth["test_y"])
-    assert splits.train_x.shape[1:] == truth["train_x"].shape[1:]
+    for split in ("train", "test"):
+        images = data._normalize(truth[f"{split}_x"], data.SPECS[name], "cpu")
+        assert torch.equal(getattr(splits, f"{split}_x"), images)
+        assert torch.equal(getattr(splits, f"{split}_y"), truth[f"{split}_y"])
 
 
 @pytest.fixture
@@ -97,11 +100,14 @@ TENSOR_CASES = {
                      "test_x is float32 [10, 1, 28, 28], not uint8 [10, 1, 28, 28]"),
     "int32 labels": (lambda e: e.update(train_y=e["train_y"].int()), "train_y is int32 [30], not int64 [30]"),
     "labels not a tensor": (lambda e: e.update(test_y=e["test_y"].tolist()), "test_y is a list, not a tensor"),
+    "sparse labels": (lambda e: e.update(test_y=e["test_y"].to_sparse()),
+                      "test_y is a torch.sparse_coo tensor, not a dense one"),
     "images shifted": (lambda e: e.update(train_x=e["train_x"].roll(1, 0)),
                        "its train sample 0 is not the raw files' (splits swapped or shifted?)"),
 }
 
 
+@pytest.mark.filterwarnings("error")  # nothing but the line: no warning of torch's either
 @pytest.mark.parametrize("case", TENSOR_CASES)
 def test_a_cache_whose_tensors_do_not_fit_is_named_and_decoded_again(mnist_cached, capsys, case):
     change, why = TENSOR_CASES[case]
