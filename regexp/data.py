@@ -117,9 +117,8 @@ def check_available(ds_cfg: Any) -> None:
     if problem is not None:  # a bad file, as at decoding time: RunError (exit 1)
         path, what = problem
         raise RunError(f"{path}: {what}; {REPLACE_IT}")
-    facts = split_facts(ds_cfg.name, root)
-    check_split(ds_cfg, facts["train"].count)
-    entry, misfits = _fitting_entry(ds_cfg.name, root, _cache_files(ds_cfg.name, root, ds_cfg.cache), facts)
+    check_split(ds_cfg, split_facts(ds_cfg.name, root)["train"].count)
+    entry, misfits = _fitting_entry(ds_cfg.name, root, _cache_files(ds_cfg.name, root, ds_cfg.cache))
     if entry is None:  # said before any run dir exists; load_data decodes them and replaces the cache
         for path, why in misfits:
             print(f"regexp: the decoded-data cache {path} does not fit the raw files ({why}); decoding them again",
@@ -384,10 +383,10 @@ def _load_raw(name: str, root: Path, cache: str) -> dict[str, torch.Tensor]:
     return entry
 
 
-def _fitting_entry(name: str, root: Path, cache_files: list[Path], facts: Optional[dict[str, SplitFacts]] = None
+def _fitting_entry(name: str, root: Path, cache_files: list[Path]
                    ) -> tuple[Optional[dict[str, torch.Tensor]], list[tuple[Path, str]]]:
-    """The first cache entry that is current and fits the raw files (`facts`, read here when
-    not given), or None; and the cache files met on the way that do not fit, with why."""
+    """The first cache entry that is current and fits the raw files (split_facts), or None;
+    and the cache files met on the way that do not fit, with why."""
     spec = SPECS[name]
     fingerprint = _fingerprint(spec, root)
     misfits = []
@@ -395,7 +394,7 @@ def _fitting_entry(name: str, root: Path, cache_files: list[Path], facts: Option
         try:
             entry = _read_cache(path, fingerprint)
             if entry is not None:
-                _check_entry(entry, spec, facts or split_facts(name, root))
+                _check_entry(entry, spec, split_facts(name, root))
                 return entry, misfits
         except CacheMisfit as e:
             misfits.append((path, str(e)))
