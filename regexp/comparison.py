@@ -149,7 +149,8 @@ def key_value(run: Run, key: str) -> Optional[str]:
     """What the run used for `key`, as text: a group's chosen option, else the resolved
     config value (so `optimizer.lr=1e-2` and `=0.01` agree, and a run without the
     override shows its default), else the override as typed (`+regularizer=[dropout,l2]`
-    has no single choice). None when the run has no such key."""
+    has no single choice). None when the run has no such key, or none of a group added with
+    `+` (regularizer: the config holds each option, null unless chosen)."""
     if run.choices.get(key) is not None:
         return str(run.choices[key])
     found, value = dotted(run.config, key)
@@ -157,6 +158,9 @@ def key_value(run: Run, key: str) -> Optional[str]:
         return as_text(value)
     if key in run.overrides:
         return run.overrides[key]
+    if found and value and all(option is None or isinstance(option, dict) for option in value.values()):
+        chosen = [option for option, node in value.items() if node is not None]
+        return f"[{','.join(chosen)}]" if chosen else None
     return as_text(value) if found else None
 
 
@@ -309,7 +313,7 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
     table.add_column("status")
     for g in groups:
         wall = g.stat(WALL_TIME).mean
-        key_cells = [g.values[k] or MISSING for k in keys] if keys else ["all runs"]
+        key_cells = [Text(g.values[k] or MISSING) for k in keys] if keys else ["all runs"]  # as typed: [dropout] stays
         table.add_row(*key_cells, str(len(g.runs)),
                       *(fmt_stat(g.stat(name), len(g.runs)) for name in columns),
                       MISSING if wall is None else f"{wall:.1f}", status_text(g.statuses()))

@@ -200,10 +200,12 @@ def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
     title = title or f"{len(failed)} failed"
-    table = Table(caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
+    # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
+    table = Table(caption=Text(f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}") if shared else None,
                   caption_justify="left")
     for column in ("job", "overrides", "status", METRIC, "wall s"):
         table.add_column(column, overflow="fold")
@@ -211,7 +213,8 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
         style = "red" if r in failed else "yellow" if r["status"] in (Status.DIVERGED, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
-        table.add_row(r["job"], " ".join(o for o in r["overrides"] if o not in shared), r["status"], metric, wall, style=style)
+        table.add_row(r["job"], Text(" ".join(o for o in r["overrides"] if o not in shared)), r["status"], metric, wall,
+                      style=style)
     console = Console(soft_wrap=False)
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
     console.print(table)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from regexp.rundir import MetricsFile, Summary, UsageError
 
@@ -143,8 +144,8 @@ class Reporter:
         table.add_column()
         table.add_column(overflow="fold")  # a path too wide for a terminal folds, never loses its middle
         for k, v in rows.items():
-            table.add_row(k, fmt_value(v))
-        panel = Panel(table, title=title, border_style=style, expand=False)
+            table.add_row(Text(k), Text(fmt_value(v)))  # a run dir named [bold] is shown as named
+        panel = Panel(table, title=Text(title), border_style=style, expand=False)
         if self.console.is_terminal:
             self.console.print(panel)
         else:  # a file or a pipe has no width to respect: each path whole, on one line
