@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
-from regexp.tracking import CommandParser, plural
+from regexp.tracking import CommandParser, plural, print_whole
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
@@ -318,10 +318,8 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
                       *(fmt_stat(g.stat(name), len(g.runs)) for name in columns),
                       MISSING if wall is None else f"{wall:.1f}", status_text(g.statuses()))
     console = Console(highlight=False)
-    if not console.is_terminal:  # a file or a pipe: never squeeze the table into 80 columns
-        console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
     console.print(heading, markup=False, soft_wrap=True)
-    console.print(table)
+    print_whole(console, table)  # a file or a pipe: never squeezed into 80 columns
     for run in (run for g in groups for run in g.runs if not run.status.trained):
         console.print(untrained_line(run), markup=False, soft_wrap=True)
 
