@@ -315,7 +315,7 @@ class DeviceConfig:
     # CPU threads: auto times a few steps of the run's model at 1..free cores and keeps the fastest; never more
     # threads than the cores this process may use (torch crashes on a hundred thousand)
     threads: str = field(default="auto", metadata=rule(
-        lambda v: v == "auto" or (v.isdigit() and len(v) <= 6 and 1 <= int(v) <= usable_cores()),
+        lambda v: v == "auto" or (v.isascii() and v.isdigit() and len(v) <= 6 and 1 <= int(v) <= usable_cores()),
         f"must be auto or an integer from 1 to {usable_cores()} (the cores this process may use)"))
 
 

@@ -152,9 +152,17 @@ def read_records(sweep_dir: Path) -> tuple[Optional[dict[str, Any]], list[dict[s
         if path.name != PLAN:
             try:
                 records.append(read_json(path))
-            except RunError:  # half a record: its job is listed as not run (or not at all)
+            except RunError:  # half a record, or no file: its job is listed as not run (or not at all)
                 continue
-    return plan, sorted(records, key=lambda r: int(r["job"]))
+    records = [r for r in records if is_job_record(r)]
+    return plan if isinstance(plan, dict) else None, sorted(records, key=lambda r: int(r["job"]))
+
+
+def is_job_record(record: Any) -> bool:
+    """What write_job_record writes; anything else in .sweep/ is not one of this sweep's jobs."""
+    job = record.get("job") if isinstance(record, dict) else None
+    return (isinstance(job, str) and job.isascii() and job.isdigit() and len(job) <= 9
+            and isinstance(record.get("run_dir"), str) and isinstance(record.get("overrides"), list))
 
 
 # ---------------------------------------------------------------- rows

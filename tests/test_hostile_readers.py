@@ -115,6 +115,30 @@ def test_a_directory_in_place_of_summary_json_is_named_not_skipped(tmp_path):
     assert (run_dir / "summary.json").is_dir() and not list((run_dir / "summary.json").iterdir())
 
 
+@pytest.mark.parametrize("reader", ["read_checkpoint", "read_weights"])
+def test_a_fifo_checkpoint_or_best_pt_is_refused_without_hanging(tmp_path, reader):
+    from regexp import train
+
+    os.mkfifo(tmp_path / "best.pt")
+    outcome = finishes(lambda: getattr(train, reader)(tmp_path / "best.pt"))
+    assert str(outcome.get("error")) == f"{tmp_path / 'best.pt'}: not a regular file (a FIFO); a run's records are regular files"
+
+
+def test_sweep_records_that_are_not_job_records_are_left_out(tmp_path):
+    from regexp.sweep import RECORDS, read_records
+
+    folder = tmp_path / RECORDS
+    folder.mkdir()
+    (folder / "plan.json").write_text("[1, 2]")  # not a plan
+    (folder / "0.json").write_text(json.dumps({"job": "0", "run_dir": str(tmp_path / "0"), "overrides": ["seed=0"]}))
+    for name, text in (("1", '{"job": "x"}'), ("2", "[]"), ("3", json.dumps({"job": "9" * 5000, "run_dir": "", "overrides": []})),
+                       ("4", "{" * DEEP)):
+        (folder / f"{name}.json").write_text(text)
+    os.mkfifo(folder / "5.json")
+    outcome = finishes(lambda: read_records(tmp_path))
+    assert outcome.get("value") == (None, [{"job": "0", "run_dir": str(tmp_path / "0"), "overrides": ["seed=0"]}])
+
+
 # ---------------------------------------------------------------- nesting, size, garbage
 
 def test_a_metrics_line_nested_deep_is_one_line_naming_file_and_line(tmp_path):
