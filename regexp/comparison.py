@@ -83,8 +83,10 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
     """Every run below each path (a path may itself be a run dir), each run once."""
     runs: dict[Path, Run] = {}
     for path in map(Path, paths):
-        if not path.is_dir():
+        if not path.exists():
             raise UsageError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise UsageError(f"{path}: not a directory; give a run dir, a sweep dir or a folder holding them")
         found = [read_run(p.parent) for p in sorted(path.rglob("summary.json"))]
         found = [run for run in found if run is not None]
         if not found:
@@ -232,7 +234,7 @@ def check_metric(runs: list[Run], metric: str) -> None:
     if any(metric in run.metrics for run in runs) or not any(run.status.trained for run in runs):
         return
     available = sorted({name for run in runs for name in run.metrics})
-    raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available)}")
+    raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available) or '(none)'}")
 
 
 # ---------------------------------------------------------------- output
@@ -304,7 +306,7 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
                f"runs (others counted, not averaged) · best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
     table = Table()
     for key in keys or ["group"]:
-        table.add_column(key)
+        table.add_column(Text(key))
     table.add_column("runs", justify="right")
     columns = list(dict.fromkeys([metric, TRAIN_LOSS]))
     for name in columns:

@@ -138,15 +138,9 @@ class Summary:
         if not isinstance(data, dict):
             raise ValueError(f"a JSON object was expected, not {type(data).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        for f in fields(cls):  # a reader may index these: a wrong type is not a summary
-            container, optional = get_origin(f.type), False
-            if container is Union:  # Optional[dict[...]]
-                container, optional = get_origin(get_args(f.type)[0]), True
-            value = data.get(f.name)
-            if container not in (dict, list) or f.name not in data or (optional and value is None):
-                continue
-            if not isinstance(value, container):
-                raise ValueError(f"{f.name} is a {type(value).__name__}, not a {container.__name__}")
+        for f in fields(cls):  # a reader may index, split or format these: a wrong type is not a summary
+            if f.name in data and f.name not in ("status", "extra"):
+                _check_type(f.name, data[f.name], f.type)
         summary = cls(**{k: v for k, v in data.items() if k in known})
         summary.status = Status(data.get("status", Status.FAILED.value))
         summary.extra = {k: v for k, v in data.items() if k not in known}
@@ -156,6 +150,26 @@ class Summary:
         """A sweeper's objective: `metric` of a finished run, NaN when there is none."""
         value = self.metrics.get(metric) if self.status.finished else None
         return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """ValueError unless `value` fits a Summary field's annotation: a str, a number (int or
+    float alike), a dict, or a list whose items fit; None where the field is Optional."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        if value is None:
+            return
+        annotation = get_args(annotation)[0]
+    expected = get_origin(annotation) or annotation
+    if expected in (int, float):
+        fits, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "number"
+    else:
+        fits, wanted = isinstance(value, expected), expected.__name__
+    if not fits:
+        raise ValueError(f"{name} is a {type(value).__name__}, not a {wanted}")
+    item = get_args(annotation)[0] if expected is list and get_args(annotation) else None
+    if item is not None and item is not Any:
+        for element in value:
+            _check_type(f"an item of {name}", element, item)
 
 
 # ---------------------------------------------------------------- whole-file writes

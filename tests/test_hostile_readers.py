@@ -196,6 +196,25 @@ def test_binary_garbage_is_one_line_exit_1(tmp_path):
     assert "summary.json: not valid JSON" in one_line_error(out, 1)
 
 
+@pytest.mark.parametrize("fields,why", [({"status": "failed", "error": 5}, "error is a int, not a str"),
+                                        ({"overrides": ["seed=0", 5]}, "an item of overrides is a int, not a str"),
+                                        ({"steps": "many"}, "steps is a str, not a number"),
+                                        ({"findings": ["x"]}, "an item of findings is a str, not a dict")])
+def test_a_summary_field_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path, fields, why):
+    run_dir = healthy_run(tmp_path / "run")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", **fields}))
+    out = run_cli(["diagnose", str(run_dir)], tmp_path)
+    assert one_line_error(out, 1) == f"regexp: error: {run_dir / 'summary.json'}: not a regexp run summary ({why})\n"
+    out = run_cli(["compare", str(run_dir)], tmp_path)
+    assert out.returncode == 2 and out.stderr.splitlines()[0].endswith(f"({why})")
+
+
+def test_compare_a_path_that_is_no_directory_says_so(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    out = run_cli(["compare", str(tmp_path / "fifo")], tmp_path, timeout=60)
+    assert one_line_error(out, 2).startswith(f"regexp: error: {tmp_path / 'fifo'}: not a directory")
+
+
 # ---------------------------------------------------------------- diagnose's RUN_DIR
 
 @pytest.mark.parametrize("make,why", [(lambda p: None, "does not exist"),
