@@ -71,11 +71,11 @@ def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, met
     from regexp.rundir import UsageError
 
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or not paths:
-        raise ConfigError("paths", _shown(paths), "must be a non-empty list of run or sweep dirs, e.g. ['outputs']")
+        raise ConfigError("paths", repr(paths), "must be a non-empty list of run or sweep dirs, e.g. ['outputs']")
     paths = [path_of(p, "paths") for p in paths]
     by = None if by is None else strings(by, "by", "['optimizer']")
     if not isinstance(metric, str) or not metric:
-        raise ConfigError("metric", _shown(metric), "must be a metric name (a non-empty str), e.g. 'test/acc'")
+        raise ConfigError("metric", repr(metric), "must be a metric name (a non-empty str), e.g. 'test/acc'")
     try:
         return table_data(paths, by or None, metric)
     except UsageError as e:  # e.g. an unknown --by key or metric: the message names it
@@ -87,7 +87,7 @@ def strings(value: Any, name: str, example: str) -> list[str]:
     is refused, not split: "model=cnn seed=1" would read as one override."""
     if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
             or not all(isinstance(item, str) and item for item in value)):
-        raise ConfigError(name, _shown(value), f"must be a list of non-empty strings, e.g. {example}")
+        raise ConfigError(name, repr(value), f"must be a list of non-empty strings, e.g. {example}")
     return list(value)
 
 
@@ -96,13 +96,8 @@ def path_of(value: Any, name: str) -> Path:
     argument otherwise. An empty one is refused: it would mean the current directory."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else value
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(name, _shown(value), "must be a directory's path (a non-empty str or os.PathLike)")
+        raise ConfigError(name, repr(value), "must be a directory's path (a non-empty str or os.PathLike)")
     return Path(text)
-
-
-def _shown(value: Any) -> str:
-    """An argument as the error line shows it: its repr, so '' and None read as given."""
-    return repr(value)
 
 
 def write_hydra_record(run_dir: Path, composed: Any, overrides: list[str]) -> None:

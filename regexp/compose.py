@@ -6,6 +6,7 @@ for every job of a sweep), and the Python API call it before any work. Hydra is 
 inside functions, torch never.
 """
 
+import re
 import sys
 import threading
 from contextlib import contextmanager
@@ -66,9 +67,11 @@ def _parse(parser: Any, overrides: list[str]) -> list:
     except HydraException as e:  # a syntax error
         raise ConfigError("overrides", " ".join(overrides), _first_line(e)) from None
     except ValueError:  # Python's int() reads at most sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        if not any(re.search(rf"\d{{{limit + 1},}}", o) for o in overrides):
+            raise
         shown = " ".join(o if len(o) <= 80 else f"{o[:60]}...({len(o)} characters)" for o in overrides)
-        raise ConfigError("overrides", shown, f"a number of more than {sys.get_int_max_str_digits()} digits; "
-                                              "no setting takes one") from None
+        raise ConfigError("overrides", shown, f"a number of more than {limit} digits; no setting takes one") from None
 
 
 def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:

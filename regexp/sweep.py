@@ -96,12 +96,13 @@ def optuna_colours_on_terminals_only(hydra_cfg: Any) -> None:
         return
     import logging
 
+    import colorlog  # Optuna's formatter
     import optuna
 
     for handler in optuna.logging.get_logger("optuna").handlers:  # get_logger sets Optuna's handler up
         formatter = handler.formatter
-        if isinstance(handler, logging.StreamHandler) and getattr(formatter, "stream", False) is None:
-            formatter.stream = handler.stream
+        if isinstance(handler, logging.StreamHandler) and isinstance(formatter, colorlog.ColoredFormatter):
+            formatter.stream = formatter.stream or handler.stream
 
 
 # ---------------------------------------------------------------- this invocation's records
