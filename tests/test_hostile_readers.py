@@ -315,3 +315,18 @@ def test_train_with_device_threads_beyond_the_cores_writes_nothing(tmp_path):
     out = run_cli(["train", "device.threads=100000", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert "device.threads=100000: must be auto or an integer from 1 to" in one_line_error(out, 2)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_run_dir_named_with_markup_is_printed_as_named(tmp_path, data_root):
+    from conftest import TINY
+
+    run_dir = tmp_path / "[bold]run"
+    out = run_cli(["train", *TINY, "logger=none", "+regularizer=[dropout]", f"hydra.run.dir='{run_dir}'"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr
+    assert f"run dir {run_dir}" in out.stdout  # the first line
+    assert any(line.startswith("│ run_dir") and str(run_dir) in line for line in out.stdout.splitlines())  # the panel
+    out = run_cli(["compare", str(tmp_path)], tmp_path)
+    assert out.returncode == 0 and "1 run in 1 group" in out.stdout
+    out = run_cli(["diagnose", str(run_dir)], tmp_path)
+    assert out.returncode == 0 and "diagnosis" in out.stdout
