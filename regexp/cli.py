@@ -182,8 +182,9 @@ def check_one_mode(args: list[str]) -> None:
     """`--cfg job -m`, `--info -m`, ...: one line and exit 2, not Hydra's traceback."""
     given = [name for name, flags in MODES.items() if any(a in flags for a in args)]
     if len(given) > 1:
-        fail(f"{' with '.join(given)}: one at a time; to print a sweep job's config, drop -m and give one "
-             "value of each swept key (e.g. regexp train --cfg job seed=0)")
+        advice = ("; to print a sweep job's config, drop -m and give one value of each swept key (e.g. regexp train "
+                  "--cfg job seed=0)" if "-m" in given and "--cfg" in given else "")
+        fail(f"{' with '.join(given)}: one at a time{advice}")
 
 
 def run_hydra(args: list[str], out_dir: Optional[str]) -> int:
