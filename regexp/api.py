@@ -4,16 +4,20 @@ validation and pre-flight as `regexp train`, without Hydra's job runner, for not
 A run writes the run dir the command line would (summary.json, metrics.jsonl,
 diagnosis.json, checkpoints, train.log, .hydra/config.yaml and overrides.yaml), so
 `regexp compare`, `regexp diagnose` and `resume=` work on it. Bad input raises
-ConfigError (a ValueError) naming the key; nothing is written then.
+ConfigError (a ValueError) naming the key or the argument; nothing is written then.
+Runs in several threads at once work: each composes its config in turn (Hydra's state is
+one per process) and logs to its own train.log.
 """
 
 import logging
+import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from regexp.rundir import Summary, load_summary, read_diagnosis, read_metrics
+from regexp.rundir import ConfigError, Summary, load_summary, read_diagnosis, read_metrics
 
 
 @dataclass
@@ -37,7 +41,8 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
     from regexp.rundir import sole_writer
     from regexp.train import check_resume, train
 
-    overrides = with_added_groups(with_resumed_run(list(overrides)))
+    overrides = with_added_groups(with_resumed_run(strings(overrides, "overrides", "['model=cnn', 'seed=1']")))
+    run_dir = None if run_dir is None else path_of(run_dir, "run_dir")
     composed = compose(overrides, with_hydra=True)
     typed = check_job(composed)
     if run_dir is None:
@@ -55,7 +60,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
 
 def load(run_dir: str | Path) -> Run:
     """A run dir's summary, metric records and findings (RunError when it is no run dir)."""
-    run_dir = Path(run_dir)
+    run_dir = path_of(run_dir, "run_dir")
     return Run(run_dir, load_summary(run_dir), read_metrics(run_dir), read_diagnosis(run_dir) or [])
 
 
@@ -63,12 +68,36 @@ def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, met
     """The table `regexp compare` prints, as data: groups (mean and std of each column, run
     counts by status) and runs. Failed and diverged runs are counted, never averaged."""
     from regexp.comparison import table_data
-    from regexp.rundir import ConfigError, UsageError
+    from regexp.rundir import UsageError
 
+    if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or not paths:
+        raise ConfigError("paths", repr(paths), "must be a non-empty list of run or sweep dirs, e.g. ['outputs']")
+    paths = [path_of(p, "paths") for p in paths]
+    by = None if by is None else strings(by, "by", "['optimizer']")
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError("metric", repr(metric), "must be a metric name (a non-empty str), e.g. 'test/acc'")
     try:
-        return table_data([Path(p) for p in paths], list(by) if by else None, metric)
+        return table_data(paths, by or None, metric)
     except UsageError as e:  # e.g. an unknown --by key or metric: the message names it
         raise ConfigError("compare", [str(p) for p in paths], str(e)) from None
+
+
+def strings(value: Any, name: str, example: str) -> list[str]:
+    """`value` as a list of non-empty str; ConfigError naming the argument otherwise. One str
+    is refused, not split: "model=cnn seed=1" would read as one override."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+            or not all(isinstance(item, str) and item for item in value)):
+        raise ConfigError(name, repr(value), f"must be a list of non-empty strings, e.g. {example}")
+    return list(value)
+
+
+def path_of(value: Any, name: str) -> Path:
+    """`value` (a str or os.PathLike naming a directory) as a Path; ConfigError naming the
+    argument otherwise. An empty one is refused: it would mean the current directory."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(name, repr(value), "must be a directory's path (a non-empty str or os.PathLike)")
+    return Path(text)
 
 
 def write_hydra_record(run_dir: Path, composed: Any, overrides: list[str]) -> None:
@@ -90,14 +119,39 @@ def train_log(run_dir: Path) -> Iterator[None]:
     """The run's log lines into run_dir/train.log for the length of the run, as under Hydra."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)  # a run in another thread logs to its own file
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logger = logging.getLogger("regexp")
-    level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
-        yield
+        with _LOGGING:
+            yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
         handler.close()
+
+
+class _LoggingRuns:
+    """The `regexp` logger at INFO while any run writes its train.log; its own level again
+    after the last one ends (runs in threads overlap)."""
+
+    def __init__(self):
+        self.lock, self.runs, self.level = threading.Lock(), 0, logging.NOTSET
+
+    def __enter__(self) -> None:
+        logger = logging.getLogger("regexp")
+        with self.lock:
+            if self.runs == 0:
+                self.level = logger.level
+                logger.setLevel(logging.INFO)
+            self.runs += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.runs -= 1
+            if self.runs == 0:
+                logging.getLogger("regexp").setLevel(self.level)
+
+
+_LOGGING = _LoggingRuns()

@@ -145,6 +145,7 @@ def run_train(args: list[str]) -> int:
     from regexp.rundir import ConfigError, RunError, sole_writer
 
     multirun = any(a in ("-m", "--multirun") for a in args)
+    check_one_mode(args)
     try:
         if not multirun:
             args = with_resumed_run(args)
@@ -170,6 +171,20 @@ def run_train(args: list[str]) -> int:
         print(f"regexp: error: {e}", file=sys.stderr)
         return 1
     return 2
+
+
+# Hydra does one of these per command line
+MODES = {"-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
+         "--shell-completion": ("-sc", "--shell-completion")}
+
+
+def check_one_mode(args: list[str]) -> None:
+    """`--cfg job -m`, `--info -m`, ...: one line and exit 2, not Hydra's traceback."""
+    given = [name for name, flags in MODES.items() if any(a in flags for a in args)]
+    if len(given) > 1:
+        advice = ("; to print a sweep job's config, drop -m and give one value of each swept key (e.g. regexp train "
+                  "--cfg job seed=0)" if "-m" in given and "--cfg" in given else "")
+        fail(f"{' with '.join(given)}: one at a time{advice}")
 
 
 def run_hydra(args: list[str], out_dir: Optional[str]) -> int:

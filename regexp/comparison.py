@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
-from regexp.tracking import CommandParser, plural
+from regexp.tracking import CommandParser, plural, print_whole
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
@@ -83,8 +83,10 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
     """Every run below each path (a path may itself be a run dir), each run once."""
     runs: dict[Path, Run] = {}
     for path in map(Path, paths):
-        if not path.is_dir():
+        if not path.exists():
             raise UsageError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise UsageError(f"{path}: not a directory; give a run dir, a sweep dir or a folder holding them")
         found = [read_run(p.parent) for p in sorted(path.rglob("summary.json"))]
         found = [run for run in found if run is not None]
         if not found:
@@ -149,7 +151,8 @@ def key_value(run: Run, key: str) -> Optional[str]:
     """What the run used for `key`, as text: a group's chosen option, else the resolved
     config value (so `optimizer.lr=1e-2` and `=0.01` agree, and a run without the
     override shows its default), else the override as typed (`+regularizer=[dropout,l2]`
-    has no single choice). None when the run has no such key."""
+    has no single choice). None when the run has no such key, or none of a group added with
+    `+` (regularizer: the config holds each option, null unless chosen)."""
     if run.choices.get(key) is not None:
         return str(run.choices[key])
     found, value = dotted(run.config, key)
@@ -157,6 +160,9 @@ def key_value(run: Run, key: str) -> Optional[str]:
         return as_text(value)
     if key in run.overrides:
         return run.overrides[key]
+    if found and value and all(option is None or isinstance(option, dict) for option in value.values()):
+        chosen = [option for option, node in value.items() if node is not None]
+        return f"[{','.join(chosen)}]" if chosen else None
     return as_text(value) if found else None
 
 
@@ -228,7 +234,7 @@ def check_metric(runs: list[Run], metric: str) -> None:
     if any(metric in run.metrics for run in runs) or not any(run.status.trained for run in runs):
         return
     available = sorted({name for run in runs for name in run.metrics})
-    raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available)}")
+    raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available) or '(none)'}")
 
 
 # ---------------------------------------------------------------- output
@@ -300,7 +306,7 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
                f"runs (others counted, not averaged) · best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
     table = Table()
     for key in keys or ["group"]:
-        table.add_column(key)
+        table.add_column(Text(key))
     table.add_column("runs", justify="right")
     columns = list(dict.fromkeys([metric, TRAIN_LOSS]))
     for name in columns:
@@ -309,15 +315,13 @@ def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_bet
     table.add_column("status")
     for g in groups:
         wall = g.stat(WALL_TIME).mean
-        key_cells = [g.values[k] or MISSING for k in keys] if keys else ["all runs"]
+        key_cells = [Text(g.values[k] or MISSING) for k in keys] if keys else ["all runs"]  # as typed: [dropout] stays
         table.add_row(*key_cells, str(len(g.runs)),
                       *(fmt_stat(g.stat(name), len(g.runs)) for name in columns),
                       MISSING if wall is None else f"{wall:.1f}", status_text(g.statuses()))
     console = Console(highlight=False)
-    if not console.is_terminal:  # a file or a pipe: never squeeze the table into 80 columns
-        console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
     console.print(heading, markup=False, soft_wrap=True)
-    console.print(table)
+    print_whole(console, table)  # a file or a pipe: never squeezed into 80 columns
     for run in (run for g in groups for run in g.runs if not run.status.trained):
         console.print(untrained_line(run), markup=False, soft_wrap=True)
 

@@ -6,6 +6,9 @@ for every job of a sweep), and the Python API call it before any work. Hydra is 
 inside functions, torch never.
 """
 
+import re
+import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator, Optional, get_args
@@ -36,17 +39,24 @@ def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
         return _hydra_compose(parsed, with_hydra)
 
 
+_HYDRA_IN_USE = threading.RLock()  # held by the thread inside initialized(); re-entered by its nested calls
+
+
 @contextmanager
 def initialized() -> Iterator[None]:
-    """Hydra's compose API pointed at conf/ (nested calls reuse the outer initialization)."""
+    """Hydra's compose API pointed at conf/ (nested calls reuse the outer initialization).
+    Hydra's state is one per process: a thread composes only while no other one does, so
+    `regexp.run` in two threads works."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
-        yield
-        return
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-        yield
+    with _HYDRA_IN_USE:
+        if GlobalHydra.instance().is_initialized():
+            yield
+            return
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+            yield
+
 
 
 def _parse(parser: Any, overrides: list[str]) -> list:
@@ -56,6 +66,12 @@ def _parse(parser: Any, overrides: list[str]) -> list:
         return parser.parse_overrides(overrides)
     except HydraException as e:  # a syntax error
         raise ConfigError("overrides", " ".join(overrides), _first_line(e)) from None
+    except ValueError:  # Python's int() reads at most sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        if not any(re.search(rf"\d{{{limit + 1},}}", o) for o in overrides):
+            raise
+        shown = " ".join(o if len(o) <= 80 else f"{o[:60]}...({len(o)} characters)" for o in overrides)
+        raise ConfigError("overrides", shown, f"a number of more than {limit} digits; no setting takes one") from None
 
 
 def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:

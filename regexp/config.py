@@ -34,6 +34,14 @@ class Rule:
     allowed: str
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def rule(ok: Callable[[Any], bool], allowed: str) -> dict:
     return {"rule": Rule(ok, allowed)}
 
@@ -304,9 +312,11 @@ class DeviceConfig:
     compile: bool = False
     channels_last: bool = True  # convs on CUDA only
     deterministic: bool = False
-    # CPU threads: auto times a few steps of the run's model at 1..free cores and keeps the fastest
-    threads: str = field(default="auto", metadata=rule(lambda v: v == "auto" or (v.isdigit() and int(v) >= 1),
-                                                       "must be auto or an integer >= 1"))
+    # CPU threads: auto times a few steps of the run's model at 1..free cores and keeps the fastest; never more
+    # threads than the cores this process may use (torch crashes on a hundred thousand)
+    threads: str = field(default="auto", metadata=rule(
+        lambda v: v == "auto" or (v.isascii() and v.isdigit() and len(v) <= 6 and 1 <= int(v) <= usable_cores()),
+        f"must be auto or an integer from 1 to {usable_cores()} (the cores this process may use)"))
 
 
 @dataclass

@@ -10,6 +10,7 @@ the end of every training run and on `regexp diagnose` of a run of any length.
 import heapq
 import math
 import statistics
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -314,7 +315,8 @@ def parser() -> CommandParser:
                     "and its summary.json: the rules of the diagnosis that ends every run, applied again.",
         epilog="A failed, interrupted or still running run is diagnosed too, on what it recorded, after a line "
                "saying so (with its error). Exit codes: 0 the diagnosis was printed, whatever the run's status "
-               "or findings; 1 a record file is unreadable or corrupted (named); 2 not a run directory.")
+               "or findings; 1 a record file is unreadable, corrupted or not a regular file (named); 2 RUN_DIR does not "
+               "exist or is not a run directory.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's directory (holding summary.json, metrics.jsonl)")
     return p
 
@@ -322,7 +324,12 @@ def parser() -> CommandParser:
 def main(args: list[str]) -> int:
     """`regexp diagnose RUN_DIR`. UsageError for bad input, RunError for a bad record file."""
     run_dir = parser().parse_args(args).run_dir
-    has_summary, has_metrics = (run_dir / SUMMARY).is_file(), (run_dir / METRICS).is_file()
+    if not run_dir.exists():
+        raise UsageError(f"RUN_DIR={run_dir}: does not exist")
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR={run_dir}: not a directory; give a run's directory")
+    # anything in a record's place is read (and refused, named, when it is no regular file)
+    has_summary, has_metrics = os.path.lexists(run_dir / SUMMARY), os.path.lexists(run_dir / METRICS)
     if not (has_summary or has_metrics):
         raise UsageError(f"RUN_DIR={run_dir}: not a run directory (no {SUMMARY} or {METRICS})")
     summary = load_summary(run_dir) if has_summary else None

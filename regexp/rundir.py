@@ -14,14 +14,19 @@ This module is a leaf: it imports nothing else from regexp, and no torch.
 import json
 import math
 import os
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union, get_args, get_origin
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union, get_args, get_origin
 
 SUMMARY, METRICS, DIAGNOSIS = "summary.json", "metrics.jsonl", "diagnosis.json"
 CONTINUATION = "continuation.json"  # a resumed finished run's own record, until it ends at least as well
+# The most a reader takes in at once: a whole record file (summary.json, diagnosis.json, overrides.yaml)
+# or one line of metrics.jsonl; far above any real record.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_LINE_BYTES = 64 * 2**20
 
 
 class ConfigError(ValueError):
@@ -133,15 +138,9 @@ class Summary:
         if not isinstance(data, dict):
             raise ValueError(f"a JSON object was expected, not {type(data).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        for f in fields(cls):  # a reader may index these: a wrong type is not a summary
-            container, optional = get_origin(f.type), False
-            if container is Union:  # Optional[dict[...]]
-                container, optional = get_origin(get_args(f.type)[0]), True
-            value = data.get(f.name)
-            if container not in (dict, list) or f.name not in data or (optional and value is None):
-                continue
-            if not isinstance(value, container):
-                raise ValueError(f"{f.name} is a {type(value).__name__}, not a {container.__name__}")
+        for f in fields(cls):  # a reader may index, split or format these: a wrong type is not a summary
+            if f.name in data and f.name not in ("status", "extra"):
+                _check_type(f.name, data[f.name], f.type)
         summary = cls(**{k: v for k, v in data.items() if k in known})
         summary.status = Status(data.get("status", Status.FAILED.value))
         summary.extra = {k: v for k, v in data.items() if k not in known}
@@ -151,6 +150,26 @@ class Summary:
         """A sweeper's objective: `metric` of a finished run, NaN when there is none."""
         value = self.metrics.get(metric) if self.status.finished else None
         return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """ValueError unless `value` fits a Summary field's annotation: a str, a number (int or
+    float alike), a dict, or a list whose items fit; None where the field is Optional."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        if value is None:
+            return
+        annotation = get_args(annotation)[0]
+    expected = get_origin(annotation) or annotation
+    if expected in (int, float):
+        fits, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "number"
+    else:
+        fits, wanted = isinstance(value, expected), expected.__name__
+    if not fits:
+        raise ValueError(f"{name} is a {type(value).__name__}, not a {wanted}")
+    item = get_args(annotation)[0] if expected is list and get_args(annotation) else None
+    if item is not None and item is not Any:
+        for element in value:
+            _check_type(f"an item of {name}", element, item)
 
 
 # ---------------------------------------------------------------- whole-file writes
@@ -190,12 +209,61 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     """A JSON file's content; RunError naming the file when it cannot be read or parsed."""
+    return parse_json(read_text(path), path)
+
+
+def parse_json(text: str, where: Any) -> Any:
+    """`text` as JSON; RunError naming `where` (a file, or file:line) when it is not, nesting
+    too deep for Python's parser included."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(text)
+    except ValueError as e:
+        raise RunError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise RunError(f"{where}: not valid JSON (nested too deep)") from None
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, only when it is a regular file (after symlinks): a FIFO, a
+    device (/dev/zero) or a directory is a RunError naming it, never a read that blocks or
+    never ends. O_NONBLOCK keeps the open itself from waiting for a FIFO's writer; the check
+    is fstat on the opened descriptor, so nothing can be swapped in after it.
+    FileNotFoundError passes through: the caller decides what a missing file means."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RunError(f"{path}: not a regular file ({_file_kind(mode)}); a run's records are regular files")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), "not a file")
+
+
+def read_text(path: Path) -> str:
+    """A whole record file as text (undecodable bytes replaced); RunError naming the file when
+    it is missing, not a regular file, unreadable or larger than any record."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise RunError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB; not a run's record")
+    return data.decode("utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------- summary.json
@@ -279,15 +347,23 @@ class MetricsFile:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file ([] when it does not exist), read line by line. A
     half-written last line (a run still writing, or killed mid-write) is ignored; any other
-    bad line is a RunError naming the file and line."""
+    bad line, or a file that is not a regular one, is a RunError naming the file (and line)."""
     path = Path(path)
     try:
-        with open(path, errors="replace") as lines:
-            return list(_parse_records(lines, path))
+        with open_regular(path) as f:
+            return list(_parse_records(_lines(f, path), path))
     except FileNotFoundError:
         return []
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _lines(f: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as text, each at most MAX_LINE_BYTES."""
+    for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise RunError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; the file is corrupted")
+        yield line.decode("utf-8", errors="replace")
 
 
 def _parse_records(lines: Iterator[str], path: Path) -> Iterator[dict[str, Any]]:
@@ -296,8 +372,8 @@ def _parse_records(lines: Iterator[str], path: Path) -> Iterator[dict[str, Any]]
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line, f"{path}:{number}")
+        except RunError:  # not JSON, or nested deeper than Python's parser goes
             if not line.endswith("\n"):  # the last line, still being written
                 return
             raise RunError(f"{path}:{number}: not a JSON record; the file is corrupted") from None
@@ -327,7 +403,7 @@ def write_diagnosis(run_dir: Path, findings: list[dict[str, Any]]) -> None:
 def read_diagnosis(run_dir: Path) -> Optional[list[dict[str, Any]]]:
     """The findings written at the end of the run, None when there is no diagnosis.json."""
     path = Path(run_dir) / DIAGNOSIS
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("findings"), list):
@@ -336,16 +412,19 @@ def read_diagnosis(run_dir: Path) -> Optional[list[dict[str, Any]]]:
 
 
 def read_overrides(run_dir: Path) -> Optional[list[str]]:
-    """Hydra's record of the job's overrides, None when the run dir has no .hydra/."""
+    """Hydra's record of the job's overrides, None when the run dir has no .hydra/overrides.yaml."""
     import yaml  # a dependency of omegaconf; only needed here
 
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    text = read_text(path)
     try:
-        items = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         raise RunError(f"{path}: cannot read the run's overrides ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise RunError(f"{path}: cannot read the run's overrides (nested too deep)") from None
     if items is not None and not (isinstance(items, list) and all(isinstance(item, str) for item in items)):
         raise RunError(f"{path}: not a list of overrides (strings)")
     return [str(item) for item in items or []]

@@ -32,7 +32,7 @@ from regexp.rundir import (
     write_json,
     write_summary,
 )
-from regexp.tracking import plural
+from regexp.tracking import plural, print_whole
 
 METRIC = "test/acc"
 SWEEP_SUMMARY = "sweep_summary.json"
@@ -55,6 +55,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         start_records(Path(config.hydra.sweep.dir), planned_jobs(config.hydra))
+        optuna_colours_on_terminals_only(config.hydra)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous_handlers[signum] = signal.signal(signum, stop_sweep)
@@ -85,6 +86,23 @@ def signal_number(stopped_by: BaseException) -> int:
 def stop_sweep(signum: int, frame: Any) -> None:
     """SIGINT/SIGTERM while no job is training (between jobs, or before a job's own handler)."""
     raise Interrupted(signum)
+
+
+def optuna_colours_on_terminals_only(hydra_cfg: Any) -> None:
+    """Optuna's log handler colours its lines whatever the stream, which puts escape codes in a
+    file or a pipe: its formatter is told the stream, so colours go to a terminal only (colorlog
+    still honours NO_COLOR and FORCE_COLOR)."""
+    if "optuna" not in str(hydra_cfg.sweeper.get("_target_", "")).lower():
+        return
+    import logging
+
+    import colorlog  # Optuna's formatter
+    import optuna
+
+    for handler in optuna.logging.get_logger("optuna").handlers:  # get_logger sets Optuna's handler up
+        formatter = handler.formatter
+        if isinstance(handler, logging.StreamHandler) and isinstance(formatter, colorlog.ColoredFormatter):
+            formatter.stream = formatter.stream or handler.stream
 
 
 # ---------------------------------------------------------------- this invocation's records
@@ -135,9 +153,17 @@ def read_records(sweep_dir: Path) -> tuple[Optional[dict[str, Any]], list[dict[s
         if path.name != PLAN:
             try:
                 records.append(read_json(path))
-            except RunError:  # half a record: its job is listed as not run (or not at all)
+            except RunError:  # half a record, or no file: its job is listed as not run (or not at all)
                 continue
-    return plan, sorted(records, key=lambda r: int(r["job"]))
+    records = [r for r in records if is_job_record(r)]
+    return plan if isinstance(plan, dict) else None, sorted(records, key=lambda r: int(r["job"]))
+
+
+def is_job_record(record: Any) -> bool:
+    """What write_job_record writes; anything else in .sweep/ is not one of this sweep's jobs."""
+    job = record.get("job") if isinstance(record, dict) else None
+    return (isinstance(job, str) and job.isascii() and job.isdigit() and len(job) <= 9
+            and isinstance(record.get("run_dir"), str) and isinstance(record.get("overrides"), list))
 
 
 # ---------------------------------------------------------------- rows
@@ -200,24 +226,39 @@ def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
     title = title or f"{len(failed)} failed"
-    table = Table(caption=f"all jobs: {' '.join(o for o in rows[0]['overrides'] if o in shared)}" if shared else None,
-                  caption_justify="left")
+    # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
+    table = Table(caption=Text(f"all jobs: {' '.join(shown(o) for o in rows[0]['overrides'] if o in shared)}")
+                  if shared else None, caption_justify="left")
     for column in ("job", "overrides", "status", METRIC, "wall s"):
         table.add_column(column, overflow="fold")
     for r in rows:
         style = "red" if r in failed else "yellow" if r["status"] in (Status.DIVERGED, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
-        table.add_row(r["job"], " ".join(o for o in r["overrides"] if o not in shared), r["status"], metric, wall, style=style)
+        table.add_row(r["job"], Text(" ".join(shown(o) for o in r["overrides"] if o not in shared)), r["status"], metric,
+                      wall, style=style)
     console = Console(soft_wrap=False)
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
-    console.print(table)
+    print_whole(console, table)
     for r in failed:
         console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {r['error']}",
                       style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
+
+
+def shown(override: str) -> str:
+    """An override as the sweep table shows it: a long float (a search sweeper's draw, such as
+    optimizer.lr=0.0012520653814999472) at 4 significant digits; sweep_summary.json keeps it whole."""
+    key, equals, value = override.partition("=")
+    if not equals or len(value) <= 8 or not any(c in value for c in ".eE"):
+        return override
+    try:
+        return f"{key}={float(value):.4g}"
+    except ValueError:
+        return override
 
 
 class SweepFailed(BaseException):

@@ -16,14 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from regexp.config import usable_cores
+
 TIMED_STEPS = 3  # per candidate, after one warm-up step
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def free_cores(cap: int) -> int:

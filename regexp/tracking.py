@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from regexp.rundir import MetricsFile, Summary, UsageError
 
@@ -102,6 +103,17 @@ def wider(console: Console, width: int) -> Iterator[None]:
         console.width = before
 
 
+def print_whole(console: Console, renderable: Any) -> None:
+    """A table or panel on the console: as wide as a terminal is; on a file or a pipe, which
+    have no width to respect, as wide as it needs (a path or a row whole, on one line)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    needed = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+    with wider(console, needed):
+        console.print(renderable)
+
+
 class Reporter:
     """The console: a progress bar per epoch on a terminal, one line per epoch everywhere
     (also when stdout is a file or a CI log), a summary panel at the end. Every line also
@@ -143,14 +155,8 @@ class Reporter:
         table.add_column()
         table.add_column(overflow="fold")  # a path too wide for a terminal folds, never loses its middle
         for k, v in rows.items():
-            table.add_row(k, fmt_value(v))
-        panel = Panel(table, title=title, border_style=style, expand=False)
-        if self.console.is_terminal:
-            self.console.print(panel)
-        else:  # a file or a pipe has no width to respect: each path whole, on one line
-            needed = self.console.measure(panel, options=self.console.options.update_width(10_000)).maximum
-            with wider(self.console, needed):
-                self.console.print(panel)
+            table.add_row(Text(k), Text(fmt_value(v)))  # a run dir named [bold] is shown as named
+        print_whole(self.console, Panel(table, title=Text(title), border_style=style, expand=False))
         log.info("%s: %s", title, "  ".join(f"{k}={fmt_value(v)}" for k, v in rows.items()))
 
     def diagnosis(self, findings: list[dict[str, Any]]) -> None:

@@ -43,6 +43,7 @@ from regexp.rundir import (
     atomic_write,
     keep_metrics_up_to,
     load_summary,
+    open_regular,
     read_metrics,
     read_summary,
     split_finite,
@@ -242,9 +243,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint, loaded without executing pickled code; RunError naming the file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as f:  # a FIFO or a device is refused, never waited on
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path}: no checkpoint there; resume= takes a run directory that holds checkpoint.pt") from None
+    except RunError:
+        raise
     except Exception as e:  # truncated, corrupted, or not a checkpoint at all
         raise RunError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                        "it is truncated or corrupted: resume from another run or start afresh") from None
@@ -302,7 +306,10 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Optional[tuple[Pat
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """best.pt's weights; RunError naming the file when it cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+        with open_regular(path) as f:  # a FIFO or a device is refused, never waited on
+            return torch.load(f, map_location="cpu", weights_only=True)["model"]
+    except RunError:
+        raise
     except Exception as e:
         raise RunError(f"{path}: cannot read the best weights ({type(e).__name__}); the file is truncated or "
                        "corrupted: restore it, or move it away to resume without it") from None
