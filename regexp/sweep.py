@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from regexp.rundir import (
     ConfigError,
@@ -265,11 +265,14 @@ def report_rows(sweep_dir: Path, stopped_by: BaseException) -> str:
 def record_failure(hydra_cfg: Any, error: BaseException) -> None:
     """A failed job's error in its record and, unless train() already wrote one (it does, once
     started), its summary.json. A job refused by resume=auto writes nothing in its run dir:
-    that holds another run, whose records stay as they were."""
+    that holds another run, whose records stay as they were; nor does one refused because
+    another process writes its run dir (regexp.lock)."""
     import traceback
 
+    from regexp.lock import DirHeld
+
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if isinstance(error, Refused):
+    if isinstance(error, (Refused, DirHeld)):
         write_job_record(hydra_cfg, refused=str(error))
         print(f"regexp: job {hydra_cfg.job.num} refused: {error}", file=sys.stderr)
         return
@@ -300,18 +303,41 @@ def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
     return summary if summary.status.finished else None
 
 
-def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str]) -> None:
-    """The pre-flight of job `number` of a basic sweep with resume=auto: Refused, before Hydra
-    rewrites anything in its run dir, when that dir holds a run of other overrides."""
+def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],
+                    job_dirs: dict[str, int]) -> None:
+    """The pre-flight of job `number` of a basic sweep, before Hydra writes anything in its run
+    dir: refused when that dir is an earlier job's (`job_dirs`: real path -> job number, this
+    job's added) or the sweep dir itself, when another process writes it now, and with
+    resume=auto when it holds a run of other overrides. A search's draws are checked as they
+    come (the job's own lock, already_finished)."""
+    from regexp.compose import expands_its_jobs
+    from regexp.lock import check_free
+
+    if not expands_its_jobs(cfg.hydra):
+        return
+    run_dir = job_dir(sweep_dir, cfg, number)
+    subdir = OmegaConf.to_container(cfg.hydra.sweep)["subdir"]  # as written, ${...} unresolved
+    differ = "use a subdir that differs between jobs (the default is ${hydra.job.num})"
+    if os.path.realpath(run_dir) == os.path.realpath(sweep_dir):
+        raise ConfigError("hydra.sweep.subdir", subdir,
+                          f"job {number}'s run dir would be the sweep dir {run_dir} itself; {differ}")
+    first = job_dirs.setdefault(os.path.realpath(run_dir), number)
+    if first != number:
+        raise ConfigError("hydra.sweep.subdir", subdir,
+                          f"jobs {first} and {number} would both write {run_dir}; {differ}")
+    check_free(run_dir, "hydra.sweep.dir", str(sweep_dir))
+    if cfg.get("resume") == "auto":
+        already_finished(run_dir, overrides)
+
+
+def job_dir(sweep_dir: Path, cfg: DictConfig, number: int) -> Path:
+    """Job `number`'s run dir as Hydra's launchers name it: the sweep dir joined with
+    hydra.sweep.subdir, resolved with the job's number."""
     from omegaconf import open_dict
 
-    from regexp.compose import expands_its_jobs
-
-    if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra):  # a search's draws are checked as they come
-        return
     with open_dict(cfg):
-        cfg.hydra.job.num = number  # as Hydra's launcher sets it, for a subdir made of it
-    already_finished(Path(sweep_dir) / str(cfg.hydra.sweep.subdir), overrides)
+        cfg.hydra.job.num = number
+    return Path(os.path.abspath(os.path.join(str(sweep_dir), str(cfg.hydra.sweep.subdir))))
 
 
 def _run_overrides(overrides: list[str]) -> list[str]:
