@@ -310,10 +310,12 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     from regexp.compose import check_job
     from regexp.config import job_config
     from regexp.data import check_available
-    from regexp.sweep import already_finished, share_machine
+    from regexp.sweep import already_finished, check_drawn_job_dir, share_machine
     from regexp.train import RunSpec
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if searching:  # a search sweeper's draw: its run dir not seen by the pre-flight
+        check_drawn_job_dir(hydra_cfg)
     share_machine(hydra_cfg)
     finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
     if finished is not None:

@@ -316,9 +316,11 @@ def test_a_sweep_job_refused_by_the_lock_writes_nothing_in_its_run_dir(tmp_path,
 @pytest.mark.parametrize("overrides, allowed", [
     (["seed=0,1", "hydra.sweep.subdir=same"], "jobs 0 and 1 would both write {sweep}/same; use a subdir that differs"),
     (["seed=0,1", "hydra/launcher=fused", "hydra.sweep.subdir=same"], "jobs 0 and 1 would both write {sweep}/same;"),
-    (["seed=0,1,2", "optimizer.lr=0.1", "hydra.sweep.subdir=${optimizer.lr}"], "jobs 0 and 1 would both write {sweep}/0.1;"),
+    (["seed=0,1,2", "optimizer.lr=0.1", "hydra.sweep.subdir=${optimizer.lr}"],
+     "jobs 0 and 1 would both write {sweep}/0.1;"),
     (["seed=0", "hydra.sweep.subdir=."], "job 0's run dir would be the sweep dir {sweep} itself;"),
-    (["seed=0,1", "hydra.sweep.subdir=x/../${hydra.job.num}/..", ], "job 0's run dir would be the sweep dir {sweep} itself;"),
+    (["seed=0,1", "hydra.sweep.subdir=x/../${hydra.job.num}/.."],
+     "job 0's run dir would be the sweep dir {sweep} itself;"),
 ], ids=["basic", "fused", "interpolated", "dot", "dotdot"])
 def test_the_preflight_refuses_jobs_whose_run_dirs_coincide(tmp_path, overrides, allowed):
     from regexp.cli import precheck
@@ -348,6 +350,48 @@ def test_the_preflight_refuses_a_sweep_whose_job_dir_a_live_process_writes(tmp_p
     assert precheck(["seed=0,1", f"hydra.sweep.dir={sweep}", "logger=none"], multirun=True)[0] == str(sweep)  # stale
 
 
+@pytest.mark.parametrize("subdir, refused", [("same", True), ("${hydra.job.name}", True), ("${hydra.job.num}", False),
+                                            ("${hydra.job.override_dirname}", False), ("lr${optimizer.lr}", False)])
+def test_the_preflight_refuses_a_search_whose_trials_would_share_one_dir(tmp_path, subdir, refused):
+    from regexp.cli import precheck
+
+    sweep = tmp_path / "sweep"
+    overrides = ["hydra/sweeper=tune", f"hydra.sweep.dir={sweep}", f"hydra.sweep.subdir={subdir}", "logger=none"]
+    if refused:
+        with pytest.raises(ConfigError, match=rf"^hydra.sweep.subdir={subdir.replace('$', '[$]')}: every trial of this "
+                                              rf"search would write {sweep}/"):
+            precheck(overrides, multirun=True)
+    else:
+        precheck(overrides, multirun=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_drawn_job_whose_run_dir_is_an_earlier_jobs_is_refused_and_recorded(tmp_path, capsys):
+    from hydra.types import RunMode
+
+    from regexp.sweep import Refused, check_drawn_job_dir, record_failure, sweep_rows, write_job_record
+
+    def node(number: int, run_dir: Path):
+        return OmegaConf.create({"mode": RunMode.MULTIRUN, "job": {"num": number},
+                                 "overrides": {"task": [f"seed={number}"]}, "runtime": {"output_dir": str(run_dir)},
+                                 "sweep": {"dir": str(tmp_path), "subdir": "same"}})
+
+    write_job_record(node(0, tmp_path / "same"))
+    (tmp_path / "same").mkdir()
+    write_summary(tmp_path / "same", Summary(status=Status.COMPLETED, overrides=["seed=0"], metrics={"test/acc": 0.5}))
+    check_drawn_job_dir(node(1, tmp_path / "other"))
+    write_job_record(node(1, tmp_path / "same"))
+    before = files(tmp_path / "same")
+    with pytest.raises(Refused) as refused:
+        check_drawn_job_dir(node(1, tmp_path / "same"))
+    assert str(refused.value) == (f"hydra.sweep.subdir=same: job 1's run dir {tmp_path / 'same'} is job 0's too: "
+                                  "not trained there; use a subdir that differs between jobs "
+                                  "(the default is ${hydra.job.num})")
+    record_failure(node(1, tmp_path / "same"), refused.value)
+    assert [(r["job"], r["status"]) for r in sweep_rows(tmp_path)] == [("0", "completed"), ("1", "refused")]
+    assert files(tmp_path / "same") == before and "job 1 refused" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the command line
 @pytest.mark.slow
 def test_cli_resume_of_a_held_run_is_refused_then_taken_over_once_its_holder_is_killed(tmp_path, data_root, holder):
@@ -375,6 +419,24 @@ def test_cli_sweep_whose_jobs_share_a_run_dir_is_refused_and_writes_nothing(tmp_
     out = run_cli(["train", "-m", "seed=0,1", *TINY, "logger=none", f"hydra/launcher={launcher}",
                    f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=same"], tmp_path, data_root)
     assert out.returncode == 2
-    assert one_line(out.stderr) == (f"regexp: error: hydra.sweep.subdir=same: jobs 0 and 1 would both write {sweep}/same; "
-                                    "use a subdir that differs between jobs (the default is ${hydra.job.num})")
+    assert one_line(out.stderr) == (f"regexp: error: hydra.sweep.subdir=same: jobs 0 and 1 would both write "
+                                    f"{sweep}/same; use a subdir that differs between jobs "
+                                    "(the default is ${hydra.job.num})")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_search_whose_draws_share_a_run_dir_trains_only_the_first(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    drawn = "optimizer.lr,optimizer.weight_decay,regularizer.dropout.p"  # the dir names none of what the search draws
+    out = run_cli(["train", "-m", *TINY, "logger=none", "hydra/sweeper=tune", "hydra.sweeper.n_trials=2",
+                   f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+                   f"hydra.job.config.override_dirname.exclude_keys=[{drawn}]"], tmp_path, data_root)
+    assert out.returncode == 1, out.stderr[-2000:]
+    rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "refused")]
+    assert "job 1's run dir" in rows[1]["error"] and "is job 0's too: not trained there" in rows[1]["error"]
+    run_dir = Path(rows[0]["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text())["overrides"][0].startswith("optimizer.lr=")
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r] == [2, 4]  # job 0's records alone
