@@ -403,8 +403,9 @@ def member_value(summary, member: GroupMember):
 
 def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     """Pre-flight, before Hydra creates anything: compose and validate every job's config
-    (regexp.compose); to `run`, also the device, the output dir and, for a single run, its
-    data. Returns the directory the command will write (the run dir, or the sweep dir), as it
+    (regexp.compose); to `run`, also the device, the output dir (writable, no other process
+    writing it), each sweep job's own run dir (regexp.sweep.check_sweep_job) and, for a single
+    run, its data. Returns the directory the command will write (the run dir, or the sweep dir), as it
     will be named, and the (last) job's typed config. Bad input fails fast with one line
     (Hydra's own errors are several lines, exit 1)."""
     from pathlib import Path

@@ -182,7 +182,7 @@ def _take_over(lock: Path, judged: bytes, record: bytes) -> bool:
             tmp.unlink(missing_ok=True)
             raise cannot_write(lock, e) from None
         return True
-    except FileNotFoundError:
+    except OSError:  # the lock is gone or unreadable since we judged it: look again
         return False
     finally:
         claim.unlink(missing_ok=True)
