@@ -38,7 +38,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
 
     from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
     from regexp.config import check_writable
-    from regexp.rundir import sole_writer
+    from regexp.lock import writing
     from regexp.train import check_resume, train
 
     overrides = with_added_groups(with_resumed_run(strings(overrides, "overrides", "['model=cnn', 'seed=1']")))
@@ -51,7 +51,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
     check_writable(run_dir, "run_dir", str(run_dir))
     choices = OmegaConf.to_container(composed.hydra.runtime.choices)
     user_overrides = [o for o in overrides if not o.startswith("hydra.")]
-    with sole_writer(run_dir, "run_dir"):
+    with writing([run_dir], "run_dir"):
         check_resume(typed, run_dir, "run_dir")  # what the run dir holds: nothing is written on a refusal
         with train_log(run_dir):
             write_hydra_record(run_dir, composed, user_overrides)

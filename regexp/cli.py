@@ -142,7 +142,8 @@ def run_train(args: list[str]) -> int:
     from pathlib import Path
 
     from regexp.compose import hydra_quoted, is_override, with_resumed_run
-    from regexp.rundir import ConfigError, RunError, sole_writer
+    from regexp.lock import writing
+    from regexp.rundir import ConfigError, RunError
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     check_one_mode(args)
@@ -157,7 +158,7 @@ def run_train(args: list[str]) -> int:
         with contextlib.ExitStack() as held:
             if out_dir is not None:
                 key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-                held.enter_context(sole_writer(Path(out_dir), key))  # the one writer until this process ends, however
+                held.enter_context(writing([Path(out_dir)], key))  # the one writer until this process ends, however
                 args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
                 if not multirun:
                     from regexp.train import check_resume  # torch: only once the config is known good
@@ -324,10 +325,12 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     from regexp.compose import check_job
     from regexp.config import job_config
     from regexp.data import check_available
-    from regexp.sweep import already_finished, share_machine
+    from regexp.sweep import already_finished, check_drawn_job_dir, share_machine
     from regexp.train import RunSpec
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if searching:  # a search sweeper's draw: its run dir not seen by the pre-flight
+        check_drawn_job_dir(hydra_cfg)
     share_machine(hydra_cfg)
     finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
     if finished is not None:
@@ -415,8 +418,9 @@ def member_value(summary, member: GroupMember):
 
 def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     """Pre-flight, before Hydra creates anything: compose and validate every job's config
-    (regexp.compose); to `run`, also the device, the output dir and, for a single run, its
-    data. Returns the directory the command will write (the run dir, or the sweep dir), as it
+    (regexp.compose); to `run`, also the device, the output dir (writable, no other process
+    writing it), each sweep job's own run dir (regexp.sweep.check_sweep_job) and, for a single
+    run, its data. Returns the directory the command will write (the run dir, or the sweep dir), as it
     will be named, and the (last) job's typed config. Bad input fails fast with one line
     (Hydra's own errors are several lines, exit 1)."""
     from pathlib import Path
@@ -424,10 +428,12 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     from regexp.compose import check_job, compose, initialized, sweep_jobs
     from regexp.config import check_writable, validate
     from regexp.fusion import check_launcher
+    from regexp.lock import check_free
     from regexp.sweep import check_sweep_job
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out_dir = typed = None
+    job_dirs: dict[str, int] = {}  # a sweep's job dirs so far: real path -> job number
     with initialized():
         for number, job in enumerate(sweep_jobs(overrides) if multirun else [overrides]):
             cfg = compose(job, with_hydra=True)
@@ -439,9 +445,10 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
             key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
             check_writable(out_dir, key, out_dir if key == out_key else cfg.out_dir)
+            check_free(Path(out_dir), out_key, out_dir)  # the first thing to say when another process writes it
             if multirun:
                 check_sweep_dir(Path(out_dir), typed.resume, out_key)
-                check_sweep_job(Path(out_dir), cfg, number, job)  # resume=auto: its run dir holds no other run
+                check_sweep_job(Path(out_dir), cfg, number, job, job_dirs)  # its own run dir, free
     return out_dir, typed
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import stat
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -428,25 +427,3 @@ def read_overrides(run_dir: Path) -> Optional[list[str]]:
     if items is not None and not (isinstance(items, list) and all(isinstance(item, str) for item in items)):
         raise RunError(f"{path}: not a list of overrides (strings)")
     return [str(item) for item in items or []]
-
-
-@contextmanager
-def sole_writer(run_dir: Path, key: str) -> Iterator[None]:
-    """Hold `run_dir` as its only writer: an exclusive flock on the directory, which the
-    operating system releases on any exit, SIGKILL included. ConfigError naming the dir
-    when another process holds it."""
-    import fcntl
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself: no lock file to leave behind
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(key, str(run_dir), "another regexp process is writing this directory now; "
-                                             "wait for it to end or choose another") from None
-    try:
-        yield
-    finally:
-        os.close(fd)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from regexp.rundir import (
     ConfigError,
@@ -39,10 +39,12 @@ SWEEP_SUMMARY = "sweep_summary.json"
 RECORDS, PLAN = ".sweep", "plan.json"  # this invocation's job records, and its planned jobs
 REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
 NO_CHECKPOINT = "no checkpoint saved"
+SUBDIR, DIFFER = "hydra.sweep.subdir", "use a subdir that differs between jobs (the default is ${hydra.job.num})"
 
 
 class Refused(ConfigError):
-    """resume=auto finds a run of other overrides in a job's run dir: that run stays as it is."""
+    """A job's run dir holds another run (resume=auto finds one of other overrides there), or is
+    an earlier job's of this sweep: that run stays as it is."""
 
 
 class SweepSummary(Callback):
@@ -306,11 +308,14 @@ def report_rows(sweep_dir: Path, stopped_by: BaseException) -> str:
 def record_failure(hydra_cfg: Any, error: BaseException) -> None:
     """A failed job's error in its record and, unless train() already wrote one (it does, once
     started), its summary.json. A job refused by resume=auto writes nothing in its run dir:
-    that holds another run, whose records stay as they were."""
+    that holds another run, whose records stay as they were; nor does one refused because
+    another process writes its run dir (regexp.lock)."""
     import traceback
 
+    from regexp.lock import DirHeld
+
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if isinstance(error, Refused):
+    if isinstance(error, (Refused, DirHeld)):
         write_job_record(hydra_cfg, refused=str(error))
         print(f"regexp: job {hydra_cfg.job.num} refused: {error}", file=sys.stderr)
         return
@@ -341,18 +346,69 @@ def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
     return summary if summary.status.finished else None
 
 
-def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str]) -> None:
-    """The pre-flight of job `number` of a basic sweep with resume=auto: Refused, before Hydra
-    rewrites anything in its run dir, when that dir holds a run of other overrides."""
+def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],
+                    job_dirs: dict[str, int]) -> None:
+    """The pre-flight of job `number` of a basic sweep, before Hydra writes anything in its run
+    dir: refused when that dir is an earlier job's (`job_dirs`: real path -> job number, this
+    job's added) or the sweep dir itself, when another process writes it now, and with
+    resume=auto when it holds a run of other overrides. A search draws its jobs as it goes:
+    only a subdir that names neither the job nor its draws is refused here; each draw is
+    checked as it comes (check_drawn_job_dir, the job's own lock, already_finished)."""
+    from regexp.compose import expands_its_jobs
+    from regexp.lock import check_free
+
+    if not expands_its_jobs(cfg.hydra):
+        check_search_subdir(sweep_dir, cfg)
+        return
+    run_dir = job_dir(sweep_dir, cfg, number)
+    if os.path.realpath(run_dir) == os.path.realpath(sweep_dir):
+        raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"job {number}'s run dir would be the sweep dir {run_dir} "
+                                                         f"itself; {DIFFER}")
+    first = job_dirs.setdefault(os.path.realpath(run_dir), number)
+    if first != number:
+        raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"jobs {first} and {number} would both write {run_dir}; "
+                                                         f"{DIFFER}")
+    check_free(run_dir, "hydra.sweep.dir", str(sweep_dir))
+    if cfg.get("resume") == "auto":
+        already_finished(run_dir, overrides)
+
+
+def check_search_subdir(sweep_dir: Path, cfg: DictConfig) -> None:
+    """A search of several trials whose subdir names neither the job (its number) nor what it
+    draws (override_dirname, a searched key) would write every trial into one dir."""
+    subdir = raw_subdir(cfg.hydra)
+    drawn = [str(key).lstrip("+~") for key in (cfg.hydra.sweeper.get("params") or {})]
+    if cfg.hydra.sweeper.get("n_trials", 2) < 2 or "override_dirname" in subdir or any(k in subdir for k in drawn):
+        return
+    run_dir = job_dir(sweep_dir, cfg, 0)
+    if run_dir == job_dir(sweep_dir, cfg, 1):
+        raise ConfigError(SUBDIR, subdir, f"every trial of this search would write {run_dir}; {DIFFER}")
+
+
+def check_drawn_job_dir(hydra_cfg: Any) -> None:
+    """A search's draw, which the pre-flight did not see: Refused, before it writes its own
+    records, when an earlier job of this invocation has the same run dir."""
+    run_dir, number = os.path.realpath(hydra_cfg.runtime.output_dir), int(hydra_cfg.job.num)
+    _, records = read_records(Path(hydra_cfg.sweep.dir))
+    earlier = [r["job"] for r in records if int(r["job"]) < number and os.path.realpath(r["run_dir"]) == run_dir]
+    if earlier:
+        raise Refused(SUBDIR, raw_subdir(hydra_cfg), f"job {number}'s run dir {run_dir} is job {earlier[0]}'s too: "
+                                                     f"not trained there; {DIFFER}")
+
+
+def raw_subdir(hydra_cfg: Any) -> str:
+    """hydra.sweep.subdir as written, ${...} unresolved."""
+    return str(OmegaConf.to_container(hydra_cfg.sweep)["subdir"])
+
+
+def job_dir(sweep_dir: Path, cfg: DictConfig, number: int) -> Path:
+    """Job `number`'s run dir as Hydra's launchers name it: the sweep dir joined with
+    hydra.sweep.subdir, resolved with the job's number."""
     from omegaconf import open_dict
 
-    from regexp.compose import expands_its_jobs
-
-    if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra):  # a search's draws are checked as they come
-        return
     with open_dict(cfg):
-        cfg.hydra.job.num = number  # as Hydra's launcher sets it, for a subdir made of it
-    already_finished(Path(sweep_dir) / str(cfg.hydra.sweep.subdir), overrides)
+        cfg.hydra.job.num = number
+    return Path(os.path.abspath(os.path.join(str(sweep_dir), str(cfg.hydra.sweep.subdir))))
 
 
 def _run_overrides(overrides: list[str]) -> list[str]:

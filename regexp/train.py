@@ -26,6 +26,7 @@ from regexp.config import flat, resolve_device, resolve_precision, resolved_cont
 from regexp.data import DataSplits, load_data
 from regexp.diagnose import diagnose
 from regexp.init import init_weights
+from regexp.lock import writing
 from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr
@@ -845,8 +846,15 @@ def train_group(specs: list[RunSpec], reporter: Optional[Reporter] = None, wandb
     stopping, non-finite handling, diagnostics and checkpoints; each run dir gets a solo
     run's records, its summary `fused: {models: N, runs: [...]}`. The specs must fuse
     (regexp.fusion); runs resumed from checkpoints at different steps train as separate
-    groups. Nothing is written when a run dir refuses its run (check_resume). A crash is
+    groups. Nothing is written when a run dir refuses its run (check_resume) or another
+    process writes it (regexp.lock: each run dir is locked while it trains). A crash is
     recorded in every member's summary (failed, traceback) and raised."""
+    with writing([spec.run_dir for spec in specs], "run_dir"):
+        return _train_group(specs, reporter, wandb_server, fuse)
+
+
+def _train_group(specs: list[RunSpec], reporter: Optional[Reporter], wandb_server: Optional[WandbServer],
+                 fuse: bool) -> list[Summary]:
     resumed = [check_resume(spec.cfg, Path(spec.run_dir), "run_dir") for spec in specs]  # before anything is written
     reporter = reporter or Reporter()
     positions = [position(r) for r in resumed]

@@ -165,7 +165,7 @@ def test_the_pre_flight_refuses_a_sweep_job_whose_run_dir_holds_other_overrides(
     write_summary(tmp_path / "1", Summary(status=Status.COMPLETED, overrides=["seed=1", "epochs=1"]))
     with initialized():
         def check(number, overrides):
-            check_sweep_job(tmp_path, compose(overrides, with_hydra=True), number, [*overrides, f"hydra.sweep.dir={tmp_path}"])
+            check_sweep_job(tmp_path, compose(overrides, with_hydra=True), number, [*overrides, f"hydra.sweep.dir={tmp_path}"], {})
 
         check(1, ["seed=1", "epochs=1", "resume=auto"])  # the same run: it will be skipped
         check(0, ["seed=2", "epochs=1", "resume=auto"])  # nothing there yet
