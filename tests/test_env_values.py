@@ -74,6 +74,19 @@ def test_a_path_resolved_once_is_handed_to_hydra_as_its_text(monkeypatch, text):
         assert compose([f"hydra.run.dir={hydra_quoted(text)}"], with_hydra=True).hydra.run.dir == text
 
 
+def test_a_jobs_override_lines_and_run_name_are_read_as_given(secrets):
+    """Hydra keeps the override lines as config strings: read plainly, they would resolve."""
+    from omegaconf import OmegaConf
+
+    from regexp.compose import run_name, task_overrides
+
+    hydra_cfg = OmegaConf.create({"overrides": {"task": ["logger.tags=[${oc.env:MY_PW}]"]},
+                                  "job": {"override_dirname": "logger.tags=[${oc.env:MY_PW}]"}})
+    assert list(hydra_cfg.overrides.task) == ["logger.tags=[pwVALUE3]"]  # what a plain read gives
+    assert task_overrides(hydra_cfg) == ["logger.tags=[${oc.env:MY_PW}]"]
+    assert run_name(hydra_cfg) == "logger.tags=[${oc.env:MY_PW}]"
+
+
 def test_a_secret_named_variable_outside_the_recorded_values_is_allowed_and_not_recorded(monkeypatch):
     """Only where a value is recorded as a value (the run dir's path, W&B's names) does a name matter."""
     monkeypatch.setenv("REGEXP_API_TOKEN", "tokenVALUE")
@@ -214,3 +227,16 @@ def test_cli_resume_with_a_changed_variable_continues_with_its_new_value(tmp_pat
     [summary] = summaries(tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert summary["config"]["optimizer"]["weight_decay"] == "${oc.env:REGEXP_WD}"
+
+
+@pytest.mark.slow
+def test_cli_fused_sweep_records_no_environment_value_and_says_where_each_offline_run_is(
+        tmp_path, data_root, wandb_env, secrets, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = run_cli(["train", "-m", *TINY, "hydra/launcher=fused", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep",
+                   "logger.tags=[${oc.env:MY_PW}]"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not leaks(out.stdout + out.stderr) and tree_leaks(tmp_path) == []  # summaries, job records, .hydra, logs
+    assert out.stdout.count("W&B logged offline to ") == 2
+    for summary in summaries(tmp_path / "sweep"):
+        assert summary["fused"]["models"] == 2 and summary["config"]["logger"]["tags"] == ["${oc.env:MY_PW}"]
