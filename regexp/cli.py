@@ -322,7 +322,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     draws are checked here."""
     from pathlib import Path
 
-    from regexp.compose import check_job
+    from regexp.compose import check_job, run_name, task_overrides
     from regexp.config import job_config
     from regexp.data import check_available
     from regexp.sweep import already_finished, check_drawn_job_dir, share_machine
@@ -332,7 +332,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     if searching:  # a search sweeper's draw: its run dir not seen by the pre-flight
         check_drawn_job_dir(hydra_cfg)
     share_machine(hydra_cfg)
-    finished = already_finished(run_dir, list(hydra_cfg.overrides.task)) if cfg.get("resume") == "auto" else None
+    finished = already_finished(run_dir, task_overrides(hydra_cfg)) if cfg.get("resume") == "auto" else None
     if finished is not None:
         print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
         return finished
@@ -343,8 +343,8 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
         if multirun:  # data problems fail this job, not the sweep
             check_available(job.dataset)
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
-    return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                   name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
+    return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=task_overrides(hydra_cfg),
+                   name=run_name(hydra_cfg), group=hydra_cfg.sweep.dir if multirun else None)
 
 
 # ---------------------------------------------------------------- fused groups (hydra/launcher=fused)
@@ -426,7 +426,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     from pathlib import Path
 
     from regexp.compose import check_job, compose, initialized, sweep_jobs
-    from regexp.config import check_writable, validate
+    from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
     from regexp.lock import check_free
     from regexp.sweep import check_sweep_job
@@ -444,6 +444,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             check_launcher(cfg.hydra)
             out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
             key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
+            check_run_dir_text(out_dir, key, out_dir if key == out_key else cfg.out_dir)
             check_writable(out_dir, key, out_dir if key == out_key else cfg.out_dir)
             check_free(Path(out_dir), out_key, out_dir)  # the first thing to say when another process writes it
             if multirun:

@@ -231,11 +231,13 @@ def with_resumed_run(args: list[str]) -> list[str]:
 
 
 def hydra_quoted(text: str) -> str:
-    """`text` as one value of Hydra's override grammar, whatever its characters (spaces,
-    non-ASCII, quotes): single-quoted, with the backslashes that precede a quote or end the
-    text doubled, as the grammar asks."""
+    """`text` as one literal value of Hydra's override grammar, whatever its characters (spaces,
+    non-ASCII, quotes, `${`): single-quoted, with the backslashes that precede a quote or end
+    the text doubled, as the grammar asks, and each `${` escaped (its backslashes doubled), so
+    that OmegaConf takes it as text: a value resolved once is never resolved again."""
     import re
 
+    text = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", text)
     text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)
     return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, text) + "'"
 
@@ -308,6 +310,17 @@ def _fields_have(schema: type, path: list[str]) -> bool:
         return False
     inner = next((t for t in (declared[path[0]], *get_args(declared[path[0]])) if is_dataclass(t)), None)
     return len(path) == 1 or (inner is not None and _fields_have(inner, path[1:]))
+
+
+def task_overrides(hydra_cfg: Any) -> list[str]:
+    """A job's override lines as given (hydra.overrides.task), never resolved: Hydra keeps them
+    as config strings, so reading them plainly would resolve a `${oc.env:NAME}` in them."""
+    return OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+
+
+def run_name(hydra_cfg: Any) -> str:
+    """Hydra's override_dirname (the W&B run's name), made of the override lines as given."""
+    return OmegaConf.to_container(hydra_cfg.job, resolve=False)["override_dirname"]
 
 
 def is_override(arg: str) -> bool:

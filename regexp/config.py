@@ -586,6 +586,17 @@ SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 # which run this is (the shipped W&B sweeps put WANDB_SWEEP_ID and WANDB_RUN_ID in hydra.run.dir).
 WANDB_RUN_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP",
                        "WANDB_JOB_TYPE", "WANDB_NAME", "WANDB_TAGS", "WANDB_MODE")
+# The records hold every environment interpolation as written, never its value (recorded_container).
+# These keys are the exception: their values are recorded as values, the run dir's path in every
+# record and W&B's names for the run in W&B's, so a variable that looks like a credential is refused there.
+VALUE_KEYS = ("out_dir", "logger.project", "logger.entity", "logger.tags",  # these first: they name where it is written
+              "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+# The ids `wandb agent` sets, which the shipped W&B sweeps make path parts of the run dir: W&B's
+# own rules for a run id (wandb.sdk.wandb_settings: not empty, no surrounding space, none of
+# `:;,#?/'`), and those of one path part.
+WANDB_IDS = ("WANDB_SWEEP_ID", "WANDB_RUN_ID")
+WANDB_ID_RESERVED = ":;,#?/'\\%"
+WANDB_ID_MAX = 128
 
 
 def is_secret(variable: str) -> bool:
@@ -596,9 +607,9 @@ def is_secret(variable: str) -> bool:
 
 def check_environment(cfg: DictConfig) -> None:
     """Every `${oc.env:...}` in the composed config (Hydra's node and the presets' values
-    included), read from the raw, unresolved values: a secret-looking variable is refused
-    (its value would be written to the run's records and W&B), and so is one that is not set
-    and has no default. ConfigError names the key and the variable, never its value."""
+    included), read from the raw, unresolved values: one that is not set and has no default is
+    refused, and so is a secret-looking variable whose value would reach a VALUE_KEYS key; then
+    the W&B agent's ids (check_wandb_ids). ConfigError names the key and the variable, never its value."""
     written = OmegaConf.to_container(cfg, resolve=False)
     # Hydra's node last: it records the overrides' text too, and the key they set is the one to name
     hydra_last = dict(sorted(written.items(), key=lambda item: item[0] == "hydra"))
@@ -607,12 +618,67 @@ def check_environment(cfg: DictConfig) -> None:
             name = match["name"].strip("'\"")
             if not VARIABLE_NAME.fullmatch(name):
                 raise ConfigError(key, text, "an environment interpolation must name its variable: ${oc.env:NAME}")
-            if is_secret(name):
-                raise ConfigError(key, text, f"refused: {name} looks like a secret (key, token, password, W&B credentials) "
-                                  "and a run's config is written to its records and W&B; W&B reads its own key itself")
             if match["default"] == "}" and name not in os.environ:
                 raise ConfigError(key, text, f"the environment variable {name} is not set (set it, or give a default: "
                                   f"${{oc.env:{name},DEFAULT}})")
+    _check_recorded_values(cfg, written)
+    check_wandb_ids()
+
+
+def _check_recorded_values(cfg: DictConfig, written: dict) -> None:
+    """No secret-looking variable reaches a VALUE_KEYS key, directly or through another key."""
+    kept = OmegaConf.create(_environment_as_text(written))
+    for key in VALUE_KEYS:
+        for text in _reaching(kept, key):
+            secret = next((m["name"].strip("'\"") for m in ENV_INTERPOLATION.finditer(text)
+                           if is_secret(m["name"].strip("'\""))), None)
+            if secret is not None:
+                shown = next((t for _, t in _written_strings(_at(written, key), key) if secret in t), _at(written, key))
+                raise ConfigError(key, shown, f"refused: {secret} looks like a secret (key, token, "
+                                  "password, W&B credentials) and this value is recorded as it is (the run dir's path, "
+                                  "W&B's names for the run); W&B reads its own key itself")
+
+
+def _at(written: dict, key: str) -> Any:
+    for part in key.split("."):
+        written = written[part]
+    return written
+
+
+def _shown(value: str) -> str:
+    """A variable's value in a message: printable, and short."""
+    if not value.isprintable():
+        return ascii(value)
+    return value if len(value) <= 64 else f"{value[:32]}... ({len(value)} characters)"
+
+
+def _reaching(kept: DictConfig, key: str) -> list[str]:
+    """The strings of `key` in a config whose environment interpolations are text: resolved
+    where the rest resolves (the text of the variables it reaches through other keys), else as written."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(kept, parent) if parent else kept
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return []
+    try:
+        value = OmegaConf.to_container(node, resolve=True)[leaf]
+    except OmegaConfBaseException:  # e.g. hydra.job.num, set only when Hydra runs the job
+        value = OmegaConf.to_container(node, resolve=False)[leaf]
+    return [text for _, text in _written_strings(value, key)]
+
+
+def check_wandb_ids() -> None:
+    """WANDB_SWEEP_ID and WANDB_RUN_ID, where set, follow W&B's rules for an id and make one path part."""
+    for name in WANDB_IDS:
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not (0 < len(value) <= WANDB_ID_MAX and value.isprintable() and value == value.strip()
+                and value not in (".", "..") and not set(WANDB_ID_RESERVED) & set(value)):
+            raise ConfigError(name, _shown(value), f"a W&B id must be 1 to {WANDB_ID_MAX} printable characters without "
+                              f"surrounding spaces, none of {' '.join(WANDB_ID_RESERVED)}, and not . or .. "
+                              "(it names the run dir of a W&B sweep's run)")
 
 
 def _written_strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
@@ -671,11 +737,49 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resolved_container(cfg: DictConfig) -> dict:
-    """The config as plain data with interpolations resolved, without Hydra's own node
-    (whose job-time keys do not resolve outside a running job)."""
-    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-            for k, v in cfg.items() if k != "hydra"}
+def recorded_container(cfg: DictConfig) -> dict:
+    """The config as a run's records hold it (summary.json, checkpoint.pt, W&B's config, the
+    fused plan): plain data, its interpolations resolved, but every environment interpolation
+    kept as written (`${oc.env:NAME}`), wherever its value would reach, directly or through
+    another key. The value is resolved in memory where it is used, never recorded, whatever
+    the variable's name. Without Hydra's node (whose job-time keys do not resolve outside a
+    running job)."""
+    keys = [k for k in cfg if k != "hydra"]
+    resolved = {k: _container(cfg, k) for k in keys}
+    # untyped: the interpolation's text may stand where the schema types a number
+    written = OmegaConf.create(_environment_as_text(OmegaConf.to_container(cfg, resolve=False)))
+    return _kept_as_written(resolved, {k: _container(written, k) for k in keys})
+
+
+def _container(cfg: DictConfig, key: str) -> Any:
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _environment_as_text(node: Any) -> Any:
+    """A plain container whose `${oc.env:...}` interpolations are escaped (`\\${oc.env:...}`):
+    resolving it leaves their text in place."""
+    if isinstance(node, dict):
+        return {k: _environment_as_text(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_environment_as_text(v) for v in node]
+    if isinstance(node, str):
+        return _ESCAPABLE_ENV.sub(lambda m: m[1] + "\\" + m[2], node)
+    return node
+
+
+# an oc.env interpolation that is live: preceded by an even number of backslashes (each pair one literal backslash)
+_ESCAPABLE_ENV = re.compile(r"((?<!\\)(?:\\\\)*)(\$\{\s*oc\.env\s*:)")
+
+
+def _kept_as_written(resolved: Any, kept: Any) -> Any:
+    """`resolved`, but where `kept` (resolved with the environment's interpolations as text)
+    holds such a text, that text."""
+    if isinstance(resolved, dict) and isinstance(kept, dict):
+        return {k: _kept_as_written(v, kept.get(k)) for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(kept, list) and len(resolved) == len(kept):
+        return [_kept_as_written(r, k) for r, k in zip(resolved, kept)]
+    return kept if isinstance(kept, str) and ENV_INTERPOLATION.search(kept) else resolved
 
 
 # ---------------------------------------------------------------- runtime checks
@@ -700,6 +804,15 @@ def resolve_precision(cfg: DictConfig, device: str) -> str:
     import torch
 
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_run_dir_text(path: str, key: str, value: Any) -> None:
+    """ConfigError if the resolved path of a run (or sweep) dir holds `${`: Hydra reads that
+    path as config text again (hydra.runtime.output_dir, train.log's file name), so a value
+    resolved once, from the environment say, would be resolved a second time there."""
+    if "${" in path:
+        raise ConfigError(key, value, f"resolves to {path}, which holds `${{`: Hydra would resolve the run dir's "
+                          "path again; a value that reaches it may not hold `${`")
 
 
 NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, apfs, ntfs)

@@ -45,7 +45,7 @@ class Candidate:
     """One job of the sweep as the partition sees it."""
 
     number: int  # Hydra's job number (hydra.job.num)
-    config: dict[str, Any]  # the resolved job config (config.resolved_container)
+    config: dict[str, Any]  # the job config as recorded (config.recorded_container)
     memory: int = 0  # bytes one model of it needs (model_memory)
     step: Optional[int] = 0  # resume=auto: the step its run dir stands at; None: finished, it is skipped
 
@@ -73,14 +73,14 @@ def candidate(sweep_config: Any) -> Candidate:
     """A job as the launcher loaded it (Hydra's node included, hydra.job.num set)."""
     from omegaconf import OmegaConf
 
-    from regexp.config import job_config, resolved_container
+    from regexp.config import job_config, recorded_container
 
     job = job_config(sweep_config)
     step: Optional[int] = 0
     if job.get("resume") == "auto":
         sweep_dir, subdir = (OmegaConf.select(sweep_config, f"hydra.sweep.{key}") for key in ("dir", "subdir"))
         step = resume_step(Path(str(sweep_dir)) / str(subdir))
-    return Candidate(int(sweep_config.hydra.job.num), resolved_container(job), model_memory(job), step)
+    return Candidate(int(sweep_config.hydra.job.num), recorded_container(job), model_memory(job), step)
 
 
 # ---------------------------------------------------------------- the key

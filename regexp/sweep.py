@@ -114,12 +114,12 @@ def planned_jobs(hydra_cfg: Any) -> Optional[list[list[str]]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from regexp.compose import expands_its_jobs
+    from regexp.compose import expands_its_jobs, task_overrides
 
     if not expands_its_jobs(hydra_cfg):
         return None
     params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *hydra_cfg.overrides.task])
+    parsed = OverridesParser.create().parse_overrides([*params, *task_overrides(hydra_cfg)])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -137,10 +137,12 @@ def job_record_path(hydra_cfg: Any) -> Path:
 def write_job_record(hydra_cfg: Any, **outcome: str) -> None:
     """The job as this invocation launched it (number, run dir, overrides), and how it ended
     when that is not in its run dir (`refused`) or not only there (`error`)."""
+    from regexp.compose import task_overrides
+
     path = job_record_path(hydra_cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"job": str(hydra_cfg.job.num), "run_dir": str(hydra_cfg.runtime.output_dir),
-                      "overrides": list(hydra_cfg.overrides.task), **outcome})
+                      "overrides": task_overrides(hydra_cfg), **outcome})
 
 
 def read_records(sweep_dir: Path) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
@@ -312,6 +314,7 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
     another process writes its run dir (regexp.lock)."""
     import traceback
 
+    from regexp.compose import task_overrides
     from regexp.lock import DirHeld
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -322,7 +325,7 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
     summary = read_summary(run_dir)
     if summary is None or summary.status is Status.RUNNING:
         summary = summary or Summary()
-        summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), list(hydra_cfg.overrides.task)
+        summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), task_overrides(hydra_cfg)
         summary.error, summary.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
         write_summary(run_dir, summary)
     write_job_record(hydra_cfg, error=f"{type(error).__name__}: {error}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import flat, resolve_device, resolve_precision, resolved_container, warnings_for
+from regexp.config import flat, recorded_container, resolve_device, resolve_precision, warnings_for
 from regexp.data import DataSplits, load_data
 from regexp.diagnose import diagnose
 from regexp.init import init_weights
@@ -268,14 +268,15 @@ RESUME_MAY_CHANGE = ("epochs", "max_steps", "eval_every", "eval_batch_size", "ou
 
 def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) -> None:
     """The checkpoint must come from this run's config, but for RESUME_MAY_CHANGE: another
-    model, norm or data set is a RunError (the file does not fit), any other change bad input."""
-    saved = state["config"]
+    model, norm or data set is a RunError (the file does not fit), any other change bad input.
+    Both as recorded: `${oc.env:NAME}` as written, so the variable may hold another value now."""
+    saved, config = state["config"], recorded_container(cfg)
     for key in ("model", "norm"):
-        if saved.get(key) != OmegaConf.to_container(cfg[key], resolve=True):
+        if saved.get(key) != config[key]:
             raise RunError(f"{path}: the checkpoint is of another {key} ({saved.get(key)}); resume with that run's own config")
-    if saved.get("dataset", {}).get("name") != cfg.dataset.name:
-        raise RunError(f"{path}: the checkpoint was trained on {saved.get('dataset', {}).get('name')}, not {cfg.dataset.name}")
-    now = flat(OmegaConf.to_container(cfg, resolve=True))
+    if saved.get("dataset", {}).get("name") != config["dataset"]["name"]:
+        raise RunError(f"{path}: the checkpoint was trained on {saved.get('dataset', {}).get('name')}, not {config['dataset']['name']}")
+    now = flat(config)
     before = flat(saved)
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):  # a changed option first
         if not key.startswith(tuple(p + "." for p in RESUME_MAY_CHANGE) + RESUME_MAY_CHANGE) and now.get(key) != before.get(key):
@@ -414,7 +415,7 @@ class Loop:
     def checkpoint(self, name: str = "checkpoint.pt") -> None:
         save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": self.meters.state_dict(),
                                               "nonfinite_reported": self.policy.reported, "threads": self.summary.threads,
-                                              "config": OmegaConf.to_container(self.cfg, resolve=True)})
+                                              "config": recorded_container(self.cfg)})
 
     def replay(self, snapshot: dict[str, Any], bad_step: int) -> dict[str, Any]:
         """Re-run from `snapshot` (same data order, same RNG) up to the first bad step and
@@ -797,9 +798,9 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
     run_dir.mkdir(parents=True, exist_ok=True)
     record = SummaryRecord(run_dir, read_summary(run_dir))
     started = time.perf_counter()
-    resolved = resolved_container(spec.cfg)  # the typed job: every key, each regularizer None unless added
+    config = recorded_container(spec.cfg)  # the typed job: every key, each regularizer None unless added
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
-                      choices=spec.choices or {}, overrides=spec.overrides or [], config=resolved)
+                      choices=spec.choices or {}, overrides=spec.overrides or [], config=config)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
     exit_code = 1
     try:
@@ -807,7 +808,7 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         # in here, a W&B start that fails or is interrupted (it may wait for the server) is recorded like any crash
         earlier_id = record.earlier.wandb_id if resumed is not None and record.earlier is not None else None
         name = spec.name or run_dir.name
-        tracker.sinks += wandb_sinks(spec.cfg, resolved, run_dir, name, spec.group or name, reporter.warn, earlier_id,
+        tracker.sinks += wandb_sinks(spec.cfg, config, run_dir, name, spec.group or name, reporter, earlier_id,
                                      wandb_server, concurrent)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
         yield Run(spec.cfg, run_dir, summary, tracker, reporter, resumed)

@@ -2,7 +2,7 @@
 
 `import wandb` happens only in here and only for a job that logs to W&B, so `regexp
 --help`, `logger=none` and disabled W&B never pay for it. Nothing here prompts: without
-credentials a run is logged offline, to be synced later with `wandb sync`.
+credentials a run is logged offline, and one line says where and how to upload it (`wandb sync`).
 """
 
 import netrc
@@ -10,13 +10,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
 from regexp.config import GROUP_SCHEMAS, REGULARIZERS
 from regexp.rundir import Summary, split_finite
+
+if TYPE_CHECKING:
+    from regexp.tracking import Reporter
 
 # An unreachable server costs at most this long before the run is logged offline instead.
 ONLINE_INIT_TIMEOUT_S = 5
@@ -34,19 +37,21 @@ class WandbServer:
 
 
 def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: str, group: str,
-                warn: Callable[[str], None], run_id: Optional[str] = None,
+                reporter: "Reporter", run_id: Optional[str] = None,
                 server: Optional[WandbServer] = None, concurrent: bool = False) -> list["WandbRun"]:
-    """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the
-    resolved config; the chosen options are added to it as `choices/<group>` (regularizers,
-    added with `+`, joined by commas, or none) and become the run's tags. A resumed run
+    """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the config
+    as recorded (config.recorded_container); the chosen options are added to it as
+    `choices/<group>` (regularizers, added with `+`, joined by commas, or none) and become
+    the run's tags. A resumed run
     passes its earlier `run_id`, so W&B continues that run instead of starting another.
     `server`: shared by the jobs of one process (default: this job knows nothing yet).
-    `concurrent`: the runs of a fused group are open at the same time, one each."""
+    `concurrent`: the runs of a fused group are open at the same time, one each. `reporter`
+    prints the warnings and the line that says where an offline run is."""
     if cfg.logger.name == "none":
         return []
     # wandb's own console lines (login, sync hints) would break into regexp's; WANDB_SILENT=false shows them
     os.environ.setdefault("WANDB_SILENT", "true")
-    mode = choose_mode(cfg.logger.mode, warn)
+    mode = choose_mode(cfg.logger.mode, reporter.warn)
     if mode == "disabled":
         return []
     regularizers = [r for r in REGULARIZERS if cfg.regularizer[r] is not None]
@@ -63,7 +68,15 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
                          entity=os.environ.get("WANDB_ENTITY") or cfg.logger.entity)
     if run_id is not None:
         init_args.update(id=run_id, resume="allow")
-    return [WandbRun(init_run(mode, init_args, run_dir, warn, server or WandbServer(), concurrent))]
+    run = init_run(mode, init_args, run_dir, reporter.warn, server or WandbServer(), concurrent)
+    if run.offline:
+        reporter.line(offline_line(run.settings.sync_dir))
+    return [WandbRun(run)]
+
+
+def offline_line(sync_dir: str) -> str:
+    """Where an offline W&B run is, and the command that uploads it."""
+    return f"W&B logged offline to {sync_dir}; upload it with: wandb sync {sync_dir}"
 
 
 def choose_mode(requested: str, warn: Callable[[str], None]) -> str:
@@ -109,16 +122,15 @@ def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable
     # reinit: each job gets a run of its own, even if an earlier job's run were still open; the
     # runs of a fused group stay open side by side
     settings = dict(console="off", save_code=False, disable_git=True, reinit="create_new" if concurrent else "finish_previous")
-    sync_hint = f"sync later with `wandb sync {run_dir}/wandb/offline-run-*`"
     if mode == "online" and server.unreachable:
-        warn(f"W&B could not go online earlier in this process; logging offline: {sync_hint}")
+        warn("W&B could not go online earlier in this process; logging offline")
     elif mode == "online":
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S, **settings), **init_args)
         except Exception as e:  # unreachable, timed out, key rejected: the run goes on offline
             server.unreachable = True
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warn(f"W&B could not go online ({reason}); logging offline: {sync_hint}")
+            warn(f"W&B could not go online ({reason}); logging offline")
             for aborted in (run_dir / "wandb").glob("run-*"):  # the failed attempt: `wandb sync` would upload it as an empty run
                 shutil.rmtree(aborted, ignore_errors=True)
     return wandb.init(mode="offline", settings=wandb.Settings(**settings), **init_args)

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY, compose_train, run_cli
 
 from regexp import fusion
-from regexp.config import ConfigError, job_config, resolved_container
+from regexp.config import ConfigError, job_config, recorded_container
 from regexp.fusion import Candidate, partition
 from regexp.rundir import Status, Summary, write_summary
 
@@ -22,7 +22,7 @@ BASE = ["model.hidden=[32]", "+regularizer=dropout"]
 @pytest.fixture(scope="module")
 def base() -> dict:
     """A resolved job config as the launcher sees it."""
-    return resolved_container(job_config(compose_train(BASE)))
+    return recorded_container(job_config(compose_train(BASE)))
 
 
 def jobs_of(configs: list[dict], steps=None, memory: int = 0) -> list[Candidate]:

@@ -98,15 +98,16 @@ def secrets(monkeypatch):
 
 @pytest.mark.parametrize("override,key,variable", [
     ("logger.tags=[${oc.env:WANDB_API_KEY}]", "logger.tags", "WANDB_API_KEY"),
-    ("seed=${oc.env:WANDB_API_KEY}", "seed", "WANDB_API_KEY"),  # its type error would print the value
+    ("out_dir=${oc.env:MY_GITHUB_TOKEN}", "out_dir", "MY_GITHUB_TOKEN"),  # the run dir's path is in every record
+    ("hydra.run.dir=out/${seed}", "hydra.run.dir", "DB_PASSWORD"),  # through another key: seed=${oc.env:DB_PASSWORD}
     ("logger.project=${oc.env:MY_GITHUB_TOKEN}", "logger.project", "MY_GITHUB_TOKEN"),
     ("logger.project=x${oc.env:db_password,none}", "logger.project", "db_password"),  # with a default, any case
     ("logger.entity=${oc.env:'AWS_SECRET_ACCESS_KEY'}", "logger.entity", "AWS_SECRET_ACCESS_KEY"),
     ("logger.project=${oc.env:WANDB_CREDENTIALS_FILE}", "logger.project", "WANDB_CREDENTIALS_FILE"),
     ("hydra.run.dir=out/${oc.env:WANDB_API_KEY}", "hydra.run.dir", "WANDB_API_KEY"),
 ])
-def test_secret_environment_interpolations_are_refused_by_name(secrets, override, key, variable):
-    overrides = ["+regularizer=dropout", override]
+def test_secret_environment_interpolations_are_refused_where_their_value_is_recorded(secrets, override, key, variable):
+    overrides = ["+regularizer=dropout", "seed=${oc.env:DB_PASSWORD,0}", override]
     with initialized():
         cfg = compose(overrides, with_hydra=True)
         with pytest.raises(ConfigError) as refused:

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,8 @@ def test_logger_off_writes_no_wandb_files(tmp_path, data_root, wandb_env, off):
 def test_wandb_off_never_imports_it(monkeypatch, logger):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise
     cfg = validate(compose_train(logger))
-    assert wandb_sinks(cfg, {}, Path("unused"), "name", "group", warn=pytest.fail) == []
+    silent = types.SimpleNamespace(warn=pytest.fail, line=pytest.fail)
+    assert wandb_sinks(cfg, {}, Path("unused"), "name", "group", silent) == []
 
 
 @pytest.mark.slow
@@ -160,8 +162,6 @@ def test_no_secret_reaches_the_run_dir(tmp_path, data_root, wandb_env, monkeypat
 
 def test_an_unreachable_server_is_tried_once_per_shared_server_state(tmp_path, monkeypatch):
     """The jobs that share a WandbServer pay the online timeout once; a fresh one tries again."""
-    import types
-
     from regexp.wandb_logger import WandbServer, init_run
 
     attempts = []
@@ -184,8 +184,6 @@ def test_an_unreachable_server_is_tried_once_per_shared_server_state(tmp_path, m
 
 
 def test_the_wandb_summary_is_the_typed_summary_without_the_config():
-    import types
-
     from regexp.rundir import Status, Summary
     from regexp.wandb_logger import WandbRun
 
