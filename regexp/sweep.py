@@ -300,18 +300,19 @@ def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
     return summary if summary.status.finished else None
 
 
-def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str]) -> None:
+def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str]) -> Optional[Summary]:
     """The pre-flight of job `number` of a basic sweep with resume=auto: Refused, before Hydra
-    rewrites anything in its run dir, when that dir holds a run of other overrides."""
+    rewrites anything in its run dir, when that dir holds a run of other overrides; the
+    summary of its run when an earlier invocation finished it (the job will be skipped)."""
     from omegaconf import open_dict
 
     from regexp.compose import expands_its_jobs
 
     if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra):  # a search's draws are checked as they come
-        return
+        return None
     with open_dict(cfg):
         cfg.hydra.job.num = number  # as Hydra's launcher sets it, for a subdir made of it
-    already_finished(Path(sweep_dir) / str(cfg.hydra.sweep.subdir), overrides)
+    return already_finished(Path(sweep_dir) / str(cfg.hydra.sweep.subdir), overrides)
 
 
 def _run_overrides(overrides: list[str]) -> list[str]:
