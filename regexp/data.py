@@ -1,4 +1,4 @@
-"""Data sets as tensors on the training device, and batched augmentation (DESIGN §10).
+"""Data sets as tensors on the training device, and batched augmentation (why: docs/benchmarks.md).
 
 Images are decoded once (torchvision's readers), normalized once with the data set's
 per-channel constants and moved to the device once; the trainer then slices batches out

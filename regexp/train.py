@@ -1,4 +1,4 @@
-"""One run: build the TrainState, then `fit`, the epoch/window loop (DESIGN §4), then the
+"""One run: build the TrainState, then `fit`, the epoch/window loop (each step as regexp.step orders it), then the
 records. `train` wraps `fit` with what every run gets: summary.json from start to end, the
 metric sinks, W&B, signals, the diagnosis and the console.
 
@@ -525,7 +525,7 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
     return record
 
 
-# The epoch means of the log-step series, named as those series (DESIGN §5) on the console
+# The epoch means of the log-step series, named as those series (docs/diagnostics.md) on the console
 # and in the summary; metrics.jsonl keeps the epoch/* names, which W&B plots against `epoch`.
 SHOWN_AS = {"epoch/train_loss": "train/loss", "epoch/train_acc": "train/acc", "epoch/lr": "opt/lr",
             "epoch/samples_per_s": "perf/samples_per_s"}
