@@ -323,7 +323,9 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 # ---------------------------------------------------------------- signals
 class StopSignal:
     """The first SIGINT/SIGTERM asks the loop to save a checkpoint and stop at the next
-    step; a second one stops at once. The previous handlers come back on exit."""
+    step; a second one stops at once. The previous handlers come back on exit. A SIGINT that
+    the process was started ignoring (a script's `regexp train &`) stays ignored, as Python
+    itself leaves it: Ctrl-C on the script is not meant for its background jobs."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -335,7 +337,8 @@ class StopSignal:
 
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.handle)
+                if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum: int, frame: Any) -> None:
