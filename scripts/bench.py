@@ -585,8 +585,8 @@ def render(result: dict[str, Any]) -> None:
     console.print(f"[bold]regexp bench[/]  {result['command']}")
     console.print(f"machine: {m['cpu']} · {m['usable_cores']}/{m['logical_cores']} cores usable · torch {m['torch']} "
                   f"({m['torch_threads']} threads) · device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}")
-    console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}  "
-                  "(other processes share the CPU: compare ratios, not absolute rates)")
+    console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}"
+                  + ("" if result["quick"] else "  (other processes share the CPU: compare ratios, not absolute rates)"))
     if result["oversubscribed"]:
         console.print(f"[yellow]warning: {m['torch_threads']} torch threads on {m['usable_cores']} cores with a load average of "
                       f"{result['load_before'][0]}: intra-op threads wait for each other on a busy CPU, which can make every "
