@@ -46,6 +46,7 @@ flags:
   --cfg job             print the job's composed, validated config and exit; --resolve resolves ${...}
   --info                Hydra's view of the config: search path, defaults tree
   --hydra-help          Hydra's own flags
+A flag may stand anywhere on the line; values are overrides: epochs=1, not --epochs 1.
 """
 
 GROUPS = """\
