@@ -189,12 +189,16 @@ def flags_first(args: list[str]) -> list[str]:
     """The command line with Hydra's flags (each with its value) before the overrides, where
     Hydra's parser takes them: `regexp train seed=0 -m lr=1,2` works. Anything else that
     starts with '-' is no flag: UsageError suggesting the override (`--epochs 1`: epochs=1)."""
+    from regexp.compose import is_override
     from regexp.rundir import UsageError
 
     flags, overrides, rest = [], [], list(args)
     while rest:
         arg = rest.pop(0)
         if not arg.startswith("-"):
+            if not is_override(arg):
+                raise UsageError(f"{arg}: neither an override nor a flag; overrides are key=value or group=option "
+                                 "(regexp train --help)")
             overrides.append(arg)
             continue
         name, given, value = arg.partition("=")
@@ -209,9 +213,11 @@ def flags_first(args: list[str]) -> list[str]:
         elif name in VALUE_FLAGS | SWITCHES | FLAG_VALUES.keys():
             what = f"takes one of {', '.join(allowed)}" if allowed else "takes a value" if name in VALUE_FLAGS else "takes no value"
             raise UsageError(f"{arg}: {name} {what} (regexp train --help)")
-        else:
+        elif name.strip("-"):
             override = f"{name.lstrip('-').replace('-', '_')}={value if given else 'VALUE'}"  # keys have no '-'
             raise UsageError(f"{arg}: not a flag of regexp train; write it as an override: {override}")
+        else:
+            raise UsageError(f"{arg}: not a flag of regexp train (regexp train --help)")
     if sum(1 for mode in MODES if mode.intersection(flags)) > 1:
         given = [f for f in flags if any(f in mode for mode in MODES)]
         raise UsageError(f"{' '.join(given)}: one of these at most (regexp train --help)")

@@ -47,6 +47,8 @@ def empty_cwd(tmp_path, monkeypatch) -> Path:
     (["seed=0", "--cfg"], "--cfg: --cfg takes one of job, hydra, all (regexp train --help)"),
     (["--multirun=1"], "--multirun=1: --multirun takes no value (regexp train --help)"),
     (["-m", "seed=0,1", "--cfg", "job"], "-m --cfg: one of these at most (regexp train --help)"),
+    (["seed=1", "foo"], "foo: neither an override nor a flag; overrides are key=value or group=option (regexp train --help)"),
+    (["--", "seed=1"], "--: not a flag of regexp train (regexp train --help)"),
 ])
 def test_a_word_that_is_no_flag_is_one_line_and_nothing_is_written(capsys, empty_cwd, args, line):
     assert refused(capsys, ["train", *args]) == f"regexp: error: {line}"
