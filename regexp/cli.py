@@ -211,7 +211,8 @@ def flags_first(args: list[str]) -> list[str]:
         elif given and (name in VALUE_FLAGS or optional) and (allowed is None or value in allowed):
             flags += [name, value]
         elif name in VALUE_FLAGS | SWITCHES | FLAG_VALUES.keys():
-            what = f"takes one of {', '.join(allowed)}" if allowed else "takes a value" if name in VALUE_FLAGS else "takes no value"
+            what = (f"takes one of {', '.join(allowed)}" if allowed
+                    else "takes a value" if name in VALUE_FLAGS else "takes no value")
             raise UsageError(f"{arg}: {name} {what} (regexp train --help)")
         elif name.strip("-"):
             override = f"{name.lstrip('-').replace('-', '_')}={value if given else 'VALUE'}"  # keys have no '-'
