@@ -46,6 +46,7 @@ flags:
   --cfg job             print the job's composed, validated config and exit; --resolve resolves ${...}
   --info                Hydra's view of the config: search path, defaults tree
   --hydra-help          Hydra's own flags
+A flag may stand anywhere on the line; values are overrides: epochs=1, not --epochs 1.
 """
 
 GROUPS = """\
@@ -61,6 +62,17 @@ experiment=NAME add the group just the same.
 
 # Hydra flags that only print something: they get no pre-check.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
+# Hydra's flags (`regexp train --hydra-help`): the switches, those followed by a value, and
+# the values a flag allows (--info's is optional)
+SWITCHES = {"-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run", "-m", "--multirun",
+            "-sc", "--shell-completion"}
+VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+               "--config-dir", "--experimental-rerun"}
+CFG_VALUES = ("job", "hydra", "all")
+INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+FLAG_VALUES = {"-c": CFG_VALUES, "--cfg": CFG_VALUES, "-i": INFO_VALUES, "--info": INFO_VALUES}
+# what Hydra does with the command line: one of these at most
+MODES = ({"-r", "--run"}, {"-m", "--multirun"}, {"-c", "--cfg"}, {"-i", "--info"}, {"-sc", "--shell-completion"})
 
 
 def usage(text: str = USAGE) -> str:
@@ -143,11 +155,11 @@ def run_train(args: list[str]) -> int:
 
     from regexp.compose import hydra_quoted, is_override, with_resumed_run
     from regexp.lock import writing
-    from regexp.rundir import ConfigError, RunError
+    from regexp.rundir import ConfigError, RunError, UsageError
 
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    check_one_mode(args)
     try:
+        args = flags_first(args)
+        multirun = any(a in ("-m", "--multirun") for a in args)
         if not multirun:
             args = with_resumed_run(args)
         args = with_plus_where_needed(args)
@@ -166,7 +178,7 @@ def run_train(args: list[str]) -> int:
                     if check_resume(typed, Path(out_dir), key) is not None:  # what the run dir holds, under the lock
                         args.append("hydra.output_subdir=null")  # a resume leaves the run's own .hydra/ record as it is
             return run_hydra(args, out_dir)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         fail(str(e))
     except RunError as e:  # a data or run file that does not fit: one line, exit 1, nothing written
         print(f"regexp: error: {e}", file=sys.stderr)
@@ -174,18 +186,58 @@ def run_train(args: list[str]) -> int:
     return 2
 
 
-# Hydra does one of these per command line
-MODES = {"-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
-         "--shell-completion": ("-sc", "--shell-completion")}
+def flags_first(args: list[str]) -> list[str]:
+    """The command line with Hydra's flags (each with its value) before the overrides, where
+    Hydra's parser takes them: `regexp train seed=0 -m lr=1,2` works. Anything else that
+    starts with '-' is no flag: UsageError suggesting the override (`--epochs 1`: epochs=1)."""
+    from regexp.compose import is_override
+    from regexp.rundir import UsageError
 
-
-def check_one_mode(args: list[str]) -> None:
-    """`--cfg job -m`, `--info -m`, ...: one line and exit 2, not Hydra's traceback."""
-    given = [name for name, flags in MODES.items() if any(a in flags for a in args)]
-    if len(given) > 1:
+    flags, overrides, rest = [], [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("-"):
+            if not is_override(arg):
+                raise UsageError(f"{arg}: neither an override nor a flag; overrides are key=value or group=option "
+                                 "(regexp train --help)")
+            overrides.append(arg)
+            continue
+        name, given, value = arg.partition("=")
+        if not given and rest and _takes_next(name, rest[0]):
+            value, given, arg = rest[0], "=", f"{arg} {rest.pop(0)}"
+        allowed = FLAG_VALUES.get(name)
+        optional = name in FLAG_VALUES and name not in VALUE_FLAGS  # --info
+        if not given and (name in SWITCHES or optional):
+            flags.append(name)
+        elif given and (name in VALUE_FLAGS or optional) and (allowed is None or value in allowed):
+            flags += [name, value]
+        elif name in VALUE_FLAGS | SWITCHES | FLAG_VALUES.keys():
+            what = (f"takes one of {', '.join(allowed)}" if allowed
+                    else "takes a value" if name in VALUE_FLAGS else "takes no value")
+            raise UsageError(f"{arg}: {name} {what} (regexp train --help)")
+        elif name.strip("-"):
+            override = f"{name.lstrip('-').replace('-', '_')}={value if given else 'VALUE'}"  # keys have no '-'
+            raise UsageError(f"{arg}: not a flag of regexp train; write it as an override: {override}")
+        else:
+            raise UsageError(f"{arg}: not a flag of regexp train (regexp train --help)")
+    if sum(1 for mode in MODES if mode.intersection(flags)) > 1:
+        given = [f for f in flags if any(f in mode for mode in MODES)]
         advice = ("; to print a sweep job's config, drop -m and give one value of each swept key (e.g. regexp train "
-                  "--cfg job seed=0)" if "-m" in given and "--cfg" in given else "")
-        fail(f"{' with '.join(given)}: one at a time{advice}")
+                  "--cfg job seed=0)" if {"-m", "--multirun"} & set(given) and {"-c", "--cfg"} & set(given) else "")
+        raise UsageError(f"{' '.join(given)}: one of these at most (regexp train --help){advice}")
+    return [*flags, *overrides]
+
+
+def _takes_next(name: str, following: str) -> bool:
+    """Whether the word after flag `name` is its value: as Hydra's parser reads it, and for
+    a word that is no flag, the value the user meant (`--epochs 1`)."""
+    from regexp.compose import is_override
+
+    if name in SWITCHES:
+        return False
+    if name in FLAG_VALUES:
+        return following in FLAG_VALUES[name] or name in VALUE_FLAGS and not following.startswith("-")
+    return name in VALUE_FLAGS or not following.startswith("-") and not is_override(following)
 
 
 def run_hydra(args: list[str], out_dir: Optional[str]) -> int:
@@ -420,9 +472,11 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     """Pre-flight, before Hydra creates anything: compose and validate every job's config
     (regexp.compose); to `run`, also the device, the output dir (writable, no other process
     writing it), each sweep job's own run dir (regexp.sweep.check_sweep_job) and, for a single
-    run, its data. Returns the directory the command will write (the run dir, or the sweep dir), as it
-    will be named, and the (last) job's typed config. Bad input fails fast with one line
-    (Hydra's own errors are several lines, exit 1)."""
+    run, its data. A sweep's data are looked at per job (a job that lacks them fails alone), and
+    when every job to train lacks them, the command is refused once, as a single run is. Returns
+    the directory the command will write (the run dir, or the sweep dir), as it will be named,
+    and the (last) job's typed config. Bad input fails fast with one line (Hydra's own errors
+    are several lines, exit 1)."""
     from pathlib import Path
 
     from regexp.compose import check_job, compose, initialized, sweep_jobs
@@ -434,6 +488,8 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out_dir = typed = None
     job_dirs: dict[str, int] = {}  # a sweep's job dirs so far: real path -> job number
+    data_problems: dict = {}  # a data set's problem (None: none), looked at once
+    missing = []  # each job to train: its data set's problem
     with initialized():
         for number, job in enumerate(sweep_jobs(overrides) if multirun else [overrides]):
             cfg = compose(job, with_hydra=True)
@@ -449,8 +505,29 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             check_free(Path(out_dir), out_key, out_dir)  # the first thing to say when another process writes it
             if multirun:
                 check_sweep_dir(Path(out_dir), typed.resume, out_key)
-                check_sweep_job(Path(out_dir), cfg, number, job, job_dirs)  # its own run dir, free
+                if check_sweep_job(Path(out_dir), cfg, number, job, job_dirs) is None:  # resume=auto: skips a finished run
+                    missing.append(data_problem(typed.dataset, data_problems))
+    if missing and all(missing):
+        raise missing[0]
     return out_dir, typed
+
+
+def data_problem(dataset, seen: dict) -> Optional[Exception]:
+    """What regexp.data.check_available finds wrong with a sweep job's data set (None: they
+    are there), asked once per data set: `seen` holds the answers so far."""
+    from omegaconf import OmegaConf
+
+    from regexp.data import check_available  # torch: only once the configs are known good
+    from regexp.rundir import ConfigError, RunError
+
+    key = OmegaConf.to_yaml(dataset)
+    if key not in seen:
+        try:
+            check_available(dataset)
+            seen[key] = None
+        except (ConfigError, RunError) as e:
+            seen[key] = e
+    return seen[key]
 
 
 def check_sweep_dir(sweep_dir, resume: Optional[str], key: str) -> None:

@@ -11,11 +11,21 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
+from functools import lru_cache
 from typing import Any, Iterator, Optional, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import OPTIONAL_GROUPS, REGISTRY, ConfigError, TrainConfig, config_dir, explain, validate
+
+# The Hydra plugins behind the launcher and sweeper presets (conf/hydra/*/*.yaml's _target_),
+# and the extra of pyproject.toml that installs each
+PLUGIN_EXTRAS = {
+    "hydra_plugins.hydra_joblib_launcher": "launchers",
+    "hydra_plugins.hydra_submitit_launcher": "launchers",
+    "hydra_plugins.hydra_optuna_sweeper": "search",
+}
+PLUGIN_GROUPS = ("hydra/launcher", "hydra/sweeper")
 
 
 def compose_and_validate(overrides: list[str]) -> DictConfig:
@@ -79,6 +89,7 @@ def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
+    _require_plugins(parsed)
     try:
         return hydra_compose(config_name="train", overrides=[o.input_line for o in parsed], return_hydra_config=with_hydra)
     except MissingConfigException as e:
@@ -90,6 +101,37 @@ def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:
         raise ConfigError("overrides", " ".join(o.input_line for o in parsed), _first_line(e)) from None
     except HydraException as e:
         raise ConfigError("overrides", " ".join(o.input_line for o in parsed), _first_line(e)) from None
+
+
+def _require_plugins(parsed: list) -> None:
+    """`hydra/launcher=X` or `hydra/sweeper=X` whose preset needs a plugin that is not
+    installed: one line naming the extra that installs it (Hydra would fail later, with a
+    traceback once the sweep dir is made, or "Could not load 'hydra/sweeper/optuna'")."""
+    import importlib.util
+
+    for o in parsed:
+        if o.key_or_group not in PLUGIN_GROUPS or not isinstance(o.value(), str):
+            continue
+        plugin = _preset_plugin(o.key_or_group, o.value())
+        try:
+            found = plugin is None or importlib.util.find_spec(plugin) is not None
+        except ImportError:  # a parent package that cannot be imported either
+            found = False
+        if not found:
+            extra = PLUGIN_EXTRAS.get(plugin)
+            install = f"pip install 'regexp[{extra}]'" if extra else f"install the package that provides {plugin}"
+            raise ConfigError(o.key_or_group, o.value(), f"needs the Hydra plugin {plugin}, which is not installed; {install}")
+
+
+@lru_cache(maxsize=None)
+def _preset_plugin(group: str, option: str) -> Optional[str]:
+    """The plugin package (`hydra_plugins.NAME`) that a preset of conf/<group>/ names as its
+    _target_; None for an option that is no file there (Hydra's own, or unknown: composing says so)."""
+    from pathlib import Path
+
+    path = Path(config_dir()) / group / f"{option}.yaml"
+    target = str(OmegaConf.load(path).get("_target_") or "") if path.is_file() else ""
+    return ".".join(target.split(".")[:2]) if target.startswith("hydra_plugins.") else None
 
 
 def _unknown_option(e: Any, parsed: list) -> ConfigError:

@@ -1,6 +1,6 @@
-"""The diagnosis (DESIGN §6): seed 001's table of symptoms, turned into rules over a run's
-metrics. Each finding names the rule, the evidence (metric, layer, step, values) and the
-seeds' interventions in order. A healthy run has no findings.
+"""The diagnosis (its rules: docs/diagnostics.md): the classic symptoms of a failing training
+run, turned into rules over a run's metrics. Each finding names the rule, the evidence
+(metric, layer, step, values) and the interventions to try, in order. A healthy run has no findings.
 
 Every rule is linear (or n log n) in the number of log steps: the same diagnosis runs at
 the end of every training run and on `regexp diagnose` of a run of any length.

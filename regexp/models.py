@@ -1,4 +1,4 @@
-"""Models: MLP, deep MLP, the seeds' SimpleCNN and a small ResNet, with norm and dropout by config.
+"""Models: MLP, deep MLP, a small two-convolution SimpleCNN and a small ResNet, with norm and dropout by config.
 
 Every model is an nn.Sequential of named layers (nested for the ResNet), so
 `model.named_modules()` yields the dotted names diagnostics report by ("exploding gradients
@@ -112,7 +112,7 @@ def deep_mlp(model_cfg, norm_cfg, input_shape, num_classes, p, p_input) -> nn.Se
 
 
 def cnn(model_cfg, norm_cfg, input_shape, num_classes, p, p_input) -> nn.Sequential:
-    """The seeds' SimpleCNN: (conv -> norm -> act -> maxpool 2) per channel width, then fc -> fc."""
+    """SimpleCNN, a small two-convolution net: (conv -> norm -> act -> maxpool 2) per channel width, then fc -> fc."""
     channels, height, width = input_shape
     layers = dropout("drop_input", p_input)
     for k, out_channels in enumerate(model_cfg.channels, 1):

@@ -1,4 +1,4 @@
-"""What happens inside the network (DESIGN §5), measured on log steps only.
+"""What happens inside the network (the metrics of docs/diagnostics.md), measured on log steps only.
 
 Everything is computed as device tensors and handed to the loop, which syncs once per log
 step for all of them. Between log steps the only extra work is a device-side check that

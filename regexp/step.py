@@ -1,4 +1,4 @@
-"""One optimizer step: DESIGN §4 for one accumulation window, in order.
+"""One optimizer step: the order below, for one accumulation window.
 
     for each micro-batch:  loss = criterion(model(x), y) + penalty;  (loss * share).backward()
     then:  unscale (fp16) -> pre-clip norm -> clip -> post-clip norm

@@ -350,19 +350,20 @@ def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
 
 
 def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],
-                    job_dirs: dict[str, int]) -> None:
+                    job_dirs: dict[str, int]) -> Optional[Summary]:
     """The pre-flight of job `number` of a basic sweep, before Hydra writes anything in its run
     dir: refused when that dir is an earlier job's (`job_dirs`: real path -> job number, this
     job's added) or the sweep dir itself, when another process writes it now, and with
     resume=auto when it holds a run of other overrides. A search draws its jobs as it goes:
     only a subdir that names neither the job nor its draws is refused here; each draw is
-    checked as it comes (check_drawn_job_dir, the job's own lock, already_finished)."""
+    checked as it comes (check_drawn_job_dir, the job's own lock, already_finished). Returns
+    the summary of its run when an earlier invocation finished it (resume=auto skips the job)."""
     from regexp.compose import expands_its_jobs
     from regexp.lock import check_free
 
     if not expands_its_jobs(cfg.hydra):
         check_search_subdir(sweep_dir, cfg)
-        return
+        return None
     run_dir = job_dir(sweep_dir, cfg, number)
     if os.path.realpath(run_dir) == os.path.realpath(sweep_dir):
         raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"job {number}'s run dir would be the sweep dir {run_dir} "
@@ -372,8 +373,7 @@ def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: li
         raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"jobs {first} and {number} would both write {run_dir}; "
                                                          f"{DIFFER}")
     check_free(run_dir, "hydra.sweep.dir", str(sweep_dir))
-    if cfg.get("resume") == "auto":
-        already_finished(run_dir, overrides)
+    return already_finished(run_dir, overrides) if cfg.get("resume") == "auto" else None
 
 
 def check_search_subdir(sweep_dir: Path, cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""Metric sinks (DESIGN §7): the Tracker fans each record out to metrics.jsonl, histograms
+"""Metric sinks (the run files: docs/runs.md): the Tracker fans each record out to metrics.jsonl, histograms
 and W&B; the Reporter is the console (rich) and train.log. The record files themselves are
 written by regexp.rundir. Also the console pieces that the commands reading run dirs
 (compare, diagnose) share: the diagnosis panel, number formats, one-line usage errors.

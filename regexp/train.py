@@ -1,4 +1,4 @@
-"""One run: build the TrainState, then `fit`, the epoch/window loop (DESIGN §4), then the
+"""One run: build the TrainState, then `fit`, the epoch/window loop (each step as regexp.step orders it), then the
 records. `train` wraps `fit` with what every run gets: summary.json from start to end, the
 metric sinks, W&B, signals, the diagnosis and the console.
 
@@ -332,7 +332,9 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 # ---------------------------------------------------------------- signals
 class StopSignal:
     """The first SIGINT/SIGTERM asks the loop to save a checkpoint and stop at the next
-    step; a second one stops at once. The previous handlers come back on exit."""
+    step; a second one stops at once. The previous handlers come back on exit. A SIGINT that
+    the process was started ignoring (a script's `regexp train &`) stays ignored, as Python
+    itself leaves it: Ctrl-C on the script is not meant for its background jobs."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -344,7 +346,8 @@ class StopSignal:
 
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.handle)
+                if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum: int, frame: Any) -> None:
@@ -534,7 +537,7 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
     return record
 
 
-# The epoch means of the log-step series, named as those series (DESIGN §5) on the console
+# The epoch means of the log-step series, named as those series (docs/diagnostics.md) on the console
 # and in the summary; metrics.jsonl keeps the epoch/* names, which W&B plots against `epoch`.
 SHOWN_AS = {"epoch/train_loss": "train/loss", "epoch/train_acc": "train/acc", "epoch/lr": "opt/lr",
             "epoch/samples_per_s": "perf/samples_per_s"}

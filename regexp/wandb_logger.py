@@ -1,4 +1,4 @@
-"""The Weights & Biases sink (DESIGN §7): one W&B run per job, in the job's run dir.
+"""The Weights & Biases sink (docs/wandb.md): one W&B run per job, in the job's run dir.
 
 `import wandb` happens only in here and only for a job that logs to W&B, so `regexp
 --help`, `logger=none` and disabled W&B never pay for it. Nothing here prompts: without

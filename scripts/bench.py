@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Training throughput of regexp against plain PyTorch loops, in one process (DESIGN §10).
+"""Training throughput of regexp against plain PyTorch loops, in one process (docs/benchmarks.md).
 
 On the same data, model, optimizer and batch size, it measures training samples/s of:
 
-  dataloader              the loop the seeds teach: torchvision dataset + ToTensor/Normalize
+  dataloader              the textbook PyTorch loop: torchvision dataset + ToTensor/Normalize
                           transforms + DataLoader(shuffle=True), forward, CrossEntropyLoss,
                           backward, optimizer.step, zero_grad, running_loss += loss.item()
   tensor_loop             a hand-written loop over the whole training set as one float tensor
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from regexp.synthetic import write_cifar10
 
-# per-channel constants of the training sets, as the seeds hard-code them
+# per-channel constants of the training sets, as textbook loops hard-code them
 NORMALIZE = {
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -147,7 +147,7 @@ def build_net(cfg, input_shape: tuple[int, int, int], device: torch.device) -> t
 
 
 def dataloader_loop(ctx: dict, n: int, epochs: int) -> tuple[float, int]:
-    """The seeds' loop: per-sample PIL decode + transforms in a DataLoader."""
+    """The textbook loop: per-sample PIL decode + transforms in a DataLoader."""
     from torch.utils.data import DataLoader, Subset
 
     device = ctx["device"]
@@ -585,29 +585,34 @@ def render(result: dict[str, Any]) -> None:
     console.print(f"[bold]regexp bench[/]  {result['command']}")
     console.print(f"machine: {m['cpu']} · {m['usable_cores']}/{m['logical_cores']} cores usable · torch {m['torch']} "
                   f"({m['torch_threads']} threads) · device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}")
-    console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}  "
-                  "(other processes share the CPU: compare ratios, not absolute rates)")
+    console.print(f"load average (1/5/15 min): before {result['load_before']} · after {result['load_after']}"
+                  + ("" if result["quick"] else "  (other processes share the CPU: compare ratios, not absolute rates)"))
     if result["oversubscribed"]:
         console.print(f"[yellow]warning: {m['torch_threads']} torch threads on {m['usable_cores']} cores with a load average of "
                       f"{result['load_before'][0]}: intra-op threads wait for each other on a busy CPU, which can make every "
                       "loop many times slower and the timings erratic; --threads 1 measures more stably here[/]")
+    quick = result["quick"]
+    if quick:
+        console.print("[yellow]--quick: a smoke run (a few hundred samples, 1 epoch, no warm-up) that checks every loop runs; "
+                      "its rates are not a measurement and no ratios are shown[/]")
     if "fused" in result:
-        render_fused(result["fused"])
+        render_fused(result["fused"], quick)
     if "sweep" in result:
-        render_sweep(result["sweep"])
+        render_sweep(result["sweep"], quick)
     for case in result["cases"].values():
         d = case["data"]
         data = f"{d['dataset']} {'SYNTHETIC (random images in the real cifar-10-batches-py format)' if d['synthetic'] else 'real'}"
         table = Table(title=f"{case['title']}\n{data} · {d['train_samples']:,} training samples · {d['epochs']} epoch(s) · "
                             f"median of {d['repeats']} repeat(s) {'after a warm-up' if d['warm_up_samples'] else 'WITHOUT warm-up'} · "
                             f"{d['parameters']:,} params")
-        for col in ("loop", "samples/s", "min–max", "vs dataloader", "vs tensor_loop"):
+        for col in ("loop", "samples/s", "min–max", *(() if quick else ("vs dataloader", "vs tensor_loop"))):
             table.add_column(col, justify="left" if col == "loop" else "right")
         for loop in case["loops"].values():
-            table.add_row(loop["label"], f"{loop['samples_per_s']:,.0f}", f"{loop['min']:,.0f}–{loop['max']:,.0f}",
-                          f"{loop['ratio_vs_dataloader']:.2f}×", f"{loop['ratio_vs_tensor_loop']:.2f}×")
+            ratios = () if quick else (f"{loop['ratio_vs_dataloader']:.2f}×", f"{loop['ratio_vs_tensor_loop']:.2f}×")
+            table.add_row(loop["label"], f"{loop['samples_per_s']:,.0f}", f"{loop['min']:,.0f}–{loop['max']:,.0f}", *ratios)
         console.print(table)
-        for key, what in (("monitor_default_vs_off", "monitor=default vs off"), ("monitor_full_vs_off", "monitor=full vs off")):
+        for key, what in () if quick else (("monitor_default_vs_off", "monitor=default vs off"),
+                                           ("monitor_full_vs_off", "monitor=full vs off")):
             o = case["overheads"][key]
             paired = ", ".join(f"{r:.3f}" for r in o["paired_time_ratios"])
             console.print(f"  {what}: training time ×{o['time_ratio']:.3f} ({o['overhead_pct']:+.1f} %; paired per repeat: {paired})")
@@ -624,8 +629,12 @@ def render(result: dict[str, Any]) -> None:
                           f"(+ validation, test, checkpoints, exit); median of {len(f['runs'])}")
 
 
-def render_fused(fused: dict[str, Any]) -> None:
-    """A markdown table, ready for docs/benchmarks.md."""
+def ratio_text(ratio: float, quick: bool) -> str:
+    return "— (--quick)" if quick else f"{ratio:.2f}×"
+
+
+def render_fused(fused: dict[str, Any], quick: bool) -> None:
+    """A markdown table, ready for docs/benchmarks.md (without ratios for a --quick smoke run)."""
     rows = fused["rows"]
     print(f"\n{fused['title']}\n{fused['jobs']} · {plural_threads(rows[0]['threads'])} · median of "
           f"{fused['repeats']} repeat(s); ratio: fused / sequential samples/s, paired per repeat\n")
@@ -634,21 +643,21 @@ def render_fused(fused: dict[str, Any]) -> None:
     for row in rows:
         split = "" if row["models_per_group"] == row["n"] else f" (groups of {row['models_per_group']})"
         print(f"| {row['n']}{split} | {row['sequential']['samples_per_s']:,.0f} | {row['fused']['samples_per_s']:,.0f} | "
-              f"{row['ratio']:.2f}× | {fmt_s(row['sequential']['wall_per_job_s'])} | {fmt_s(row['fused']['wall_per_job_s'])} | "
-              f"{row['wall_ratio']:.2f}× |")
+              f"{ratio_text(row['ratio'], quick)} | {fmt_s(row['sequential']['wall_per_job_s'])} | "
+              f"{fmt_s(row['fused']['wall_per_job_s'])} | {ratio_text(row['wall_ratio'], quick)} |")
 
 
 def plural_threads(n: int) -> str:
     return f"{n} thread{'s' if n != 1 else ''}"
 
 
-def render_sweep(sweep: dict[str, Any]) -> None:
+def render_sweep(sweep: dict[str, Any], quick: bool) -> None:
     wall, paired = sweep["wall_s"], ", ".join(f"{r:.2f}" for r in sweep["paired_ratios"])
     print(f"\nbasic: {sweep['commands']['basic']}\nfused: {sweep['commands']['fused']}\n")
     print("| sweep | basic launcher | hydra/launcher=fused | basic / fused |")
     print("|---|---|---|---|")
     print(f"| {len(sweep['models_per_job'])} jobs, wall time (median of {len(sweep['paired_ratios'])}) | {wall['basic']:.1f} s | "
-          f"{wall['fused']:.1f} s | {sweep['ratio']:.2f}× (paired: {paired}) |")
+          f"{wall['fused']:.1f} s | {ratio_text(sweep['ratio'], quick)}{'' if quick else f' (paired: {paired})'} |")
     print(f"models per fused group, by job: {sweep['models_per_job']}; threads (device.threads), by job: "
           f"basic {sweep['threads_per_job']['basic']}, fused {sweep['threads_per_job']['fused']}")
 
@@ -705,6 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     regexp_log.propagate = False
 
     result: dict[str, Any] = {"command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+                              "quick": args.quick,  # a smoke run: its rates and ratios measure nothing
                               "machine": machine(device), "load_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
     with tempfile.TemporaryDirectory(prefix="regexp-bench-") as tmp:
         if args.fused:

@@ -77,12 +77,21 @@ def run_cli(args: list[str], cwd: Path, data_root: Path | None = None, timeout: 
     return subprocess.run([REGEXP, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def answer_sigint() -> None:
+    """In a child about to run a command that a test signals: SIGINT as a terminal gives it
+    (pytest itself may run with SIGINT ignored, `nohup pytest &`, which the child would inherit)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, signum: int) -> tuple[int, str, str]:
     """Start `command`, send it `signum` once `metrics` holds its first line, and wait for it:
     (exit code, stdout, stderr)."""
     import time
 
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=answer_sigint)
     try:
         deadline = time.monotonic() + 300
         while not (metrics.is_file() and metrics.read_text().strip()):

@@ -25,7 +25,7 @@ from regexp.train import train
 BASE = ["logger=none", "dataset.val_size=1000"]
 DEEP = ["model=deep_mlp", "batch_size=64"]
 
-# rule -> the crafted run that must trip it (DESIGN §6)
+# rule -> the crafted run that must trip it (docs/diagnostics.md)
 CRAFTED = {
     "divergence": [*DEEP, "model.depth=20", "model.width=256", "init=normal", "init.std=0.1", "optimizer=sgd",
                    "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=10"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REGEXP, run_cli
+from conftest import REGEXP, answer_sigint, run_cli
 
 RUN = ["logger=none", "dataset.limit=6000", "dataset.val_size=1000", "epochs=2", "+regularizer=dropout",
        "device.deterministic=true", "checkpoint.every_steps=5", "monitor.log_every=10"]
@@ -25,7 +25,7 @@ def checkpoint_step(run_dir: Path) -> int:
 def start(run_dir: Path, data_root: Path, extra=()) -> subprocess.Popen:
     env = dict(os.environ, REGEXP_DATA_DIR=str(data_root))
     return subprocess.Popen([REGEXP, "train", *RUN, *extra, f"hydra.run.dir={run_dir}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=answer_sigint)
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
@@ -173,10 +173,25 @@ def test_second_signal_stops_at_once():
     from regexp.rundir import Interrupted
     from regexp.train import StopSignal
 
+    before = signal.getsignal(signal.SIGINT)  # pytest's, or SIG_IGN when pytest was started ignoring SIGINT
     with StopSignal() as stop:
         stop.handle(signal.SIGINT, None)  # the first: noted, the loop saves and stops at the next step
         assert stop.received == signal.SIGINT
         with pytest.raises(Interrupted) as again:
             stop.handle(signal.SIGINT, None)  # the second: right now
         assert again.value.signum == signal.SIGINT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler from before is back
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """Started ignoring SIGINT (a script's `regexp train &`): the run leaves it so, and takes SIGTERM."""
+    from regexp.train import StopSignal
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved)

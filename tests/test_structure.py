@@ -1,4 +1,4 @@
-"""The package's shape (DESIGN §2): imports run one way, with no cycles, counting the
+"""The package's shape (docs/architecture.md): imports run one way, with no cycles, counting the
 imports inside functions too (a lazy import is still a dependency)."""
 
 import ast
