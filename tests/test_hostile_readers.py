@@ -306,7 +306,7 @@ def test_a_number_of_thousands_of_digits_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("flags", [["--cfg", "job", "--resolve", "-m"], ["--info", "-m"]])
 def test_cfg_or_info_with_multirun_is_one_line_exit_2(tmp_path, flags):
     out = run_cli(["train", *flags, "seed=0,1"], tmp_path)
-    assert "one at a time" in one_line_error(out, 2) and not out.stdout
+    assert "one of these at most" in one_line_error(out, 2) and not out.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -46,7 +46,8 @@ def empty_cwd(tmp_path, monkeypatch) -> Path:
     (["--cfg", "foo"], "--cfg foo: --cfg takes one of job, hydra, all (regexp train --help)"),
     (["seed=0", "--cfg"], "--cfg: --cfg takes one of job, hydra, all (regexp train --help)"),
     (["--multirun=1"], "--multirun=1: --multirun takes no value (regexp train --help)"),
-    (["-m", "seed=0,1", "--cfg", "job"], "-m --cfg: one of these at most (regexp train --help)"),
+    (["-m", "seed=0,1", "--cfg", "job"], "-m --cfg: one of these at most (regexp train --help); to print a sweep "
+     "job's config, drop -m and give one value of each swept key (e.g. regexp train --cfg job seed=0)"),
     (["seed=1", "foo"], "foo: neither an override nor a flag; overrides are key=value or group=option (regexp train --help)"),
     (["--", "seed=1"], "--: not a flag of regexp train (regexp train --help)"),
 ])
