@@ -38,7 +38,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
 
     from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
     from regexp.config import check_writable
-    from regexp.lock import writing
+    from regexp.lock import check_free, writing
     from regexp.train import check_resume, train
 
     overrides = with_added_groups(with_resumed_run(strings(overrides, "overrides", "['model=cnn', 'seed=1']")))
@@ -49,6 +49,7 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
         run_dir = OmegaConf.select(composed, "hydra.run.dir")
     run_dir = Path(run_dir)
     check_writable(run_dir, "run_dir", str(run_dir))
+    check_free(run_dir, "run_dir", str(run_dir))  # nor inside a sweep dir that another process trains
     choices = OmegaConf.to_container(composed.hydra.runtime.choices)
     user_overrides = [o for o in overrides if not o.startswith("hydra.")]
     with writing([run_dir], "run_dir"):

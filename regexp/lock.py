@@ -93,11 +93,22 @@ def _holding(run_dir: Path, key: str) -> Iterator[None]:
 
 
 def check_free(run_dir: Path, key: str, value: str) -> None:
-    """The pre-flight of a dir this command locks later (a sweep's job dir, under `key=value`):
-    DirHeld when a live process holds it now. A stale lock is left for the job to take over."""
-    holder = read_holder(Path(run_dir) / LOCK)
+    """The pre-flight of a dir this command locks later (its run or sweep dir, a sweep's job dir,
+    under `key=value`): DirHeld when a live process holds it now, or holds a dir above it (a
+    sweep whose job dir this is, though that job has not started yet). A stale lock is left for
+    the writer to take over; what is not a lock above the dir is not this command's business."""
+    run_dir = Path(os.path.abspath(run_dir))
+    holder = read_holder(run_dir / LOCK)
     if holder is not None and holder.ended() is None:
-        raise DirHeld(key, value, holder.refusal(Path(run_dir) / LOCK))
+        raise DirHeld(key, value, holder.refusal(run_dir / LOCK))
+    for above in run_dir.parents:
+        try:
+            holder = read_holder(above / LOCK)
+        except RunError:
+            continue
+        if holder is not None and holder.pid != os.getpid() and holder.ended() is None:
+            raise DirHeld(key, value, f"{run_dir} lies inside {above}, which another regexp process writes now "
+                                      f"({holder}); wait for it to end")
 
 
 # ---------------------------------------------------------------- taking and leaving

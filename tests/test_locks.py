@@ -123,7 +123,7 @@ def test_a_live_holder_refuses_another_process_and_nothing_is_written(tmp_path, 
     assert str(refused.value).startswith(f"hydra.run.dir={tmp_path}: another regexp process writes {tmp_path} now "
                                          f"(pid {process.pid} on host {socket.gethostname()}, since ")
     assert files(tmp_path) == before
-    check_free(tmp_path / "elsewhere", "k", "v")  # another dir is free
+    check_free(tmp_path.with_name(tmp_path.name + "-elsewhere"), "k", "v")  # another dir is free
     with pytest.raises(DirHeld):
         check_free(tmp_path, "hydra.sweep.dir", "sweep")
 
@@ -440,3 +440,31 @@ def test_cli_search_whose_draws_share_a_run_dir_trains_only_the_first(tmp_path, 
     assert json.loads((run_dir / "summary.json").read_text())["overrides"][0].startswith("optimizer.lr=")
     assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "train/loss" in r] == [2, 4]  # job 0's records alone
+
+
+def test_a_run_dir_inside_a_sweep_dir_another_process_writes_is_refused_before_its_job_starts(tmp_path, holder):
+    """`resume=SWEEP/3` while the sweep trains job 1: job 3's dir is not locked yet, but the sweep's is."""
+    import regexp
+    from regexp.cli import precheck
+
+    sweep = tmp_path / "sweep"
+    process = holder(sweep)
+    before = files(tmp_path)
+    inside = rf"{sweep / '3'} lies inside {sweep}, which another regexp process writes now \(pid {process.pid} "
+    with pytest.raises(DirHeld, match=rf"^hydra.run.dir={sweep / '3'}: {inside}"):
+        precheck([f"hydra.run.dir={sweep / '3'}", "logger=none"], multirun=False)
+    with pytest.raises(DirHeld, match=rf"^run_dir={sweep / '3'}: {inside}"):
+        regexp.run(["logger=none"], run_dir=sweep / "3")
+    assert files(tmp_path) == before
+    process.kill()
+    process.wait()
+    check_free(sweep / "3", "run_dir", str(sweep / "3"))  # its holder is gone: nothing holds it
+
+
+def test_what_is_no_lock_above_a_run_dir_is_not_its_business(tmp_path):
+    (tmp_path / LOCK).mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / LOCK).write_text("garbage")
+    check_free(tmp_path / "a" / "run", "run_dir", "x")
+    with pytest.raises(RunError, match="not a regexp lock file"):
+        check_free(tmp_path / "a", "run_dir", "x")  # its own lock path is
