@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import socket
-import stat
 import sys
 import tempfile
 import warnings
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from regexp.config import IMAGE_SHAPES, ConfigError, RunError
+from regexp.rundir import NotARegularFile, open_regular
 
 CACHE_VERSION = 2  # bump when the cached entry's layout changes (2: written only after the files were checked)
 CACHE_MODES = ("user", "beside_data", "off")  # dataset.cache
@@ -434,10 +434,6 @@ class CacheMisfit(Exception):
     """A file at a cache path that is not an entry for these raw files: why, in a few words."""
 
 
-FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
 def _read_cache(path: Path, fingerprint: list) -> Optional[dict]:
     """The entry at `path` (its fingerprint removed) when it was written for these files by
     this CACHE_VERSION; None when there is none or the files changed since. Anything else at
@@ -458,19 +454,13 @@ def _read_cache(path: Path, fingerprint: list) -> Optional[dict]:
 
 def _open_regular(path: Path) -> Optional[BinaryIO]:
     """`path` opened for reading, or None when nothing is there; CacheMisfit unless it is a
-    regular file. The type is read from the descriptor, opened non-blocking (a FIFO does not
-    wait for a writer), before anything is read."""
+    regular file (rundir.open_regular: a FIFO does not wait for a writer)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return open_regular(path)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise CacheMisfit(f"unreadable: {e.strerror}") from None
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
-    if kind != stat.S_IFREG:
-        os.close(fd)
-        raise CacheMisfit(f"{FILE_KINDS.get(kind, 'a special file')}, not a regular file")
-    return os.fdopen(fd, "rb")
+    except NotARegularFile as e:
+        raise CacheMisfit(e.why) from None
 
 
 CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")

@@ -222,10 +222,18 @@ def parse_json(text: str, where: Any) -> Any:
         raise RunError(f"{where}: not valid JSON (nested too deep)") from None
 
 
+class NotARegularFile(RunError):
+    """A path that cannot be read as a regular file: `why` says what is there instead."""
+
+    def __init__(self, path: Path, why: str, advice: str = ""):
+        self.why = why
+        super().__init__(f"{path}: {why}{advice}")
+
+
 def open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading, only when it is a regular file (after symlinks): a FIFO, a
-    device (/dev/zero) or a directory is a RunError naming it, never a read that blocks or
-    never ends. O_NONBLOCK keeps the open itself from waiting for a FIFO's writer; the check
+    device (/dev/zero) or a directory is a NotARegularFile naming it, never a read that blocks
+    or never ends. O_NONBLOCK keeps the open itself from waiting for a FIFO's writer; the check
     is fstat on the opened descriptor, so nothing can be swapped in after it.
     FileNotFoundError passes through: the caller decides what a missing file means."""
     path = Path(path)
@@ -234,11 +242,11 @@ def open_regular(path: Path) -> BinaryIO:
     except FileNotFoundError:
         raise
     except OSError as e:
-        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise NotARegularFile(path, f"cannot read ({e.strerror or e})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise RunError(f"{path}: not a regular file ({_file_kind(mode)}); a run's records are regular files")
+            raise NotARegularFile(path, f"not a regular file ({_file_kind(mode)})", "; a run's records are regular files")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -147,7 +147,7 @@ def test_a_fifo_at_the_cache_path_does_not_hang_the_run(mnist_cached, capsys):
         said, splits = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
     finally:
         signal.alarm(0)
-    assert said == misfit_line(path, "a FIFO, not a regular file")
+    assert said == misfit_line(path, "not a regular file (a FIFO)")
     assert_trains_on_the_files(splits, "mnist", mnist_cached)
     assert_fits(path, "mnist", mnist_cached)
 
@@ -157,7 +157,7 @@ def test_a_symlink_to_dev_zero_is_replaced_by_a_file(mnist_cached, capsys):
     path.unlink()
     path.symlink_to("/dev/zero")
     said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
-    assert said == misfit_line(path, "a character device, not a regular file")
+    assert said == misfit_line(path, "not a regular file (a character device)")
     assert not path.is_symlink() and Path("/dev/zero").is_char_device()
     assert_fits(path, "mnist", mnist_cached)
 
@@ -168,7 +168,7 @@ def test_a_directory_at_the_cache_path_is_left_and_the_user_cache_used(mnist_cac
     path.unlink()
     (path / "notes").mkdir(parents=True)
     cfg = ds_cfg("mnist", mnist_cached, cache="beside_data")
-    assert run_on(cfg, capsys)[0] == misfit_line(path, "a directory, not a regular file")
+    assert run_on(cfg, capsys)[0] == misfit_line(path, "not a regular file (a directory)")
     assert (path / "notes").is_dir()  # never removed
     [written] = user_cache_dir.glob("mnist-*.pt")
     assert_fits(written, "mnist", mnist_cached)
@@ -192,7 +192,7 @@ def test_a_symlink_loop_at_the_cache_path_is_replaced(mnist_cached, capsys):
     path.unlink()
     path.symlink_to(path.name)
     said, _ = run_on(ds_cfg("mnist", mnist_cached, cache="beside_data"), capsys)
-    assert said == misfit_line(path, "unreadable: Too many levels of symbolic links")
+    assert said == misfit_line(path, "cannot read (Too many levels of symbolic links)")
     assert_fits(path, "mnist", mnist_cached)
 
 
@@ -207,7 +207,7 @@ def test_an_unreadable_cache_file_is_named(mnist_cached, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "open", refuse)
     check_available(ds_cfg("mnist", mnist_cached, cache="beside_data"))
-    assert capsys.readouterr().err == misfit_line(path, "unreadable: Permission denied")
+    assert capsys.readouterr().err == misfit_line(path, "cannot read (Permission denied)")
 
 
 def test_the_preflight_writes_no_cache(tmp_path, user_cache_dir, monkeypatch):
@@ -304,7 +304,7 @@ def test_the_cli_decodes_a_misfit_cache_again_before_the_run_and_trains(tmp_path
     if case == "fifo":
         path.unlink()
         os.mkfifo(path)
-        why = "a FIFO, not a regular file"
+        why = "not a regular file (a FIFO)"
     else:
         change, why = TENSOR_CASES[case]
         damage(root, change)
