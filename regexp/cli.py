@@ -159,9 +159,13 @@ def run_train(args: list[str]) -> int:
                 held.enter_context(sole_writer(Path(out_dir), key))  # the one writer until this process ends, however
                 args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
                 if not multirun:
-                    from regexp.train import check_resume  # torch: only once the config is known good
+                    from regexp.train import check_resume, finished_line  # torch: only once the config is known good
 
-                    if check_resume(typed, Path(out_dir), key) is not None:  # what the run dir holds, under the lock
+                    start = check_resume(typed, Path(out_dir), key)  # what the run dir holds, under the lock
+                    if start.finished is not None:  # nothing left to do: Hydra would still write train.log
+                        print(finished_line(Path(out_dir), start.finished))
+                        return 0
+                    if start.resumed is not None:
                         args.append("hydra.output_subdir=null")  # a resume leaves the run's own .hydra/ record as it is
             return run_hydra(args, out_dir)
     except ConfigError as e:
@@ -310,7 +314,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     from regexp.config import job_config
     from regexp.data import check_available
     from regexp.sweep import already_finished, share_machine
-    from regexp.train import RunSpec
+    from regexp.train import RunSpec, check_resume
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     share_machine(hydra_cfg)
@@ -324,9 +328,10 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
         job = job_config(cfg)
         if multirun:  # data problems fail this job, not the sweep
             check_available(job.dataset)
+    start = check_resume(job, run_dir, "run_dir")  # its checkpoint and records: a bad one fails this job alone
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
     return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=list(hydra_cfg.overrides.task),
-                   name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None)
+                   name=hydra_cfg.job.override_dirname, group=hydra_cfg.sweep.dir if multirun else None, start=start)
 
 
 # ---------------------------------------------------------------- fused groups (hydra/launcher=fused)
