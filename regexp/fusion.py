@@ -282,7 +282,8 @@ def resume_point(run_dir: Path, job: Any) -> tuple[Optional[int], Optional[str]]
     except RunError as e:
         return 0, f"its checkpoint cannot be read, the job fails on its own ({e})"
     if trained_to_end(job, saved):
-        return saved["step"], f"its checkpoint stands at the end of its training (step {saved['step']}): it only finishes its evaluation"
+        return saved["step"], (f"its checkpoint stands at the end of its training (step {saved['step']}): "
+                               "it only finishes its evaluation")
     return saved["step"], None
 
 

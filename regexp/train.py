@@ -323,9 +323,11 @@ def trained_to_end(cfg: DictConfig, saved: dict[str, Any]) -> bool:
     """The checkpoint `saved` stands where the run's plan (of `cfg`) stops training: max_steps
     reached, or its epoch recorded (window at the epoch's end) and that epoch the last or early
     stopping decided. Only an epoch's record saves a checkpoint at either place."""
-    plan = Plan.from_config(cfg, len(saved["perm"])) if saved["perm"] is not None else None
-    if plan is None or plan.steps_reached(saved["step"]):
-        return plan is not None
+    if saved["perm"] is None:  # no epoch drawn yet
+        return False
+    plan = Plan.from_config(cfg, len(saved["perm"]))
+    if plan.steps_reached(saved["step"]):
+        return True
     stopper = early_stopping(cfg)
     stopper.load_state_dict(saved["early_stopping"])
     return saved["window"] >= len(plan.windows) and (saved["epoch"] >= plan.epochs or stopper.should_stop)
@@ -343,13 +345,14 @@ def finished_at_end(cfg: DictConfig, saved: dict[str, Any], earlier: Optional[Su
 
 def finished_line(run_dir: Path, summary: Summary) -> str:
     """What a resume of a finished run says: it is complete, where and why, and what would go on."""
-    where = f"at step {summary.steps}"
     if summary.status == Status.DIVERGED:
-        return (f"{run_dir}: diverged after step {summary.last_finite_step or summary.steps}: the run is finished and nothing was written; a resume with the same "
-                "monitor.on_nonfinite would retrace it (on_nonfinite=skip steps past a non-finite step)")
-    more = "early stopping ended it" if summary.status == Status.EARLY_STOPPED else "raise epochs= or max_steps= to train it further"
-    return (f"{run_dir}: {summary.status} {where} ({plural(summary.epochs_completed, 'whole epoch')}): the run is "
-            f"complete and nothing was written; {more}")
+        return (f"{run_dir}: diverged after step {summary.last_finite_step or summary.steps}: the run is finished and "
+                "nothing was written; a resume with the same monitor.on_nonfinite would retrace it "
+                "(on_nonfinite=skip steps past a non-finite step)")
+    more = ("early stopping ended it" if summary.status == Status.EARLY_STOPPED
+            else "raise epochs= or max_steps= to train it further")
+    return (f"{run_dir}: {summary.status} at step {summary.steps} ({plural(summary.epochs_completed, 'whole epoch')}): "
+            f"the run is complete and nothing was written; {more}")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -796,7 +799,8 @@ def continue_from(loop: Loop, checkpoint: Path, saved: dict[str, Any]) -> None:
     loop.meters.load_state_dict(saved["meters"], state.epoch, mid_epoch)
     loop.at_end = trained_to_end(loop.cfg, saved)
     if loop.at_end:
-        loop.row = next((r for r in reversed(read_metrics(loop.run_dir)) if r.get("epoch") == state.epoch and "epoch/lr" in r), {})
+        records = reversed(read_metrics(loop.run_dir))
+        loop.row = next((r for r in records if r.get("epoch") == state.epoch and "epoch/lr" in r), {})  # record_epoch's
         if state.early_stopping.should_stop:
             loop.status = Status.EARLY_STOPPED
     if not mid_epoch:  # saved at the end of an epoch: start the next one

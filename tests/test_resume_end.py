@@ -218,7 +218,8 @@ def test_a_fused_member_killed_in_its_final_test_evaluates_alone(tmp_path, data_
     finished_before = [snapshot(sweep / str(n)) for n in (1, 2)]
     out = fused_sweep(tmp_path, data_root, "epochs=1", "resume=auto")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "fused: job 0 runs alone: its checkpoint stands at the end of its training (step 8): it only finishes its evaluation" in out.stdout
+    assert ("fused: job 0 runs alone: its checkpoint stands at the end of its training (step 8): "
+            "it only finishes its evaluation") in out.stdout
     assert "fused with" not in out.stdout and "epoch 2/1" not in out.stdout
     summary = summary_of(sweep / "0")
     assert summary["status"] == "completed" and "fused" not in summary and summary["steps"] == 8
