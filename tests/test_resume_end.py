@@ -121,6 +121,22 @@ def test_resume_with_epochs_raised_continues_exactly(finished, tmp_path, data_ro
 
 
 @pytest.mark.slow
+def test_raising_max_steps_continues_the_epoch_it_stopped_in(finished, tmp_path, data_root):
+    """max_steps=4 stopped epoch 1 at its 4th of 8 steps: max_steps=8 trains steps 5-8 of that
+    epoch, and its record is the uninterrupted epoch's (the record at step 4 stays before it)."""
+    run_dir = copy_of(finished, "max_steps", tmp_path)
+    out = run_cli(["train", f"resume={run_dir}", "max_steps=8"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "at step 4 (epoch 1)" in out.stdout and "epoch 2" not in out.stdout
+    straight = finished["completed"][0]
+    assert records(run_dir)[-1] == records(straight)[-1] and records(run_dir)[-1]["step"] == 8
+    summary = summary_of(run_dir)
+    assert summary["steps"] == 8 and summary["epochs_completed"] == 1
+    assert {k: v for k, v in summary["metrics"].items() if "perf" not in k} == \
+           {k: v for k, v in summary_of(straight)["metrics"].items() if "perf" not in k}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("status", ["running", "interrupted", "failed"])
 def test_a_run_killed_in_its_final_test_finishes_that_evaluation(finished, tmp_path, data_root, status):
     """What a SIGKILL (running), a signal (interrupted) or a crash (failed) in the final test
