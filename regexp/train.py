@@ -203,10 +203,11 @@ class Meters:
         self.start_interval()
         self.guard.reset()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, uncounted_seconds: float = 0.0) -> dict[str, Any]:
+        """`uncounted_seconds`: training time of the epoch in progress, not added yet."""
         return {"interval": [self.loss, self.correct, self.penalty, self.clipped, self.samples, self.steps],
-                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds],
-                "train_seconds": self.train_seconds, "samples_trained": self.samples_trained,
+                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds + uncounted_seconds],
+                "train_seconds": self.train_seconds + uncounted_seconds, "samples_trained": self.samples_trained,
                 "epochs_completed": self.epochs_completed}
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, mid_epoch: bool) -> None:
@@ -457,12 +458,18 @@ class Loop:
     label: str = ""  # which run an epoch line is about, when several train at once
     at_end: bool = False  # resumed where its training ended (killed in its final test): it only evaluates
     left_at: Optional[float] = None  # when it stopped stepping in this epoch (it diverged or reached max_steps)
+    stepping_since: Optional[float] = None  # when this epoch's training began, until the meters count its time
 
     def __post_init__(self) -> None:
         self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
 
+    def uncounted_seconds(self, now: float) -> float:
+        """This epoch's training time that the meters do not hold yet (up to `now`, or to when it stopped stepping)."""
+        return (self.left_at or now) - self.stepping_since if self.stepping_since is not None else 0.0
+
     def checkpoint(self, name: str = "checkpoint.pt") -> None:
-        save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": self.meters.state_dict(),
+        meters = self.meters.state_dict(self.uncounted_seconds(time.perf_counter()))  # a mid-epoch one keeps its time
+        save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": meters,
                                               "nonfinite_reported": self.policy.reported, "threads": self.summary.threads,
                                               "config": OmegaConf.to_container(self.cfg, resolve=True)})
 
@@ -608,6 +615,7 @@ def close_epoch(loop: Loop, seconds: float) -> None:
     meters.close_interval()
     loss_sum, correct_sum, first_bad = to_host({"l": meters.epoch_loss, "c": meters.epoch_correct, "b": bad}).values()
     meters.add_time(seconds)
+    loop.stepping_since = None
     if loop.status != Status.DIVERGED and first_bad >= 0 and loop.policy.handle(state, int(first_bad)):
         loop.status = Status.DIVERGED
     if loop.status != Status.DIVERGED and state.window == len(loop.plan.windows):  # every window trained
@@ -666,9 +674,12 @@ def fit(group: Group) -> None:
         for loop in running:
             begin_epoch(loop)
         t_epoch = time.perf_counter()
+        for loop in running:
+            loop.stepping_since = t_epoch
         if train_epoch(group, running) == Status.INTERRUPTED:
             for loop in running:
-                loop.meters.add_time((loop.left_at or time.perf_counter()) - t_epoch)
+                loop.meters.add_time(loop.uncounted_seconds(time.perf_counter()))
+                loop.stepping_since = None
                 loop.checkpoint()
                 loop.summary.steps, loop.summary.train_time_s = loop.state.step, round(loop.meters.train_seconds, 3)
             raise Interrupted(running[0].stop_signal.received, saved=True)
@@ -676,7 +687,7 @@ def fit(group: Group) -> None:
             torch.cuda.synchronize()
         t_end = time.perf_counter()
         for loop in running:  # each its own time: a member that stopped early trained less of the epoch
-            close_epoch(loop, (loop.left_at or t_end) - t_epoch)
+            close_epoch(loop, loop.uncounted_seconds(t_end))
         evaluated = [loop for loop in running if evaluates(loop)]
         val = dict(zip(map(id, evaluated), group.evaluate(evaluated, running[0].data.val_x, running[0].data.val_y)))
         for loop in running:

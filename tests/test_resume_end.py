@@ -286,3 +286,41 @@ def test_a_warmup_as_long_as_the_run_is_warned(args, total, warned):
     assert bool(warnings) is warned
     if warned:
         assert warnings[0].startswith(f"scheduler={cfg.scheduler.name}: ") and "never reaches optimizer.lr" in warnings[0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_keeps_the_time_it_trained(tmp_path, data_root):
+    """A periodic checkpoint holds the samples and the training time of the epoch so far, so
+    after a SIGKILL and a resume, samples/s is not that of the second part's time alone."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REGEXP
+
+    run_dir = tmp_path / "run"
+    args = [*BASE, "dataset.limit=3072", "batch_size=32", "epochs=1", "checkpoint.every_steps=10", "monitor.log_every=10"]
+    process = subprocess.Popen([REGEXP, "train", *args, f"hydra.run.dir={run_dir}"], env=dict(os.environ, REGEXP_DATA_DIR=str(data_root)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def saved() -> dict:
+        try:
+            return torch.load(run_dir / "checkpoint.pt", weights_only=True)
+        except Exception:  # not there yet, or being replaced
+            return {"step": -1}
+
+    deadline = time.time() + 300
+    while saved()["step"] < 30:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = saved()
+    meters, step = state["meters"], state["step"]
+    assert 30 <= step < 96 and meters["samples_trained"] == 32 * step
+    assert meters["train_seconds"] > 0 and meters["epoch"][3] == pytest.approx(meters["train_seconds"])
+    out = run_cli(["train", f"resume={run_dir}"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = summary_of(run_dir)
+    assert summary["steps"] == 96 and summary["train_time_s"] > meters["train_seconds"]
+    assert summary["metrics"]["perf/samples_per_s"] == pytest.approx(3072 / summary["train_time_s"], rel=0.01)
