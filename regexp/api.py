@@ -33,7 +33,8 @@ class Run:
 def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> Summary:
     """Train one run of `overrides` (as `regexp train` takes them) into `run_dir` (default:
     Hydra's outputs/<date>/<time>); returns its summary, whatever its status. A crash is
-    recorded in the run dir and raised."""
+    recorded in the run dir and raised. A resume of a run finished at its end returns that
+    run's summary and writes nothing."""
     from omegaconf import OmegaConf
 
     from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
@@ -53,7 +54,9 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
     choices = OmegaConf.to_container(composed.hydra.runtime.choices)
     user_overrides = [o for o in overrides if not o.startswith("hydra.")]
     with writing([run_dir], "run_dir"):
-        check_resume(typed, run_dir, "run_dir")  # what the run dir holds: nothing is written on a refusal
+        start = check_resume(typed, run_dir, "run_dir")  # what the run dir holds: nothing is written on a refusal
+        if start.finished is not None:
+            return start.finished
         with train_log(run_dir):
             write_hydra_record(run_dir, composed, user_overrides)
             return train(typed, run_dir, choices=choices, overrides=user_overrides)

@@ -173,9 +173,13 @@ def run_train(args: list[str]) -> int:
                 held.enter_context(writing([Path(out_dir)], key))  # the one writer until this process ends, however
                 args = [*args, f"{key}={hydra_quoted(out_dir)}"]  # the dir as checked (${now:...} resolved once)
                 if not multirun:
-                    from regexp.train import check_resume  # torch: only once the config is known good
+                    from regexp.train import check_resume, finished_line  # torch: only once the config is known good
 
-                    if check_resume(typed, Path(out_dir), key) is not None:  # what the run dir holds, under the lock
+                    start = check_resume(typed, Path(out_dir), key)  # what the run dir holds, under the lock
+                    if start.finished is not None:  # nothing left to do: Hydra would still write train.log
+                        print(finished_line(Path(out_dir), start.finished))
+                        return 0
+                    if start.resumed is not None:
                         args.append("hydra.output_subdir=null")  # a resume leaves the run's own .hydra/ record as it is
             return run_hydra(args, out_dir)
     except (ConfigError, UsageError) as e:
@@ -378,7 +382,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     from regexp.config import job_config
     from regexp.data import check_available
     from regexp.sweep import already_finished, check_drawn_job_dir, share_machine
-    from regexp.train import RunSpec
+    from regexp.train import RunSpec, check_resume
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if searching:  # a search sweeper's draw: its run dir not seen by the pre-flight
@@ -394,9 +398,10 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
         job = job_config(cfg)
         if multirun:  # data problems fail this job, not the sweep
             check_available(job.dataset)
+    start = check_resume(job, run_dir, "run_dir")  # its checkpoint and records: a bad one fails this job alone
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
     return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=task_overrides(hydra_cfg),
-                   name=run_name(hydra_cfg), group=hydra_cfg.sweep.dir if multirun else None)
+                   name=run_name(hydra_cfg), group=hydra_cfg.sweep.dir if multirun else None, start=start)
 
 
 # ---------------------------------------------------------------- fused groups (hydra/launcher=fused)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, flat, model_parameters
-from regexp.rundir import Status, read_summary
+from regexp.rundir import RunError, read_summary
 
 # Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
 FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
@@ -48,6 +48,7 @@ class Candidate:
     config: dict[str, Any]  # the job config as recorded (config.recorded_container)
     memory: int = 0  # bytes one model of it needs (model_memory)
     step: Optional[int] = 0  # resume=auto: the step its run dir stands at; None: finished, it is skipped
+    alone: Optional[str] = None  # resume=auto: why what its run dir holds makes it run alone
 
 
 @dataclass
@@ -77,10 +78,11 @@ def candidate(sweep_config: Any) -> Candidate:
 
     job = job_config(sweep_config)
     step: Optional[int] = 0
+    alone = None
     if job.get("resume") == "auto":
         sweep_dir, subdir = (OmegaConf.select(sweep_config, f"hydra.sweep.{key}") for key in ("dir", "subdir"))
-        step = resume_step(Path(str(sweep_dir)) / str(subdir))
-    return Candidate(int(sweep_config.hydra.job.num), recorded_container(job), model_memory(job), step)
+        step, alone = resume_point(Path(str(sweep_dir)) / str(subdir), job)
+    return Candidate(int(sweep_config.hydra.job.num), recorded_container(job), model_memory(job), step, alone)
 
 
 # ---------------------------------------------------------------- the key
@@ -144,6 +146,8 @@ def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[in
 def _unfusable(job: Candidate) -> Optional[str]:
     if job.step is None:
         return "its run is finished (resume=auto skips it)"
+    if job.alone is not None:
+        return job.alone
     model = job.config["model"]["name"]
     if model not in FUSES:
         return f"model {model} is not one the fused engine stacks ({', '.join(sorted(FUSES))})"
@@ -257,17 +261,30 @@ def _mib(size: int) -> str:
 
 
 # ---------------------------------------------------------------- resume=auto
-def resume_step(run_dir: Path) -> Optional[int]:
-    """The step a job's run dir stands at, for resume=auto: its summary's steps when the run
-    ended unfinished with a checkpoint, 0 when there is nothing to continue, None when it
-    finished (resume=auto skips it). summary.json only: no checkpoint is opened."""
+def resume_point(run_dir: Path, job: Any) -> tuple[Optional[int], Optional[str]]:
+    """(the step a job's run dir stands at, why it runs alone or None), for resume=auto: the
+    step of its checkpoint when the run ended unfinished, 0 when there is nothing to continue,
+    None when it finished (resume=auto skips it). A checkpoint at the end of its training
+    (the run was killed in its final test) only evaluates, and one that cannot be read fails
+    its job: each of those runs alone. `job`: the typed job config."""
     summary = read_summary(run_dir)
     if summary is None:
-        return 0
+        return 0, None
     if summary.status.finished:
-        return None
-    unfinished = summary.status in (Status.INTERRUPTED, Status.FAILED, Status.RUNNING)
-    return summary.steps if unfinished and (Path(run_dir) / "checkpoint.pt").is_file() else 0
+        return None, None
+    checkpoint = Path(run_dir) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        return 0, None
+    from regexp.train import read_checkpoint, trained_to_end  # torch: only for a sweep that continues runs
+
+    try:
+        saved = read_checkpoint(checkpoint)
+    except RunError as e:
+        return 0, f"its checkpoint cannot be read, the job fails on its own ({e})"
+    if trained_to_end(job, saved):
+        return saved["step"], (f"its checkpoint stands at the end of its training (step {saved['step']}): "
+                               "it only finishes its evaluation")
+    return saved["step"], None
 
 
 # ---------------------------------------------------------------- the launcher's settings

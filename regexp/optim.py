@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regexp.config import builder
+from regexp.tracking import plural
 
 
 def is_weight(p: torch.Tensor) -> bool:
@@ -94,10 +95,29 @@ def warmup_cosine(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, b
 def one_cycle(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
     """Cosine up from lr / div_factor for pct_start of the run, then down to start / final_div_factor."""
     start = 1.0 / cfg.div_factor
-    rise = max(int(cfg.pct_start * total_steps), 1)
+    rise = peak_step(cfg, total_steps)
     if step < rise:
         return _cosine(step / rise, start, 1.0)
     return _cosine((step - rise) / max(total_steps - rise, 1), 1.0, start / cfg.final_div_factor)
+
+
+def peak_step(cfg: Any, total_steps: int) -> Optional[int]:
+    """The step (0-based) at which a schedule that warms up reaches the base lr; None for one that starts there."""
+    if cfg.name == "warmup_cosine":
+        return cfg.warmup_steps
+    if cfg.name == "onecycle":
+        return max(int(cfg.pct_start * total_steps), 1)
+    return None
+
+
+def schedule_warnings(cfg: Any, total_steps: int) -> list[str]:
+    """A warmup as long as the run or longer: its lr never reaches optimizer.lr."""
+    peak = peak_step(cfg, total_steps)
+    if peak is None or peak < total_steps:
+        return []
+    why = f"warmup_steps={cfg.warmup_steps}" if cfg.name == "warmup_cosine" else f"pct_start={cfg.pct_start} rises for {peak}"
+    return [f"scheduler={cfg.name}: {why} of the run's {plural(total_steps, 'step')}: the lr never reaches optimizer.lr "
+            f"(at most {lr_factor(cfg, total_steps - 1, total_steps, 1, 1.0):.3g} of it); shorten the warmup or train longer"]
 
 
 def lr_factor(cfg: Any, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import accumulate
 from pathlib import Path
@@ -29,7 +29,7 @@ from regexp.init import init_weights
 from regexp.lock import writing
 from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
-from regexp.optim import build_optimizer, build_scheduler, scaled_lr
+from regexp.optim import build_optimizer, build_scheduler, scaled_lr, schedule_warnings
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
     CONTINUATION,
@@ -89,7 +89,10 @@ class Plan:
         return window_batches(perm, self.offsets[window], self.windows[window])
 
     def last_epoch(self, epoch: int, step: int) -> bool:
-        return epoch == self.epochs or (self.max_steps is not None and step >= self.max_steps)
+        return epoch >= self.epochs or self.steps_reached(step)
+
+    def steps_reached(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
 
 
 def augmentation(cfg: DictConfig) -> Optional[tuple[int, bool]]:
@@ -111,13 +114,17 @@ def build_state(cfg: DictConfig, data: DataSplits, device: torch.device, precisi
         model.to(memory_format=torch.channels_last)
     base_lr = scaled_lr(cfg.optimizer.lr, cfg.accumulation.steps, cfg.accumulation.scale_lr)
     optimizer = build_optimizer(model, cfg.optimizer, base_lr)
-    es = cfg.regularizer.early_stopping  # without it, best.pt still keeps the best val/acc
     return TrainState(
         model=model, net=torch.compile(model) if cfg.device.compile else model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.scheduler, plan.total_steps, len(plan.windows), base_lr),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        early_stopping=EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta) if es is not None else EarlyStopping("val/acc", "max"),
-        params=[p for p in model.parameters() if p.requires_grad], penalized=weights(model))
+        early_stopping=early_stopping(cfg), params=[p for p in model.parameters() if p.requires_grad],
+        penalized=weights(model))
+
+
+def early_stopping(cfg: DictConfig) -> EarlyStopping:
+    es = cfg.regularizer.early_stopping  # without it, best.pt still keeps the best val/acc
+    return EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta) if es is not None else EarlyStopping("val/acc", "max")
 
 
 def model_has_convs(model: torch.nn.Module) -> bool:
@@ -161,12 +168,12 @@ def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 class Meters:
     """Device-side sums over the current log interval and epoch (no host sync per step), and
-    the run's training time and samples (evaluation excluded)."""
+    the run's training time, samples and whole epochs (evaluation excluded)."""
 
     def __init__(self, device: torch.device):
         self.zero = torch.zeros((), device=device)
         self.guard = NonfiniteGuard(device)
-        self.train_seconds, self.samples_trained = 0.0, 0
+        self.train_seconds, self.samples_trained, self.epochs_completed = 0.0, 0, 0
         self.start_interval()
         self.start_epoch()
 
@@ -194,19 +201,25 @@ class Meters:
         """The interval's sums move into the epoch's."""
         self.epoch_loss, self.epoch_correct = self.epoch_loss + self.loss, self.epoch_correct + self.correct
         self.epoch_samples += self.samples
+        self.samples_trained += self.samples
         self.start_interval()
         self.guard.reset()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, uncounted_seconds: float = 0.0) -> dict[str, Any]:
+        """`uncounted_seconds`: training time of the epoch in progress, not added yet."""
         return {"interval": [self.loss, self.correct, self.penalty, self.clipped, self.samples, self.steps],
-                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds],
-                "train_seconds": self.train_seconds, "samples_trained": self.samples_trained}
+                "epoch": [self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds + uncounted_seconds],
+                "train_seconds": self.train_seconds + uncounted_seconds, "samples_trained": self.samples_trained,
+                "epochs_completed": self.epochs_completed}
 
-    def load_state_dict(self, state: dict[str, Any], mid_epoch: bool) -> None:
+    def load_state_dict(self, state: dict[str, Any], epoch: int, mid_epoch: bool) -> None:
+        """`epoch`: the checkpoint's; a checkpoint of an earlier version has no count of whole
+        epochs: those up to its epoch are, but the one it stopped in."""
         self.loss, self.correct, self.penalty, self.clipped, self.samples, self.steps = state["interval"]
         if mid_epoch:
             self.epoch_loss, self.epoch_correct, self.epoch_samples, self.epoch_seconds = state["epoch"]
         self.train_seconds, self.samples_trained = state["train_seconds"], state["samples_trained"]
+        self.epochs_completed = state.get("epochs_completed", epoch - mid_epoch)
 
 
 def interval_record(state: TrainState, meters: Meters, result: StepResult, lr: float, monitor: Monitor,
@@ -284,25 +297,69 @@ def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) ->
                                                  f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
 
-def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Optional[tuple[Path, dict[str, Any]]]:
+@dataclass
+class Start:
+    """Where a run starts (check_resume): afresh, from a checkpoint, or nowhere: a finished
+    run at its end has nothing left to do (`finished`, its summary)."""
+
+    resumed: Optional[tuple[Path, dict[str, Any]]] = None  # the checkpoint to continue from, and its state
+    finished: Optional[Summary] = None
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
     """The pre-flight of what a run finds in its run dir, before anything is written: a new
     run never goes where a run is recorded; a resume needs its checkpoint (readable, of this
-    config) and readable records. Returns the checkpoint's (path, state) to resume from."""
+    config) and readable records, and has nothing to do when the run finished at its end."""
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     if checkpoint is None:
         earlier = read_summary(run_dir) if (run_dir / SUMMARY).exists() else None
         if (run_dir / SUMMARY).exists() and not (cfg.resume == "auto" and earlier is not None and not earlier.status.finished):
             raise ConfigError(key, str(run_dir), "holds a run already; continue it with resume=" + str(run_dir) +
                               " (or resume=auto), or choose another run dir")
-        return None  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
+        return Start()  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
     state = read_checkpoint(checkpoint)
     check_checkpoint_fits(checkpoint, state, cfg)
-    if (run_dir / SUMMARY).exists():
-        load_summary(run_dir)
+    earlier = load_summary(run_dir) if (run_dir / SUMMARY).exists() else None
     read_metrics(run_dir)
     if (run_dir / "best.pt").exists():
         read_weights(run_dir / "best.pt")
-    return checkpoint, state
+    return Start((checkpoint, state), earlier if finished_at_end(cfg, state, earlier) else None)
+
+
+def trained_to_end(cfg: DictConfig, saved: dict[str, Any]) -> bool:
+    """The checkpoint `saved` stands where the run's plan (of `cfg`) stops training: max_steps
+    reached, or its epoch recorded (window at the epoch's end) and that epoch the last or early
+    stopping decided. Only an epoch's record saves a checkpoint at either place."""
+    if saved["perm"] is None:  # no epoch drawn yet
+        return False
+    plan = Plan.from_config(cfg, len(saved["perm"]))
+    if plan.steps_reached(saved["step"]):
+        return True
+    stopper = early_stopping(cfg)
+    stopper.load_state_dict(saved["early_stopping"])
+    return saved["window"] >= len(plan.windows) and (saved["epoch"] >= plan.epochs or stopper.should_stop)
+
+
+def finished_at_end(cfg: DictConfig, saved: dict[str, Any], earlier: Optional[Summary]) -> bool:
+    """A run recorded finished with nothing left to do: trained to its plan's end, or
+    diverged and resumed with the same on_nonfinite (it would retrace the same steps)."""
+    if earlier is None or not earlier.status.finished:
+        return False
+    if earlier.status == Status.DIVERGED:
+        return saved["config"].get("monitor", {}).get("on_nonfinite") == cfg.monitor.on_nonfinite
+    return trained_to_end(cfg, saved)
+
+
+def finished_line(run_dir: Path, summary: Summary) -> str:
+    """What a resume of a finished run says: it is complete, where and why, and what would go on."""
+    if summary.status == Status.DIVERGED:
+        return (f"{run_dir}: diverged after step {summary.last_finite_step or summary.steps}: the run is finished and "
+                "nothing was written; a resume with the same monitor.on_nonfinite would retrace it "
+                "(on_nonfinite=skip steps past a non-finite step)")
+    more = ("early stopping ended it" if summary.status == Status.EARLY_STOPPED
+            else "raise epochs= or max_steps= to train it further")
+    return (f"{run_dir}: {summary.status} at step {summary.steps} ({plural(summary.epochs_completed, 'whole epoch')}): "
+            f"the run is complete and nothing was written; {more}")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -411,12 +468,20 @@ class Loop:
     status: Status = Status.COMPLETED  # until the run ends otherwise
     row: dict[str, Any] = field(default_factory=dict)  # the last epoch's record
     label: str = ""  # which run an epoch line is about, when several train at once
+    at_end: bool = False  # resumed where its training ended (killed in its final test): it only evaluates
+    left_at: Optional[float] = None  # when it stopped stepping in this epoch (it diverged or reached max_steps)
+    stepping_since: Optional[float] = None  # when this epoch's training began, until the meters count its time
 
     def __post_init__(self) -> None:
         self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
 
+    def uncounted_seconds(self, now: float) -> float:
+        """This epoch's training time that the meters do not hold yet (up to `now`, or to when it stopped stepping)."""
+        return (self.left_at or now) - self.stepping_since if self.stepping_since is not None else 0.0
+
     def checkpoint(self, name: str = "checkpoint.pt") -> None:
-        save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": self.meters.state_dict(),
+        meters = self.meters.state_dict(self.uncounted_seconds(time.perf_counter()))  # a mid-epoch one keeps its time
+        save_checkpoint(self.run_dir / name, {**self.state.state_dict(), "meters": meters,
                                               "nonfinite_reported": self.policy.reported, "threads": self.summary.threads,
                                               "config": recorded_container(self.cfg)})
 
@@ -491,6 +556,9 @@ def train_epoch(group: Group, loops: list[Loop]) -> Status:
         bar.advance(plan.offsets[first.state.window] if first.state.window < len(plan.windows) else len(first.data.train_y))
         stepping = list(loops)
         for w in range(first.state.window, len(plan.windows)):
+            stepping = [loop for loop in stepping if still_stepping(loop)]
+            if not stepping:
+                break
             for loop in stepping:
                 loop.state.window = w
             if first.stop_signal.received is not None:  # Ctrl-C / SIGTERM: the caller saves where we are
@@ -504,11 +572,18 @@ def train_epoch(group: Group, loops: list[Loop]) -> Status:
                 record = after_step(loop, result, log_step, lr)
                 if record is not None and loop is first:
                     bar.show(record["train/loss"], record["perf/samples_per_s"])
-            stepping = [loop for loop in stepping if loop.status != Status.DIVERGED
-                        and (plan.max_steps is None or loop.state.step < plan.max_steps)]
-            if not stepping:
-                break
     return Status.COMPLETED
+
+
+def still_stepping(loop: Loop) -> bool:
+    """Whether the loop takes the next step; one that stops notes when (its own training time)."""
+    if loop.status != Status.DIVERGED and not loop.plan.steps_reached(loop.state.step):
+        return True
+    if loop.left_at is None:
+        if loop.data.train_y.is_cuda:
+            torch.cuda.synchronize()
+        loop.left_at = time.perf_counter()
+    return False
 
 
 def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Optional[dict[str, Any]]:
@@ -532,8 +607,9 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
             return record
         if first_bad < 0:
             policy.keep(state)
-    if loop.plan.checkpoint_every is not None and state.step % loop.plan.checkpoint_every == 0:
-        loop.checkpoint()
+    if (loop.plan.checkpoint_every is not None and state.step % loop.plan.checkpoint_every == 0
+            and state.window < len(loop.plan.windows) and not loop.plan.steps_reached(state.step)):
+        loop.checkpoint()  # not at the epoch's or the run's end: the epoch record's checkpoint follows there
     return record
 
 
@@ -551,9 +627,11 @@ def close_epoch(loop: Loop, seconds: float) -> None:
     meters.close_interval()
     loss_sum, correct_sum, first_bad = to_host({"l": meters.epoch_loss, "c": meters.epoch_correct, "b": bad}).values()
     meters.add_time(seconds)
-    meters.samples_trained += meters.epoch_samples
+    loop.stepping_since = None
     if loop.status != Status.DIVERGED and first_bad >= 0 and loop.policy.handle(state, int(first_bad)):
         loop.status = Status.DIVERGED
+    if loop.status != Status.DIVERGED and state.window == len(loop.plan.windows):  # every window trained
+        meters.epochs_completed = state.epoch
     loop.row = {"epoch": state.epoch, "step": state.step}
     if meters.epoch_samples:
         loop.row.update({"epoch/train_loss": loss_sum / meters.epoch_samples, "epoch/train_acc": correct_sum / meters.epoch_samples})
@@ -582,8 +660,7 @@ def record_epoch(loop: Loop, val: Optional[dict[str, float]]) -> None:
     loop.tracker.write(row)
     loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {SHOWN_AS.get(k, k): v for k, v in row.items() if k not in ("epoch", "step")},
                              loop.label)
-    state.window = len(loop.plan.windows)
-    loop.checkpoint()
+    loop.checkpoint()  # its window: the epoch's end, or where max_steps stopped it (a larger max_steps goes on from there)
     state.perm = None  # the next epoch draws its own order
     if state.early_stopping.should_stop:
         loop.status = Status.EARLY_STOPPED
@@ -592,6 +669,7 @@ def record_epoch(loop: Loop, val: Optional[dict[str, float]]) -> None:
 def begin_epoch(loop: Loop) -> None:
     state = loop.state
     state.model.train()
+    loop.left_at = None
     if state.perm is None:
         with state.own_random():
             state.perm = torch.randperm(len(loop.data.train_y), device=loop.data.train_y.device)
@@ -603,22 +681,25 @@ def fit(group: Group) -> None:
     """Epochs of windows until the schedule, max_steps, early stopping or a divergence ends
     each run; then the final metrics (of the best weights, when early stopping chose them).
     The members of a group share the epochs and windows; each ends on its own."""
-    running = list(group.loops)
+    running = [loop for loop in group.loops if not loop.at_end]
     while running:
         for loop in running:
             begin_epoch(loop)
         t_epoch = time.perf_counter()
+        for loop in running:
+            loop.stepping_since = t_epoch
         if train_epoch(group, running) == Status.INTERRUPTED:
             for loop in running:
-                loop.meters.add_time(time.perf_counter() - t_epoch)
+                loop.meters.add_time(loop.uncounted_seconds(time.perf_counter()))
+                loop.stepping_since = None
                 loop.checkpoint()
                 loop.summary.steps, loop.summary.train_time_s = loop.state.step, round(loop.meters.train_seconds, 3)
             raise Interrupted(running[0].stop_signal.received, saved=True)
         if running[0].data.train_y.is_cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t_epoch
-        for loop in running:
-            close_epoch(loop, seconds)
+        t_end = time.perf_counter()
+        for loop in running:  # each its own time: a member that stopped early trained less of the epoch
+            close_epoch(loop, loop.uncounted_seconds(t_end))
         evaluated = [loop for loop in running if evaluates(loop)]
         val = dict(zip(map(id, evaluated), group.evaluate(evaluated, running[0].data.val_x, running[0].data.val_y)))
         for loop in running:
@@ -646,7 +727,7 @@ def finish(loop: Loop, test: dict[str, float]) -> None:
     final.update({f"test/{k}": v for k, v in test.items()})
     final["perf/samples_per_s"] = meters.samples_trained / meters.train_seconds if meters.train_seconds else 0.0
     s = loop.summary
-    s.status, s.metrics, s.steps, s.epochs_completed = status, split_finite(final)[0], state.step, loop.row.get("epoch", 0)
+    s.status, s.metrics, s.steps, s.epochs_completed = status, split_finite(final)[0], state.step, meters.epochs_completed
     s.train_time_s = round(meters.train_seconds, 3)
 
 
@@ -710,22 +791,41 @@ def announce(loop: Loop, device: torch.device) -> None:
         f"{cfg.dataset.name} ({len(loop.data.train_y)} train / {len(loop.data.val_y)} val / {len(loop.data.test_y)} test) · "
         f"{cfg.model.name} ({summary.parameters:,} params) · {cfg.optimizer.name} lr "
         f"{state.optimizer.param_groups[0]['initial_lr']:g} · {device} {loop.precision} · {plural(summary.threads, 'thread')} · "
-        f"{plural(cfg.epochs, 'epoch')} × {len(plan.windows)} steps · batch {cfg.batch_size}×{cfg.accumulation.steps}{fused} · "
+        f"{length(plan)} · batch {cfg.batch_size}×{cfg.accumulation.steps}{fused} · "
         f"run dir {loop.run_dir}"
     )
-    if summary.resumed_from is not None:
+    if loop.at_end:
+        loop.reporter.line(f"{summary.resumed_from} stands at the end of its training (step {state.step}): "
+                           "finishing its final evaluation, no step is trained")
+    elif summary.resumed_from is not None:
         loop.reporter.line(f"resumed from {summary.resumed_from} at step {state.step} (epoch {state.epoch})")
-    for warning in warnings_for(cfg):
+    for warning in [*warnings_for(cfg), *schedule_warnings(cfg.scheduler, plan.total_steps)]:
         loop.reporter.warn(warning)
 
 
+def length(plan: Plan) -> str:
+    """How long the run trains, as it will: epochs of steps, or max_steps when that ends it sooner."""
+    epochs = f"{plural(plan.epochs, 'epoch')} × {len(plan.windows)} steps"
+    if plan.total_steps < plan.epochs * len(plan.windows):
+        return f"{plural(plan.total_steps, 'step')} (max_steps; {epochs} would be {plan.epochs * len(plan.windows)})"
+    return epochs
+
+
 def continue_from(loop: Loop, checkpoint: Path, saved: dict[str, Any]) -> None:
-    """The loop where the checkpoint left it: state, meters, the non-finite report."""
+    """The loop where the checkpoint left it: state, meters, the non-finite report. Saved at
+    the end of its training (killed in its final test), it only evaluates: its last epoch's
+    record is the one in metrics.jsonl."""
     state, saved = loop.state, move_to(saved, loop.data.train_y.device)
     state.load_state_dict(saved)
     loop.policy.reported = saved["nonfinite_reported"]
     mid_epoch = state.window < len(loop.plan.windows)
-    loop.meters.load_state_dict(saved["meters"], mid_epoch)
+    loop.meters.load_state_dict(saved["meters"], state.epoch, mid_epoch)
+    loop.at_end = trained_to_end(loop.cfg, saved)
+    if loop.at_end:
+        records = reversed(read_metrics(loop.run_dir))
+        loop.row = next((r for r in records if r.get("epoch") == state.epoch and "epoch/lr" in r), {})  # record_epoch's
+        if state.early_stopping.should_stop:
+            loop.status = Status.EARLY_STOPPED
     if not mid_epoch:  # saved at the end of an epoch: start the next one
         state.epoch, state.window, state.perm = state.epoch + 1, 0, None
     loop.summary.resumed_from, loop.summary.resumed_at_step = str(checkpoint), state.step
@@ -759,6 +859,7 @@ class RunSpec:
     overrides: list = field(default_factory=list)
     name: Optional[str] = None
     group: Optional[str] = None
+    start: Optional[Start] = None  # what check_resume found, when the job's own checks ran it already
 
 
 @dataclass
@@ -851,23 +952,26 @@ def train_group(specs: list[RunSpec], reporter: Optional[Reporter] = None, wandb
     run's records, its summary `fused: {models: N, runs: [...]}`. The specs must fuse
     (regexp.fusion); runs resumed from checkpoints at different steps train as separate
     groups. Nothing is written when a run dir refuses its run (check_resume) or another
-    process writes it (regexp.lock: each run dir is locked while it trains). A crash is
-    recorded in every member's summary (failed, traceback) and raised."""
+    process writes it (regexp.lock: each run dir is locked while it trains), nor for a
+    finished run at its end (its summary is returned). A crash is recorded in every member's
+    summary (failed, traceback) and raised."""
     with writing([spec.run_dir for spec in specs], "run_dir"):
         return _train_group(specs, reporter, wandb_server, fuse)
 
 
 def _train_group(specs: list[RunSpec], reporter: Optional[Reporter], wandb_server: Optional[WandbServer],
                  fuse: bool) -> list[Summary]:
-    resumed = [check_resume(spec.cfg, Path(spec.run_dir), "run_dir") for spec in specs]  # before anything is written
+    starts = [spec.start or check_resume(spec.cfg, Path(spec.run_dir), "run_dir") for spec in specs]  # before anything is written
     reporter = reporter or Reporter()
-    positions = [position(r) for r in resumed]
-    if len(set(positions)) > 1:
-        summaries: dict[int, Summary] = {}
-        for where in dict.fromkeys(positions):
+    positions = [None if start.finished else position(start.resumed) for start in starts]
+    if len(set(positions)) > 1 or None in positions:
+        summaries: dict[int, Summary] = {i: start.finished for i, start in enumerate(starts) if start.finished}
+        for where in dict.fromkeys(p for p in positions if p is not None):
             members = [i for i, p in enumerate(positions) if p == where]
-            summaries.update(zip(members, train_group([specs[i] for i in members], reporter, wandb_server, fuse)))
+            summaries.update(zip(members, _train_group([replace(specs[i], start=starts[i]) for i in members], reporter,
+                                                       wandb_server, fuse)))
         return [summaries[i] for i in range(len(specs))]
+    resumed = [start.resumed for start in starts]
     fuse = fuse and len(specs) > 1
     with contextlib.ExitStack() as records:
         runs = [records.enter_context(recorded(spec, r, reporter, wandb_server, concurrent=fuse)) for spec, r in zip(specs, resumed)]

@@ -128,16 +128,45 @@ def test_resume_auto_fuses_jobs_at_the_same_step(base):
                             3: "its run is finished (resume=auto skips it)"}
 
 
-@pytest.mark.parametrize("status, checkpoint, step", [
-    (None, False, 0), (Status.INTERRUPTED, True, 12), (Status.FAILED, True, 12), (Status.RUNNING, True, 12),
-    (Status.INTERRUPTED, False, 0), (Status.COMPLETED, True, None), (Status.DIVERGED, False, None),
+def fake_checkpoint(path: Path, step: int, window: int) -> None:
+    """A checkpoint as resume_point reads it (a batch of 32 over 256 samples: 8 windows an epoch)."""
+    import torch
+
+    from regexp.train import CHECKPOINT_KEYS
+
+    state = {key: None for key in CHECKPOINT_KEYS}
+    state.update(epoch=1, window=window, step=step, perm=torch.arange(256),
+                 early_stopping={"best": 0.0, "best_epoch": None, "bad_evals": 0}, config={})
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("status, checkpoint, point", [
+    (None, None, (0, None)), (Status.INTERRUPTED, (5, 5), (5, None)), (Status.FAILED, (5, 5), (5, None)),
+    (Status.RUNNING, (5, 5), (5, None)), (Status.INTERRUPTED, None, (0, None)), (Status.COMPLETED, (8, 8), (None, None)),
+    (Status.DIVERGED, None, (None, None)),
+    (Status.RUNNING, (8, 8), (8, "its checkpoint stands at the end of its training (step 8): it only finishes its evaluation")),
 ])
-def test_resume_step_reads_the_run_dir(tmp_path, status, checkpoint, step):
+def test_resume_point_reads_the_run_dir_and_its_checkpoint(tmp_path, status, checkpoint, point):
+    """The step is the checkpoint's (a killed run's summary still says 0), and a run killed in
+    its final test (checkpoint at its last step) runs alone."""
+    job = job_config(compose_train(["batch_size=32", "epochs=1", "dataset.limit=256"]))
     if status is not None:
-        write_summary(tmp_path, Summary(status=status, steps=12))
-    if checkpoint:
-        (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert fusion.resume_step(tmp_path) == step
+        write_summary(tmp_path, Summary(status=status, steps=0))
+    if checkpoint is not None:
+        fake_checkpoint(tmp_path / "checkpoint.pt", *checkpoint)
+    assert fusion.resume_point(tmp_path, job) == point
+
+
+def test_an_unreadable_checkpoint_makes_its_job_run_alone(tmp_path):
+    job = job_config(compose_train(["batch_size=32", "epochs=1", "dataset.limit=256"]))
+    write_summary(tmp_path, Summary(status=Status.INTERRUPTED, steps=4))
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    step, alone = fusion.resume_point(tmp_path, job)
+    assert step == 0 and alone.startswith("its checkpoint cannot be read, the job fails on its own (")
+    assert str(tmp_path / "checkpoint.pt") in alone
+    result = partition([Candidate(0, resolved_container(job)), Candidate(1, resolved_container(job), step=0, alone=alone),
+                        Candidate(2, resolved_container(job))], 64)
+    assert result.groups == [[0, 2], [1]] and result.alone == {1: alone}
 
 
 def test_job_numbers_are_ranges():
