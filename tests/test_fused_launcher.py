@@ -164,8 +164,8 @@ def test_an_unreadable_checkpoint_makes_its_job_run_alone(tmp_path):
     step, alone = fusion.resume_point(tmp_path, job)
     assert step == 0 and alone.startswith("its checkpoint cannot be read, the job fails on its own (")
     assert str(tmp_path / "checkpoint.pt") in alone
-    result = partition([Candidate(0, resolved_container(job)), Candidate(1, resolved_container(job), step=0, alone=alone),
-                        Candidate(2, resolved_container(job))], 64)
+    result = partition([Candidate(0, recorded_container(job)), Candidate(1, recorded_container(job), step=0, alone=alone),
+                        Candidate(2, recorded_container(job))], 64)
     assert result.groups == [[0, 2], [1]] and result.alone == {1: alone}
 
 
