@@ -49,11 +49,12 @@ class DirHeld(ConfigError):
 @dataclass
 class _Held:
     pid: int  # the process that took it (a forked child holds nothing of its parent's)
+    thread: int  # and its thread: two threads of one process (regexp.run) are two writers
     record: bytes  # what the lock file says: ours only if it still says this
     depth: int = 1
 
 
-_held: dict[str, _Held] = {}  # real path of the dir -> this process's lock on it
+_held: dict[str, _Held] = {}  # real path of the dir -> this process's lock on it (which thread holds it)
 _registry = threading.Lock()
 
 
@@ -79,9 +80,12 @@ def _holding(run_dir: Path, key: str) -> Iterator[None]:
     with _registry:
         mine = _held.get(name)
         if mine is not None and mine.pid == os.getpid():
+            if mine.thread != threading.get_ident():
+                raise DirHeld(key, str(run_dir), "another thread of this process writes this dir now; "
+                                                 "wait for it to end or choose another dir")
             mine.depth += 1
         else:
-            mine = _held[name] = _Held(os.getpid(), _acquire(run_dir, key))
+            mine = _held[name] = _Held(os.getpid(), threading.get_ident(), _acquire(run_dir, key))
     try:
         yield
     finally:

@@ -468,3 +468,28 @@ def test_what_is_no_lock_above_a_run_dir_is_not_its_business(tmp_path):
     check_free(tmp_path / "a" / "run", "run_dir", "x")
     with pytest.raises(RunError, match="not a regexp lock file"):
         check_free(tmp_path / "a", "run_dir", "x")  # its own lock path is
+
+
+def test_two_threads_of_one_process_are_two_writers(tmp_path):
+    """The lock is re-entrant in the thread that holds it, not in another (two regexp.run at once)."""
+    import threading
+
+    refused = []
+
+    def second_writer():
+        try:
+            with writing([tmp_path], "run_dir"):
+                pass
+        except DirHeld as e:
+            refused.append(str(e))
+
+    with writing([tmp_path], "run_dir"):
+        with writing([tmp_path], "run_dir"):  # the same thread: re-entrant
+            thread = threading.Thread(target=second_writer)
+            thread.start()
+            thread.join()
+    assert refused == [f"run_dir={tmp_path}: another thread of this process writes this dir now; "
+                       "wait for it to end or choose another dir"]
+    assert not (tmp_path / LOCK).exists()
+    second_writer()  # free again
+    assert len(refused) == 1
