@@ -293,7 +293,8 @@ def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) ->
     before = flat(saved)
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):  # a changed option first
         if not key.startswith(tuple(p + "." for p in RESUME_MAY_CHANGE) + RESUME_MAY_CHANGE) and now.get(key) != before.get(key):
-            raise ConfigError(key, now.get(key), f"the run in {path.parent} was trained with {key}={before.get(key)}; "
+            trained = f"with {key}={before[key]}" if key in before else f"without {key}"
+            raise ConfigError(key, now.get(key), f"the run in {path.parent} was trained {trained}; "
                                                  f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
 
