@@ -378,3 +378,62 @@ def test_a_fused_member_whose_data_are_missing_fails_alone(tmp_path, data_root):
     assert summary_of(sweep / "1")["status"] == "failed" and not (sweep / "1" / "checkpoint.pt").exists()
     rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["completed", "failed"] and "fashion_mnist" in rows[1]["error"]
+
+
+@pytest.mark.slow
+def test_a_held_sweep_refuses_a_second_sweep_and_a_resume_of_its_member(sweep_copy, tmp_path, data_root):
+    """While another process writes the sweep dir: resume=auto of the sweep and a resume of one of
+    its job dirs are refused in one line each, exit 2, nothing written."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(sweep_copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        out = resume_sweep(tmp_path, data_root)
+        assert_refused(out, 2, f"regexp: error: hydra.sweep.dir={sweep_copy}: another regexp process writes {sweep_copy} "
+                               f"now (pid {holder.pid} ", tmp_path, before)
+        out = run_cli(["train", "resume=sweep/1", "max_steps=8"], tmp_path, data_root)
+        assert_refused(out, 2, f"regexp: error: hydra.run.dir={sweep_copy / '1'}: {sweep_copy / '1'} lies inside "
+                               f"{sweep_copy}, which another regexp process writes now (pid {holder.pid} ", tmp_path, before)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_a_member_resumed_by_hand_with_other_overrides_refuses_the_sweeps_resume(sweep_copy, tmp_path, data_root):
+    """Job 1 continued alone to max_steps=6: resume=auto of the sweep (max_steps=4) would mix two
+    plans in one sweep; it is refused whole, naming job 1's dir and the differing override."""
+    out = run_cli(["train", "resume=sweep/1", "max_steps=6"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert summary_of(sweep_copy / "1")["steps"] == 6
+    before = snapshot(tmp_path)
+    out = resume_sweep(tmp_path, data_root)
+    assert_refused(out, 2, f"regexp: error: resume=auto: {sweep_copy / '1'} holds a run of other overrides "
+                           "(max_steps=6 where this job has max_steps=4)", tmp_path, before)
+
+
+@pytest.mark.slow
+def test_a_fused_sweep_stopped_by_sigterm_resumes_in_groups_of_max_models(tmp_path, data_root):
+    """SIGTERM once the first metrics are logged: every job interrupted with a checkpoint at one
+    step, exit 143; resume=auto with max_models=2 fuses jobs 0-1, runs job 2 alone (saying
+    why), and every job completes the epoch from the step it stopped at."""
+    from conftest import REGEXP, signal_once_logged
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "hydra/launcher=fused", "model.hidden=[32]", "logger=none", "dataset.limit=2048",
+            "dataset.val_size=256", "batch_size=32", "epochs=1", "monitor.log_every=2", "seed=0,1,2",
+            f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
+    code, _, err = signal_once_logged([REGEXP, *args], tmp_path, env, sweep / "0" / "metrics.jsonl", 15)
+    assert code == 143, err[-2000:]
+    stopped = [summary_of(sweep / str(n)) for n in range(3)]
+    assert {s["status"] for s in stopped} == {"interrupted"} and len({s["steps"] for s in stopped}) == 1
+    assert all((sweep / str(n) / "checkpoint.pt").is_file() for n in range(3))
+    out = run_cli([*args, "resume=auto", "hydra.launcher.max_models=2"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "fused: jobs 0-1 train as one group of 2 models" in lines
+    assert "fused: job 2 runs alone: hydra.launcher.max_models=2 caps a group (jobs 0-2 share its config)" in lines
+    done = [summary_of(sweep / str(n)) for n in range(3)]
+    assert [(s["status"], s["steps"], s["resumed_at_step"]) for s in done] == [("completed", 64, stopped[0]["steps"])] * 3
+    assert [s.get("fused", {}).get("models") for s in done] == [2, 2, None]
