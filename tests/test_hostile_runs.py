@@ -437,3 +437,34 @@ def test_a_fused_sweep_stopped_by_sigterm_resumes_in_groups_of_max_models(tmp_pa
     done = [summary_of(sweep / str(n)) for n in range(3)]
     assert [(s["status"], s["steps"], s["resumed_at_step"]) for s in done] == [("completed", 64, stopped[0]["steps"])] * 3
     assert [s.get("fused", {}).get("models") for s in done] == [2, 2, None]
+
+
+# ---------------------------------------------------------------- killed before its first checkpoint
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_told_the_way_that_works(run_copy, tmp_path, data_root):
+    """What a SIGKILL before the first checkpoint leaves (summary running at step 0, .hydra/, no
+    checkpoint): a new run there is refused with advice that works (resume=DIR cannot: there is
+    no checkpoint), resume=DIR is refused, and resume=auto trains it from the start."""
+    for name in ("checkpoint.pt", "best.pt", "metrics.jsonl", "diagnosis.json"):
+        (run_copy / name).unlink()
+    edit_summary(run_copy, status="running", steps=0, metrics={}, finished_at=None)
+    before = snapshot(tmp_path)
+    out = run_cli(["train", *RUN, "hydra.run.dir=run"], tmp_path, data_root)
+    assert_refused(out, 2, "regexp: error: hydra.run.dir=run: holds a run already; it saved no checkpoint: start it "
+                           "again there with resume=auto, or choose another run dir", tmp_path, before)
+    out = run_cli(["train", "resume=run"], tmp_path, data_root)
+    assert_refused(out, 2, "regexp: error: resume=run: must be a run directory holding checkpoint.pt", tmp_path, before)
+    out = run_cli(["train", *RUN, "hydra.run.dir=run", "resume=auto"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = summary_of(run_copy)
+    assert summary["status"] == "completed" and summary["steps"] == 4 and (run_copy / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [[], ["resume=auto"]])
+def test_a_finished_run_without_its_checkpoint_is_not_sent_to_resume(run_copy, tmp_path, data_root, resume):
+    (run_copy / "checkpoint.pt").unlink()
+    before = snapshot(tmp_path)
+    out = run_cli(["train", *RUN, "hydra.run.dir=run", *resume], tmp_path, data_root)
+    assert_refused(out, 2, "regexp: error: hydra.run.dir=run: holds a run already; it saved no checkpoint to continue "
+                           "from: choose another run dir", tmp_path, before)
