@@ -167,7 +167,9 @@ def _capacity(job: Candidate, max_models: int, memory_budget: Optional[int]) -> 
 def _difference(jobs: list[Candidate], index: int) -> str:
     """The first key on which job `index` differs from the first other job, and the jobs that share that one's keys."""
     others = [i for i in range(len(jobs)) if i != index]
-    other = next((i for i in others if _unfusable(jobs[i]) is None), others[0])
+    other = next((i for i in others if _unfusable(jobs[i]) is None), None)
+    if other is None:  # a finished job has no keys to differ in
+        return "no other job trains beside it (the others are finished or run alone)"
     mine, theirs = _keys_of(jobs[index]), _keys_of(jobs[other])
     key = next(k for k in [*mine, *theirs] if mine.get(k, _ABSENT) != theirs.get(k, _ABSENT))
     sharing = [i for i in others if _unfusable(jobs[i]) is None and _keys_of(jobs[i]) == theirs]

@@ -293,7 +293,8 @@ def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) ->
     before = flat(saved)
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):  # a changed option first
         if not key.startswith(tuple(p + "." for p in RESUME_MAY_CHANGE) + RESUME_MAY_CHANGE) and now.get(key) != before.get(key):
-            raise ConfigError(key, now.get(key), f"the run in {path.parent} was trained with {key}={before.get(key)}; "
+            trained = f"with {key}={before[key]}" if key in before else f"without {key}"
+            raise ConfigError(key, now.get(key), f"the run in {path.parent} was trained {trained}; "
                                                  f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
 
@@ -314,8 +315,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
     if checkpoint is None:
         earlier = read_summary(run_dir) if (run_dir / SUMMARY).exists() else None
         if (run_dir / SUMMARY).exists() and not (cfg.resume == "auto" and earlier is not None and not earlier.status.finished):
-            raise ConfigError(key, str(run_dir), "holds a run already; continue it with resume=" + str(run_dir) +
-                              " (or resume=auto), or choose another run dir")
+            raise ConfigError(key, str(run_dir), f"holds a run already; {next_step(run_dir, earlier)}")
         return Start()  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
     state = read_checkpoint(checkpoint)
     check_checkpoint_fits(checkpoint, state, cfg)
@@ -324,6 +324,16 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
     if (run_dir / "best.pt").exists():
         read_weights(run_dir / "best.pt")
     return Start((checkpoint, state), earlier if finished_at_end(cfg, state, earlier) else None)
+
+
+def next_step(run_dir: Path, earlier: Optional[Summary]) -> str:
+    """What a run dir that holds a run takes instead of a new run: a resume needs its
+    checkpoint; a run that saved none starts again under resume=auto, unless it finished."""
+    if (run_dir / "checkpoint.pt").exists():
+        return f"continue it with resume={run_dir} (or resume=auto), or choose another run dir"
+    if earlier is not None and not earlier.status.finished:
+        return "it saved no checkpoint: start it again there with resume=auto, or choose another run dir"
+    return "it saved no checkpoint to continue from: choose another run dir"
 
 
 def trained_to_end(cfg: DictConfig, saved: dict[str, Any]) -> bool:
