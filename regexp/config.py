@@ -610,7 +610,8 @@ def check_environment(cfg: DictConfig) -> None:
     """Every `${oc.env:...}` in the composed config (Hydra's node and the presets' values
     included), read from the raw, unresolved values: one that is not set and has no default is
     refused, and so is a secret-looking variable whose value would reach a VALUE_KEYS key; then
-    the W&B agent's ids (check_wandb_ids) and, for logger=wandb, WANDB_MODE. ConfigError names the key and the variable, never its value."""
+    the W&B agent's ids (check_wandb_ids) and, for logger=wandb, WANDB_MODE. ConfigError names
+    the key and the variable, never its value."""
     written = OmegaConf.to_container(cfg, resolve=False)
     # Hydra's node last: it records the overrides' text too, and the key they set is the one to name
     hydra_last = dict(sorted(written.items(), key=lambda item: item[0] == "hydra"))
