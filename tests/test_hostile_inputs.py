@@ -346,3 +346,30 @@ def test_run_twice_in_a_row_leaves_the_first_record_as_it_was(tmp_path, data_roo
     with pytest.raises(ConfigError, match=r"holds a run already; continue it with resume="):
         regexp.run(QUIET, run_dir=run_dir)
     assert listing(run_dir) == before
+
+
+def test_cli_diagnose_of_root_is_one_line(tmp_path):
+    out = run_cli(["diagnose", "/"], tmp_path)
+    assert out.returncode == 2 and list(tmp_path.iterdir()) == []
+    assert one_line(out.stderr) == "regexp: error: RUN_DIR=/: not a run directory (no summary.json or metrics.jsonl)"
+
+
+def test_cli_compare_of_a_device_is_one_line(tmp_path):
+    out = run_cli(["compare", "/dev/null"], tmp_path)
+    assert out.returncode == 2 and list(tmp_path.iterdir()) == []
+    assert one_line(out.stderr) == ("regexp: error: /dev/null: not a directory; give a run dir, a sweep dir or a folder "
+                                    "holding them")
+
+
+def test_cli_compare_of_an_empty_dir_named_as_markup_prints_its_name(tmp_path):
+    empty = tmp_path / "[bold]x"
+    empty.mkdir()
+    out = run_cli(["compare", str(empty)], tmp_path)
+    assert out.returncode == 2 and list(empty.iterdir()) == []
+    assert one_line(out.stderr) == f"regexp: error: {empty}: no runs found (no readable summary.json in it or below it)"
+
+
+def test_cli_help_after_an_override_prints_help_and_writes_nothing(tmp_path):
+    out = run_cli(["train", "seed=1", "--help"], tmp_path)
+    assert out.returncode == 0 and list(tmp_path.iterdir()) == []
+    assert "hydra/launcher" in out.stdout and "regexp train" in out.stdout
