@@ -318,10 +318,10 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
         if (run_dir / SUMMARY).exists() and not (cfg.resume == "auto" and earlier is not None and not earlier.status.finished):
             raise ConfigError(key, str(run_dir), "holds a run already; continue it with resume=" + str(run_dir) +
                               " (or resume=auto), or choose another run dir")
-        foreign = foreign_entries(run_dir)
+        foreign = foreign_entries(run_dir, RUN_ENTRIES if earlier is not None else JOB_ENTRIES)
         if foreign:  # the user's own files (or /): a run would write among them, over any of a run's names
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise ConfigError(key, str(run_dir), f"holds files that no run writes ({shown}); "
+            raise ConfigError(key, str(run_dir), f"holds files that are not a run's ({shown}); "
                                                  "choose a new or empty run dir")
         return Start()  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
     state = read_checkpoint(checkpoint)
@@ -333,19 +333,21 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
     return Start((checkpoint, state), earlier if finished_at_end(cfg, state, earlier) else None)
 
 
-# What a run and Hydra's job runner write into a run dir; anything else there is someone else's
-RUN_ENTRIES = frozenset({".hydra", "train.log", "wandb", SUMMARY, METRICS, DIAGNOSIS, CONTINUATION,
-                         "checkpoint.pt", "best.pt", "histograms.jsonl"})
+# What Hydra's job runner writes into a job's dir before the job starts, and what a run writes
+# after its summary.json (a dir without one holds no run); anything else there is someone else's
+JOB_ENTRIES = frozenset({".hydra", "train.log"})
+RUN_ENTRIES = JOB_ENTRIES | {"wandb", SUMMARY, METRICS, DIAGNOSIS, CONTINUATION, "checkpoint.pt", "best.pt",
+                             "histograms.jsonl"}
 
 
-def foreign_entries(run_dir: Path) -> list[str]:
-    """The names in `run_dir` that no run writes, sorted (none when it does not exist). The
-    lock's files and the temp files of atomic writes and write probes count as a run's."""
+def foreign_entries(run_dir: Path, own: frozenset[str]) -> list[str]:
+    """The names in `run_dir` outside `own`, sorted (none when it does not exist). The lock's
+    files and the temp files of atomic writes and write probes are always a run's own."""
     try:
         names = os.listdir(run_dir)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if n not in RUN_ENTRIES and not n.startswith((LOCK, ".regexp-write-probe-"))
+    return sorted(n for n in names if n not in own and not n.startswith((LOCK, ".regexp-write-probe-"))
                   and not (n.startswith(".") and n.endswith(".tmp")))
 
 

@@ -65,13 +65,13 @@ def no_writes(monkeypatch):
 def test_run_refuses_root_as_its_run_dir(no_writes):
     with pytest.raises(ConfigError) as refused:
         regexp.run(QUIET, run_dir="/")
-    assert one_line(str(refused.value)).startswith("run_dir=/: holds files that no run writes (")
+    assert one_line(str(refused.value)).startswith("run_dir=/: holds files that are not a run's (")
     assert str(refused.value).endswith("; choose a new or empty run dir")
     assert not Path("/summary.json").exists() and not Path("/.regexp.lock").exists()
 
 
 def test_run_refuses_hydra_run_dir_of_root(no_writes):
-    with pytest.raises(ConfigError, match=r"^run_dir=/: holds files that no run writes"):
+    with pytest.raises(ConfigError, match=r"^run_dir=/: holds files that are not a run's"):
         regexp.run([*QUIET, "hydra.run.dir=/"])
 
 
@@ -80,9 +80,21 @@ def test_run_refuses_a_dir_of_the_users_files_and_leaves_it_as_it_was(tmp_path):
     before = listing(folder)
     with pytest.raises(ConfigError) as refused:
         regexp.run(QUIET, run_dir=folder)
-    assert str(refused.value) == (f"run_dir={folder}: holds files that no run writes (notes.txt); "
+    assert str(refused.value) == (f"run_dir={folder}: holds files that are not a run's (metrics.jsonl, notes.txt); "
                                   "choose a new or empty run dir")
     assert listing(folder) == before and sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "notes.txt"]
+
+
+@pytest.mark.parametrize("name,resume", [("checkpoint.pt", []), ("metrics.jsonl", ["resume=auto"])])
+def test_run_refuses_a_dir_holding_only_a_file_named_as_a_record_but_no_run(tmp_path, name, resume):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / name).write_bytes(b"my own work")
+    with pytest.raises(ConfigError) as refused:
+        regexp.run([*QUIET, *resume], run_dir=folder)
+    assert str(refused.value) == (f"run_dir={folder}: holds files that are not a run's ({name}); "
+                                  "choose a new or empty run dir")
+    assert listing(folder) == {name: b"my own work"}
 
 
 def test_run_refuses_a_run_dir_holding_nul(tmp_path, monkeypatch):
@@ -297,8 +309,8 @@ def test_cli_a_dir_of_the_users_files_is_refused_as_hydra_run_dir(tmp_path):
     before = listing(folder)
     out = run_cli(["train", *QUIET, f"hydra.run.dir={folder}"], tmp_path)
     assert out.returncode == 2, out.stderr
-    assert one_line(out.stderr) == (f"regexp: error: hydra.run.dir={folder}: holds files that no run writes "
-                                    "(notes.txt); choose a new or empty run dir")
+    assert one_line(out.stderr) == (f"regexp: error: hydra.run.dir={folder}: holds files that are not a run's "
+                                    "(metrics.jsonl, notes.txt); choose a new or empty run dir")
     assert listing(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
 
 
@@ -357,8 +369,8 @@ def test_cli_diagnose_of_root_is_one_line(tmp_path):
 def test_cli_compare_of_a_device_is_one_line(tmp_path):
     out = run_cli(["compare", "/dev/null"], tmp_path)
     assert out.returncode == 2 and list(tmp_path.iterdir()) == []
-    assert one_line(out.stderr) == ("regexp: error: /dev/null: not a directory; give a run dir, a sweep dir or a folder "
-                                    "holding them")
+    assert one_line(out.stderr) == ("regexp: error: /dev/null: not a directory; give a run dir, a sweep dir "
+                                    "or a folder holding them")
 
 
 def test_cli_compare_of_an_empty_dir_named_as_markup_prints_its_name(tmp_path):
@@ -366,7 +378,8 @@ def test_cli_compare_of_an_empty_dir_named_as_markup_prints_its_name(tmp_path):
     empty.mkdir()
     out = run_cli(["compare", str(empty)], tmp_path)
     assert out.returncode == 2 and list(empty.iterdir()) == []
-    assert one_line(out.stderr) == f"regexp: error: {empty}: no runs found (no readable summary.json in it or below it)"
+    assert one_line(out.stderr) == (f"regexp: error: {empty}: no runs found "
+                                    "(no readable summary.json in it or below it)")
 
 
 def test_cli_help_after_an_override_prints_help_and_writes_nothing(tmp_path):
