@@ -99,8 +99,9 @@ def path_of(value: Any, name: str) -> Path:
     """`value` (a str or os.PathLike naming a directory) as a Path; ConfigError naming the
     argument otherwise. An empty one is refused: it would mean the current directory."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(name, repr(value), "must be a directory's path (a non-empty str or os.PathLike)")
+    if not isinstance(text, str) or not text.strip() or "\0" in text:  # NUL: no file system takes it
+        raise ConfigError(name, repr(value),
+                          "must be a directory's path (a non-empty str or os.PathLike), without NUL characters")
     return Path(text)
 
 

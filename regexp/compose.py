@@ -74,14 +74,27 @@ def _parse(parser: Any, overrides: list[str]) -> list:
 
     try:
         return parser.parse_overrides(overrides)
-    except HydraException as e:  # a syntax error
-        raise ConfigError("overrides", " ".join(overrides), _first_line(e)) from None
+    except HydraException as e:  # a syntax error: named by the first override that fails alone
+        bad = next((o for o in overrides if _fails_to_parse(parser, o)), None)
+        if bad is None:
+            raise ConfigError("overrides", " ".join(overrides), _first_line(e)) from None
+        raise ConfigError("override", bad, _first_line(e)) from None
     except ValueError:  # Python's int() reads at most sys.get_int_max_str_digits() digits
         limit = sys.get_int_max_str_digits()
         if not any(re.search(rf"\d{{{limit + 1},}}", o) for o in overrides):
             raise
         shown = " ".join(o if len(o) <= 80 else f"{o[:60]}...({len(o)} characters)" for o in overrides)
         raise ConfigError("overrides", shown, f"a number of more than {limit} digits; no setting takes one") from None
+
+
+def _fails_to_parse(parser: Any, override: str) -> bool:
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_overrides([override])
+    except HydraException:
+        return True
+    return False
 
 
 def _hydra_compose(parsed: list, with_hydra: bool) -> DictConfig:

@@ -597,6 +597,7 @@ VALUE_KEYS = ("out_dir", "logger.project", "logger.entity", "logger.tags",  # th
 WANDB_IDS = ("WANDB_SWEEP_ID", "WANDB_RUN_ID")
 WANDB_ID_RESERVED = ":;,#?/'\\%"
 WANDB_ID_MAX = 128
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.sdk.wandb_settings.Settings.mode
 
 
 def is_secret(variable: str) -> bool:
@@ -609,7 +610,8 @@ def check_environment(cfg: DictConfig) -> None:
     """Every `${oc.env:...}` in the composed config (Hydra's node and the presets' values
     included), read from the raw, unresolved values: one that is not set and has no default is
     refused, and so is a secret-looking variable whose value would reach a VALUE_KEYS key; then
-    the W&B agent's ids (check_wandb_ids). ConfigError names the key and the variable, never its value."""
+    the W&B agent's ids (check_wandb_ids) and, for logger=wandb, WANDB_MODE. ConfigError names
+    the key and the variable, never its value."""
     written = OmegaConf.to_container(cfg, resolve=False)
     # Hydra's node last: it records the overrides' text too, and the key they set is the one to name
     hydra_last = dict(sorted(written.items(), key=lambda item: item[0] == "hydra"))
@@ -623,6 +625,8 @@ def check_environment(cfg: DictConfig) -> None:
                                   f"${{oc.env:{name},DEFAULT}})")
     _check_recorded_values(cfg, written)
     check_wandb_ids()
+    if OmegaConf.select(cfg, "logger.name") == "wandb":
+        check_wandb_mode()
 
 
 def _check_recorded_values(cfg: DictConfig, written: dict) -> None:
@@ -679,6 +683,15 @@ def check_wandb_ids() -> None:
             raise ConfigError(name, _shown(value), f"a W&B id must be 1 to {WANDB_ID_MAX} printable characters without "
                               f"surrounding spaces, none of {' '.join(WANDB_ID_RESERVED)}, and not . or .. "
                               "(it names the run dir of a W&B sweep's run)")
+
+
+def check_wandb_mode() -> None:
+    """WANDB_MODE, where set, is one W&B takes (wandb.init fails on any other, with a traceback
+    once the run dir is made)."""
+    value = os.environ.get("WANDB_MODE")
+    if value is not None and value not in WANDB_MODES:
+        raise ConfigError("WANDB_MODE", _shown(value), f"must be one of {', '.join(WANDB_MODES)} "
+                          "(W&B's modes; or unset it, or logger=none)")
 
 
 def _written_strings(node: Any, key: str) -> Iterator[tuple[str, str]]:

@@ -267,7 +267,9 @@ class Holder:
 
     def refusal(self, lock: Path) -> str:
         """The allowed part of DirHeld's line: who writes the dir, and what to do."""
-        text = f"another regexp process writes {lock.parent} now ({self})"
+        ours = self.host == socket.gethostname() and self.pid == os.getpid()  # regexp.run in another thread
+        writer = "a run in another thread of this process" if ours else "another regexp process"
+        text = f"{writer} writes {lock.parent} now ({self})"
         if self.host != socket.gethostname():
             return f"{text}; wait for it to end, or if it no longer runs remove {lock}"
         return f"{text}; wait for it to end or choose another dir"

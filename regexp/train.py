@@ -26,13 +26,15 @@ from regexp.config import flat, recorded_container, resolve_device, resolve_prec
 from regexp.data import DataSplits, load_data
 from regexp.diagnose import diagnose
 from regexp.init import init_weights
-from regexp.lock import writing
+from regexp.lock import LOCK, writing
 from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr, schedule_warnings
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
     CONTINUATION,
+    DIAGNOSIS,
+    METRICS,
     SUMMARY,
     ConfigError,
     Interrupted,
@@ -316,6 +318,11 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
         earlier = read_summary(run_dir) if (run_dir / SUMMARY).exists() else None
         if (run_dir / SUMMARY).exists() and not (cfg.resume == "auto" and earlier is not None and not earlier.status.finished):
             raise ConfigError(key, str(run_dir), f"holds a run already; {next_step(run_dir, earlier)}")
+        foreign = foreign_entries(run_dir, RUN_ENTRIES if earlier is not None else JOB_ENTRIES)
+        if foreign:  # the user's own files (or /): a run would write among them, over any of a run's names
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ConfigError(key, str(run_dir), f"holds files that are not a run's ({shown}); "
+                                                 "choose a new or empty run dir")
         return Start()  # a fresh start (resume=auto over a run that ended without a checkpoint starts it again)
     state = read_checkpoint(checkpoint)
     check_checkpoint_fits(checkpoint, state, cfg)
@@ -334,6 +341,24 @@ def next_step(run_dir: Path, earlier: Optional[Summary]) -> str:
     if earlier is not None and not earlier.status.finished:
         return "it saved no checkpoint: start it again there with resume=auto, or choose another run dir"
     return "it saved no checkpoint to continue from: choose another run dir"
+
+
+# What Hydra's job runner writes into a job's dir before the job starts, and what a run writes
+# after its summary.json (a dir without one holds no run); anything else there is someone else's
+JOB_ENTRIES = frozenset({".hydra", "train.log"})
+RUN_ENTRIES = JOB_ENTRIES | {"wandb", SUMMARY, METRICS, DIAGNOSIS, CONTINUATION, "checkpoint.pt", "best.pt",
+                             "histograms.jsonl"}
+
+
+def foreign_entries(run_dir: Path, own: frozenset[str]) -> list[str]:
+    """The names in `run_dir` outside `own`, sorted (none when it does not exist). The lock's
+    files and the temp files of atomic writes and write probes are always a run's own."""
+    try:
+        names = os.listdir(run_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if n not in own and not n.startswith((LOCK, ".regexp-write-probe-"))
+                  and not (n.startswith(".") and n.endswith(".tmp")))
 
 
 def trained_to_end(cfg: DictConfig, saved: dict[str, Any]) -> bool:
