@@ -615,15 +615,16 @@ def check_environment(cfg: DictConfig) -> None:
     written = OmegaConf.to_container(cfg, resolve=False)
     # Hydra's node last: it records the overrides' text too, and the key they set is the one to name
     hydra_last = dict(sorted(written.items(), key=lambda item: item[0] == "hydra"))
-    for key, text in _written_strings(hydra_last, ""):
-        for match in ENV_INTERPOLATION.finditer(text):
-            name = match["name"].strip("'\"")
-            if not VARIABLE_NAME.fullmatch(name):
-                raise ConfigError(key, text, "an environment interpolation must name its variable: ${oc.env:NAME}")
-            if match["default"] == "}" and name not in os.environ:
-                raise ConfigError(key, text, f"the environment variable {name} is not set (set it, or give a default: "
-                                  f"${{oc.env:{name},DEFAULT}})")
-    _check_recorded_values(cfg, written)
+    found = [(key, text, match["name"].strip("'\""), match["default"])
+             for key, text in _written_strings(hydra_last, "") for match in ENV_INTERPOLATION.finditer(text)]
+    for key, text, name, _ in found:
+        if not VARIABLE_NAME.fullmatch(name):
+            raise ConfigError(key, text, "an environment interpolation must name its variable: ${oc.env:NAME}")
+    _check_recorded_values(cfg, written)  # a secret where its value is recorded: refused, set or not
+    for key, text, name, default in found:
+        if default == "}" and name not in os.environ:
+            raise ConfigError(key, text, f"the environment variable {name} is not set (set it, or give a default: "
+                              f"${{oc.env:{name},DEFAULT}})")
     check_wandb_ids()
     if OmegaConf.select(cfg, "logger.name") == "wandb":
         check_wandb_mode()
