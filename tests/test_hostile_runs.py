@@ -57,22 +57,31 @@ def assert_finished_and_untouched(out, run_dir: Path, root: Path, before: dict) 
     assert snapshot(root) == before
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One tiny run trained to its end (max_steps=4); each test works on its own copy."""
+def trained(tmp_path_factory, name: str, args: list[str], key: str) -> Path:
+    """`regexp train ARGS key=<a fresh dir>/name`, finished; the dir it wrote."""
     from conftest import require_shared_data
 
     data_root = require_shared_data()
-    root = tmp_path_factory.mktemp("finished")
-    out = run_cli(["train", *RUN, f"hydra.run.dir={root / 'run'}"], root, data_root)
+    root = tmp_path_factory.mktemp(name)
+    out = run_cli(["train", *args, f"{key}={root / name}"], root, data_root)
     assert out.returncode == 0, out.stderr[-2000:]
-    return root / "run"
+    return root / name
+
+
+def copied(source: Path, tmp_path: Path) -> Path:
+    shutil.copytree(source, tmp_path / source.name)
+    return tmp_path / source.name
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny run trained to its end (max_steps=4); each test works on its own copy."""
+    return trained(tmp_path_factory, "run", RUN, "hydra.run.dir")
 
 
 @pytest.fixture
 def run_copy(finished, tmp_path) -> Path:
-    shutil.copytree(finished, tmp_path / "run")
-    return tmp_path / "run"
+    return copied(finished, tmp_path)
 
 
 def edit_summary(run_dir: Path, **fields) -> None:
@@ -305,19 +314,12 @@ def test_a_symlink_to_a_held_run_dir_is_refused_naming_the_real_dir(run_copy, tm
 @pytest.fixture(scope="module")
 def fused_done(tmp_path_factory):
     """Three seeds trained as one fused group to their end (max_steps=4)."""
-    from conftest import require_shared_data
-
-    data_root = require_shared_data()
-    root = tmp_path_factory.mktemp("fused")
-    out = run_cli(["train", *SWEEP, f"hydra.sweep.dir={root / 'sweep'}"], root, data_root)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return root / "sweep"
+    return trained(tmp_path_factory, "sweep", SWEEP, "hydra.sweep.dir")
 
 
 @pytest.fixture
 def sweep_copy(fused_done, tmp_path) -> Path:
-    shutil.copytree(fused_done, tmp_path / "sweep")
-    return tmp_path / "sweep"
+    return copied(fused_done, tmp_path)
 
 
 def resume_sweep(tmp_path: Path, data_root: Path, *args: str):
