@@ -60,9 +60,14 @@ def data_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
-    """No W&B, and decoded-data caches in a temp dir (never beside the shared data)."""
+    """No W&B, decoded-data caches in a temp dir (never beside the shared data), and the real
+    data sets where the tests found them ($REGEXP_DATA_DIR, else ../shared/data): a command a
+    test runs finds them as a user's would, whichever way the suite was started."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("REGEXP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "regexp-cache"))
+    found = find_data()
+    if found is not None:
+        monkeypatch.setenv("REGEXP_DATA_DIR", str(found))
 
 
 # Small and fast: a few hundred real samples, a few optimizer steps.
