@@ -335,6 +335,22 @@ class MonitorConfig:
     log_every: int = field(default=50, metadata=AT_LEAST_ONE)  # optimizer steps
     histogram_every: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)  # log steps
     on_nonfinite: str = field(default="stop", metadata=choice("stop", "skip", "continue"))
+    # a decisive finding (docs/diagnostics.md) while it trains: warn (a line, the run goes on) or stop (status stopped)
+    on_finding: str = field(default="warn", metadata=choice("warn", "stop"))
+
+
+@dataclass
+class PruneConfig:
+    """Pruning in sweeps (regexp/prune.py): at each rung epoch a job worse than its peers stops
+    as `pruned`. none: off; median: the median stopping rule; asha: successive halving."""
+
+    name: str = MISSING
+    rungs: List[int] = field(default_factory=lambda: [1, 2], metadata=rule(
+        lambda v: len(v) >= 1 and all(isinstance(r, int) and r >= 1 for r in v) and list(v) == sorted(set(v)),
+        "must be a non-empty list of increasing epochs >= 1"))
+    reduction_factor: int = field(default=3, metadata=rule(lambda v: v >= 2, "must be an integer >= 2"))
+    metric: str = "val/loss"  # an epoch record's val/* metric (or epoch/train_loss, epoch/train_acc)
+    mode: str = field(default="auto", metadata=choice("auto", "min", "max"))  # auto: max for */acc, else min
 
 
 # ---------------------------------------------------------------- the registry
@@ -407,6 +423,7 @@ REGISTRY: dict[str, dict[str, Option]] = {
     "device": _same(DeviceConfig, "auto", "cpu", "cuda"),
     "logger": _same(LoggerConfig, "wandb", "none"),
     "monitor": _same(MonitorConfig, "default", "full", "off"),
+    "prune": _same(PruneConfig, "none", "median", "asha"),
 }
 # Groups outside train.yaml's defaults list: added with `+group=option` (or `group=option`, see
 # with_added_groups). `experiment` holds presets (`# @package _global_`), so it has no schema.
@@ -454,6 +471,7 @@ class TrainConfig:
     device: DeviceConfig = MISSING
     logger: LoggerConfig = MISSING
     monitor: MonitorConfig = MISSING
+    prune: PruneConfig = MISSING
 
 
 @functools.cache

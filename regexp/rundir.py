@@ -68,13 +68,16 @@ class Status(str, Enum):
     COMPLETED = "completed"
     EARLY_STOPPED = "early_stopped"
     DIVERGED = "diverged"
+    STOPPED = "stopped"  # a decisive finding ended it (monitor.on_finding=stop)
+    PRUNED = "pruned"  # a sweep's pruning ended it at a rung (prune=)
     FAILED = "failed"
     INTERRUPTED = "interrupted"
 
     @property
     def finished(self) -> bool:
-        """The run ended with a result (exit code 0); a divergence is a result, not a crash."""
-        return self in (Status.COMPLETED, Status.EARLY_STOPPED, Status.DIVERGED)
+        """The run ended with a result (exit code 0); a divergence, a stop on a finding and a
+        pruning are results, not crashes."""
+        return self in (Status.COMPLETED, Status.EARLY_STOPPED, Status.DIVERGED, Status.STOPPED, Status.PRUNED)
 
     @property
     def trained(self) -> bool:
@@ -83,8 +86,9 @@ class Status(str, Enum):
 
     @property
     def rank(self) -> int:
-        """How good a record it is: a trained result, a divergence, or no result."""
-        return 2 if self.trained else 1 if self is Status.DIVERGED else 0
+        """How good a record it is: a trained result, a run ended before its end (diverged,
+        stopped, pruned), or no result."""
+        return 2 if self.trained else 1 if self.finished else 0
 
     def __str__(self) -> str:
         return self.value

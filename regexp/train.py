@@ -869,13 +869,17 @@ def continue_from(loop: Loop, checkpoint: Path, saved: dict[str, Any]) -> None:
 def threads_for(cfg: DictConfig, model: torch.nn.Module, data: DataSplits, device: torch.device,
                 saved: Optional[dict[str, Any]]) -> int:
     """The CPU threads of this run, decided once: the number asked for; on a resume, the
-    count the run started with; on a GPU, torch's default; else the fastest, timed."""
+    count the run started with; on a GPU, torch's default; deterministic on the CPU, one
+    (the count changes the order of float sums, so a timed choice would make two runs of
+    one config differ with the machine's load); else the fastest, timed."""
     if cfg.device.threads != "auto":
         threads = int(cfg.device.threads)
     elif saved is not None and "threads" in saved:
         threads = saved["threads"]
     elif device.type != "cpu":
         threads = torch.get_num_threads()
+    elif cfg.device.deterministic:
+        threads = 1
     else:
         batch = slice(0, cfg.batch_size)
         threads = fastest_threads(model, data.train_x[batch], data.train_y[batch], cap=torch.get_num_threads())

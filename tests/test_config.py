@@ -108,7 +108,7 @@ def test_defaults_match_design():
     chosen = {g: cfg[g].name for g in REGISTRY if g not in OPTIONAL_GROUPS}
     assert chosen == {"dataset": "mnist", "model": "mlp", "init": "default", "norm": "none", "optimizer": "adamw",
                       "scheduler": "none", "clip": "none", "accumulation": "none", "device": "auto",
-                      "logger": "wandb", "monitor": "default"}
+                      "logger": "wandb", "monitor": "default", "prune": "none"}
     assert cfg.max_steps is None and cfg.regularizer.dropout is None
 
 

@@ -53,3 +53,18 @@ def test_one_free_core_is_one_thread_without_timing(monkeypatch, four_cores):
 def test_time_steps_is_a_positive_time_with_the_threads_asked_for():
     seconds = threads.time_steps(nn.Linear(4, 3), torch.randn(8, 4), torch.randint(0, 3, (8,)), 1)
     assert seconds > 0 and torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("deterministic,expected", [(True, 1), (False, 3)])
+def test_a_deterministic_cpu_run_trains_on_one_thread_without_timing(monkeypatch, deterministic, expected):
+    """The thread count changes float sums, so a count timed against the load would make two
+    deterministic runs of one config differ; `auto` then means 1 and nothing is timed."""
+    from types import SimpleNamespace
+
+    from regexp import train
+
+    monkeypatch.setattr(train, "fastest_threads", lambda *a, **k: 3)
+    cfg = SimpleNamespace(device=SimpleNamespace(threads="auto", deterministic=deterministic), batch_size=2)
+    data = SimpleNamespace(train_x=torch.zeros(4, 2), train_y=torch.zeros(4, dtype=torch.long))
+    assert train.threads_for(cfg, nn.Linear(2, 2), data, torch.device("cpu"), None) == expected
+    assert torch.get_num_threads() == expected
