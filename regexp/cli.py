@@ -388,7 +388,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     if searching:  # a search sweeper's draw: its run dir not seen by the pre-flight
         check_drawn_job_dir(hydra_cfg)
     share_machine(hydra_cfg)
-    finished = already_finished(run_dir, task_overrides(hydra_cfg)) if cfg.get("resume") == "auto" else None
+    finished = already_finished(run_dir, task_overrides(hydra_cfg), cfg) if cfg.get("resume") == "auto" else None
     if finished is not None:
         print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
         return finished

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, flat, model_parameters
-from regexp.rundir import RunError, read_summary
+from regexp.rundir import RunError, continues_under, read_summary
 
 # Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
 FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
@@ -265,14 +265,14 @@ def _mib(size: int) -> str:
 # ---------------------------------------------------------------- resume=auto
 def resume_point(run_dir: Path, job: Any) -> tuple[Optional[int], Optional[str]]:
     """(the step a job's run dir stands at, why it runs alone or None), for resume=auto: the
-    step of its checkpoint when the run ended unfinished, 0 when there is nothing to continue,
-    None when it finished (resume=auto skips it). A checkpoint at the end of its training
+    step of its checkpoint when the run ended unfinished (or stopped or pruned, and `job`
+    continues it), 0 when there is nothing to continue, None when it finished (resume=auto skips it). A checkpoint at the end of its training
     (the run was killed in its final test) only evaluates, and one that cannot be read fails
     its job: each of those runs alone. `job`: the typed job config."""
     summary = read_summary(run_dir)
     if summary is None:
         return 0, None
-    if summary.status.finished:
+    if summary.status.finished and not continues_under(summary, job):
         return None, None
     checkpoint = Path(run_dir) / "checkpoint.pt"
     if not checkpoint.is_file():

@@ -94,6 +94,19 @@ class Status(str, Enum):
         return self.value
 
 
+ENDED_EARLY = (Status.STOPPED, Status.PRUNED)  # results that a setting ended before the plan's end
+
+
+def continues_under(summary: "Summary", cfg: Any) -> bool:
+    """Whether a run that a finding stopped or a pruning ended goes on when resumed with `cfg`:
+    with monitor.on_finding=warn, with prune=none. Under the setting that ended it, it is finished."""
+    if summary.status == Status.STOPPED:
+        return cfg.monitor.on_finding != "stop"
+    if summary.status == Status.PRUNED:
+        return cfg.prune.name == "none"
+    return False
+
+
 @dataclass
 class Summary:
     """summary.json. Optional fields left at None are not written; keys this version does
@@ -121,6 +134,8 @@ class Summary:
     wandb_id: Optional[str] = None
     nonfinite: Optional[dict[str, Any]] = None  # the first non-finite event
     last_finite_step: Optional[int] = None
+    # why a run stopped (its decisive finding: rule, title, step) or was pruned (rung epoch, metric, value, threshold)
+    ended_by: Optional[dict[str, Any]] = None
     skipped_steps: int = 0
     resumed_from: Optional[str] = None
     resumed_at_step: Optional[int] = None

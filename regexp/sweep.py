@@ -27,6 +27,7 @@ from regexp.rundir import (
     RunError,
     Status,
     Summary,
+    continues_under,
     read_json,
     read_summary,
     write_json,
@@ -333,8 +334,9 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
 
 
 # ---------------------------------------------------------------- resume=auto
-def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
-    """For resume=auto: the summary of this job's run if an earlier invocation finished it.
+def already_finished(run_dir: Path, overrides: list[str], cfg: DictConfig) -> Optional[Summary]:
+    """For resume=auto: the summary of this job's run if an earlier invocation finished it (a
+    run stopped by a finding or pruned is finished unless `cfg` continues it: continues_under).
     Refused (a ConfigError) when the run dir holds a run of other overrides (another command
     into the same sweep dir): continuing it would mix two experiments."""
     summary = read_summary(run_dir)
@@ -346,7 +348,7 @@ def already_finished(run_dir: Path, overrides: list[str]) -> Optional[Summary]:
         raise Refused("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(only_theirs) or 'none'} "
                       f"where this job has {' '.join(only_ours) or 'none'}); that run is left as it is: use another "
                       "hydra.sweep.dir / hydra.run.dir for this command")
-    return summary if summary.status.finished else None
+    return summary if summary.status.finished and not continues_under(summary, cfg) else None
 
 
 def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],
@@ -373,7 +375,7 @@ def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: li
         raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"jobs {first} and {number} would both write {run_dir}; "
                                                          f"{DIFFER}")
     check_free(run_dir, "hydra.sweep.dir", str(sweep_dir))
-    return already_finished(run_dir, overrides) if cfg.get("resume") == "auto" else None
+    return already_finished(run_dir, overrides, cfg) if cfg.get("resume") == "auto" else None
 
 
 def check_search_subdir(sweep_dir: Path, cfg: DictConfig) -> None:

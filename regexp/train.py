@@ -34,6 +34,7 @@ from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, w
 from regexp.rundir import (
     CONTINUATION,
     DIAGNOSIS,
+    ENDED_EARLY,
     METRICS,
     SUMMARY,
     ConfigError,
@@ -44,6 +45,7 @@ from regexp.rundir import (
     Summary,
     SummaryRecord,
     atomic_write,
+    continues_under,
     keep_metrics_up_to,
     load_summary,
     open_regular,
@@ -278,7 +280,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 # (model, data, optimizer and its numbers, schedule, regularizers, seed, ...) is the checkpoint's:
 # a changed value would not take effect (the optimizer's state brings back its own lr) or not fit.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "eval_every", "eval_batch_size", "out_dir", "resume", "checkpoint",
-                     "logger", "monitor", "device", "dataset.root", "dataset.download", "dataset.cache")
+                     "logger", "monitor", "prune", "device", "dataset.root", "dataset.download", "dataset.cache")
 
 
 def check_checkpoint_fits(path: Path, state: dict[str, Any], cfg: DictConfig) -> None:
@@ -377,9 +379,12 @@ def trained_to_end(cfg: DictConfig, saved: dict[str, Any]) -> bool:
 
 def finished_at_end(cfg: DictConfig, saved: dict[str, Any], earlier: Optional[Summary]) -> bool:
     """A run recorded finished with nothing left to do: trained to its plan's end, or
-    diverged and resumed with the same on_nonfinite (it would retrace the same steps)."""
+    diverged and resumed with the same on_nonfinite (it would retrace the same steps), stopped
+    by a finding or pruned and resumed under the setting that ended it."""
     if earlier is None or not earlier.status.finished:
         return False
+    if earlier.status in ENDED_EARLY:
+        return not continues_under(earlier, cfg)
     if earlier.status == Status.DIVERGED:
         return saved["config"].get("monitor", {}).get("on_nonfinite") == cfg.monitor.on_nonfinite
     return trained_to_end(cfg, saved)
@@ -391,6 +396,12 @@ def finished_line(run_dir: Path, summary: Summary) -> str:
         return (f"{run_dir}: diverged after step {summary.last_finite_step or summary.steps}: the run is finished and "
                 "nothing was written; a resume with the same monitor.on_nonfinite would retrace it "
                 "(on_nonfinite=skip steps past a non-finite step)")
+    if summary.status in ENDED_EARLY:
+        why = summary.ended_by or {}
+        what, setting = ((f"a decisive finding ({why.get('rule')})", "monitor.on_finding=warn")
+                         if summary.status == Status.STOPPED else (f"pruning at epoch {why.get('epoch')}", "prune=none"))
+        return (f"{run_dir}: {summary.status} at step {summary.steps} by {what}: the run is finished and nothing was "
+                f"written; resume it with {setting} to train it on")
     more = ("early stopping ended it" if summary.status == Status.EARLY_STOPPED
             else "raise epochs= or max_steps= to train it further")
     return (f"{run_dir}: {summary.status} at step {summary.steps} ({plural(summary.epochs_completed, 'whole epoch')}): "
@@ -612,7 +623,7 @@ def train_epoch(group: Group, loops: list[Loop]) -> Status:
 
 def still_stepping(loop: Loop) -> bool:
     """Whether the loop takes the next step; one that stops notes when (its own training time)."""
-    if loop.status != Status.DIVERGED and not loop.plan.steps_reached(loop.state.step):
+    if loop.status == Status.COMPLETED and not loop.plan.steps_reached(loop.state.step):  # not ended otherwise
         return True
     if loop.left_at is None:
         if loop.data.train_y.is_cuda:
@@ -676,7 +687,7 @@ def close_epoch(loop: Loop, seconds: float) -> None:
 
 
 def evaluates(loop: Loop) -> bool:
-    return loop.status != Status.DIVERGED and (loop.state.epoch % loop.plan.eval_every == 0
+    return loop.status != Status.DIVERGED and (loop.state.epoch % loop.plan.eval_every == 0 or loop.status in ENDED_EARLY
                                                or loop.plan.last_epoch(loop.state.epoch, loop.state.step))
 
 
@@ -697,7 +708,7 @@ def record_epoch(loop: Loop, val: Optional[dict[str, float]]) -> None:
                              loop.label)
     loop.checkpoint()  # its window: the epoch's end, or where max_steps stopped it (a larger max_steps goes on from there)
     state.perm = None  # the next epoch draws its own order
-    if state.early_stopping.should_stop:
+    if state.early_stopping.should_stop and loop.status == Status.COMPLETED:
         loop.status = Status.EARLY_STOPPED
 
 

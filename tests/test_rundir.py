@@ -18,7 +18,8 @@ def files(folder) -> list[str]:
 # ---------------------------------------------------------------- Status and Summary
 
 def test_finished_is_a_result_trained_is_what_means_average():
-    assert {s for s in Status if s.finished} == {Status.COMPLETED, Status.EARLY_STOPPED, Status.DIVERGED}
+    assert {s for s in Status if s.finished} == {Status.COMPLETED, Status.EARLY_STOPPED, Status.DIVERGED, Status.STOPPED,
+                                                Status.PRUNED}
     assert {s for s in Status if s.trained} == {Status.COMPLETED, Status.EARLY_STOPPED}
     assert str(Status.EARLY_STOPPED) == "early_stopped" and Status("diverged") is Status.DIVERGED
 
