@@ -109,6 +109,12 @@ def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, 
     return process.returncode, out, err
 
 
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields, which differ between any two runs."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "epoch/samples_per_s"} for r in rows]
+
+
 def summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("summary.json"))]
 

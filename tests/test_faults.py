@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REGEXP, answer_sigint, run_cli
+from conftest import REGEXP, answer_sigint, records, run_cli
 
 RUN = ["logger=none", "dataset.limit=6000", "dataset.val_size=1000", "epochs=2", "+regularizer=dropout",
        "device.deterministic=true", "checkpoint.every_steps=5", "monitor.log_every=10"]
@@ -34,12 +34,6 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.05)
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the timing fields, which differ between any two runs."""
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "epoch/samples_per_s"} for r in rows]
 
 
 @pytest.fixture(scope="module")

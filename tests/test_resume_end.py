@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_train, run_cli
+from conftest import TINY, compose_train, records, run_cli
 
 from regexp.config import job_config
 from regexp.optim import schedule_warnings
@@ -27,12 +27,6 @@ def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without timings, which differ between any two runs."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "epoch/samples_per_s"} for r in rows]
 
 
 @pytest.fixture(scope="module")
