@@ -17,7 +17,6 @@ import os
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from itertools import pairwise
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Optional
@@ -354,7 +353,9 @@ class VanishingGradients(Rule):
 
 class ExplodingGradients(Rule):
     """The global gradient norm above SPIKE_FACTOR x the median of the (up to MEDIAN_WINDOW) norms
-    before it, EXPLODING_PATIENCE log steps running: sustained, never one spike."""
+    before it, EXPLODING_PATIENCE log steps running, while the loss is no lower than before the
+    norm rose: sustained, never one spike. A norm that rises while the loss falls is a network
+    waking up (a tiny init's gradients growing to their working size), not an explosion."""
 
     name = "exploding_gradients"
     decisive = True
@@ -364,23 +365,27 @@ class ExplodingGradients(Rule):
         super().__init__(watch)
         self.recent = WindowMedian(MEDIAN_WINDOW)
         self.streak = 0
+        self.lowest_before = math.inf  # the lowest loss of the log steps before the streak
 
     def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
         norm = _number(record.get("grad/global_norm"))
         if norm is None:
             return None
+        loss = _number(record.get("train/loss"))
         median = self.recent.median if len(self.recent) >= MEDIAN_MIN else 0.0  # a norm off zero is no spike
         self.streak = self.streak + 1 if median > 0 and norm > SPIKE_FACTOR * median else 0
         self.recent.add(norm)
-        if self.streak < EXPLODING_PATIENCE:
+        if self.streak == 0 and loss is not None:
+            self.lowest_before = min(self.lowest_before, loss)
+        if self.streak < EXPLODING_PATIENCE or (loss is not None and loss < self.lowest_before):
             return None
         layers = self.watch.layers(record, "grad/norm/")
         layer = max(layers, key=lambda nv: nv[1])[0] if layers else None
         return self.finding(record, f"Exploding gradients from layer {layer}",
                             f"grad/global_norm has been above {SPIKE_FACTOR:g} x the median of its recent values for "
-                            f"{EXPLODING_PATIENCE} log steps running; at step {record['step']} {norm:.3g}, "
-                            f"{norm / median:.0f} x {median:.3g}", [CLIP_NORM, LOWER_LR, NORMALIZE],
-                            metric="grad/global_norm", layer=layer, values={"norm": norm, "median": median},
+                            f"{self.streak} log steps running, and the loss has not fallen meanwhile; at step "
+                            f"{record['step']} {norm:.3g}, {norm / median:.3g} x {median:.3g}", [CLIP_NORM, LOWER_LR, NORMALIZE],
+                            metric="grad/global_norm", layer=layer, values={"norm": norm, "median": median, "loss": loss},
                             threshold=SPIKE_FACTOR)
 
 

@@ -35,7 +35,8 @@ CRAFTED = {
     "loss_flat": ["optimizer=sgd", "optimizer.lr=1e-6", "dataset.limit=3000", "epochs=1", "monitor.log_every=4"],
     "vanishing_gradients": [*DEEP, "model.depth=10", "model.width=128", "model.activation=sigmoid", "optimizer=sgd",
                             "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=2"],
-    "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.3", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
+    # sustained: the norm 10x its recent median three log steps running (steps 25-35), before it diverges at step 38
+    "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.5", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
     "bad_init_scale": [*DEEP, "model.depth=10", "model.width=256", "init=normal", "init.std=0.15", "dataset.limit=320",
                        "epochs=1", "monitor.log_every=1", "clip=norm"],
     "dying_relu": ["optimizer=adam", "optimizer.lr=0.05", "dataset.limit=3000", "epochs=2", "monitor.log_every=5"],

@@ -63,7 +63,7 @@ CRAFTED = {
     "loss_flat": ([log_step(s, loss=2.3 + 0.001 * (s % 2)) for s in range(1, 9)], 5, {}),
     "no_progress": ([log_step(s, loss=2.0 - 0.01 * s) for s in range(1, 15)], 10, {}),
     "vanishing_gradients": (steps(3) + steps(12, start=4, metrics={"grad/norm/fc1": 1e-6}), 13, {}),
-    "exploding_gradients": (steps(10) + steps(5, start=11, metrics={"grad/global_norm": 50.0}), 13, {}),
+    "exploding_gradients": (steps(10) + [log_step(s, loss=1.0, metrics={"grad/global_norm": 50.0}) for s in range(11, 16)], 13, {}),
     "bad_init_scale": (steps(3, metrics={"act/std/act3": 0.01}), 1, {}),
     "dying_relu": (steps(2) + steps(8, start=3, metrics={"act/dead_frac/act2": 0.8}), 7, {}),
     "dead_network": (steps(2) + steps(5, start=3, metrics={"act/dead_frac/act1": 1.0}), 5, {}),
@@ -100,6 +100,16 @@ def test_a_spike_is_no_finding(spikes):
     records = steps(20) + steps(spikes, start=21, metrics={"grad/global_norm": 117.0}) + steps(20, start=21 + spikes)
     records += [log_step(s, loss=2.3 if s != 30 else 9.0) for s in range(60, 80)]  # and one loss spike in a flat stretch
     assert "exploding_gradients" not in found(records) and "lr_too_high" not in found(records)
+
+
+def test_a_norm_that_rises_while_the_loss_falls_is_a_network_waking_up():
+    """init=normal init.std=0.01 with tanh: the gradients grow from 0.1 to their working size as
+    the loss starts to fall; no explosion (until the loss stops falling)."""
+    waking = [log_step(s, loss=2.3, metrics={"grad/global_norm": 0.1}) for s in range(1, 7)]
+    waking += [log_step(s, loss=2.3 - 0.1 * (s - 6), metrics={"grad/global_norm": 1.5}) for s in range(7, 12)]
+    assert "exploding_gradients" not in found(waking)
+    stalled = waking + [log_step(12, loss=2.3, metrics={"grad/global_norm": 1.5})]
+    assert found(stalled)["exploding_gradients"]["step"] == 12
 
 
 def test_a_broken_streak_starts_again():
@@ -265,24 +275,31 @@ def test_layers_that_change_between_records_are_judged_per_record():
     assert found(records)["vanishing_gradients"]["step"] == rules.VANISHING_PATIENCE
 
 
-def write_run(run_dir, records: list, text_tail: str = "") -> None:
+def write_run(run_dir, records: list, lines: tuple[str, ...] = ()) -> None:
+    """A finished run's files: its records, then `lines` written as they are."""
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "config": {"monitor": {"per_layer": True}}}))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + text_tail)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(l + "\n" for l in lines))
 
 
 def listing(root) -> dict:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
 
-def test_diagnose_of_hostile_records_prints_the_findings_and_writes_nothing(tmp_path):
-    records = [{**log_step(1), "train/loss": "NaN"}, {"step": "x", "perf/step_ms": 1.0}, finding_event(1, "lr_too_high")]
-    records += CRAFTED["dead_network"][0]
-    write_run(tmp_path / "run", records)
+@pytest.mark.parametrize("records,lines", [
+    ([], ['{"step": 1, "perf/step_ms": 1.0, "train/loss": 1' + "0" * 400 + "}"]),  # an integer beyond float range
+    ([{k: v for k, v in log_step(1).items() if k != "step"}], ()),  # a log step without its step
+    (steps(5, metrics={"grad/global_norm": 0.0}), ()),  # a norm off zero is "infinitely" many times its median
+    ([{**log_step(1), "train/loss": "NaN"}, {"step": "x", "perf/step_ms": 1.0}, finding_event(1, "lr_too_high")], ()),
+], ids=["huge-integer", "no-step", "zero-median", "strings-and-a-finding-event"])
+def test_diagnose_of_hostile_records_prints_the_findings_and_writes_nothing(tmp_path, records, lines):
+    """Today's main crashed on the first three (OverflowError, KeyError, ZeroDivisionError: exit 1)."""
+    write_run(tmp_path / "run", records + CRAFTED["dead_network"][0][2:], lines)
     before = listing(tmp_path)
     out = run_cli(["diagnose", str(tmp_path / "run")], tmp_path)
     assert out.returncode == 0 and not out.stderr
-    assert "Dead network" in out.stdout and "Learning rate too high" not in out.stdout  # the event is no evidence
+    assert "Dead network" in out.stdout and "Learning rate too high" not in out.stdout  # a finding event is no evidence
+    assert "Exploding" not in out.stdout
     assert listing(tmp_path) == before
 
 
