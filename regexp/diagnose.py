@@ -216,9 +216,10 @@ class ClippingZeroedUpdate(Rule):
 
 
 class LrTooHigh(Rule):
-    """The loss thrown above any untrained model's (UNTRAINED_LOSS_MAX) at once; or, over the last
-    LR_WINDOW log steps, a loss that swings (median move at least OSCILLATION of its mean) with no
-    downward trend (its last third's mean at least NO_TREND of the run's first LR_WINDOW // 3)."""
+    """The loss thrown above any untrained model's (UNTRAINED_LOSS_MAX) at once, unless an init that
+    grows the activations with depth threw it (bad_init_scale's); or, over the last LR_WINDOW log
+    steps, a loss that swings (median move at least OSCILLATION of its mean) with no downward trend
+    (its last third's mean at least NO_TREND of the run's first LR_WINDOW // 3)."""
 
     name = "lr_too_high"
     judges_loss = True
@@ -235,7 +236,7 @@ class LrTooHigh(Rule):
         loss = _number(record.get("train/loss"))
         if loss is None:
             return None
-        if loss > UNTRAINED_LOSS_MAX:
+        if loss > UNTRAINED_LOSS_MAX and not self.watch.init_grows:
             return self.finding(record, "Learning rate too high: the loss blew up",
                                 f"train/loss reached {loss:.3g} at step {record['step']}, above {UNTRAINED_LOSS_MAX:g} where "
                                 "an untrained classifier's is about ln(classes) (2.3 for 10 classes): the steps overshoot",
@@ -415,7 +416,7 @@ class BadInitScale(Rule):
         return self.finding(record, f"Bad initialization scale: activation std {'grows' if ratio > 1 else 'shrinks'} with depth",
                             f"at step {record['step']} the activation std goes from {low:.3g} ({first}) to {high:.3g} "
                             f"({last}), x{ratio:.2g}", [INIT_MATCHING, NORMALIZE], metric="act/std", layer=last,
-                            values=dict(stds), threshold=INIT_SCALE_FACTOR)
+                            values={"std": dict(stds), "ratio": ratio}, threshold=INIT_SCALE_FACTOR)
 
 
 class DyingRelu(Rule):
@@ -528,7 +529,7 @@ class ClipTooLow(Rule):
 
 # In this order within a record: causes before the findings they explain.
 RULES: list[type[Rule]] = [
-    Divergence, ClippingZeroedUpdate, LrTooHigh, ExplodingGradients, BadInitScale, LossFlat, NoProgress,
+    Divergence, ClippingZeroedUpdate, BadInitScale, LrTooHigh, ExplodingGradients, LossFlat, NoProgress,
     VanishingGradients, DyingRelu, DeadNetwork, Overfitting, ClipTooLow,
 ]
 
@@ -563,6 +564,12 @@ class Watch:
     def clipping(self) -> bool:
         return self.setting("clip", "name") not in (None, "none")
 
+    @property
+    def init_grows(self) -> bool:
+        """bad_init_scale found the activations growing with depth (and so the loss thrown up by the init)."""
+        init = self.tripped.get("bad_init_scale")
+        return init is not None and init.evidence["values"]["ratio"] > 1
+
     def layers(self, record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
         """(layer, value) of one record's per-layer metric, in the model's order, finite values only."""
         keys = tuple(record)
@@ -596,9 +603,9 @@ class Watch:
         for advice in finding.interventions:
             turn = lever(advice)
             if turn is not None and cause is not None and turn[0] in SETTLED_BY_CAUSE:
-                advice = f'see "{cause.title}" above'
+                advice = f'see "{cause.title}"'
             elif turn is not None and self.advised.get(turn[0], (turn[1],))[0] != turn[1]:
-                advice = f'see "{self.advised[turn[0]][1]}" above'
+                advice = f'see "{self.advised[turn[0]][1]}"'
             elif turn is not None:
                 self.advised.setdefault(turn[0], (turn[1], finding.title))
             if advice not in shown:
@@ -606,10 +613,10 @@ class Watch:
         return replace(finding, interventions=shown, cause=cause.rule if cause else None)
 
     def findings(self) -> list[Finding]:
-        """Every finding tripped so far, ranked: each cause, in the order they tripped, followed by
-        the findings it explains."""
-        causes = [f for f in self.tripped.values() if f.cause is None]
-        return [g for f in causes for g in (f, *(c for c in self.tripped.values() if c.cause == f.rule))]
+        """Every finding tripped so far, ranked: each cause, by step, followed by the findings it
+        explains, by step (a non-finite event's step can precede the log step it arrives after)."""
+        by_step = sorted(self.tripped.values(), key=lambda f: f.step)  # stable: ties keep the order they tripped
+        return [g for f in by_step if f.cause is None for g in (f, *(c for c in by_step if c.cause == f.rule))]
 
 
 def diagnose(records: list[dict[str, Any]], summary: Summary) -> list[dict[str, Any]]:

@@ -63,7 +63,8 @@ CRAFTED = {
     "loss_flat": ([log_step(s, loss=2.3 + 0.001 * (s % 2)) for s in range(1, 9)], 5, {}),
     "no_progress": ([log_step(s, loss=2.0 - 0.01 * s) for s in range(1, 15)], 10, {}),
     "vanishing_gradients": (steps(3) + steps(12, start=4, metrics={"grad/norm/fc1": 1e-6}), 13, {}),
-    "exploding_gradients": (steps(10) + [log_step(s, loss=1.0, metrics={"grad/global_norm": 50.0}) for s in range(11, 16)], 13, {}),
+    "exploding_gradients": (steps(10) + [log_step(s, loss=1.0, metrics={"grad/global_norm": 50.0}) for s in range(11, 16)],
+                            13, {}),
     "bad_init_scale": (steps(3, metrics={"act/std/act3": 0.01}), 1, {}),
     "dying_relu": (steps(2) + steps(8, start=3, metrics={"act/dead_frac/act2": 0.8}), 7, {}),
     "dead_network": (steps(2) + steps(5, start=3, metrics={"act/dead_frac/act1": 1.0}), 5, {}),
@@ -115,15 +116,18 @@ def test_a_norm_that_rises_while_the_loss_falls_is_a_network_waking_up():
 def test_a_broken_streak_starts_again():
     """Patience counts log steps running: one healthy log step in between resets it."""
     almost = rules.VANISHING_PATIENCE - 1
-    records = steps(almost, metrics={"grad/norm/fc1": 1e-6}) + steps(1, start=almost + 1) + steps(almost, start=almost + 2, metrics={"grad/norm/fc1": 1e-6})
+    vanishing = {"grad/norm/fc1": 1e-6}
+    records = steps(almost, metrics=vanishing) + steps(1, start=almost + 1) + steps(almost, start=almost + 2, metrics=vanishing)
     assert "vanishing_gradients" not in found(records)
-    assert found(records + steps(1, start=2 * almost + 2, metrics={"grad/norm/fc1": 1e-6}))["vanishing_gradients"]["step"] == 2 * almost + 2
+    one_more = steps(1, start=2 * almost + 2, metrics=vanishing)
+    assert found(records + one_more)["vanishing_gradients"]["step"] == 2 * almost + 2
 
 
 def mixed_run() -> list[dict]:
     """A run that trips several rules, with finding events where a live run writes them."""
     records = [log_step(1, loss=2.3, metrics={"act/std/act3": 0.001})]  # bad init scale at once
-    records += [log_step(s, loss=2.3 + 0.001 * (s % 2), metrics={"grad/norm/fc1": 1e-6, "act/dead_frac/act2": 0.9}) for s in range(2, 14)]
+    records += [log_step(s, loss=2.3 + 0.001 * (s % 2), metrics={"grad/norm/fc1": 1e-6, "act/dead_frac/act2": 0.9})
+                for s in range(2, 14)]
     records += [epoch_row(1, 0.1, 0.1, 2.3)]
     records += [log_step(s, loss=900.0) for s in range(14, 18)]  # then the step blows the loss up
     return records + [nonfinite(18)]
@@ -171,7 +175,7 @@ def test_a_too_large_step_leads_and_its_consequences_rank_under_it():
     under = ranked[1:]
     assert [f["rule"] for f in under] == ["dead_network", "loss_flat", "dying_relu", "no_progress", "vanishing_gradients"]
     assert all(f["cause"] == "lr_too_high" for f in under)
-    pointer = f'see "{ranked[0]["title"]}" above'
+    pointer = f'see "{ranked[0]["title"]}"'
     for f in under:
         assert not any(i.startswith(("raise the learning rate", "lower the learning rate")) for i in f["interventions"])
         assert f["rule"] == "vanishing_gradients" or pointer in f["interventions"]  # it gave no lr advice to replace
@@ -195,6 +199,19 @@ def test_a_later_sign_does_not_explain_an_earlier_one():
     assert [(f["rule"], f["cause"]) for f in ranked] == [("loss_flat", None), ("lr_too_high", None)]
 
 
+def test_a_loss_thrown_up_by_an_init_that_grows_is_the_inits():
+    """20 ReLU layers at init.std=1.0: the loss is 5e22 at the first log step, before any step
+    could have thrown it, and the pre-clip norm overflowed at step 1 (its event arrives after the
+    log step of step 10). No "learning rate too high"; the event is listed at its own step."""
+    records = [log_step(10, loss=5e22, metrics={"act/std/act1": 16.9, "act/std/act3": 2.2e21}),
+               nonfinite(1, "grad_norm")]
+    ranked = diagnose(records, Summary(config=CLIP_ON))
+    assert [(f["rule"], f["step"]) for f in ranked] == [("clipping_zeroed_update", 1), ("bad_init_scale", 10)]
+    # the same loss with sound activation scales is the step's
+    sound = [log_step(10, loss=5e22), nonfinite(1, "grad_norm")]
+    assert [f["rule"] for f in diagnose(sound, Summary(config=CLIP_ON))] == ["clipping_zeroed_update", "lr_too_high"]
+
+
 def test_findings_never_give_opposite_advice():
     """Two findings with no cause between them: the later one's advice that turns the same knob the
     other way is replaced by a pointer to the earlier one."""
@@ -203,15 +220,16 @@ def test_findings_never_give_opposite_advice():
     assert [f["rule"] for f in ranked] == ["loss_flat", "dying_relu"]
     assert rules.RAISE_LR in ranked[0]["interventions"]
     assert rules.LOWER_LR not in ranked[1]["interventions"]
-    assert f'see "{ranked[0]["title"]}" above' in ranked[1]["interventions"]
+    assert f'see "{ranked[0]["title"]}"' in ranked[1]["interventions"]
     clip = found(steps(10) + steps(12, start=11, metrics={"grad/global_norm": 50.0, "grad/clip_frac": 0.9}), CLIP_ON)
     advice = [i for f in clip.values() for i in f["interventions"]]
-    assert not (any(i.startswith("raise clip.max_norm") for i in advice) and any(i.startswith("clip the gradient norm") for i in advice))
+    assert not (any(i.startswith("raise clip.max_norm") for i in advice)
+                and any(i.startswith("clip the gradient norm") for i in advice))
 
 
 def test_monitor_off_leaves_the_loss_rules_running():
     watch = Watch({"monitor": {"per_layer": False}})
-    assert watch.inactive == ["exploding_gradients", "bad_init_scale", "vanishing_gradients", "dying_relu", "dead_network",
+    assert watch.inactive == ["bad_init_scale", "exploding_gradients", "vanishing_gradients", "dying_relu", "dead_network",
                               "clip_too_low"]
     for s in range(1, 30):
         watch.feed(log_step(s, loss=2.3, metrics={"grad/norm/fc1": 1e-6, "act/dead_frac/act1": 1.0, "act/std/act3": 1e-6}))
