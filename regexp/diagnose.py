@@ -602,10 +602,11 @@ class Watch:
         shown: list[str] = []
         for advice in finding.interventions:
             turn = lever(advice)
+            earlier = self.advised.get(turn[0]) if turn is not None else None
             if turn is not None and cause is not None and turn[0] in SETTLED_BY_CAUSE:
                 advice = f'see "{cause.title}"'
-            elif turn is not None and self.advised.get(turn[0], (turn[1],))[0] != turn[1]:
-                advice = f'see "{self.advised[turn[0]][1]}"'
+            elif turn is not None and earlier is not None and earlier[0] != turn[1]:
+                advice = f'see "{earlier[1]}"'
             elif turn is not None:
                 self.advised.setdefault(turn[0], (turn[1], finding.title))
             if advice not in shown:

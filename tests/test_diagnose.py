@@ -212,10 +212,11 @@ def test_rules_on_a_hand_made_healthy_history():
 # ---------------------------------------------------------------- reading runs: long, failed, running, corrupted
 
 def step_records(n: int, exploding_from: int | None = None) -> list[dict]:
-    """n log steps of a healthy 2-layer history; the gradient norm exploding from `exploding_from` on."""
-    exploding = exploding_from is not None
-    return [{"step": s, "train/loss": 2.3 / s, "perf/step_ms": 1.0,
-             "grad/global_norm": 100.0 if exploding and s >= exploding_from else 1.0 + 0.1 * (s % 3),
+    """n log steps of a healthy 2-layer history; the gradient norm exploding from `exploding_from` on
+    (and the loss back at its start)."""
+    exploding = [exploding_from is not None and s >= exploding_from for s in range(n + 1)]
+    return [{"step": s, "train/loss": 2.3 if exploding[s] else 2.3 / s, "perf/step_ms": 1.0,
+             "grad/global_norm": 100.0 if exploding[s] else 1.0 + 0.1 * (s % 3),
              "grad/norm/fc1": 0.5, "grad/norm/fc2": 0.6, "weight/norm/fc1": 3.0, "weight/norm/fc2": 2.0} for s in range(1, n + 1)]
 
 
