@@ -325,8 +325,10 @@ def test_diagnose_prints_a_layer_named_like_markup_as_named(tmp_path):
     layer = "[red]fc1[/red]"
     records = [{**log_step(s), f"act/dead_frac/{layer}": 1.0} for s in range(1, 5)]
     write_run(tmp_path / "run", records)
+    before = listing(tmp_path)
     out = run_cli(["diagnose", str(tmp_path / "run")], tmp_path)
-    assert out.returncode == 0 and f"units of {layer} are zero" in out.stdout
+    assert out.returncode == 0 and not out.stderr and f"units of {layer} are zero" in out.stdout
+    assert listing(tmp_path) == before
 
 
 def test_a_finding_event_alone_is_no_finding(tmp_path):
