@@ -1,19 +1,25 @@
 """The diagnosis (its rules: docs/diagnostics.md): the classic symptoms of a failing training
 run, turned into rules over a run's metrics. Each finding names the rule, the evidence
-(metric, layer, step, values) and the interventions to try, in order. A healthy run has no findings.
+(metric, layer, step, values, threshold) and the interventions to try, in order. A healthy
+run has no findings.
 
-Every rule is linear (or n log n) in the number of log steps: the same diagnosis runs at
-the end of every training run and on `regexp diagnose` of a run of any length.
+One rule set, two drivers. A `Watch` is fed a run's records in the order they are written
+(metrics.jsonl's rows: log steps, epoch rows, non-finite events): live by the training loop,
+offline by `diagnose` over the file, and both give the same findings at the same steps. Each
+rule trips at the first record where the records so far satisfy it and stays tripped; a rule
+that must see a sign persist holds a declared window or patience (the constants below). Every
+rule does constant work per record, so a run of any length is diagnosed in linear time.
 `regexp diagnose RUN_DIR` is `main` below.
 """
 
-import heapq
 import math
-import statistics
 import os
-from dataclasses import asdict, dataclass, field
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from statistics import fmean
+from typing import Any, Optional
 
 from rich.console import Console
 
@@ -22,15 +28,60 @@ from regexp.tracking import CommandParser, plural, render
 
 # Thresholds, chosen so that crafted failures trip them and default runs do not.
 VANISHING_RATIO = 1e-3  # first layer's gradient norm / last layer's
-SPIKE_FACTOR = 10.0  # global gradient norm / running median
+SPIKE_FACTOR = 10.0  # global gradient norm / the median of its recent values
 INIT_SCALE_FACTOR = 10.0  # last activation layer's std / first's (or the inverse)
-DEAD_FRACTION = 0.5  # share of units zero for a whole batch
+DEAD_FRACTION = 0.5  # share of a layer's units zero for a whole batch
+DEAD_NETWORK_FRACTION = 1.0  # every unit: nothing passes the layer and no gradient flows back through it
 OVERFIT_GAP = 0.05  # train acc - val acc
-OVERFIT_VAL_RISE = 1.2  # last val loss / best val loss
+OVERFIT_VAL_RISE = 1.2  # val loss / its best so far
 CLIP_FRACTION = 0.5  # share of steps clipped
-FLAT_CHANGE = 0.01  # relative loss change over the first log steps
-OSCILLATION = 0.05  # mean |step-to-step loss change| / mean loss
-NO_TREND = 0.9  # last third's mean loss / first third's
+FLAT_CHANGE = 0.01  # how far (relative) the loss moves from its first log step
+OSCILLATION = 0.05  # median move of the loss between log steps / its mean
+NO_TREND = 0.9  # recent mean loss / the first log steps' mean: above it, no downward trend
+NO_PROGRESS_FRACTION = 0.9  # the share of its start that the loss must fall below
+# An untrained classifier's cross-entropy is about ln(classes): 2.3 for 10, 6.9 for 1000. A loss
+# above this has logits thrown more than 100 apart: the steps overshoot. It also caps the start
+# no_progress measures from, where such steps threw the first log step's loss already.
+UNTRAINED_LOSS_MAX = 100.0
+
+# Windows and patiences, in log steps (overfitting: in evaluations). A sign must hold this long
+# before its rule trips: one spike or one noisy log step never makes a finding.
+LR_WINDOW = 12  # the median of its 11 moves ignores a spike (which moves 2 or 3 of them)
+FLAT_STEPS = 5  # the start of a run, over which a loss that did not move is flat
+NO_PROGRESS_PATIENCE = 10  # decisive: 500 optimizer steps at the default log_every without a 10 % fall
+VANISHING_PATIENCE = 10  # decisive: long enough for adaptive optimizers to have rescaled the early layers
+EXPLODING_PATIENCE = 3  # decisive: 10x the recent median three log steps running is no spike
+MEDIAN_WINDOW = 50  # the recent norms a spike is judged against: a norm that drifts over a long run is not one
+MEDIAN_MIN = 4  # norms seen before a norm can be called a spike
+DEAD_PATIENCE = 5  # dying_relu: units that stay dead, not a batch that missed them
+DEAD_NETWORK_PATIENCE = 3  # decisive: a layer without one live unit gets no gradient to revive it
+OVERFIT_PATIENCE = 3  # evaluations running
+CLIP_WINDOW = 10  # the log steps whose clipped share is judged (the first steps of a run clip more)
+
+# The interventions that more than one rule gives.
+LOWER_LR = "lower the learning rate (optimizer.lr)"
+RAISE_LR = "raise the learning rate (optimizer.lr)"
+CLIP_NORM = "clip the gradient norm (clip=norm clip.max_norm=1.0)"
+NORMALIZE = "add normalization (norm=batchnorm)"
+INIT_MATCHING = "initialization matching the activation (init=kaiming_normal for ReLU, xavier_normal for tanh)"
+TREAT_AS_DIVERGENCE = "treat it as a divergence: lower the learning rate (optimizer.lr)"
+FIX_INIT_SCALE = "fix the initialization scale (init=kaiming_normal, or a smaller init.std)"
+DEAD_UNITS_ADVICE = [LOWER_LR, "leaky or smooth activations (model.activation=gelu)", "He initialization (init=kaiming_normal)"]
+
+# The knob each piece of advice turns, and which way (by how the advice begins): two findings
+# never turn one knob opposite ways.
+LEVERS = {"lower the learning rate": ("optimizer.lr", -1), TREAT_AS_DIVERGENCE: ("optimizer.lr", -1),
+          "raise the learning rate": ("optimizer.lr", 1), "clip the gradient norm": ("clip.max_norm", -1),
+          "raise clip.max_norm": ("clip.max_norm", 1)}
+
+# What explains what. A too-large step (the loss thrown up, a divergence, norms exploding) kills
+# units, zeroes gradients and stalls the loss; a bad init scale vanishes gradients, stalls the
+# loss and, shrinking the signal, leaves units dead. Such a finding is ranked under its cause,
+# and the learning rate is the cause's to advise on (the finding points to it instead).
+STEP_TOO_LARGE = ("divergence", "clipping_zeroed_update", "lr_too_high", "exploding_gradients")
+EXPLAINED_BY = {rule: (*STEP_TOO_LARGE, "bad_init_scale")
+                for rule in ("loss_flat", "no_progress", "vanishing_gradients", "dying_relu", "dead_network")}
+SETTLED_BY_CAUSE = ("optimizer.lr",)
 
 
 @dataclass
@@ -38,274 +89,543 @@ class Finding:
     rule: str
     title: str
     message: str
-    evidence: dict[str, Any]
+    evidence: dict[str, Any]  # metric, layer, step, values, threshold
     interventions: list[str] = field(default_factory=list)
+    step: int = 0  # the first step at which the records so far satisfy the rule
+    decisive: bool = False  # the run will not recover: monitor.on_finding=stop ends the run on it
+    cause: Optional[str] = None  # the rule of the finding that explains this one (it is ranked under that one)
 
 
-@dataclass
-class RunHistory:
-    """A run's metrics.jsonl split by kind, plus its summary."""
-
-    steps: list[dict[str, Any]]  # log steps
-    epochs: list[dict[str, Any]]  # per-epoch rows with val/*
-    events: list[dict[str, Any]]  # nonfinite/* events
-    summary: Summary
-    layer_keys: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_records(cls, records: list[dict[str, Any]], summary: Summary) -> "RunHistory":
-        return cls(
-            steps=[r for r in records if "perf/step_ms" in r],
-            epochs=[r for r in records if "perf/step_ms" not in r and "nonfinite/step" not in r and "epoch" in r],
-            events=[r for r in records if "nonfinite/step" in r],
-            summary=summary,
-        )
-
-    def layer_series(self, record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
-        """(layer, value) of one record's per-layer metric, in the model's order."""
-        return [(layer, record[key]) for layer, key in self._layer_keys(tuple(record), prefix)]
-
-    def _layer_keys(self, keys: tuple[str, ...], prefix: str) -> list[tuple[str, str]]:
-        # the log steps of a run share their keys: look through them once, not at every step
-        if (keys, prefix) not in self.layer_keys:
-            self.layer_keys[keys, prefix] = [(k[len(prefix):], k) for k in keys if k.startswith(prefix)]
-        return self.layer_keys[keys, prefix]
-
-    def config(self, *keys: str) -> Any:
-        node: Any = self.summary.config
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
-        return node
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _finite(values: list[Any]) -> list[float]:
-    return [v for v in values if _is_finite(v)]
-
-
-def divergence(run: RunHistory) -> Optional[Finding]:
-    event = next((e for e in run.events if e.get("nonfinite/kind") != "grad_norm"), None)
-    if event is None:
+def _number(value: Any) -> Optional[float]:
+    """A finite number (a bool is none, nor an integer beyond float range), else None: a value a
+    rule can judge."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    where = event.get("nonfinite/where", "not reproduced")
-    return Finding(
-        "divergence", "Divergence: the loss or the gradients became NaN/Inf",
-        f"non-finite values at step {event['nonfinite/step']}, first in {where}",
-        {"metric": "nonfinite/where", "layer": event.get("nonfinite/layer"), "step": event["nonfinite/step"], "values": where},
-        ["lower the learning rate (optimizer.lr)", "clip the gradient norm (clip=norm clip.max_norm=1.0)",
-         "check the initialization (init=kaiming_normal for ReLU, xavier_normal for tanh)", "add normalization (norm=batchnorm)"],
-    )
-
-
-def clipping_zeroed_update(run: RunHistory) -> Optional[Finding]:
-    event = next((e for e in run.events if e.get("nonfinite/kind") == "grad_norm"), None)
-    if event is None:
+    try:
+        number = float(value)
+    except OverflowError:
         return None
-    clipping = run.config("clip", "name") not in (None, "none")
-    consequence = ("clip_grad_norm_ scales every gradient by max_norm/inf = 0: the model silently stops learning"
-                   if clipping else "the update is not finite")
-    return Finding(
-        "clipping_zeroed_update" if clipping else "divergence",
-        "Gradient norm overflow: " + ("clipping zeroes the update" if clipping else "divergence"),
-        f"the pre-clip global gradient norm overflowed float range at step {event['nonfinite/step']} (every gradient "
-        f"finite, their norm not; largest layer {event.get('nonfinite/layer')}): {consequence}",
-        {"metric": "grad/global_norm", "layer": event.get("nonfinite/layer"), "step": event["nonfinite/step"], "values": "inf"},
-        ["treat it as a divergence: lower the learning rate (optimizer.lr)",
-         "fix the initialization scale (init=kaiming_normal, or a smaller init.std)", "add normalization (norm=batchnorm)"],
-    )
+    return number if math.isfinite(number) else None
 
 
-def _losses(run: RunHistory) -> list[tuple[int, float]]:
-    return [(r["step"], r["train/loss"]) for r in run.steps if isinstance(r.get("train/loss"), (int, float)) and math.isfinite(r["train/loss"])]
-
-
-def lr_too_high(run: RunHistory) -> Optional[Finding]:
-    losses = [v for _, v in _losses(run)]
-    if len(losses) < 6 or run.events:
+def record_kind(record: Any) -> Optional[str]:
+    """Which of a run's records this is: "log_step", "epoch", "nonfinite", or None for what the
+    rules do not read (a live finding's event, anything without an integer step)."""
+    if not isinstance(record, dict) or "finding/rule" in record:
         return None
-    third = len(losses) // 3
-    first, last = statistics.fmean(losses[:third]), statistics.fmean(losses[-third:])
-    swing = statistics.fmean(abs(b - a) for a, b in zip(losses, losses[1:])) / statistics.fmean(losses)
-    if last < NO_TREND * first or swing < OSCILLATION:
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
         return None
-    return Finding(
-        "lr_too_high", "Learning rate too high: the loss oscillates without a downward trend",
-        f"train/loss averages {first:.3g} in the first third of the log steps and {last:.3g} in the last, "
-        f"moving {swing:.0%} of its mean between log steps",
-        {"metric": "train/loss", "layer": None, "step": _losses(run)[-1][0], "values": {"first_third": first, "last_third": last, "swing": swing}},
-        ["lower the learning rate (optimizer.lr, e.g. 3-10x)", "add warmup (scheduler=warmup_cosine)", "clip the gradient norm (clip=norm)"],
-    )
+    if "nonfinite/step" in record:
+        return "nonfinite"
+    if "perf/step_ms" in record:
+        return "log_step"
+    return "epoch" if "epoch" in record else None
 
 
-def loss_flat_at_start(run: RunHistory) -> Optional[Finding]:
-    points = _losses(run)
-    if len(points) < 4 or run.events:
-        return None
-    head = points[: max(4, len(points) // 5)]
-    change = abs(head[-1][1] - head[0][1]) / max(abs(head[0][1]), 1e-12)
-    if change >= FLAT_CHANGE:
-        return None
-    return Finding(
-        "loss_flat", "Loss flat at the start: learning rate too low or a bad initialization",
-        f"train/loss moved {change:.2%} over steps {head[0][0]}-{head[-1][0]} ({head[0][1]:.4g} -> {head[-1][1]:.4g})",
-        {"metric": "train/loss", "layer": None, "step": head[-1][0], "values": [v for _, v in head]},
-        ["raise the learning rate (optimizer.lr)", "He initialization for ReLU (init=kaiming_normal)", "add normalization (norm=batchnorm)"],
-    )
+class WindowMedian:
+    """The median of the last `size` values added (statistics.median of them), in constant work
+    per value: the window kept sorted beside its order of arrival."""
 
-
-def vanishing_gradients(run: RunHistory) -> Optional[Finding]:
-    ratios = []
-    for record in run.steps:
-        weighted = {name for name, _ in run.layer_series(record, "weight/norm/")}
-        norms = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if n in weighted and _is_finite(v)]
-        if len(norms) >= 2 and norms[-1][1] > 0:
-            ratios.append((norms[0][1] / norms[-1][1], record["step"], norms[0], norms[-1]))
-    if not ratios:
-        return None
-    ratio, step, early, late = sorted(ratios, key=lambda r: r[0])[len(ratios) // 2]  # the median log step
-    if ratio >= VANISHING_RATIO:
-        return None
-    return Finding(
-        "vanishing_gradients", "Vanishing gradients: early layers barely learn",
-        f"the gradient norm of {early[0]} is {ratio:.1e} x that of {late[0]} ({early[1]:.2e} vs {late[1]:.2e}, median log step)",
-        {"metric": "grad/norm", "layer": early[0], "step": step, "values": {early[0]: early[1], late[0]: late[1], "ratio": ratio}},
-        ["He/Xavier initialization matching the activation (init=kaiming_normal for ReLU, xavier_normal for tanh)",
-         "add normalization (norm=batchnorm or layernorm)", "residual connections (model=resnet)",
-         "ReLU instead of sigmoid (model.activation=relu)"],
-    )
-
-
-class RunningMedian:
-    """The median of the values added so far (equal to statistics.median of them) in
-    O(log n) per value: the smaller half in a max-heap, the larger half in a min-heap."""
-
-    def __init__(self) -> None:
-        self.low: list[float] = []  # negated: heapq's min-heap as a max-heap
-        self.high: list[float] = []
+    def __init__(self, size: int):
+        self.size = size
+        self.arrived: deque[float] = deque()
+        self.sorted: list[float] = []
 
     def __len__(self) -> int:
-        return len(self.low) + len(self.high)
+        return len(self.arrived)
 
     def add(self, value: float) -> None:
-        if self.low and value > -self.low[0]:
-            heapq.heappush(self.high, value)
-        else:
-            heapq.heappush(self.low, -value)
-        if len(self.low) > len(self.high) + 1:  # keep len(low) - len(high) in {0, 1}
-            heapq.heappush(self.high, -heapq.heappop(self.low))
-        elif len(self.high) > len(self.low):
-            heapq.heappush(self.low, -heapq.heappop(self.high))
+        if len(self.arrived) == self.size:
+            del self.sorted[bisect_left(self.sorted, self.arrived.popleft())]
+        self.arrived.append(value)
+        insort(self.sorted, value)
 
     @property
     def median(self) -> float:
-        if len(self.low) > len(self.high):
-            return -self.low[0]
-        return (-self.low[0] + self.high[0]) / 2
+        mid = len(self.sorted) // 2
+        return self.sorted[mid] if len(self.sorted) % 2 else (self.sorted[mid - 1] + self.sorted[mid]) / 2
 
 
-def exploding_gradients(run: RunHistory) -> Optional[Finding]:
-    history = RunningMedian()
-    for record in run.steps:
-        norm = record.get("grad/global_norm")
-        if not _is_finite(norm):
-            continue
-        if len(history) >= 4 and norm > SPIKE_FACTOR * history.median:
-            layers = [(n, v) for n, v in run.layer_series(record, "grad/norm/") if _is_finite(v)]
-            layer = max(layers, key=lambda nv: nv[1])[0] if layers else None
-            median = history.median
-            return Finding(
-                "exploding_gradients", f"Exploding gradients from layer {layer}",
-                f"grad/global_norm spiked to {norm:.3g} at step {record['step']}, {norm / median:.0f} x its running median {median:.3g}",
-                {"metric": "grad/global_norm", "layer": layer, "step": record["step"], "values": {"norm": norm, "median": median}},
-                ["clip the gradient norm (clip=norm clip.max_norm=1.0)", "lower the learning rate (optimizer.lr)", "add normalization (norm=batchnorm)"],
-            )
-        history.add(norm)
-    return None
+class Rule:
+    """One rule of the diagnosis, fed a run's records one at a time: its Finding at the record
+    where it trips, None before."""
 
+    name = ""
+    decisive = False
+    per_layer = False  # reads metrics that only monitor.per_layer records
+    judges_loss = False  # reads train/loss, which after a non-finite event only the divergence speaks for
 
-def bad_init_scale(run: RunHistory) -> Optional[Finding]:
-    first = next((r for r in run.steps if any(k.startswith("act/std/") for k in r)), None)
-    if first is None:
+    def __init__(self, watch: "Watch"):
+        self.watch = watch
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
         return None
-    stds = [(n, v) for n, v in run.layer_series(first, "act/std/") if _is_finite(v)]
-    if len(stds) < 3 or stds[0][1] <= 0:
+
+    def epoch(self, record: dict[str, Any]) -> Optional[Finding]:
         return None
-    ratio = stds[-1][1] / stds[0][1]
-    if 1 / INIT_SCALE_FACTOR <= ratio <= INIT_SCALE_FACTOR:
+
+    def nonfinite(self, record: dict[str, Any]) -> Optional[Finding]:
         return None
-    trend = "grows" if ratio > 1 else "shrinks"
-    return Finding(
-        "bad_init_scale", f"Bad initialization scale: activation std {trend} with depth",
-        f"at step {first['step']} the activation std goes from {stds[0][1]:.3g} ({stds[0][0]}) to {stds[-1][1]:.3g} ({stds[-1][0]}), x{ratio:.2g}",
-        {"metric": "act/std", "layer": stds[-1][0], "step": first["step"], "values": dict(stds)},
-        ["initialization matching the activation (init=kaiming_normal for ReLU, xavier_normal for tanh)", "add normalization (norm=batchnorm)"],
-    )
+
+    def finding(self, record: dict[str, Any], title: str, message: str, interventions: list[str], *, metric: str,
+                values: Any, threshold: Any, layer: Optional[str] = None) -> Finding:
+        step = record["step"]
+        evidence = {"metric": metric, "layer": layer, "step": step, "values": values, "threshold": threshold}
+        return Finding(self.name, title, message, evidence, list(interventions), step=step, decisive=self.decisive)
 
 
-def dying_relu(run: RunHistory) -> Optional[Finding]:
-    last = next((r for r in reversed(run.steps) if any(k.startswith("act/dead_frac/") for k in r)), None)
-    if last is None:
-        return None
-    dead = [(n, v) for n, v in run.layer_series(last, "act/dead_frac/") if _is_finite(v)]
-    worst = max(dead, key=lambda nv: nv[1], default=None)
-    if worst is None or worst[1] <= DEAD_FRACTION:
-        return None
-    return Finding(
-        "dying_relu", "Dying ReLU: many units output zero for every input",
-        f"{worst[1]:.0%} of the units of {worst[0]} are zero for the whole batch at step {last['step']}",
-        {"metric": "act/dead_frac", "layer": worst[0], "step": last["step"], "values": dict(dead)},
-        ["lower the learning rate (optimizer.lr)", "leaky or smooth activations (model.activation=gelu)", "He initialization (init=kaiming_normal)"],
-    )
+def _overflow(record: dict[str, Any]) -> str:
+    return (f"the pre-clip global gradient norm overflowed float range at step {record['step']} (every gradient "
+            f"finite, their norm not; largest layer {record.get('nonfinite/layer')})")
 
 
-def overfitting(run: RunHistory) -> Optional[Finding]:
-    evals = [r for r in run.epochs if len(_finite([r.get("val/loss"), r.get("val/acc"), r.get("epoch/train_acc")])) == 3]
-    if len(evals) < 3:
-        return None
-    last = evals[-1]
-    best = min(evals, key=lambda r: r["val/loss"])
-    gap = last["epoch/train_acc"] - last["val/acc"]
-    if gap <= OVERFIT_GAP or last["val/loss"] <= OVERFIT_VAL_RISE * best["val/loss"]:
-        return None
-    return Finding(
-        "overfitting", "Overfitting: training accuracy far above validation, validation loss rising",
-        f"train acc {last['epoch/train_acc']:.3f} vs val/acc {last['val/acc']:.3f} at epoch {last['epoch']}; val/loss rose from "
-        f"{best['val/loss']:.3g} (epoch {best['epoch']}) to {last['val/loss']:.3g}",
-        {"metric": "val/loss", "layer": None, "step": last.get("step"), "values": {"train_acc": last["epoch/train_acc"], "val/acc": last["val/acc"],
-                                                                                  "best_val_loss": best["val/loss"], "last_val_loss": last["val/loss"]}},
-        ["dropout (+regularizer=dropout)", "weight decay / L2 (optimizer.weight_decay or +regularizer=l2)",
-         "augmentation (+regularizer=augment)", "early stopping (+regularizer=early_stopping)"],
-    )
+class Divergence(Rule):
+    """The first non-finite event: NaN/Inf in the loss or the gradients, named by the first layer
+    where it appeared (an overflowing pre-clip norm with clipping on is ClippingZeroedUpdate's)."""
+
+    name = "divergence"
+
+    def nonfinite(self, record: dict[str, Any]) -> Optional[Finding]:
+        layer = record.get("nonfinite/layer")
+        if record.get("nonfinite/kind") != "grad_norm":
+            where = record.get("nonfinite/where", "not reproduced")
+            return self.finding(record, "Divergence: the loss or the gradients became NaN/Inf",
+                                f"non-finite values at step {record['step']}, first in {where}",
+                                [LOWER_LR, CLIP_NORM, "check the initialization (init=kaiming_normal for ReLU, xavier_normal for tanh)",
+                                 NORMALIZE], metric="nonfinite/where", layer=layer, values=where, threshold="finite")
+        if self.watch.clipping:
+            return None
+        return self.finding(record, "Gradient norm overflow: divergence", f"{_overflow(record)}: the update is not finite",
+                            [TREAT_AS_DIVERGENCE, FIX_INIT_SCALE, NORMALIZE], metric="grad/global_norm", layer=layer,
+                            values="inf", threshold="finite")
 
 
-def clip_too_low(run: RunHistory) -> Optional[Finding]:
-    fractions = _finite([r.get("grad/clip_frac") for r in run.steps])
-    if not fractions or statistics.fmean(fractions) <= CLIP_FRACTION:
-        return None
-    norms = sorted(_finite([r.get("grad/global_norm") for r in run.steps]))
-    p90 = norms[min(len(norms) - 1, int(0.9 * len(norms)))] if norms else None
-    max_norm = run.config("clip", "max_norm")
-    return Finding(
-        "clip_too_low", "Clipping threshold too low: most steps are clipped",
-        f"{statistics.fmean(fractions):.0%} of the steps were clipped at clip.max_norm={max_norm}"
-        + (f"; the 90th percentile of the pre-clip norm is {p90:.3g}" if p90 is not None else ""),
-        {"metric": "grad/clip_frac", "layer": None, "step": run.steps[-1]["step"], "values": {"clip_frac": statistics.fmean(fractions), "p90_pre_clip_norm": p90}},
-        [f"raise clip.max_norm to about the 90th percentile of the pre-clip norm ({p90:.3g})" if p90 else "raise clip.max_norm"],
-    )
+class ClippingZeroedUpdate(Rule):
+    """The pre-clip norm overflowed while clipping is on: clip_grad_norm_ scales by max_norm/inf = 0."""
+
+    name = "clipping_zeroed_update"
+
+    def nonfinite(self, record: dict[str, Any]) -> Optional[Finding]:
+        if record.get("nonfinite/kind") != "grad_norm" or not self.watch.clipping:
+            return None
+        return self.finding(record, "Gradient norm overflow: clipping zeroes the update",
+                            f"{_overflow(record)}: clip_grad_norm_ scales every gradient by max_norm/inf = 0: the model "
+                            "silently stops learning", [TREAT_AS_DIVERGENCE, FIX_INIT_SCALE, NORMALIZE],
+                            metric="grad/global_norm", layer=record.get("nonfinite/layer"), values="inf", threshold="finite")
 
 
-RULES: list[Callable[[RunHistory], Optional[Finding]]] = [
-    divergence, clipping_zeroed_update, lr_too_high, loss_flat_at_start, vanishing_gradients,
-    exploding_gradients, bad_init_scale, dying_relu, overfitting, clip_too_low,
+class LrTooHigh(Rule):
+    """The loss thrown above any untrained model's (UNTRAINED_LOSS_MAX) at once, unless an init that
+    grows the activations with depth threw it (bad_init_scale's); or, over the last LR_WINDOW log
+    steps, a loss that swings (median move at least OSCILLATION of its mean) with no downward trend
+    (its last third's mean at least NO_TREND of the run's first LR_WINDOW // 3)."""
+
+    name = "lr_too_high"
+    judges_loss = True
+    advice = ["lower the learning rate (optimizer.lr, e.g. 3-10x)", "add warmup (scheduler=warmup_cosine)",
+              "clip the gradient norm (clip=norm)"]
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.first: list[float] = []
+        self.window: deque[float] = deque(maxlen=LR_WINDOW)
+        self.moves = WindowMedian(LR_WINDOW - 1)
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        loss = _number(record.get("train/loss"))
+        if loss is None:
+            return None
+        if loss > UNTRAINED_LOSS_MAX and not self.watch.init_grows:
+            return self.finding(record, "Learning rate too high: the loss blew up",
+                                f"train/loss reached {loss:.3g} at step {record['step']}, above {UNTRAINED_LOSS_MAX:g} where "
+                                "an untrained classifier's is about ln(classes) (2.3 for 10 classes): the steps overshoot",
+                                self.advice, metric="train/loss", values={"loss": loss}, threshold=UNTRAINED_LOSS_MAX)
+        third = LR_WINDOW // 3
+        if len(self.first) < third:
+            self.first.append(loss)
+        if self.window:
+            self.moves.add(abs(loss - self.window[-1]))
+        self.window.append(loss)
+        if len(self.window) < LR_WINDOW:
+            return None
+        start, recent, mean = fmean(self.first), fmean(list(self.window)[-third:]), fmean(self.window)
+        swing = self.moves.median / mean if mean > 0 else 0.0
+        if recent < NO_TREND * start or swing < OSCILLATION:
+            return None
+        return self.finding(record, "Learning rate too high: the loss oscillates without a downward trend",
+                            f"train/loss averages {recent:.3g} over the {third} log steps to step {record['step']}, against "
+                            f"{start:.3g} over the run's first {third}, and moves {swing:.0%} of its mean between log steps "
+                            f"(the median over the last {LR_WINDOW})", self.advice, metric="train/loss",
+                            values={"first": start, "recent": recent, "swing": swing},
+                            threshold={"no_trend": NO_TREND, "swing": OSCILLATION})
+
+
+class LossFlat(Rule):
+    """Over the first FLAT_STEPS log steps, the loss stays within FLAT_CHANGE of its first value."""
+
+    name = "loss_flat"
+    judges_loss = True
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.losses: list[float] = []
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        loss = _number(record.get("train/loss"))
+        if loss is None or len(self.losses) == FLAT_STEPS:
+            return None
+        self.losses.append(loss)
+        if len(self.losses) < FLAT_STEPS:
+            return None
+        start = self.losses[0]
+        change = max(abs(v - start) for v in self.losses) / max(abs(start), 1e-12)
+        if change >= FLAT_CHANGE:
+            return None
+        return self.finding(record, "Loss flat at the start: learning rate too low or a bad initialization",
+                            f"train/loss moved at most {change:.2%} over its first {FLAT_STEPS} log steps, to step "
+                            f"{record['step']} ({start:.4g} -> {loss:.4g})",
+                            [RAISE_LR, "He initialization for ReLU (init=kaiming_normal)", NORMALIZE],
+                            metric="train/loss", values=list(self.losses), threshold=FLAT_CHANGE)
+
+
+class NoProgress(Rule):
+    """After NO_PROGRESS_PATIENCE log steps, the loss has never fallen below NO_PROGRESS_FRACTION of
+    its start (the first log step's loss, at most UNTRAINED_LOSS_MAX)."""
+
+    name = "no_progress"
+    decisive = True
+    judges_loss = True
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.seen = 0
+        self.first = self.lowest = math.inf
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        loss = _number(record.get("train/loss"))
+        if loss is None or self.seen == NO_PROGRESS_PATIENCE:
+            return None
+        self.seen += 1
+        self.first = loss if self.seen == 1 else self.first
+        self.lowest = min(self.lowest, loss)
+        start = min(self.first, UNTRAINED_LOSS_MAX)
+        if self.seen < NO_PROGRESS_PATIENCE or self.lowest < NO_PROGRESS_FRACTION * start:
+            return None
+        capped = f" (its first log step's {self.first:.3g}, capped)" if self.first > start else ""
+        return self.finding(record, "No progress: the loss has not fallen from its start",
+                            f"after {NO_PROGRESS_PATIENCE} log steps, to step {record['step']}, train/loss is at best "
+                            f"{self.lowest:.4g}, never below {NO_PROGRESS_FRACTION:.0%} of its start {start:.4g}{capped}",
+                            [RAISE_LR, INIT_MATCHING, NORMALIZE], metric="train/loss",
+                            values={"start": start, "lowest": self.lowest}, threshold=NO_PROGRESS_FRACTION)
+
+
+class VanishingGradients(Rule):
+    """The first layer's gradient norm under VANISHING_RATIO x the last layer's, VANISHING_PATIENCE
+    log steps running."""
+
+    name = "vanishing_gradients"
+    decisive = True
+    per_layer = True
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.streak = 0
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        weighted = {name for name, _ in self.watch.layers(record, "weight/norm/")}  # not the norm layers
+        norms = [(n, v) for n, v in self.watch.layers(record, "grad/norm/") if n in weighted]
+        if len(norms) < 2 or norms[-1][1] <= 0:
+            return None
+        (early, low), (late, high) = norms[0], norms[-1]
+        ratio = low / high
+        self.streak = self.streak + 1 if ratio < VANISHING_RATIO else 0
+        if self.streak < VANISHING_PATIENCE:
+            return None
+        return self.finding(record, "Vanishing gradients: early layers barely learn",
+                            f"the gradient norm of {early} has been under {VANISHING_RATIO:g} x that of {late} for "
+                            f"{VANISHING_PATIENCE} log steps running; at step {record['step']} {ratio:.1e} x "
+                            f"({low:.2e} vs {high:.2e})",
+                            [f"He/Xavier {INIT_MATCHING}", "add normalization (norm=batchnorm or layernorm)",
+                             "residual connections (model=resnet)", "ReLU instead of sigmoid (model.activation=relu)"],
+                            metric="grad/norm", layer=early, values={early: low, late: high, "ratio": ratio},
+                            threshold=VANISHING_RATIO)
+
+
+class ExplodingGradients(Rule):
+    """The global gradient norm above SPIKE_FACTOR x the median of the (up to MEDIAN_WINDOW) norms
+    before it, EXPLODING_PATIENCE log steps running, while the loss is no lower than before the
+    norm rose: sustained, never one spike. A norm that rises while the loss falls is a network
+    waking up (a tiny init's gradients growing to their working size), not an explosion."""
+
+    name = "exploding_gradients"
+    decisive = True
+    per_layer = True
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.recent = WindowMedian(MEDIAN_WINDOW)
+        self.streak = 0
+        self.lowest_before = math.inf  # the lowest loss of the log steps before the streak
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        norm = _number(record.get("grad/global_norm"))
+        if norm is None:
+            return None
+        loss = _number(record.get("train/loss"))
+        median = self.recent.median if len(self.recent) >= MEDIAN_MIN else 0.0  # a norm off zero is no spike
+        self.streak = self.streak + 1 if median > 0 and norm > SPIKE_FACTOR * median else 0
+        self.recent.add(norm)
+        if self.streak == 0 and loss is not None:
+            self.lowest_before = min(self.lowest_before, loss)
+        if self.streak < EXPLODING_PATIENCE or (loss is not None and loss < self.lowest_before):
+            return None
+        layers = self.watch.layers(record, "grad/norm/")
+        layer = max(layers, key=lambda nv: nv[1])[0] if layers else None
+        return self.finding(record, f"Exploding gradients from layer {layer}",
+                            f"grad/global_norm has been above {SPIKE_FACTOR:g} x the median of its recent values for "
+                            f"{self.streak} log steps running, and the loss has not fallen meanwhile; at step "
+                            f"{record['step']} {norm:.3g}, {norm / median:.3g} x {median:.3g}", [CLIP_NORM, LOWER_LR, NORMALIZE],
+                            metric="grad/global_norm", layer=layer, values={"norm": norm, "median": median, "loss": loss},
+                            threshold=SPIKE_FACTOR)
+
+
+class BadInitScale(Rule):
+    """At the first log step with activation stds: the last activation layer's over INIT_SCALE_FACTOR
+    x the first's, or under 1 / INIT_SCALE_FACTOR of it. Judged there only: later, training has
+    moved the scales."""
+
+    name = "bad_init_scale"
+    per_layer = True
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.judged = False
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        stds = self.watch.layers(record, "act/std/")
+        if self.judged or not stds:
+            return None
+        self.judged = True
+        if len(stds) < 3 or stds[0][1] <= 0:
+            return None
+        (first, low), (last, high) = stds[0], stds[-1]
+        ratio = high / low
+        if 1 / INIT_SCALE_FACTOR <= ratio <= INIT_SCALE_FACTOR:
+            return None
+        return self.finding(record, f"Bad initialization scale: activation std {'grows' if ratio > 1 else 'shrinks'} with depth",
+                            f"at step {record['step']} the activation std goes from {low:.3g} ({first}) to {high:.3g} "
+                            f"({last}), x{ratio:.2g}", [INIT_MATCHING, NORMALIZE], metric="act/std", layer=last,
+                            values={"std": dict(stds), "ratio": ratio}, threshold=INIT_SCALE_FACTOR)
+
+
+class DyingRelu(Rule):
+    """A layer with more than DEAD_FRACTION of its units zero for a whole batch, DEAD_PATIENCE log
+    steps running."""
+
+    name = "dying_relu"
+    per_layer = True
+    title = "Dying ReLU: many units output zero for every input"
+    threshold, patience, held = DEAD_FRACTION, DEAD_PATIENCE, f"over {DEAD_FRACTION:.0%}"
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.streaks: dict[str, int] = {}
+
+    def dead(self, fraction: float) -> bool:
+        return fraction > self.threshold
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        fractions = self.watch.layers(record, "act/dead_frac/")
+        if not fractions:
+            return None
+        self.streaks = {n: self.streaks.get(n, 0) + 1 for n, v in fractions if self.dead(v)}
+        held = [(n, v) for n, v in fractions if self.streaks.get(n, 0) >= self.patience]
+        if not held:
+            return None
+        layer, fraction = max(held, key=lambda nv: nv[1])
+        return self.finding(record, self.title,
+                            f"{fraction:.0%} of the units of {layer} are zero for the whole batch at step {record['step']}; "
+                            f"{self.held} for {self.patience} log steps running", DEAD_UNITS_ADVICE, metric="act/dead_frac", layer=layer,
+                            values=dict(fractions), threshold=self.threshold)
+
+
+class DeadNetwork(DyingRelu):
+    """A layer with every unit zero for a whole batch, DEAD_NETWORK_PATIENCE log steps running:
+    nothing passes it, and no gradient reaches its units to revive them."""
+
+    name = "dead_network"
+    decisive = True
+    title = "Dead network: a layer passes nothing (every unit outputs zero)"
+    threshold, patience, held = DEAD_NETWORK_FRACTION, DEAD_NETWORK_PATIENCE, "all of them"
+
+    def dead(self, fraction: float) -> bool:
+        return fraction >= self.threshold
+
+
+class Overfitting(Rule):
+    """At OVERFIT_PATIENCE evaluations running: train accuracy above val accuracy by more than
+    OVERFIT_GAP and the val loss above OVERFIT_VAL_RISE x its best so far."""
+
+    name = "overfitting"
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.best: Optional[tuple[float, Any]] = None  # (val loss, epoch)
+        self.streak = 0
+
+    def epoch(self, record: dict[str, Any]) -> Optional[Finding]:
+        train_acc, val_acc, val_loss = (_number(record.get(k)) for k in ("epoch/train_acc", "val/acc", "val/loss"))
+        if train_acc is None or val_acc is None or val_loss is None:
+            return None
+        if self.best is None or val_loss < self.best[0]:
+            self.best = (val_loss, record.get("epoch"))
+        gap = train_acc - val_acc
+        self.streak = self.streak + 1 if gap > OVERFIT_GAP and val_loss > OVERFIT_VAL_RISE * self.best[0] else 0
+        if self.streak < OVERFIT_PATIENCE:
+            return None
+        (best, best_epoch), epoch = self.best, record.get("epoch")
+        return self.finding(record, "Overfitting: training accuracy far above validation, validation loss rising",
+                            f"train acc {train_acc:.3f} vs val/acc {val_acc:.3f} at epoch {epoch}; val/loss rose from "
+                            f"{best:.3g} (epoch {best_epoch}) to {val_loss:.3g}, above {OVERFIT_VAL_RISE:g} x its best for "
+                            f"{OVERFIT_PATIENCE} evaluations running",
+                            ["dropout (+regularizer=dropout)", "weight decay / L2 (optimizer.weight_decay or +regularizer=l2)",
+                             "augmentation (+regularizer=augment)", "early stopping (+regularizer=early_stopping)"],
+                            metric="val/loss", values={"train_acc": train_acc, "val/acc": val_acc, "best_val_loss": best,
+                                                       "last_val_loss": val_loss},
+                            threshold={"gap": OVERFIT_GAP, "val_rise": OVERFIT_VAL_RISE})
+
+
+class ClipTooLow(Rule):
+    """More than CLIP_FRACTION of the steps clipped over the last CLIP_WINDOW log steps."""
+
+    name = "clip_too_low"
+    per_layer = True  # grad/clip_frac is recorded with the per-layer metrics
+
+    def __init__(self, watch: "Watch"):
+        super().__init__(watch)
+        self.window: deque[tuple[float, Optional[float]]] = deque(maxlen=CLIP_WINDOW)  # (clipped share, pre-clip norm)
+
+    def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
+        share = _number(record.get("grad/clip_frac"))
+        if share is None:
+            return None
+        self.window.append((share, _number(record.get("grad/global_norm"))))
+        clipped = fmean(s for s, _ in self.window)
+        if len(self.window) < CLIP_WINDOW or clipped <= CLIP_FRACTION:
+            return None
+        norms = sorted(n for _, n in self.window if n is not None)
+        p90 = norms[min(len(norms) - 1, int(0.9 * len(norms)))] if norms else None
+        max_norm = self.watch.setting("clip", "max_norm")
+        return self.finding(record, "Clipping threshold too low: most steps are clipped",
+                            f"{clipped:.0%} of the steps were clipped at clip.max_norm={max_norm} over the {CLIP_WINDOW} log "
+                            f"steps to step {record['step']}" + (f"; the 90th percentile of their pre-clip norm is {p90:.3g}"
+                                                                 if p90 is not None else ""),
+                            [f"raise clip.max_norm to about the 90th percentile of the pre-clip norm ({p90:.3g})"
+                             if p90 is not None else "raise clip.max_norm"],
+                            metric="grad/clip_frac", values={"clip_frac": clipped, "p90_pre_clip_norm": p90},
+                            threshold=CLIP_FRACTION)
+
+
+# In this order within a record: causes before the findings they explain.
+RULES: list[type[Rule]] = [
+    Divergence, ClippingZeroedUpdate, BadInitScale, LrTooHigh, ExplodingGradients, LossFlat, NoProgress,
+    VanishingGradients, DyingRelu, DeadNetwork, Overfitting, ClipTooLow,
 ]
 
 
+def lever(advice: str) -> Optional[tuple[str, int]]:
+    """The knob a piece of advice turns and which way, None for advice that turns none."""
+    return next((turn for start, turn in LEVERS.items() if advice.startswith(start)), None)
+
+
+class Watch:
+    """The rule set, fed a run's records in the order they are written."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config if isinstance(config, dict) else {}
+        # an older run records no monitor.per_layer: its records say whether it has per-layer metrics
+        per_layer = self.setting("monitor", "per_layer") is not False
+        rules = [rule(self) for rule in RULES]
+        self.inactive: list[str] = [r.name for r in rules if r.per_layer and not per_layer]
+        self.rules = [r for r in rules if r.name not in self.inactive]
+        self.tripped: dict[str, Finding] = {}  # in the order they tripped
+        self.advised: dict[str, tuple[int, str]] = {}  # knob -> (the way the findings turn it, the first one's title)
+        self.diverged = False
+        self.layer_keys: dict[str, tuple[tuple[str, ...], list[tuple[str, str]]]] = {}
+
+    def setting(self, *keys: str) -> Any:
+        node: Any = self.config
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    @property
+    def clipping(self) -> bool:
+        return self.setting("clip", "name") not in (None, "none")
+
+    @property
+    def init_grows(self) -> bool:
+        """bad_init_scale found the activations growing with depth (and so the loss thrown up by the init)."""
+        init = self.tripped.get("bad_init_scale")
+        return init is not None and init.evidence["values"]["ratio"] > 1
+
+    def layers(self, record: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
+        """(layer, value) of one record's per-layer metric, in the model's order, finite values only."""
+        keys = tuple(record)
+        if self.layer_keys.get(prefix, ((),))[0] != keys:  # a run's log steps share their keys: look once
+            self.layer_keys[prefix] = (keys, [(k[len(prefix):], k) for k in keys if k.startswith(prefix)])
+        named = ((layer, _number(record[key])) for layer, key in self.layer_keys[prefix][1])
+        return [(layer, value) for layer, value in named if value is not None]
+
+    def feed(self, record: dict[str, Any]) -> list[Finding]:
+        """The findings that tripped at this record (new ones only), as findings() shows them."""
+        kind = record_kind(record)
+        if kind is None:
+            return []
+        new = []
+        for rule in self.rules:
+            if rule.name in self.tripped or (rule.judges_loss and self.diverged):
+                continue
+            finding = getattr(rule, kind)(record)
+            if finding is not None:
+                self.tripped[rule.name] = self.settle(finding)
+                new.append(self.tripped[rule.name])
+        self.diverged = self.diverged or kind == "nonfinite"
+        return new
+
+    def settle(self, finding: Finding) -> Finding:
+        """A new finding as it is shown from now on: under its cause (the first tripped finding that
+        explains it), its advice on what the cause settles replaced by a pointer to the cause, and
+        its advice that turns a knob against earlier advice replaced by a pointer to that."""
+        cause = next((f for f in self.tripped.values() if f.rule in EXPLAINED_BY.get(finding.rule, ())), None)
+        shown: list[str] = []
+        for advice in finding.interventions:
+            turn = lever(advice)
+            earlier = self.advised.get(turn[0]) if turn is not None else None
+            if turn is not None and cause is not None and turn[0] in SETTLED_BY_CAUSE:
+                advice = f'see "{cause.title}"'
+            elif turn is not None and earlier is not None and earlier[0] != turn[1]:
+                advice = f'see "{earlier[1]}"'
+            elif turn is not None:
+                self.advised.setdefault(turn[0], (turn[1], finding.title))
+            if advice not in shown:
+                shown.append(advice)
+        return replace(finding, interventions=shown, cause=cause.rule if cause else None)
+
+    def findings(self) -> list[Finding]:
+        """Every finding tripped so far, ranked: each cause, by step, followed by the findings it
+        explains, by step (a non-finite event's step can precede the log step it arrives after)."""
+        by_step = sorted(self.tripped.values(), key=lambda f: f.step)  # stable: ties keep the order they tripped
+        return [g for f in by_step if f.cause is None for g in (f, *(c for c in by_step if c.cause == f.rule))]
+
+
 def diagnose(records: list[dict[str, Any]], summary: Summary) -> list[dict[str, Any]]:
-    run = RunHistory.from_records(records, summary)
-    return [asdict(f) for f in (rule(run) for rule in RULES) if f is not None]
+    """The end-of-run and offline diagnosis: a Watch of the run's config fed every record in order."""
+    watch = Watch(summary.config)
+    for record in records:
+        watch.feed(record)
+    return [asdict(f) for f in watch.findings()]
 
 
 def parser() -> CommandParser:

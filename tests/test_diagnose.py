@@ -32,15 +32,16 @@ CRAFTED = {
     "clipping_zeroed_update": [*DEEP, "model.depth=20", "model.width=256", "init=normal", "init.std=1.0", "optimizer=sgd",
                                "optimizer.lr=0.1", "clip=norm", "clip.max_norm=1.0", "dataset.limit=2000", "epochs=1", "monitor.log_every=10"],
     "lr_too_high": ["model.activation=tanh", "optimizer=sgd", "optimizer.lr=5", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
-    "loss_flat": ["optimizer=sgd", "optimizer.lr=1e-6", "dataset.limit=3000", "epochs=1", "monitor.log_every=5"],
+    "loss_flat": ["optimizer=sgd", "optimizer.lr=1e-6", "dataset.limit=3000", "epochs=1", "monitor.log_every=4"],
     "vanishing_gradients": [*DEEP, "model.depth=10", "model.width=128", "model.activation=sigmoid", "optimizer=sgd",
-                            "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=5"],
-    "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.3", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
+                            "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=2"],
+    # sustained: the norm 10x its recent median three log steps running (steps 25-35), before it diverges at step 38
+    "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.5", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
     "bad_init_scale": [*DEEP, "model.depth=10", "model.width=256", "init=normal", "init.std=0.15", "dataset.limit=320",
                        "epochs=1", "monitor.log_every=1", "clip=norm"],
     "dying_relu": ["optimizer=adam", "optimizer.lr=0.05", "dataset.limit=3000", "epochs=2", "monitor.log_every=5"],
     "overfitting": ["dataset.limit=200", "epochs=25", "batch_size=50", "monitor.log_every=4"],
-    "clip_too_low": ["clip=norm", "clip.max_norm=0.001", "dataset.limit=2000", "epochs=1", "monitor.log_every=5"],
+    "clip_too_low": ["clip=norm", "clip.max_norm=0.001", "dataset.limit=2000", "epochs=1", "monitor.log_every=1"],
 }
 
 
@@ -210,34 +211,17 @@ def test_rules_on_a_hand_made_healthy_history():
 
 # ---------------------------------------------------------------- reading runs: long, failed, running, corrupted
 
-def step_records(n: int, spike_at: int | None = None) -> list[dict]:
-    """n log steps of a healthy 2-layer history; a gradient spike at `spike_at`."""
-    return [{"step": s, "train/loss": 2.3 / s, "perf/step_ms": 1.0, "grad/global_norm": 100.0 if s == spike_at else 1.0 + 0.1 * (s % 3),
+def step_records(n: int, exploding_from: int | None = None) -> list[dict]:
+    """n log steps of a healthy 2-layer history; the gradient norm exploding from `exploding_from` on
+    (and the loss back at its start)."""
+    exploding = [exploding_from is not None and s >= exploding_from for s in range(n + 1)]
+    return [{"step": s, "train/loss": 2.3 if exploding[s] else 2.3 / s, "perf/step_ms": 1.0,
+             "grad/global_norm": 100.0 if exploding[s] else 1.0 + 0.1 * (s % 3),
              "grad/norm/fc1": 0.5, "grad/norm/fc2": 0.6, "weight/norm/fc1": 3.0, "weight/norm/fc2": 2.0} for s in range(1, n + 1)]
 
 
-def test_running_median_equals_statistics_median():
-    import random
-    import statistics
-
-    from regexp.diagnose import RunningMedian
-
-    rng = random.Random(0)
-    values = [rng.choice([rng.random(), rng.randint(0, 5), 1e30, -2.0]) for _ in range(500)]
-    median = RunningMedian()
-    for i, value in enumerate(values, 1):
-        median.add(value)
-        assert len(median) == i and median.median == statistics.median(values[:i])
-
-
-def test_exploding_gradients_uses_the_running_median_of_the_steps_before():
-    [finding] = diagnose(step_records(40, spike_at=30), Summary())
-    assert finding["rule"] == "exploding_gradients" and finding["evidence"]["step"] == 30
-    assert finding["evidence"]["values"]["median"] == 1.1  # 29 steps cycling 1.0, 1.1, 1.2 before it
-
-
 def test_a_long_run_is_diagnosed_in_linear_time():
-    """30k log steps: the median recomputed over the whole history at every step took ~15 s."""
+    """30k log steps: a median recomputed over the whole history at every step took ~15 s."""
     import time
 
     records = step_records(30_000)
@@ -262,7 +246,7 @@ def test_diagnose_a_failed_run_says_so_and_diagnoses_what_it_recorded(tmp_path):
     assert "the run failed (RuntimeError: CUDA out of memory); diagnosing the 0 log steps it recorded" in out.stdout
     assert "no findings" in out.stdout and "Tried to allocate" not in out.stdout
 
-    write_run(tmp_path / "some", {"status": "failed", "error": error}, step_records(40, spike_at=30))
+    write_run(tmp_path / "some", {"status": "failed", "error": error}, step_records(40, exploding_from=30))
     out = run_cli(["diagnose", str(tmp_path / "some")], tmp_path)
     assert out.returncode == 0 and "diagnosing the 40 log steps it recorded" in out.stdout
     assert "Exploding gradients" in out.stdout
