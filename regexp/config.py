@@ -756,7 +756,8 @@ def _check_prune(cfg: DictConfig) -> None:
         raise ConfigError("prune.rungs", rungs, f"epoch {beyond[0]} is beyond epochs={cfg.epochs}: each rung must be "
                                                 f"an epoch the run trains (1 to {cfg.epochs})")
     if prune.metric not in EPOCH_METRICS:
-        raise ConfigError("prune.metric", prune.metric, f"must be a metric of the epoch record: {', '.join(EPOCH_METRICS)}")
+        raise ConfigError("prune.metric", prune.metric,
+                          f"must be a metric of the epoch record: {', '.join(EPOCH_METRICS)}")
     if prune.metric.startswith("val/") and cfg.dataset.val_size == 0:
         raise ConfigError("prune.metric", prune.metric, "needs validation, which dataset.val_size=0 turns off; "
                                                         "rank on epoch/train_loss, or set dataset.val_size > 0")

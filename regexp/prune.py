@@ -14,7 +14,6 @@ The loop (regexp.train.fit) calls `prune_at_rung` after each epoch's records are
 """
 
 import math
-import statistics
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -46,9 +45,11 @@ def kept(n: int, reduction_factor: int) -> int:
 def threshold(rule: str, scores: list[float], reduction_factor: int) -> float:
     """The worst score (smaller is better) that `rule` keeps among `scores`: the median
     (median), or the score of the last one kept (asha). A tie with it is kept too."""
-    if rule == "median":
-        return statistics.median(scores)
-    return sorted(scores)[kept(len(scores), reduction_factor) - 1]
+    ordered = sorted(scores)
+    if rule == "asha":
+        return ordered[kept(len(ordered), reduction_factor) - 1]
+    low, high = ordered[(len(ordered) - 1) // 2], ordered[len(ordered) // 2]
+    return (low + high) / 2 if math.isfinite(high) else low  # no midpoint with a non-finite value
 
 
 def pruned_members(rule: str, scores: list[float], reduction_factor: int) -> tuple[list[int], float]:
@@ -97,16 +98,18 @@ def prune_at_rung(loops: list[Any], fused: bool) -> None:
         return
     prune, metric = at_rung[0].cfg.prune, at_rung[0].cfg.prune.metric
     larger = maximizes(metric, prune.mode)
-    # the members that reached the rung on their own: diverged or stopped ones keep no one
+    # the members that trained to the rung: diverged or stopped ones keep no one; one that early
+    # stopping ended here is ranked, but has nothing left to prune
     ranked = [loop for loop in at_rung if loop.status in (Status.COMPLETED, Status.EARLY_STOPPED)]
     scores = [badness(loop.row.get(metric), larger) for loop in ranked]
     if fused:
         chosen, limit = pruned_members(prune.name, scores, prune.reduction_factor)
-        for i in chosen:
-            _prune(ranked[i], limit, larger, f"{prune.name}, {len(ranked) - len(chosen)} of {len(ranked)} kept")
+        pruned = [ranked[i] for i in chosen if ranked[i].status == Status.COMPLETED]
+        for loop in pruned:
+            _prune(loop, limit, larger, f"{prune.name}, {len(ranked) - len(pruned)} of {len(ranked)} kept")
         return
     for loop, score in zip(ranked, scores):
-        if loop.sweep_dir is None:
+        if loop.sweep_dir is None or loop.status != Status.COMPLETED:
             continue
         peers = [badness(v, larger) for v in peer_values(loop.sweep_dir, loop.run_dir, loop.state.epoch, metric)]
         worse, limit = prunes_alone(prune.name, score, peers, prune.reduction_factor)
@@ -116,8 +119,7 @@ def prune_at_rung(loops: list[Any], fused: bool) -> None:
 
 def _at_rung(loop: Any) -> bool:
     prune, state = loop.cfg.prune, loop.state
-    return (prune.name != "none" and state.epoch in prune.rungs and loop.status == Status.COMPLETED
-            and not loop.plan.last_epoch(state.epoch, state.step))
+    return prune.name != "none" and state.epoch in prune.rungs and not loop.plan.last_epoch(state.epoch, state.step)
 
 
 def _prune(loop: Any, limit: float, larger: bool, how: str) -> None:

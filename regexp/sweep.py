@@ -425,9 +425,11 @@ ENDING_SETTINGS = ("prune", "monitor.on_finding")
 def _run_overrides(overrides: list[str]) -> list[str]:
     """What makes a run what it is: the overrides but resume=, Hydra's own (dirs, launcher)
     and the ENDING_SETTINGS."""
-    keys = {o: o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    def ends_runs(key: str) -> bool:
+        return key in ENDING_SETTINGS or key.startswith(tuple(k + "." for k in ENDING_SETTINGS))
+
     return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/"))
-                  and keys[o] not in ENDING_SETTINGS and not keys[o].startswith(tuple(k + "." for k in ENDING_SETTINGS)))
+                  and not ends_runs(o.lstrip("+~").split("=", 1)[0]))
 
 
 # ---------------------------------------------------------------- parallel jobs
