@@ -114,7 +114,8 @@ def prune_at_rung(loops: list[Any], fused: bool) -> None:
         peers = [badness(v, larger) for v in peer_values(loop.sweep_dir, loop.run_dir, loop.state.epoch, metric)]
         worse, limit = prunes_alone(prune.name, score, peers, prune.reduction_factor)
         if worse:
-            _prune(loop, limit, larger, f"{prune.name} of {len(peers)} other jobs at this epoch")
+            best = f"asha: the best {kept(len(peers), prune.reduction_factor)}" if prune.name == "asha" else "median"
+            _prune(loop, limit, larger, f"{best} of {len(peers)} other jobs at this epoch")
 
 
 def _at_rung(loop: Any) -> bool:

@@ -160,6 +160,11 @@ def test_a_job_alone_is_pruned_against_its_peers_on_disk(tmp_path):
         prune_at_rung([loop], fused=False)
     assert (worse.status, better.status, single.status) == (Status.PRUNED, Status.COMPLETED, Status.COMPLETED)
     assert worse.summary.ended_by == {"epoch": 1, "metric": "val/loss", "value": 0.8, "threshold": 0.5, "rule": "median"}
+    assert worse.reporter.lines == ["x: pruned at epoch 1: val/loss 0.8, worse than 0.5 (median of 3 other jobs at this "
+                                    "epoch); resume=auto prune=none trains it on"]
+    asha = fake_loop("w", 0.45, sweep_dir=tmp_path, run_dir=tmp_path / "5")
+    prune_at_rung([asha], fused=False)
+    assert asha.status == Status.PRUNED and "(asha: the best 1 of 3 other jobs at this epoch)" in asha.reporter.lines[0]
 
 
 def test_resume_auto_matches_a_pruned_run_whatever_its_prune_and_continues_it_only_with_prune_none(tmp_path):
