@@ -16,6 +16,7 @@ from regexp import cli
 from regexp.prune import (
     MIN_PEERS,
     badness,
+    check_one_run,
     kept,
     maximizes,
     peer_values,
@@ -199,6 +200,13 @@ def test_prune_for_a_single_run_is_refused(capsys, empty_cwd, option):
     err = refused(capsys, ["train", *QUIET, f"prune={option}", "hydra.run.dir=run"])
     assert err.startswith(f"regexp: error: prune={option.strip(chr(39))}: prunes the jobs of a sweep") and "-m" in err
     assert list(empty_cwd.iterdir()) == []
+
+
+def test_prune_typed_beside_a_resume_is_refused_and_prune_none_is_not(capsys, empty_cwd):
+    err = refused(capsys, ["train", "resume=elsewhere/3", "prune=asha"])  # refused before the run dir is read
+    assert err.startswith("regexp: error: prune=asha: prunes the jobs of a sweep")
+    assert list(empty_cwd.iterdir()) == []
+    check_one_run(["prune=none", "prune.rungs=[9]", "+experiment=x", "seed=1"])  # no refusal
 
 
 def test_prune_for_a_single_run_from_python_is_refused(empty_cwd):
