@@ -279,6 +279,11 @@ def test_a_fused_grid_with_asha_prunes_the_worst_at_the_first_rung_and_continues
         assert f"{i}: pruned at epoch 1: val/loss {firsts[i]:.4g}, worse than {limit:.4g} (asha, 2 of 6 kept)" in result.stdout
     rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]
     assert sorted(r["status"] for r in rows) == ["completed"] * 2 + ["pruned"] * 4
+    unpruned = tmp_path / "unpruned"  # the members that stay follow the same curve in the smaller stack
+    assert run_cli([*args[:-1], f"hydra.sweep.dir={unpruned}"], tmp_path, data_root).returncode == 0
+    for i in best_two:
+        assert [r["val/loss"] for r in epoch_rows(sweep / str(i))] == pytest.approx(
+            [r["val/loss"] for r in epoch_rows(unpruned / str(i))], rel=1e-5)
 
     pruned = sorted(set(range(6)) - set(best_two))
     before = {i: (sweep / str(i) / "metrics.jsonl").read_bytes() for i in range(6)}
