@@ -40,9 +40,12 @@ def run(overrides: Sequence[str] = (), run_dir: Optional[str | Path] = None) -> 
     from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
     from regexp.config import check_writable
     from regexp.lock import check_free, writing
+    from regexp.prune import check_one_run
     from regexp.train import check_resume, train
 
-    overrides = with_added_groups(with_resumed_run(strings(overrides, "overrides", "['model=cnn', 'seed=1']")))
+    overrides = strings(overrides, "overrides", "['model=cnn', 'seed=1']")
+    check_one_run(overrides)  # as typed, before a resume adds its run's own
+    overrides = with_added_groups(with_resumed_run(overrides))
     run_dir = None if run_dir is None else path_of(run_dir, "run_dir")
     composed = compose(overrides, with_hydra=True)
     typed = check_job(composed)

@@ -155,12 +155,14 @@ def run_train(args: list[str]) -> int:
 
     from regexp.compose import hydra_quoted, is_override, with_resumed_run
     from regexp.lock import writing
+    from regexp.prune import check_one_run
     from regexp.rundir import ConfigError, RunError, UsageError
 
     try:
         args = flags_first(args)
         multirun = any(a in ("-m", "--multirun") for a in args)
         if not multirun:
+            check_one_run(a for a in args if is_override(a))  # what the user typed, before a resume adds its run's
             args = with_resumed_run(args)
         args = with_plus_where_needed(args)
         out_dir = typed = None
@@ -401,7 +403,8 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     start = check_resume(job, run_dir, "run_dir")  # its checkpoint and records: a bad one fails this job alone
     # W&B: the run is named by its overrides (empty: the run dir's name); a sweep's jobs share its dir as group
     return RunSpec(job, run_dir, choices=dict(hydra_cfg.runtime.choices), overrides=task_overrides(hydra_cfg),
-                   name=run_name(hydra_cfg), group=hydra_cfg.sweep.dir if multirun else None, start=start)
+                   name=run_name(hydra_cfg), group=hydra_cfg.sweep.dir if multirun else None, start=start,
+                   sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
 
 
 # ---------------------------------------------------------------- fused groups (hydra/launcher=fused)

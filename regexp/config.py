@@ -742,6 +742,30 @@ def _check_cross_fields(cfg: DictConfig) -> None:
         raise ConfigError("dataset.limit", 1, "must be >= 2 with norm=batchnorm (batch statistics need two samples)")
     if convolutional(cfg.model) and cfg.norm.name == "layernorm" and cfg.norm.placement != "before":
         raise ConfigError("norm.placement", cfg.norm.placement, "layernorm on conv models supports only 'before'")
+    if cfg.prune.name != "none":
+        _check_prune(cfg)
+
+
+def _check_prune(cfg: DictConfig) -> None:
+    """A rung is an epoch the run trains, and the metric one its epoch record holds there."""
+    from regexp.prune import EPOCH_METRICS
+
+    prune, rungs = cfg.prune, list(cfg.prune.rungs)
+    beyond = [r for r in rungs if r > cfg.epochs]
+    if beyond:
+        raise ConfigError("prune.rungs", rungs, f"epoch {beyond[0]} is beyond epochs={cfg.epochs}: each rung must be "
+                                                f"an epoch the run trains (1 to {cfg.epochs})")
+    if prune.metric not in EPOCH_METRICS:
+        raise ConfigError("prune.metric", prune.metric,
+                          f"must be a metric of the epoch record: {', '.join(EPOCH_METRICS)}")
+    if prune.metric.startswith("val/") and cfg.dataset.val_size == 0:
+        raise ConfigError("prune.metric", prune.metric, "needs validation, which dataset.val_size=0 turns off; "
+                                                        "rank on epoch/train_loss, or set dataset.val_size > 0")
+    unvalidated = [r for r in rungs if r % cfg.eval_every and r != cfg.epochs]
+    if prune.metric.startswith("val/") and unvalidated:
+        raise ConfigError("prune.metric", prune.metric, f"validation runs every eval_every={cfg.eval_every} epochs, "
+                                                        f"not at rung {unvalidated[0]}: choose rungs among its epochs, "
+                                                        "or rank on epoch/train_loss")
 
 
 def warnings_for(cfg: DictConfig) -> list[str]:

@@ -416,9 +416,20 @@ def job_dir(sweep_dir: Path, cfg: DictConfig, number: int) -> Path:
     return Path(os.path.abspath(os.path.join(str(sweep_dir), str(cfg.hydra.sweep.subdir))))
 
 
+# The settings that end a run before its plan's end: resume=auto with another of them continues
+# such a run (prune=none a pruned one, monitor.on_finding=warn a stopped one), so they do not
+# make a run what it is
+ENDING_SETTINGS = ("prune", "monitor.on_finding")
+
+
 def _run_overrides(overrides: list[str]) -> list[str]:
-    """What makes a run what it is: the overrides but resume= and Hydra's own (dirs, launcher)."""
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/")))
+    """What makes a run what it is: the overrides but resume=, Hydra's own (dirs, launcher)
+    and the ENDING_SETTINGS."""
+    def ends_runs(key: str) -> bool:
+        return key in ENDING_SETTINGS or key.startswith(tuple(k + "." for k in ENDING_SETTINGS))
+
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/"))
+                  and not ends_runs(o.lstrip("+~").split("=", 1)[0]))
 
 
 # ---------------------------------------------------------------- parallel jobs

@@ -30,6 +30,7 @@ from regexp.lock import LOCK, writing
 from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
 from regexp.optim import build_optimizer, build_scheduler, scaled_lr, schedule_warnings
+from regexp.prune import prune_at_rung
 from regexp.regularizers import EarlyStopping, build_criterion, build_penalty, weights
 from regexp.rundir import (
     CONTINUATION,
@@ -517,6 +518,7 @@ class Loop:
     at_end: bool = False  # resumed where its training ended (killed in its final test): it only evaluates
     left_at: Optional[float] = None  # when it stopped stepping in this epoch (it diverged or reached max_steps)
     stepping_since: Optional[float] = None  # when this epoch's training began, until the meters count its time
+    sweep_dir: Optional[Path] = None  # a sweep job's: where its peers' run dirs are (regexp.prune)
 
     def __post_init__(self) -> None:
         self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
@@ -751,6 +753,7 @@ def fit(group: Group) -> None:
         for loop in running:
             if loop.status != Status.DIVERGED:
                 record_epoch(loop, val.get(id(loop)))
+        prune_at_rung(running, fused=group.template is not None)  # a pruned loop's records and checkpoint are written
         running = [loop for loop in running if loop.status == Status.COMPLETED
                    and not loop.plan.last_epoch(loop.state.epoch, loop.state.step)]
         for loop in running:
@@ -788,7 +791,8 @@ def start(run: "Run", data: DataSplits, device: torch.device, precision: str, st
     if own_random:
         state.rng = rng_state()  # where the solo run's stream stands when it draws its first order
     loop = Loop(cfg, run.run_dir, data, plan, state, build_recipe(cfg, data, precision), Meters(device),
-                Monitor(state.model, cfg.monitor), summary, run.reporter, run.tracker, stop_signal, precision)
+                Monitor(state.model, cfg.monitor), summary, run.reporter, run.tracker, stop_signal, precision,
+                sweep_dir=run.sweep_dir)
     summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
     summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
     if run.resumed is not None:
@@ -910,6 +914,7 @@ class RunSpec:
     name: Optional[str] = None
     group: Optional[str] = None
     start: Optional[Start] = None  # what check_resume found, when the job's own checks ran it already
+    sweep_dir: Optional[Path] = None  # a sweep job's sweep dir (hydra.sweep.dir): its peers, for pruning
 
 
 @dataclass
@@ -922,6 +927,7 @@ class Run:
     tracker: Tracker
     reporter: Reporter
     resumed: Optional[tuple[Path, dict[str, Any]]]
+    sweep_dir: Optional[Path] = None
 
 
 def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
@@ -965,7 +971,7 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         tracker.sinks += wandb_sinks(spec.cfg, config, run_dir, name, spec.group or name, reporter, earlier_id,
                                      wandb_server, concurrent)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
-        yield Run(spec.cfg, run_dir, summary, tracker, reporter, resumed)
+        yield Run(spec.cfg, run_dir, summary, tracker, reporter, resumed, spec.sweep_dir)
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         summary.findings = diagnose(read_metrics(run_dir), summary)
         if record.replaces_earlier(summary):
