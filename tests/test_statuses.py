@@ -264,3 +264,101 @@ def test_readme_lists_the_statuses_and_stays_short():
     flat = " ".join(readme.split())
     assert "`stopped`: a decisive finding ended it" in flat and "`pruned`: a sweep's pruning ended it" in flat
     assert len(readme.splitlines()) <= 250
+
+
+# ---------------------------------------------------------------- scripts/bench.py --live-stop and --prune
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def value_of(cmd: list[str], key: str) -> str:
+    return next(arg.split("=", 1)[1] for arg in cmd if arg.startswith(f"{key}="))
+
+
+def fake_live_run(cmd: list[str], log: Path, env: dict) -> tuple[float, int]:
+    """What `regexp train` leaves once merged: the stop run ends at step 120 on the finding that
+    first held at step 100 (its `finding` event in the warn run), the warn run trains 1290 steps."""
+    run_dir, stop = Path(value_of(cmd, "hydra.run.dir")), value_of(cmd, "monitor.on_finding") == "stop"
+    run_dir.mkdir(parents=True)
+    finding = {"rule": "no_progress", "title": "loss flat", "step": 100}
+    summary = {"status": "stopped" if stop else "completed", "steps": 120 if stop else 1290, "findings": [finding],
+               "config": {"monitor": {"log_every": 10}}, **({"ended_by": finding} if stop else {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    events = [{"step": 50, "train/loss": 2.3}, {"finding/rule": "dead_units", "step": 90}, {"finding/rule": "no_progress", "step": 100}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (events if not stop else events[:2])))
+    return (1.0 if stop else 10.0), 0
+
+
+def test_bench_live_stop_reports_the_stop_step_the_finding_and_how_much_sooner(bench, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "timed_command", fake_live_run)
+    args = bench.parse_args(["--live-stop", "--data-root", str(data_root)])
+    assert (args.epochs, args.repeats, args.mode) == (3, 1, "live_stop")
+    live = bench.run_live_stop(args, bench.torch.device("cpu"), tmp_path)
+    row = live["rows"]["mlp_lr10"]
+    assert (row["status"], row["finding"], row["stopped_step"], row["first_held_step"], row["log_steps_late"]) == (
+        "stopped", "no_progress", 120, 100, 2)  # the warn run's no_progress event, not the first event of another rule
+    assert (row["ratio"], row["sooner_pct"], row["warn_steps"]) == (0.1, 90, 1290)
+    assert "monitor.on_finding=stop|warn" in live["commands"]["deep_sigmoid"] and "optimizer.lr=10" in live["commands"]["mlp_lr10"]
+    assert not list(tmp_path.glob("*-stop-0"))  # each run dir removed once read
+    bench.render_live_stop(live)
+    out = capsys.readouterr().out
+    assert "| MNIST MLP, AdamW lr 10 | stopped | no_progress | 120 | 100 | 2 | 1290 | 1.00 s | 10.00 s | 0.10 | 90 % |" in out
+
+
+def fake_sweep(cmd: list[str], log: Path, env: dict) -> tuple[float, int]:
+    """A 27-job sweep once merged: pruning leaves 9 to epoch 2 and 3 to epoch 4 (42 model-epochs)."""
+    sweep_dir, prune = Path(value_of(cmd, "hydra.sweep.dir")), value_of(cmd, "prune")
+    rows = []
+    for n in range(27):
+        epochs = 4 if prune == "none" or n < 3 else 2 if n < 9 else 1
+        acc = 0.97 - n / 1000 if prune == "none" else 0.965 - n / 1000
+        (sweep_dir / str(n)).mkdir(parents=True)
+        summary = {"status": "completed" if epochs == 4 else "pruned", "epochs_completed": epochs, "metrics": {"val/acc": acc}}
+        (sweep_dir / str(n) / "summary.json").write_text(json.dumps(summary))
+        rows.append({"job": str(n), "status": summary["status"], "run_dir": str(sweep_dir / str(n))})
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps({"status": "completed", "rows": rows}))
+    return (40.0 if prune != "none" else 100.0), 0
+
+
+def test_bench_prune_compares_each_pruned_grid_with_the_same_grid_unpruned(bench, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "timed_command", fake_sweep)
+    args = bench.parse_args(["--prune", "--data-root", str(data_root)])
+    assert (args.epochs, args.repeats, args.limit) == (4, 1, bench.PRUNE_LIMIT)
+    result = bench.run_prune(args, bench.torch.device("cpu"), tmp_path)
+    fused, basic = result["rows"]
+    assert (fused["launcher"], fused["prune"], basic["launcher"], basic["prune"]) == ("fused", "asha", "basic", "median")
+    assert fused["jobs"] == 27 and fused["speedup"] == 2.5
+    assert fused["model_epochs"] == {"pruned": 42, "unpruned": 108}
+    assert fused["statuses"] == {"completed": 3, "pruned": 24}
+    assert fused["best_val_acc"] == {"pruned": 0.965, "unpruned": 0.97} and fused["best_gap_points"] == pytest.approx(0.5)
+    commands = result["commands"]
+    assert "hydra/launcher=fused" in commands["fused prune=asha"] and "prune=median" in commands["basic prune=median"]
+    assert "hydra/launcher=fused" not in commands["basic prune=none"] and "epochs=4" in commands["fused prune=none"]
+    assert "optimizer.lr=1e-4,1e-3,1e-2" in commands["fused prune=asha"] and "+regularizer=dropout" in commands["fused prune=asha"]
+    bench.render_prune(result)
+    out = capsys.readouterr().out
+    assert "| fused | asha | 40.00 s | 100.00 s | 2.50× | 42 of 108 | 3 completed, 24 pruned | 96.50 % | 97.00 % | 0.50 |" in out
+
+
+def test_bench_refuses_two_modes_at_once_and_a_failed_command_names_it(bench, data_root, tmp_path, monkeypatch, capsys):
+    """Hostile: --live-stop with --prune is one usage line (exit 2); a run that exits 1 raises
+    with the command, not a table of made-up numbers."""
+    with pytest.raises(SystemExit) as usage_error:
+        bench.parse_args(["--live-stop", "--prune"])
+    assert usage_error.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(": error: --live-stop and --prune: one mode at a time")
+
+    def crash(cmd, log, env):
+        log.write_text("regexp: error: boom\n")
+        return 0.5, 1
+
+    monkeypatch.setattr(bench, "timed_command", crash)
+    args = bench.parse_args(["--live-stop", "--data-root", str(data_root)])
+    with pytest.raises(RuntimeError, match=r"exited 1: regexp: error: boom"):
+        bench.run_live_stop(args, bench.torch.device("cpu"), tmp_path)
