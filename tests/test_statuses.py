@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from conftest import run_cli
 from test_sweep_summary import end_of_sweep, job, rows_of
 
 from regexp import comparison as compare
@@ -124,6 +125,34 @@ def test_compare_lists_a_stopped_run_without_ended_by_without_a_reason(tmp_path,
     assert compare.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"  stopped: {tmp_path / '1'}" in lines and f"  pruned: {tmp_path / '2'}" in lines
+
+
+def test_cli_compare_of_only_a_hostile_stopped_run_is_one_warning_and_exit_2(tmp_path):
+    """Hostile: the only run is a stopped one whose ended_by is a list: named in one warning, then
+    the one-line error (no runs), exit 2, nothing written in the dir."""
+    bad = run_dir(tmp_path / "runs", "0", "adam", 0, "stopped", 0.5, ended_by=["loss flat", 40])
+    before = snapshot(tmp_path)
+    out = run_cli(["compare", str(tmp_path / "runs")], tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"regexp: warning: skipping {bad}: {bad / 'summary.json'}: not a regexp run summary (ended_by is a list, not a dict)",
+        f"regexp: error: {tmp_path / 'runs'}: no runs found (no readable summary.json in it or below it)"]
+    assert snapshot(tmp_path) == before
+
+
+def test_a_recorded_finding_with_line_breaks_is_one_line_in_compare_and_the_sweep(tmp_path, capsys):
+    """Hostile: a title holding line breaks (a hand-edited summary.json) never splits the line
+    that names the run, in compare and under the sweep table; the files stay as they were."""
+    title = {"title": "loss\nflat\r\n  again", "step": 7}
+    run_dir(tmp_path / "runs", "0", "adam", 0, "completed", 0.5)
+    run_dir(tmp_path / "runs", "1", "adam", 1, "stopped", 0.5, ended_by=title)
+    before = snapshot(tmp_path / "runs")
+    assert compare.main([str(tmp_path / "runs")]) == 0
+    assert f"  stopped: {tmp_path / 'runs' / '1'}  (loss flat again at step 7)" in capsys.readouterr().out.splitlines()
+    assert snapshot(tmp_path / "runs") == before
+    sweep_of(tmp_path / "sweep", Summary(status=Status.STOPPED, ended_by=title))
+    end_of_sweep(tmp_path / "sweep")
+    assert "job 0 stopped: loss flat again at step 7" in capsys.readouterr().out.splitlines()
 
 
 def test_why_ended_says_only_what_the_record_holds():
