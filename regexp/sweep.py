@@ -8,8 +8,8 @@ launcher ran it: in this process, in joblib workers or on a cluster), and the su
 those records with the jobs' run dirs. A job dir left by an earlier sweep into the same dir
 is not one of its rows. A failed or refused job ends the sweep with SweepFailed, which the
 CLI turns into exit code 1; a signal ends it with Interrupted (128 + signal). A diverged,
-stopped or pruned job is a result, not a failure: counted per status, shown in yellow, and
-with why it ended (`ended_by`) beside it."""
+stopped or pruned job is a result, not a failure: counted per status and shown in yellow; why
+a stopped or pruned one ended (its `ended_by`) is a line under the table."""
 
 import os
 import shutil
@@ -237,13 +237,18 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(r["status"] for r in rows))
 
 
+def counts_text(rows: list[dict[str, Any]]) -> str:
+    """`2 completed, 1 pruned`: the jobs per status, as the table's title says them."""
+    return ", ".join(f"{n} {status}" for status, n in status_counts(rows).items())
+
+
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
-    title = title or f"{len(failed)} failed (" + ", ".join(f"{n} {status}" for status, n in status_counts(rows).items()) + ")"
+    title = title or f"{len(failed)} failed" + (f" ({counts_text(rows)})" if rows else "")
     # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
     table = Table(caption=Text(f"all jobs: {' '.join(shown(o) for o in rows[0]['overrides'] if o in shared)}")
                   if shared else None, caption_justify="left")
@@ -263,7 +268,7 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
                       style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
     for r in rows:
         why = why_ended(r.get("ended_by"))
-        if why is not None and r not in failed:
+        if why is not None:
             console.print(f"job {r['job']} {r['status']}: {why}", style="yellow", markup=False, soft_wrap=True)
 
 
@@ -316,7 +321,7 @@ def report_rows(sweep_dir: Path, stopped_by: BaseException) -> str:
     parts = [f"job {r['job']} interrupted ({what_is_saved(Path(r['run_dir']), stopped_by)})" for r in stopped]
     parts += [f"{plural(len(not_run), 'job')} not run ({', '.join(not_run)})"] if not_run else []
     print_sweep_table(sweep_dir, rows, [r for r in rows if r in stopped or r["status"] in (REFUSED, Status.FAILED)],
-                      "interrupted: " + ", ".join(f"{n} {status}" for status, n in status_counts(rows).items()))
+                      "interrupted: " + counts_text(rows))
     return f"sweep {sweep_dir}: " + ", ".join(parts or ["no job was running"]) + f"; {advice}"
 
 
