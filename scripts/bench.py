@@ -39,8 +39,8 @@ Two modes measure runs that end before their plan's end, each through the real `
                 the basic launcher prune=median against basic unpruned: wall time ratio,
                 model-epochs trained, statuses and the best job's val/acc of each
 
-    python scripts/bench.py --live-stop --limit 12800
-    python scripts/bench.py --prune --limit 6400
+    python scripts/bench.py --live-stop          # 3 epochs of the whole train split (--epochs, --limit)
+    python scripts/bench.py --prune              # 4 epochs, 6,400 samples a job (--limit, --repeats)
 """
 
 import argparse
