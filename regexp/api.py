@@ -73,7 +73,7 @@ def load(run_dir: str | Path) -> Run:
 
 def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, metric: str = "test/acc") -> dict[str, Any]:
     """The table `regexp compare` prints, as data: groups (mean and std of each column, run
-    counts by status) and runs. Failed and diverged runs are counted, never averaged."""
+    counts by status) and runs. Failed, diverged, stopped and pruned runs are counted, never averaged."""
     from regexp.comparison import table_data
     from regexp.rundir import UsageError
 

@@ -28,7 +28,8 @@ commands:
 
 {groups}
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
-Exit codes: 0 finished (completed, early_stopped or diverged), 1 crashed, 2 bad input.
+Exit codes: 0 finished (completed, early_stopped, diverged, stopped by a finding or pruned
+by a sweep), 1 crashed, 2 bad input.
 """
 
 TRAIN_USAGE = """\
@@ -356,10 +357,19 @@ def job_failed(e: Exception, hydra_cfg, multirun: bool, searching: bool) -> floa
 
 
 def sweep_objective(summary, searching: bool) -> float:
-    """What the sweeper gets for a job's run: its val/acc; a search sweeper's run without one is a failed trial."""
-    objective = summary.objective()
+    """What the sweeper gets for a job's run: its val/acc. A run that a finding stopped or a
+    pruning ended has none, as a diverged one has none: its val/acc is that of a model cut short,
+    which would rank its configuration on a partial result. A search sweeper's run without a
+    value is a failed trial."""
+    from regexp.rundir import ENDED_EARLY
+    from regexp.tracking import why_ended
+
+    cut_short = summary.status in ENDED_EARLY
+    objective = math.nan if cut_short else summary.objective()
     if searching and math.isnan(objective):
-        raise RuntimeError(f"{summary.run_dir}: the run ended {summary.status} without val/acc: a failed trial")
+        why = why_ended(summary.ended_by) if cut_short else None
+        how = f"before its planned end{f' ({why})' if why else ''}" if cut_short else "without val/acc"
+        raise RuntimeError(f"{summary.run_dir}: the run ended {summary.status} {how}: a failed trial")
     return objective
 
 

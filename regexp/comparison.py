@@ -4,9 +4,10 @@ Every `summary.json` below the given paths is a run. The runs are grouped by the
 override keys whose values differ between them (seed aside: seeds are what a group
 averages over), or by `--by KEY`; each group gets mean ± sample std of the chosen metric,
 of the final train loss and of the wall time, and its runs' statuses. Only trained runs
-(completed, early stopped: `Status.trained`) enter the means; failed, diverged, interrupted
-and running runs are counted in the status column and listed under the table, never
-averaged (a crash's wall time or a diverged loss says nothing about the group). Groups are
+(completed, early stopped: `Status.trained`) enter the means; failed, diverged, stopped (by a
+finding), pruned, interrupted and running runs are counted in the status column and listed
+under the table with why they ended, never averaged (a crash's wall time, a diverged loss or
+a run cut short at its first epochs says nothing about the group's trained result). Groups are
 sorted best first. `--plot` draws each group's learning curves from metrics.jsonl.
 
 Runs are read through regexp.rundir; a run whose files are unreadable is named in a
@@ -27,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
-from regexp.tracking import CommandParser, plural, print_whole
+from regexp.tracking import CommandParser, plural, print_whole, why_ended
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
@@ -47,6 +48,7 @@ class Run:
     metrics: dict[str, float]  # final metrics (finite ones only) and wall_time_s
     error: Optional[str] = None
     nonfinite_step: Optional[int] = None  # where a diverged run's loss or gradients left float range
+    ended_by: Optional[dict[str, Any]] = None  # why a stopped or pruned run ended (its finding, or its rung)
 
     @property
     def seed(self) -> Any:
@@ -113,6 +115,7 @@ def read_run(run_dir: Path) -> Optional[Run]:
         metrics={k: float(v) for k, v in metrics.items() if is_number(v) and math.isfinite(v)},
         error=summary.error,
         nonfinite_step=(summary.nonfinite or {}).get("nonfinite/step"),
+        ended_by=summary.ended_by,
     )
 
 
@@ -260,7 +263,8 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
                     "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
         "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status.value,
                   "in_means": run.status.trained, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
-                  **({"error": run.error} if run.error else {})} for g in groups for run in g.runs],
+                  **({"error": run.error} if run.error else {}), **({"ended_by": run.ended_by} if run.ended_by else {})}
+                 for g in groups for run in g.runs],
         "plot": str(plot) if plot else None,
     }
 
@@ -297,6 +301,8 @@ def untrained_line(run: Run) -> str:
     detail = run.error.splitlines()[0] if run.error else None
     if detail is None and run.nonfinite_step is not None:
         detail = f"non-finite at step {run.nonfinite_step}"
+    if detail is None:
+        detail = why_ended(run.ended_by)
     return f"  {run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
 
 
@@ -382,7 +388,8 @@ def parser() -> CommandParser:
         prog="regexp compare",
         description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
                     "override keys (seed aside), mean ± std over each group's completed runs, best first. "
-                    "Failed, diverged, interrupted and running runs are counted and listed, never averaged.",
+                    "Failed, diverged, stopped, pruned, interrupted and running runs are counted and listed, never "
+                    "averaged.",
         epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "

@@ -7,7 +7,9 @@ error: a job records itself in `<sweep dir>/.sweep/<job number>.json` as it star
 launcher ran it: in this process, in joblib workers or on a cluster), and the summary joins
 those records with the jobs' run dirs. A job dir left by an earlier sweep into the same dir
 is not one of its rows. A failed or refused job ends the sweep with SweepFailed, which the
-CLI turns into exit code 1; a signal ends it with Interrupted (128 + signal)."""
+CLI turns into exit code 1; a signal ends it with Interrupted (128 + signal). A diverged,
+stopped or pruned job is a result, not a failure: counted per status and shown in yellow; why
+a stopped or pruned one ended (its `ended_by`) is a line under the table."""
 
 import os
 import shutil
@@ -22,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.rundir import (
+    ENDED_EARLY,
     ConfigError,
     Interrupted,
     RunError,
@@ -33,13 +36,14 @@ from regexp.rundir import (
     write_json,
     write_summary,
 )
-from regexp.tracking import plural, print_whole
+from regexp.tracking import plural, print_whole, why_ended
 
 METRIC = "test/acc"
 SWEEP_SUMMARY = "sweep_summary.json"
 RECORDS, PLAN = ".sweep", "plan.json"  # this invocation's job records, and its planned jobs
 REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
 NO_CHECKPOINT = "no checkpoint saved"
+CUT_SHORT = (Status.DIVERGED, *ENDED_EARLY)  # results that did not train to the plan's end: shown in yellow
 SUBDIR, DIFFER = "hydra.sweep.subdir", "use a subdir that differs between jobs (the default is ${hydra.job.num})"
 
 
@@ -180,14 +184,14 @@ def sweep_rows(sweep_dir: Path, stopped_by: Optional[BaseException] = None) -> l
     launched = {r["job"] for r in rows}
     planned = (plan or {}).get("jobs") or []
     rows += [{"job": str(n), "overrides": job, "status": NOT_RUN, METRIC: None, "wall_time_s": None, "error": None,
-              "run_dir": None} for n, job in enumerate(planned) if str(n) not in launched]
+              "ended_by": None, "run_dir": None} for n, job in enumerate(planned) if str(n) not in launched]
     return sorted(rows, key=lambda r: int(r["job"]))
 
 
 def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) -> dict[str, Any]:
     run_dir = Path(record["run_dir"])
     row = {"job": record["job"], "overrides": record["overrides"], "status": NOT_RUN, METRIC: None,
-           "wall_time_s": None, "error": None, "run_dir": str(run_dir)}
+           "wall_time_s": None, "error": None, "ended_by": None, "run_dir": str(run_dir)}
     if REFUSED in record:  # the run dir holds another run, left as it was: nothing of it is this job's
         return {**row, "status": REFUSED, "error": record[REFUSED]}
     summary = read_summary(run_dir)
@@ -203,7 +207,7 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
         then = "starts it again" if saved == NO_CHECKPOINT else "continues it from its checkpoint"
         error = f"stopped by signal {signal_number(stopped_by)}; {saved}: resume=auto {then}"
     return {**row, "status": status.value, METRIC: summary.metrics.get(METRIC), "wall_time_s": summary.wall_time_s,
-            "error": error}
+            "error": error, "ended_by": summary.ended_by if status in ENDED_EARLY else None}
 
 
 def what_is_saved(run_dir: Path, stopped_by: BaseException) -> str:
@@ -225,7 +229,17 @@ def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str
     write_json(sweep_dir / SWEEP_SUMMARY,
                {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failed),
                 **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in counted},
-                **more, "metric": METRIC, "rows": rows})
+                "statuses": status_counts(rows), **more, "metric": METRIC, "rows": rows})
+
+
+def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many jobs ended with each status (refused and not run included), in the order first seen."""
+    return dict(Counter(r["status"] for r in rows))
+
+
+def counts_text(rows: list[dict[str, Any]]) -> str:
+    """`2 completed, 1 pruned`: the jobs per status, as the table's title says them."""
+    return ", ".join(f"{n} {status}" for status, n in status_counts(rows).items())
 
 
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
@@ -234,14 +248,14 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     from rich.text import Text
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
-    title = title or f"{len(failed)} failed"
+    title = title or f"{len(failed)} failed" + (f" ({counts_text(rows)})" if rows else "")
     # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
     table = Table(caption=Text(f"all jobs: {' '.join(shown(o) for o in rows[0]['overrides'] if o in shared)}")
                   if shared else None, caption_justify="left")
     for column in ("job", "overrides", "status", METRIC, "wall s"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        style = "red" if r in failed else "yellow" if r["status"] in (Status.DIVERGED, NOT_RUN) else ""
+        style = "red" if r in failed else "yellow" if r["status"] in (*CUT_SHORT, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
         table.add_row(r["job"], Text(" ".join(shown(o) for o in r["overrides"] if o not in shared)), r["status"], metric,
@@ -252,6 +266,10 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     for r in failed:
         console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {r['error']}",
                       style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
+    for r in rows:
+        why = why_ended(r.get("ended_by"))
+        if why is not None:
+            console.print(f"job {r['job']} {r['status']}: {why}", style="yellow", markup=False, soft_wrap=True)
 
 
 def shown(override: str) -> str:
@@ -303,7 +321,7 @@ def report_rows(sweep_dir: Path, stopped_by: BaseException) -> str:
     parts = [f"job {r['job']} interrupted ({what_is_saved(Path(r['run_dir']), stopped_by)})" for r in stopped]
     parts += [f"{plural(len(not_run), 'job')} not run ({', '.join(not_run)})"] if not_run else []
     print_sweep_table(sweep_dir, rows, [r for r in rows if r in stopped or r["status"] in (REFUSED, Status.FAILED)],
-                      "interrupted: " + ", ".join(f"{n} {status}" for status, n in Counter(r["status"] for r in rows).items()))
+                      "interrupted: " + counts_text(rows))
     return f"sweep {sweep_dir}: " + ", ".join(parts or ["no job was running"]) + f"; {advice}"
 
 

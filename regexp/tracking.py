@@ -72,6 +72,24 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def why_ended(ended_by: Any) -> Optional[str]:
+    """Why a stopped or pruned run ended, from its summary's `ended_by`, in one phrase: the
+    finding and the step it held at, or the rung's epoch, the metric, its value and the
+    threshold it missed. Only what the record holds, on one line; None when it holds nothing."""
+    if not isinstance(ended_by, dict):
+        return None
+    finding = " ".join(str(ended_by.get("title") or ended_by.get("rule") or "").split())  # a line break would split the line
+    metric, value, threshold = ended_by.get("metric"), ended_by.get("value"), ended_by.get("threshold")
+    parts = [finding] if finding else []
+    parts += [f"at epoch {ended_by['epoch']}"] if "epoch" in ended_by else []
+    parts += [f"at step {ended_by['step']}"] if "step" in ended_by else []
+    text = " ".join(parts)
+    if metric is not None and value is not None:
+        text += (", " if text else "") + f"{metric} {fmt_value(value)}" + (
+            f" vs threshold {fmt_value(threshold)}" if threshold is not None else "")
+    return text or None
+
+
 def render(findings: list[dict[str, Any]], console: Console) -> None:
     """The diagnosis as a rich panel (green when healthy)."""
     if not findings:

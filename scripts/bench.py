@@ -26,6 +26,21 @@ an MNIST run through `regexp train` (a second run, so the decoded-data cache is 
     python scripts/bench.py --threads 1          # the same on a shared CPU
     python scripts/bench.py --case all --device cuda --epochs 3 --repeats 5
     python scripts/bench.py --quick --json       # seconds; machine-readable only
+
+Two modes measure runs that end before their plan's end, each through the real `regexp train`:
+
+  --live-stop   each of the 10-layer sigmoid MLP (init normal std 0.01) and the MNIST MLP at
+                AdamW lr 10, once with monitor.on_finding=stop and once with warn: the step
+                where it stopped and its finding (summary.json's ended_by), the step that
+                finding first held (the warn run's first `finding` event in metrics.jsonl),
+                how many log steps later it stopped, and the wall time stop / warn (% sooner)
+  --prune       a 27-job grid (lr x weight decay x dropout p, 4 epochs, the MNIST MLP) with
+                hydra/launcher=fused prune=asha against the same grid fused unpruned, and with
+                the basic launcher prune=median against basic unpruned: wall time ratio,
+                model-epochs trained, statuses and the best job's val/acc of each
+
+    python scripts/bench.py --live-stop          # 3 epochs of the whole train split (--epochs, --limit)
+    python scripts/bench.py --prune              # 4 epochs, 6,400 samples a job (--limit, --repeats)
 """
 
 import argparse
@@ -43,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,6 +66,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from regexp.rundir import read_metrics
 from regexp.synthetic import write_cifar10
 
 # per-channel constants of the training sets, as textbook loops hard-code them
@@ -513,11 +530,7 @@ def timed_sweep(cmd: list[str], sweep_dir: Path, env: dict) -> dict[str, Any]:
     """The sweep's wall time, once every job completed; for the fused launcher, how many
     models each job was trained with (from its summary.json)."""
     log = sweep_dir.with_suffix(".log")
-    t = time.perf_counter()
-    with open(log, "w") as out:
-        code = subprocess.run([*cmd, f"hydra.sweep.dir={sweep_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                              check=False).returncode
-    wall = time.perf_counter() - t
+    wall, code = timed_command([*cmd, f"hydra.sweep.dir={sweep_dir}"], log, env)
     summary = sweep_dir / "sweep_summary.json"
     if code != 0 or not summary.is_file() or json.loads(summary.read_text())["status"] != "completed":
         raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {log.read_text()[-2000:]}")
@@ -525,7 +538,17 @@ def timed_sweep(cmd: list[str], sweep_dir: Path, env: dict) -> dict[str, Any]:
     jobs = [json.loads((Path(row["run_dir"]) / "summary.json").read_text()) for row in rows]
     shutil.rmtree(sweep_dir, ignore_errors=True)
     return {"wall_s": wall, "jobs": len(rows), "models_per_job": [(j.get("fused") or {}).get("models", 1) for j in jobs],
-            "threads_per_job": [j.get("threads") for j in jobs]}
+            "threads_per_job": [j.get("threads") for j in jobs], "statuses": dict(Counter(j["status"] for j in jobs)),
+            "model_epochs": sum(j.get("epochs_completed", 0) for j in jobs),
+            "best_val_acc": max((j["metrics"]["val/acc"] for j in jobs if "val/acc" in j.get("metrics", {})), default=None)}
+
+
+def timed_command(cmd: list[str], log: Path, env: dict) -> tuple[float, int]:
+    """(wall seconds, exit code) of a command, its console in `log`."""
+    t = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    return time.perf_counter() - t, code
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
@@ -545,6 +568,133 @@ def run_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict
             "ratio": statistics.median(paired), "paired_ratios": paired,
             "models_per_job": runs["fused"][0]["models_per_job"],
             "threads_per_job": {name: xs[0]["threads_per_job"] for name, xs in runs.items()}, "runs": runs}
+
+
+# ---------------------------------------------------------------- runs ended early: live stop, pruning
+LIVE_STOP_CASES = {  # --live-stop: runs whose decisive finding holds early (issue: findings while it trains)
+    "deep_sigmoid": ("10-layer sigmoid MLP, init normal std 0.01",
+                     ["model=deep_mlp", "model.depth=10", "model.activation=sigmoid", "init=normal", "init.std=0.01"]),
+    "mlp_lr10": ("MNIST MLP, AdamW lr 10", ["model=mlp", "optimizer=adamw", "optimizer.lr=10"]),
+}
+PRUNE_GRID = ["optimizer.lr=1e-4,1e-3,1e-2", "optimizer.weight_decay=0,1e-4,1e-2", "+regularizer=dropout",
+              "regularizer.dropout.p=0.0,0.2,0.5"]  # 27 jobs
+PRUNE_LAUNCHERS = {"fused": (["hydra/launcher=fused"], "asha"), "basic": ([], "median")}  # launcher -> (overrides, prune)
+PRUNE_LIMIT = 6400  # training samples per job unless --limit
+
+
+def cli_data(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The overrides every run of --live-stop and --prune shares: MNIST where the bench finds it, --limit."""
+    return [f"batch_size={BATCH_SIZE}", "logger=none", f"device={device.type}", f"dataset.root={mnist_root(args)}",
+            "dataset.download=false", *([f"dataset.limit={args.limit}"] if args.limit else [])]
+
+
+def live_run(cmd: list[str], run_dir: Path, env: dict) -> dict[str, Any]:
+    """One `regexp train` to its end: wall time, status, steps, why it ended (ended_by), its
+    findings, and each `finding` event of metrics.jsonl (rule, step) in order."""
+    wall, code = timed_command([*cmd, f"hydra.run.dir={run_dir}"], run_dir.with_suffix(".log"), env)
+    if code != 0 or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {run_dir.with_suffix('.log').read_text()[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = [{"rule": r["finding/rule"], "step": r.get("step")} for r in read_metrics(run_dir) if "finding/rule" in r]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"wall_s": wall, "status": summary["status"], "steps": summary.get("steps"), "ended_by": summary.get("ended_by"),
+            "findings": [f.get("rule") for f in summary.get("findings", [])], "finding_events": events,
+            "log_every": summary.get("config", {}).get("monitor", {}).get("log_every")}
+
+
+def live_stop_row(title: str, stop: list[dict[str, Any]], warn: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's stop runs against its warn runs (the first of each for steps and findings,
+    medians for wall time): where it stopped, the step its finding first held in the warn run,
+    how many log steps later it stopped, and how much sooner it ended."""
+    first_stop, first_warn = stop[0], warn[0]
+    rule = (first_stop["ended_by"] or {}).get("rule")
+    held = next((e["step"] for e in first_warn["finding_events"] if e["rule"] == rule), None)
+    late = (first_stop["steps"] - held) / first_stop["log_every"] if held is not None and first_stop["log_every"] else None
+    wall_stop, wall_warn = statistics.median(r["wall_s"] for r in stop), statistics.median(r["wall_s"] for r in warn)
+    return {"title": title, "status": first_stop["status"], "finding": rule, "ended_by": first_stop["ended_by"],
+            "stopped_step": first_stop["steps"], "first_held_step": held, "log_steps_late": late,
+            "warn_steps": first_warn["steps"], "warn_findings": first_warn["findings"],
+            "wall_s": {"stop": wall_stop, "warn": wall_warn}, "ratio": wall_stop / wall_warn,
+            "sooner_pct": 100 * (1 - wall_stop / wall_warn), "runs": {"stop": stop, "warn": warn}}
+
+
+def run_live_stop(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    """Each case with monitor.on_finding=stop and =warn, --repeats rounds alternating which goes first."""
+    env, rows, commands = cli_env(args), {}, {}
+    for case, (title, overrides) in LIVE_STOP_CASES.items():
+        cmd = [*regexp_command(), "train", *overrides, f"epochs={args.epochs}", *cli_data(args, device)]
+        runs: dict[str, list[dict[str, Any]]] = {"stop": [], "warn": []}
+        for r in range(args.repeats):
+            for setting in (["stop", "warn"] if r % 2 == 0 else ["warn", "stop"]):
+                runs[setting].append(live_run([*cmd, f"monitor.on_finding={setting}"], tmp / f"{case}-{setting}-{r}", env))
+                progress(f"live stop {case}: repeat {r + 1}/{args.repeats} {setting} {runs[setting][-1]['wall_s']:.1f} s "
+                         f"({runs[setting][-1]['status']} at step {runs[setting][-1]['steps']})")
+        rows[case] = live_stop_row(title, runs["stop"], runs["warn"])
+        commands[case] = shlex.join([*cmd, "monitor.on_finding=stop|warn", "hydra.run.dir=..."])
+    return {"epochs": args.epochs, "repeats": args.repeats, "commands": commands, "rows": rows}
+
+
+def prune_row(launcher: str, prune: str, pruned: list[dict[str, Any]], unpruned: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pruned grid against the same grid unpruned, on one launcher: median wall times and
+    their ratio; model-epochs, statuses and best val/acc of the first of each."""
+    wall_pruned, wall_unpruned = statistics.median(r["wall_s"] for r in pruned), statistics.median(r["wall_s"] for r in unpruned)
+    best_pruned, best_unpruned = pruned[0]["best_val_acc"], unpruned[0]["best_val_acc"]
+    return {"launcher": launcher, "prune": prune, "jobs": pruned[0]["jobs"],
+            "wall_s": {"pruned": wall_pruned, "unpruned": wall_unpruned}, "speedup": wall_unpruned / wall_pruned,
+            "model_epochs": {"pruned": pruned[0]["model_epochs"], "unpruned": unpruned[0]["model_epochs"]},
+            "statuses": pruned[0]["statuses"], "best_val_acc": {"pruned": best_pruned, "unpruned": best_unpruned},
+            "best_gap_points": (None if best_pruned is None or best_unpruned is None
+                                else 100 * (best_unpruned - best_pruned)),
+            "runs": {"pruned": pruned, "unpruned": unpruned}}
+
+
+def run_prune(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    """The grid on each launcher with its pruning and with prune=none, --repeats rounds alternating which goes first."""
+    env, rows, commands = cli_env(args), [], {}
+    base = [*regexp_command(), "train", "-m", *PRUNE_GRID, *FUSED_MODELS[args.fused_model][1], f"epochs={args.epochs}",
+            *cli_data(args, device)]
+    for launcher, (overrides, prune) in PRUNE_LAUNCHERS.items():
+        sweeps = {prune: [*base, *overrides, f"prune={prune}"], "none": [*base, *overrides, "prune=none"]}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sweeps}
+        for r in range(args.repeats):
+            for name in (list(sweeps) if r % 2 == 0 else list(sweeps)[::-1]):
+                runs[name].append(timed_sweep(sweeps[name], tmp / f"prune-{launcher}-{name}-{r}", env))
+                progress(f"grid, {launcher} prune={name}: repeat {r + 1}/{args.repeats} {runs[name][-1]['wall_s']:.1f} s "
+                         f"{runs[name][-1]['statuses']}")
+        rows.append(prune_row(launcher, prune, runs[prune], runs["none"]))
+        commands.update({f"{launcher} prune={name}": shlex.join([*c, "hydra.sweep.dir=..."]) for name, c in sweeps.items()})
+    return {"epochs": args.epochs, "repeats": args.repeats, "commands": commands, "rows": rows}
+
+
+def render_live_stop(live: dict[str, Any]) -> None:
+    """A markdown table, ready for docs/benchmarks.md."""
+    print(f"\nlive stop: {live['epochs']} epoch(s) planned; wall times: median of {live['repeats']}\n")
+    print("| run | ended as | finding | ended at step | finding first held (warn run) | log steps later | "
+          "steps with warn | wall stop | wall warn | stop / warn | sooner |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in live["rows"].values():
+        late = "—" if row["log_steps_late"] is None else f"{row['log_steps_late']:g}"
+        print(f"| {row['title']} | {row['status']} | {row['finding'] or '—'} | {row['stopped_step']} | "
+              f"{'—' if row['first_held_step'] is None else row['first_held_step']} | {late} | {row['warn_steps']} | "
+              f"{fmt_s(row['wall_s']['stop'])} | {fmt_s(row['wall_s']['warn'])} | {row['ratio']:.2f} | {row['sooner_pct']:.0f} % |")
+
+
+def render_prune(prune: dict[str, Any]) -> None:
+    """A markdown table, ready for docs/benchmarks.md."""
+    print(f"\npruning: a grid of {prune['rows'][0]['jobs']} jobs, {prune['epochs']} epochs; wall times: median of {prune['repeats']}\n")
+    print("| launcher | prune | wall pruned | wall unpruned | unpruned / pruned | model-epochs | statuses | "
+          "best val/acc pruned | best val/acc unpruned | gap (points) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in prune["rows"]:
+        best, gap = row["best_val_acc"], row["best_gap_points"]
+        statuses = ", ".join(f"{n} {status}" for status, n in row["statuses"].items())
+        print(f"| {row['launcher']} | {row['prune']} | {fmt_s(row['wall_s']['pruned'])} | {fmt_s(row['wall_s']['unpruned'])} | "
+              f"{row['speedup']:.2f}× | {row['model_epochs']['pruned']} of {row['model_epochs']['unpruned']} | {statuses} | "
+              f"{fmt_acc(best['pruned'])} | {fmt_acc(best['unpruned'])} | {'—' if gap is None else f'{gap:.2f}'} |")
+
+
+def fmt_acc(x: Optional[float]) -> str:
+    return "—" if x is None else f"{100 * x:.2f} %"
 
 
 # ---------------------------------------------------------------- report
@@ -599,6 +749,10 @@ def render(result: dict[str, Any]) -> None:
         render_fused(result["fused"], quick)
     if "sweep" in result:
         render_sweep(result["sweep"], quick)
+    if "live_stop" in result:
+        render_live_stop(result["live_stop"])
+    if "prune" in result:
+        render_prune(result["prune"])
     for case in result["cases"].values():
         d = case["data"]
         data = f"{d['dataset']} {'SYNTHETIC (random images in the real cifar-10-batches-py format)' if d['synthetic'] else 'real'}"
@@ -685,11 +839,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep", type=int, metavar="N",
                    help="instead of the loops: the wall time of `regexp train -m seed=0,..,N-1 epochs=1` with the basic "
                         "launcher vs hydra/launcher=fused (the whole train split unless --limit)")
+    p.add_argument("--live-stop", action="store_true",
+                   help="instead of the loops: the runs of LIVE_STOP_CASES with monitor.on_finding=stop vs warn, through "
+                        "`regexp train` (3 epochs unless --epochs; the whole train split unless --limit)")
+    p.add_argument("--prune", action="store_true",
+                   help="instead of the loops: a 27-job grid with hydra/launcher=fused prune=asha vs unpruned, and basic "
+                        f"prune=median vs unpruned (4 epochs unless --epochs; jobs of {PRUNE_LIMIT} samples unless --limit)")
     p.add_argument("--json", action="store_true", help="print machine-readable results only (progress goes to stderr)")
     p.add_argument("--save", metavar="PATH", help="also write the machine-readable results to PATH")
     args = p.parse_args(argv)
-    args.epochs = args.epochs or (1 if args.quick or args.fused or args.sweep else 2)
-    args.repeats = args.repeats or (2 if args.quick else 3)
+    modes = [name for name in ("fused", "sweep", "live_stop", "prune") if getattr(args, name)]
+    if len(modes) > 1:
+        p.error(f"--{modes[0].replace('_', '-')} and --{modes[1].replace('_', '-')}: one mode at a time")
+    args.mode = modes[0] if modes else None
+    args.epochs = args.epochs or {"live_stop": 3, "prune": 4}.get(args.mode) or (1 if args.quick or args.mode else 2)
+    args.repeats = args.repeats or (1 if args.mode in ("live_stop", "prune") else 2 if args.quick else 3)
+    if args.prune:
+        args.limit = args.limit or PRUNE_LIMIT
     args.cli_repeats = 1 if args.quick else 3
     args.help_repeats = 2 if args.quick else 5
     for name in ("epochs", "repeats", "limit", "sweep"):
@@ -721,15 +887,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             result["fused"] = run_fused(args, device, Path(tmp))
         if args.sweep:
             result["sweep"] = run_sweep(args, device, Path(tmp))
-        for name in (list(CASES) if args.case == "all" else [args.case]) if not (args.fused or args.sweep) else []:
+        if args.live_stop:
+            result["live_stop"] = run_live_stop(args, device, Path(tmp))
+        if args.prune:
+            result["prune"] = run_prune(args, device, Path(tmp))
+        for name in (list(CASES) if args.case == "all" else [args.case]) if not args.mode else []:
             result["cases"][name] = run_case(name, args, device, Path(tmp))
-        if not (args.no_startup or args.fused or args.sweep):
+        if not (args.no_startup or args.mode):
             result["startup"] = startup(args, device, Path(tmp))
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     # more runnable threads than cores: torch's intra-op threads stall on each other (the
-    # in-process runs; --sweep's jobs choose their own threads)
+    # in-process runs; the commands of --sweep, --live-stop and --prune choose their own threads)
     m = result["machine"]
-    result["oversubscribed"] = (args.fused or not args.sweep) and m["torch_threads"] > 1 and max(result["load_before"][0], result["load_after"][0]) + m["torch_threads"] - 1 > m["usable_cores"]
+    result["oversubscribed"] = args.mode in ("fused", None) and m["torch_threads"] > 1 and max(result["load_before"][0], result["load_after"][0]) + m["torch_threads"] - 1 > m["usable_cores"]
     if args.save:
         Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

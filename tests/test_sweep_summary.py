@@ -29,6 +29,7 @@ from regexp.sweep import (
 )
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+DEFAULTS = OmegaConf.create({"monitor": {"on_finding": "warn"}, "prune": {"name": "none"}})  # what already_finished reads
 
 
 def hydra_node(sweep_dir: Path, number: int, overrides: list[str]):
@@ -135,7 +136,7 @@ def test_a_job_refused_by_resume_auto_is_a_row_and_its_run_dir_keeps_its_run(tmp
     before = hashlib.sha256((tmp_path / "0" / "summary.json").read_bytes()).hexdigest()
     job(tmp_path, 1, ["optimizer.lr=0.3", "resume=auto"], Summary(status=Status.FAILED, error="RuntimeError: boom"))
     try:
-        already_finished(tmp_path / "0", ["optimizer.lr=0.2", "resume=auto"])
+        already_finished(tmp_path / "0", ["optimizer.lr=0.2", "resume=auto"], DEFAULTS)
     except Refused as e:
         record_failure(hydra_node(tmp_path, 0, ["optimizer.lr=0.2", "resume=auto"]), e)
     with pytest.raises(SweepFailed):
@@ -151,13 +152,13 @@ def test_a_job_refused_by_resume_auto_is_a_row_and_its_run_dir_keeps_its_run(tmp
 
 
 def test_resume_auto_skips_only_finished_runs_of_the_same_overrides(tmp_path):
-    assert already_finished(tmp_path, ["seed=0"]) is None  # nothing there yet
+    assert already_finished(tmp_path, ["seed=0"], DEFAULTS) is None  # nothing there yet
     write_summary(tmp_path, Summary(status=Status.FAILED, overrides=["seed=0"]))
-    assert already_finished(tmp_path, ["seed=0", "resume=auto"]) is None  # run it again
+    assert already_finished(tmp_path, ["seed=0", "resume=auto"], DEFAULTS) is None  # run it again
     write_summary(tmp_path, Summary(status=Status.COMPLETED, overrides=["seed=0"]))
-    assert already_finished(tmp_path, ["resume=auto", "seed=0"]).status is Status.COMPLETED
+    assert already_finished(tmp_path, ["resume=auto", "seed=0"], DEFAULTS).status is Status.COMPLETED
     with pytest.raises(ConfigError, match=r"other overrides \(seed=0 where this job has seed=1\)"):
-        already_finished(tmp_path, ["seed=1", "resume=auto"])
+        already_finished(tmp_path, ["seed=1", "resume=auto"], DEFAULTS)
 
 
 def test_the_pre_flight_refuses_a_sweep_job_whose_run_dir_holds_other_overrides(tmp_path):
