@@ -40,6 +40,9 @@ class Finding:
     message: str
     evidence: dict[str, Any]
     interventions: list[str] = field(default_factory=list)
+    step: int = 0  # ADAPTER (branch live only): the first record's step where the rule held
+    decisive: bool = False
+    cause: Optional[str] = None
 
 
 @dataclass
@@ -303,9 +306,43 @@ RULES: list[Callable[[RunHistory], Optional[Finding]]] = [
 ]
 
 
+# ---- ADAPTER (branch live only; helper "rules" replaces this with the incremental rules): the
+# Watch interface over the whole-run rules, re-run on the records so far (quadratic; tests only).
+DECISIVE = ("loss_flat_at_start", "vanishing_gradients", "dying_relu")
+PER_LAYER = ("vanishing_gradients", "bad_init_scale", "dying_relu")
+
+
+class Watch:
+    def __init__(self, config: dict[str, Any]):
+        self.summary = Summary(config=config)
+        self.records: list[dict[str, Any]] = []
+        self.tripped: dict[str, Finding] = {}
+        per_layer = (config.get("monitor") or {}).get("per_layer", True)
+        self.inactive = [] if per_layer else list(PER_LAYER)
+
+    def feed(self, record: dict[str, Any]) -> list[Finding]:
+        self.records.append(record)
+        run = RunHistory.from_records(self.records, self.summary)
+        new = []
+        for rule in RULES:
+            if rule.__name__ in self.inactive or rule.__name__ in self.tripped:
+                continue
+            finding = rule(run)
+            if finding is not None and finding.rule not in self.tripped:
+                finding.step, finding.decisive = record.get("step", 0), finding.rule in DECISIVE
+                self.tripped[finding.rule] = finding
+                new.append(finding)
+        return new
+
+    def findings(self) -> list[Finding]:
+        return list(self.tripped.values())
+
+
 def diagnose(records: list[dict[str, Any]], summary: Summary) -> list[dict[str, Any]]:
-    run = RunHistory.from_records(records, summary)
-    return [asdict(f) for f in (rule(run) for rule in RULES) if f is not None]
+    watch = Watch(summary.config or {})
+    for record in records:
+        watch.feed(record)
+    return [asdict(f) for f in watch.findings()]
 
 
 def parser() -> CommandParser:
