@@ -49,4 +49,14 @@ class LiveFindings:
                 self.decisive = finding
             self.tracker.write(finding_event(finding))
             self.reporter.finding(finding.step, finding.title, finding.evidence, finding.interventions[:1],
-                                  decisive=finding.decisive, stops=stops, label=label)
+                                  consequence(finding, self.stop, stops), label)
+
+
+def consequence(finding: Finding, stop: bool, stops: bool) -> str:
+    """What `finding` does to the run, for its console line: `stop` is monitor.on_finding=stop,
+    `stops` whether this finding is the one that ends the run."""
+    if not finding.decisive:
+        return ""
+    if stops:
+        return "monitor.on_finding=stop: the run stops here"
+    return "decisive as well" if stop else "decisive: monitor.on_finding=stop would end the run here"

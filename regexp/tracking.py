@@ -141,12 +141,12 @@ class Reporter:
         self.console.print(f"warning: {text}", style="yellow", soft_wrap=True, markup=False)
         log.warning(text)
 
-    def finding(self, step: int, title: str, evidence: dict[str, Any], first_try: list[str], decisive: bool,
-                stops: bool, label: str = "") -> None:
-        """A finding at the step it trips, as the run trains: what, the evidence in short, what to try first."""
-        then = (" · monitor.on_finding=stop: the run stops here" if stops
-                else " · decisive: monitor.on_finding=stop would end the run here" if decisive else "")
+    def finding(self, step: int, title: str, evidence: dict[str, Any], first_try: list[str], then: str = "",
+                label: str = "") -> None:
+        """A finding at the step it trips, as the run trains: what, the evidence in short, what to
+        try first, and `then`, what it does to the run (monitor.on_finding)."""
         try_first = f" · try first: {first_try[0]}" if first_try else ""
+        then = f" · {then}" if then else ""
         self.warn(f"{label + ' · ' if label else ''}step {step} · {title} ({short_evidence(evidence)}){try_first}{then}")
 
     @contextmanager

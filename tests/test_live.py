@@ -130,6 +130,15 @@ def test_warn_goes_on_after_a_decisive_finding_and_says_stop_would_end_it():
     assert out.getvalue().strip().endswith("decisive: monitor.on_finding=stop would end the run here")
 
 
+def test_a_second_decisive_finding_at_the_stop_does_not_say_what_warn_would_say():
+    findings, _, out = live({4: [finding("vanishing", step=4, decisive=True), finding("dead", step=4, decisive=True)]},
+                            stop=True)
+    findings.observe({"step": 4})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("· monitor.on_finding=stop: the run stops here") and second.endswith("· decisive as well")
+    assert findings.decisive.rule == "vanishing"
+
+
 @pytest.mark.parametrize("status", [Status.DIVERGED, Status.EARLY_STOPPED])
 def test_a_run_that_ended_otherwise_keeps_its_status_and_no_ended_by(status):
     findings, _, _ = live({4: [finding(step=4, decisive=True)]}, stop=True)
@@ -295,6 +304,21 @@ def test_monitor_off_says_once_which_rules_do_not_run_and_the_loss_rules_still_d
                      "while it trains or at its end; the loss rules do"]
     rules = {r["finding/rule"] for r in read_metrics(run_dir) if FINDING_RULE in r}
     assert rules and not rules & set(inactive)  # a loss rule (the divergence) still found it
+
+
+@pytest.mark.slow
+def test_in_a_fused_group_a_member_stops_on_its_own_finding_and_the_others_train_on(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["train", "-m", "hydra/launcher=fused", "model=deep_mlp", "model.depth=10", "init=normal,kaiming_normal",
+                   "init.std=0.01", *SMALL, "monitor.on_finding=stop", f"hydra.sweep.dir={sweep}"], tmp_path, data_root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fused: jobs 0-1 train as one group of 2 models" in out.stdout
+    hopeless, healthy = load_summary(sweep / "0"), load_summary(sweep / "1")
+    assert hopeless.status == Status.STOPPED and hopeless.steps == hopeless.ended_by["step"] < 16
+    assert healthy.status == Status.COMPLETED and healthy.steps == 16 and healthy.ended_by is None
+    assert f"0 · step {hopeless.ended_by['step']} · {hopeless.ended_by['title']}" in out.stdout
+    assert not any(line.startswith("warning: 1 · ") and "stops here" in line for line in out.stdout.splitlines())
+    assert [r for r in read_metrics(sweep / "0") if FINDING_RULE in r]
 
 
 # ---------------------------------------------------------------- hostile input
