@@ -644,6 +644,7 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
     if not result.applied:
         loop.summary.skipped_steps += 1
         policy.handle(state, state.step)
+        end_on_finding(loop)  # its non-finite event may have tripped one
         return None
     meters.add(state.step - 1, result)
     record = None
