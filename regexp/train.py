@@ -668,9 +668,11 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
 
 
 def end_on_finding(loop: Loop) -> None:
-    """monitor.on_finding=stop: a decisive finding ends the run as `stopped`, unless it ended otherwise already."""
-    finding = loop.live.decisive
-    if finding is not None and loop.status == Status.COMPLETED:
+    """monitor.on_finding=stop: a decisive finding ends the run as `stopped`, unless it ended
+    otherwise already or its plan ends here anyway (it trained every step: not stopped)."""
+    finding, state, plan = loop.live.decisive, loop.state, loop.plan
+    at_plan_end = plan.steps_reached(state.step) or (state.window >= len(plan.windows) and state.epoch >= plan.epochs)
+    if finding is not None and loop.status == Status.COMPLETED and not at_plan_end:
         loop.status = Status.STOPPED
         loop.summary.ended_by = {"rule": finding.rule, "title": finding.title, "step": finding.step}
 

@@ -18,7 +18,7 @@ from regexp.diagnose import Finding
 from regexp.live import FINDING_RULE, LiveFindings, finding_event
 from regexp.rundir import Status, Summary, load_summary, read_metrics
 from regexp.tracking import Reporter, Tracker, short_evidence
-from regexp.train import end_on_finding
+from regexp.train import Plan, end_on_finding
 from regexp.wandb_logger import WandbRun
 
 
@@ -61,8 +61,12 @@ def live(trips, stop=False):
     return LiveFindings(FakeWatch(trips), Tracker([sink]), reporter, stop), sink, out
 
 
-def loop_of(findings: LiveFindings, status: Status = Status.COMPLETED):
-    return SimpleNamespace(live=findings, status=status, summary=Summary())
+def loop_of(findings: LiveFindings, status: Status = Status.COMPLETED, step: int = 4, max_steps: int | None = None):
+    """A loop of 2 epochs of 8 steps, in its first epoch at `step`."""
+    plan = Plan([[32]] * 8, list(range(0, 256, 32)), epochs=2, max_steps=max_steps, log_every=2, histogram_every=None,
+                checkpoint_every=None, eval_every=1)
+    return SimpleNamespace(live=findings, status=status, summary=Summary(), plan=plan,
+                           state=SimpleNamespace(step=step, epoch=1 + (step - 1) // 8, window=(step - 1) % 8 + 1))
 
 
 # ---------------------------------------------------------------- fast: the driver
@@ -146,6 +150,15 @@ def test_a_run_that_ended_otherwise_keeps_its_status_and_no_ended_by(status):
     findings.observe({"step": 4})
     end_on_finding(loop)
     assert loop.status == status and loop.summary.ended_by is None
+
+
+@pytest.mark.parametrize("step, max_steps", [(16, None), (6, 6)])
+def test_a_decisive_finding_where_the_plan_ends_anyway_leaves_the_run_completed(step, max_steps):
+    findings, _, _ = live({step: [finding(step=step, decisive=True)]}, stop=True)
+    loop = loop_of(findings, step=step, max_steps=max_steps)
+    findings.observe({"step": step})
+    end_on_finding(loop)
+    assert loop.status == Status.COMPLETED and loop.summary.ended_by is None  # it trained every step of its plan
 
 
 def test_short_evidence_of_each_shape():
