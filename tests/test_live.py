@@ -103,13 +103,6 @@ def test_a_finding_is_announced_once_and_a_replayed_one_not_at_all():
     assert out.getvalue().count("warning:") == 1
 
 
-def test_finding_events_are_fed_to_the_watch_which_ignores_them():
-    findings, sink, _ = live({2: [finding(step=2)]})
-    findings.observe({"step": 2})
-    findings.observe(sink.records[0])
-    assert len(sink.records) == 1
-
-
 def test_stop_ends_the_run_on_the_first_decisive_finding_with_ended_by():
     findings, _, out = live({2: [finding("clip", step=2)], 4: [finding("vanishing", step=4, decisive=True, title="Vanishing")]},
                             stop=True)
