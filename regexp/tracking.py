@@ -68,6 +68,17 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
+def short_evidence(evidence: dict[str, Any]) -> str:
+    """A finding's evidence on one line: the metric, of which layer, its value(s)."""
+    values = evidence.get("values")
+    if isinstance(values, dict):
+        values = ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items())
+    elif isinstance(values, (list, tuple)):
+        values = ", ".join(fmt_value(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
+    where = f"{evidence.get('metric')}" + (f" of {evidence['layer']}" if evidence.get("layer") else "")
+    return f"{where}: {fmt_value(values)}" if values is not None else where
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -147,6 +158,14 @@ class Reporter:
     def warn(self, text: str) -> None:
         self.console.print(f"warning: {text}", style="yellow", soft_wrap=True, markup=False)
         log.warning(text)
+
+    def finding(self, step: int, title: str, evidence: dict[str, Any], first_try: list[str], then: str = "",
+                label: str = "") -> None:
+        """A finding at the step it trips, as the run trains: what, the evidence in short, what to
+        try first, and `then`, what it does to the run (monitor.on_finding)."""
+        try_first = f" · try first: {first_try[0]}" if first_try else ""
+        then = f" · {then}" if then else ""
+        self.warn(f"{label + ' · ' if label else ''}step {step} · {title} ({short_evidence(evidence)}){try_first}{then}")
 
     @contextmanager
     def epoch_progress(self, epoch: int, epochs: int, total_samples: int) -> Iterator["EpochBar"]:

@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from regexp.config import flat, recorded_container, resolve_device, resolve_precision, warnings_for
 from regexp.data import DataSplits, load_data
-from regexp.diagnose import diagnose
+from regexp.diagnose import Watch, diagnose
 from regexp.init import init_weights
+from regexp.live import LiveFindings
 from regexp.lock import LOCK, writing
 from regexp.models import build_model, dropout_rates
 from regexp.monitor import Monitor, NonfiniteGuard, NonfinitePolicy, trace_nonfinite
@@ -512,6 +513,7 @@ class Loop:
     stop_signal: StopSignal
     precision: str
     policy: NonfinitePolicy = field(init=False)
+    live: LiveFindings = field(init=False)  # the diagnosis rules, fed each record as it is written
     status: Status = Status.COMPLETED  # until the run ends otherwise
     row: dict[str, Any] = field(default_factory=dict)  # the last epoch's record
     label: str = ""  # which run an epoch line is about, when several train at once
@@ -522,6 +524,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.policy = NonfinitePolicy(self.cfg.monitor.on_nonfinite, self.replay, self.report_nonfinite)
+        self.live = LiveFindings(Watch(self.summary.config), self.tracker, self.reporter,
+                                 stop=self.cfg.monitor.on_finding == "stop")
 
     def uncounted_seconds(self, now: float) -> float:
         """This epoch's training time that the meters do not hold yet (up to `now`, or to when it stopped stepping)."""
@@ -554,6 +558,7 @@ class Loop:
                  "nonfinite/kind": found.get("where"), "nonfinite/layer": found.get("layer"), "nonfinite/action": action}
         self.tracker.write(event)
         self.reporter.warn(f"non-finite loss or gradient at step {bad_step + 1}: first in {where} (on_nonfinite={action})")
+        self.live.observe(event, self.label)
         if self.summary.nonfinite is None:
             self.summary.nonfinite = event
 
@@ -641,12 +646,14 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
     if not result.applied:
         loop.summary.skipped_steps += 1
         policy.handle(state, state.step)
+        end_on_finding(loop)  # its non-finite event may have tripped one
         return None
     meters.add(state.step - 1, result)
     record = None
     if log_step:
         record, first_bad = interval_record(state, meters, result, lr, loop.monitor, loop.recipe.penalty is not None)
         loop.tracker.write(record)
+        loop.live.observe(record, loop.label)
         if loop.plan.histogram_every and (state.step // loop.plan.log_every) % loop.plan.histogram_every == 0:
             loop.tracker.write_histograms(state.step, loop.monitor.histograms())
         meters.close_interval()
@@ -655,10 +662,21 @@ def after_step(loop: Loop, result: StepResult, log_step: bool, lr: float) -> Opt
             return record
         if first_bad < 0:
             policy.keep(state)
+        end_on_finding(loop)  # within this step: the next window is not trained
     if (loop.plan.checkpoint_every is not None and state.step % loop.plan.checkpoint_every == 0
             and state.window < len(loop.plan.windows) and not loop.plan.steps_reached(state.step)):
         loop.checkpoint()  # not at the epoch's or the run's end: the epoch record's checkpoint follows there
     return record
+
+
+def end_on_finding(loop: Loop) -> None:
+    """monitor.on_finding=stop: a decisive finding ends the run as `stopped`, unless it ended
+    otherwise already or its plan ends here anyway (it trained every step: not stopped)."""
+    finding, state, plan = loop.live.decisive, loop.state, loop.plan
+    at_plan_end = plan.steps_reached(state.step) or (state.window >= len(plan.windows) and state.epoch >= plan.epochs)
+    if finding is not None and loop.status == Status.COMPLETED and not at_plan_end:
+        loop.status = Status.STOPPED
+        loop.summary.ended_by = {"rule": finding.rule, "title": finding.title, "step": finding.step}
 
 
 # The epoch means of the log-step series, named as those series (docs/diagnostics.md) on the console
@@ -706,12 +724,14 @@ def record_epoch(loop: Loop, val: Optional[dict[str, float]]) -> None:
     row["epoch/lr"] = state.optimizer.param_groups[0]["lr"]
     row["epoch/samples_per_s"] = loop.meters.epoch_samples / loop.meters.epoch_seconds  # this epoch's own, eval excluded
     loop.tracker.write(row)
+    loop.live.observe(row, loop.label)
     loop.reporter.epoch_line(state.epoch, loop.plan.epochs, {SHOWN_AS.get(k, k): v for k, v in row.items() if k not in ("epoch", "step")},
                              loop.label)
     loop.checkpoint()  # its window: the epoch's end, or where max_steps stopped it (a larger max_steps goes on from there)
     state.perm = None  # the next epoch draws its own order
     if state.early_stopping.should_stop and loop.status == Status.COMPLETED:
         loop.status = Status.EARLY_STOPPED
+    end_on_finding(loop)
 
 
 def begin_epoch(loop: Loop) -> None:
@@ -798,6 +818,8 @@ def start(run: "Run", data: DataSplits, device: torch.device, precision: str, st
     if run.resumed is not None:
         continue_from(loop, *run.resumed)
     keep_metrics_up_to(run.run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint
+    if run.resumed is not None:
+        loop.live.replay(read_metrics(run.run_dir))
     return loop
 
 
@@ -851,6 +873,9 @@ def announce(loop: Loop, device: torch.device) -> None:
         loop.reporter.line(f"resumed from {summary.resumed_from} at step {state.step} (epoch {state.epoch})")
     for warning in [*warnings_for(cfg), *schedule_warnings(cfg.scheduler, plan.total_steps)]:
         loop.reporter.warn(warning)
+    if loop.live.inactive:
+        loop.reporter.line(f"per-layer metrics are off (monitor.per_layer=false): the rules {', '.join(loop.live.inactive)} "
+                           "do not run, while it trains or at its end; the loss rules do")
 
 
 def length(plan: Plan) -> str:

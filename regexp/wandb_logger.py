@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig
 
 from regexp.config import GROUP_SCHEMAS, REGULARIZERS
+from regexp.live import FINDING_RULE
 from regexp.rundir import Summary, split_finite
 
 if TYPE_CHECKING:
@@ -157,7 +158,20 @@ class WandbRun:
         run.define_metric("epoch/*", step_metric="epoch")
 
     def write(self, record: dict[str, Any]) -> None:
+        if FINDING_RULE in record:  # an event, not a series to plot
+            self.note_finding(record)
+            return
         self.run.log(_finite(record))
+
+    def note_finding(self, event: dict[str, Any]) -> None:
+        """A live finding: `finding/<rule>` = its step in the run's summary, and an alert (Slack,
+        e-mail, as the user set W&B up) when the run is online; an offline run has no one to tell."""
+        self.run.summary[f"finding/{event[FINDING_RULE]}"] = event["step"]
+        if not self.run.offline:
+            import wandb
+
+            self.run.alert(title=event["finding/title"], text=f"step {event['step']}: {event['finding/message']}",
+                           level=wandb.AlertLevel.WARN)
 
     def write_histograms(self, step: int, histograms: dict[str, dict[str, list]]) -> None:
         import wandb
