@@ -109,6 +109,21 @@ def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, 
     return process.returncode, out, err
 
 
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root` (.hydra/ included): its bytes and mtime, what must stay as it was."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def copy_of(made: dict, name: str, tmp_path: Path) -> Path:
+    """A copy (mtimes too) of the run dir a module fixture trained under `name` (made[name][0])."""
+    import shutil
+
+    run_dir = tmp_path / name
+    shutil.copytree(made[name][0], run_dir)
+    return run_dir
+
+
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the timing fields, which differ between any two runs."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -11,18 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, snapshot
 
 from regexp.lock import LOCK
 
 RUN = [*TINY, "logger=none"]  # 4 steps of a 256-sample MNIST run
 SWEEP = ["-m", "hydra/launcher=fused", "model.hidden=[32]", *RUN, "seed=0,1,2"]
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under `root`: its bytes and mtime."""
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def without_hydra(files: dict) -> dict:

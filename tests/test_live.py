@@ -5,13 +5,10 @@ exactly and a resume with stop writes nothing. Fast tests drive the live driver 
 Watch; the slow ones train through the CLI with the real rules (regexp.diagnose.Watch)."""
 
 import io
-import json
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_cli
+from conftest import copy_of, records, run_cli, snapshot
 from rich.console import Console
 
 from regexp.diagnose import Finding
@@ -200,16 +197,8 @@ def test_an_online_wandb_run_alerts_with_the_title_step_and_message():
 # ---------------------------------------------------------------- slow: through the CLI, with the real rules
 # The 10-layer sigmoid net at a tiny init: its gradients vanish from the first log step
 SIGMOID = ["model=deep_mlp", "model.depth=10", "model.activation=sigmoid", "init=normal", "init.std=0.01"]
-SMALL = ["logger=none", "dataset.limit=256", "dataset.val_size=256", "batch_size=32", "epochs=2", "monitor.log_every=2",
-         "device.deterministic=true"]  # 8 steps an epoch, 16 in all
-
-
-def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-def without_timings(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "epoch/samples_per_s"} for r in read_metrics(run_dir)]
+SMALL = ["logger=none", "dataset.limit=256", "dataset.val_size=256", "batch_size=32", "epochs=2", "monitor.log_every=1",
+         "device.deterministic=true"]  # 8 steps an epoch, 16 in all: the decisive rules' patience (10 log steps) fits
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +216,6 @@ def trained(tmp_path_factory):
     return made
 
 
-def copy_of(trained, name: str, tmp_path: Path) -> Path:
-    run_dir = tmp_path / name
-    shutil.copytree(trained[name][0], run_dir)
-    return run_dir
 
 
 @pytest.mark.slow
@@ -273,8 +258,8 @@ def test_a_stopped_run_resumed_with_warn_ends_as_the_run_trained_with_warn(train
     no_perf = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}  # noqa: E731
     assert no_perf(resumed.metrics) == no_perf(whole.metrics)
     # the same records, and the evaluation made where it stopped (as a max_steps stop keeps it)
-    stop_row = [r for r in without_timings(run_dir) if r.get("step") == stopped_at and "epoch/lr" in r]
-    assert [r for r in without_timings(run_dir) if r not in stop_row] == without_timings(straight)
+    stop_row = [r for r in records(run_dir) if r.get("step") == stopped_at and "epoch/lr" in r]
+    assert [r for r in records(run_dir) if r not in stop_row] == records(straight)
     assert [(f["rule"], f["step"]) for f in resumed.findings] == [(f["rule"], f["step"]) for f in whole.findings]
 
 

@@ -5,12 +5,11 @@ start fails alone, a member at its end evaluates alone. Honest counters of a div
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_train, records, run_cli
+from conftest import compose_train, copy_of, records, run_cli, snapshot
 
 from regexp.config import job_config
 from regexp.optim import schedule_warnings
@@ -18,11 +17,6 @@ from regexp.train import Plan, trained_to_end
 
 BASE = ["logger=none", "dataset.val_size=256", "device.deterministic=true"]
 SHORT = [*BASE, "dataset.limit=256", "batch_size=32", "monitor.log_every=2"]  # 8 steps an epoch
-
-
-def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under the run dir (.hydra/ included): its bytes and its mtime."""
-    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def summary_of(run_dir: Path) -> dict:
@@ -47,12 +41,6 @@ def finished(tmp_path_factory):
         assert out.returncode == 0, out.stderr[-2000:]
         made[name] = (root / name, out)
     return made
-
-
-def copy_of(finished, name: str, tmp_path: Path) -> Path:
-    run_dir = tmp_path / name
-    shutil.copytree(finished[name][0], run_dir)  # copy2: the mtimes too
-    return run_dir
 
 
 def assert_complete_and_untouched(out, run_dir: Path, before: dict, status: str) -> None:
