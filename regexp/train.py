@@ -1069,7 +1069,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, overri
           reporter: Optional[Reporter] = None,
           name: Optional[str] = None, group: Optional[str] = None, wandb_server: Optional[WandbServer] = None) -> Summary:
     """Run one validated config into `run_dir`. summary.json says `running` until the run
-    ends, then its status: completed, early_stopped, diverged, failed or interrupted.
+    ends, then its status: completed, early_stopped, diverged, stopped, pruned, failed or interrupted.
     `name` and `group` name the W&B run (default: the run dir's name, for both); the jobs of
     one process share a `wandb_server`, so an unreachable server costs its timeout once."""
     return train_group([RunSpec(cfg, Path(run_dir), choices or {}, overrides or [], name, group)], reporter, wandb_server)[0]

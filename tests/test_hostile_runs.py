@@ -187,7 +187,7 @@ def test_a_resume_that_changes_the_training_is_refused_truthfully(run_copy, tmp_
     out = run_cli(["train", "resume=run", override], tmp_path, data_root)
     line = assert_refused(out, 2, f"regexp: error: {start}", tmp_path, before)
     assert line.endswith("a resumed run may change only epochs, max_steps, eval_every, eval_batch_size, out_dir, "
-                         "resume, checkpoint, logger, monitor, device, dataset.root, dataset.download, dataset.cache")
+                         "resume, checkpoint, logger, monitor, prune, device, dataset.root, dataset.download, dataset.cache")
 
 
 # ---------------------------------------------------------------- the lock
