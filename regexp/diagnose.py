@@ -78,9 +78,13 @@ LEVERS = {"lower the learning rate": ("optimizer.lr", -1), TREAT_AS_DIVERGENCE: 
 # units, zeroes gradients and stalls the loss; a bad init scale vanishes gradients, stalls the
 # loss and, shrinking the signal, leaves units dead. Such a finding is ranked under its cause,
 # and the learning rate is the cause's to advise on (the finding points to it instead).
+# Gradients that vanish, or a layer that let none through, in turn explain a loss that does not move.
 STEP_TOO_LARGE = ("divergence", "clipping_zeroed_update", "lr_too_high", "exploding_gradients")
-EXPLAINED_BY = {rule: (*STEP_TOO_LARGE, "bad_init_scale")
-                for rule in ("loss_flat", "no_progress", "vanishing_gradients", "dying_relu", "dead_network")}
+EXPLAINED_BY = {
+    **{rule: (*STEP_TOO_LARGE, "bad_init_scale") for rule in ("dying_relu", "dead_network")},
+    "vanishing_gradients": (*STEP_TOO_LARGE, "bad_init_scale", "dead_network"),
+    **{rule: (*STEP_TOO_LARGE, "bad_init_scale", "dead_network", "vanishing_gradients") for rule in ("loss_flat", "no_progress")},
+}
 SETTLED_BY_CAUSE = ("optimizer.lr",)
 
 
@@ -529,8 +533,9 @@ class ClipTooLow(Rule):
 
 # In this order within a record: causes before the findings they explain.
 RULES: list[type[Rule]] = [
-    Divergence, ClippingZeroedUpdate, BadInitScale, LrTooHigh, ExplodingGradients, LossFlat, NoProgress,
-    VanishingGradients, DyingRelu, DeadNetwork, Overfitting, ClipTooLow,
+    # a cause before what it explains: at one record, the cause trips first (and stops a run first)
+    Divergence, ClippingZeroedUpdate, BadInitScale, LrTooHigh, ExplodingGradients, DeadNetwork, VanishingGradients,
+    LossFlat, NoProgress, DyingRelu, Overfitting, ClipTooLow,
 ]
 
 
@@ -596,9 +601,12 @@ class Watch:
 
     def settle(self, finding: Finding) -> Finding:
         """A new finding as it is shown from now on: under its cause (the first tripped finding that
-        explains it), its advice on what the cause settles replaced by a pointer to the cause, and
-        its advice that turns a knob against earlier advice replaced by a pointer to that."""
+        explains it, or that one's own cause), its advice on what the cause settles replaced by a
+        pointer to the cause, and its advice that turns a knob against earlier advice replaced by a
+        pointer to that."""
         cause = next((f for f in self.tripped.values() if f.rule in EXPLAINED_BY.get(finding.rule, ())), None)
+        if cause is not None and cause.cause is not None:  # ranked under the root cause, which explains both
+            cause = self.tripped[cause.cause]
         shown: list[str] = []
         for advice in finding.interventions:
             turn = lever(advice)

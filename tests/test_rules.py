@@ -173,7 +173,7 @@ def test_a_too_large_step_leads_and_its_consequences_rank_under_it():
     ranked = diagnose(records, Summary())
     assert ranked[0]["rule"] == "lr_too_high" and ranked[0]["cause"] is None and ranked[0]["step"] == 5
     under = ranked[1:]
-    assert [f["rule"] for f in under] == ["dead_network", "loss_flat", "dying_relu", "no_progress", "vanishing_gradients"]
+    assert [f["rule"] for f in under] == ["dead_network", "loss_flat", "dying_relu", "vanishing_gradients", "no_progress"]
     assert all(f["cause"] == "lr_too_high" for f in under)
     pointer = f'see "{ranked[0]["title"]}"'
     for f in under:
@@ -227,9 +227,23 @@ def test_findings_never_give_opposite_advice():
                 and any(i.startswith("clip the gradient norm") for i in advice))
 
 
+def test_vanishing_gradients_explain_a_loss_that_makes_no_progress_and_trip_first():
+    """The 10-layer sigmoid net at init.std=0.01: no activation scale to blame, gradients gone from
+    fc1 and the loss stuck. Both trip at the 10th log step; the gradients are the cause (and the one
+    a stop names), the stuck loss is ranked under them without its "raise the lr"."""
+    watch, tripped = Watch({}), []
+    for s in range(1, 12):
+        tripped += [f.rule for f in watch.feed(log_step(s, loss=2.303 - 0.0001 * s, metrics={"grad/norm/fc1": 1e-11}))]
+    assert tripped[tripped.index("vanishing_gradients") + 1] == "no_progress"
+    ranked = {f.rule: f for f in watch.findings()}
+    assert ranked["no_progress"].cause == "vanishing_gradients" and ranked["vanishing_gradients"].cause is None
+    assert f'see "{ranked["vanishing_gradients"].title}"' in ranked["no_progress"].interventions
+    assert not any(i.startswith("raise the learning rate") for i in ranked["no_progress"].interventions)
+
+
 def test_monitor_off_leaves_the_loss_rules_running():
     watch = Watch({"monitor": {"per_layer": False}})
-    assert watch.inactive == ["bad_init_scale", "exploding_gradients", "vanishing_gradients", "dying_relu", "dead_network",
+    assert watch.inactive == ["bad_init_scale", "exploding_gradients", "dead_network", "vanishing_gradients", "dying_relu",
                               "clip_too_low"]
     for s in range(1, 30):
         watch.feed(log_step(s, loss=2.3, metrics={"grad/norm/fc1": 1e-6, "act/dead_frac/act1": 1.0, "act/std/act3": 1e-6}))
