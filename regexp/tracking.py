@@ -71,12 +71,19 @@ def fmt_value(value: Any) -> str:
 def short_evidence(evidence: dict[str, Any]) -> str:
     """A finding's evidence on one line: the metric, of which layer, its value(s)."""
     values = evidence.get("values")
-    if isinstance(values, dict):
-        values = ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items())
-    elif isinstance(values, (list, tuple)):
-        values = ", ".join(fmt_value(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
     where = f"{evidence.get('metric')}" + (f" of {evidence['layer']}" if evidence.get("layer") else "")
-    return f"{where}: {fmt_value(values)}" if values is not None else where
+    return f"{where}: {_in_short(values)}" if values is not None else where
+
+
+def _in_short(values: Any) -> str:
+    """Values on a line: a list's first four, a dict's first two and last entries (a deep net's
+    layers would fill the console), a nested dict the same way."""
+    if isinstance(values, dict):
+        parts = [f"{k} {_in_short(v)}" for k, v in values.items()]
+        return ", ".join(parts if len(parts) <= 4 else [*parts[:2], "...", parts[-1]])
+    if isinstance(values, (list, tuple)):
+        return ", ".join(fmt_value(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
+    return fmt_value(values)
 
 
 def plural(n: int, word: str) -> str:

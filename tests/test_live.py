@@ -157,6 +157,12 @@ def test_short_evidence_of_each_shape():
         "act/dead of act1: 0.9, 1, 1, 1, ..."
     assert short_evidence({"metric": "nonfinite/where", "values": "forward fc3"}) == "nonfinite/where: forward fc3"
     assert short_evidence({"metric": "grad/global_norm"}) == "grad/global_norm"
+    # a 10-layer net's std per layer, nested: its first two layers and its last, on one line
+    stds = {f"act{i}": 10.0 ** -i for i in range(1, 11)}
+    assert short_evidence({"metric": "act/std", "layer": "act10", "values": {"std": stds, "ratio": 1e-9}}) == \
+        "act/std of act10: std act1 0.1, act2 0.01, ..., act10 1e-10, ratio 1e-09"
+    assert short_evidence({"metric": "grad/norm", "values": {"fc1": 1e-8, "fc3": 2.0, "ratio": 5e-9}}) == \
+        "grad/norm: fc1 1e-08, fc3 2, ratio 5e-09"
 
 
 # ---------------------------------------------------------------- fast: W&B
