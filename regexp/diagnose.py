@@ -50,6 +50,9 @@ LR_WINDOW = 12  # the median of its 11 moves ignores a spike (which moves 2 or 3
 FLAT_STEPS = 5  # the start of a run, over which a loss that did not move is flat
 NO_PROGRESS_PATIENCE = 10  # decisive: 500 optimizer steps at the default log_every without a 10 % fall
 VANISHING_PATIENCE = 10  # decisive: long enough for adaptive optimizers to have rescaled the early layers
+# ... and at least this many optimizer steps: at monitor.log_every=1 ten log steps are ten steps, too few
+# to call a run hopeless (README's deep_mlp example at log_every=1 was flat for 10 steps, then fell 12 %)
+DECISIVE_SPAN = 200
 EXPLODING_PATIENCE = 3  # decisive: 10x the recent median three log steps running is no spike
 MEDIAN_WINDOW = 50  # the recent norms a spike is judged against: a norm that drifts over a long run is not one
 MEDIAN_MIN = 4  # norms seen before a norm can be called a spike
@@ -294,8 +297,8 @@ class LossFlat(Rule):
 
 
 class NoProgress(Rule):
-    """After NO_PROGRESS_PATIENCE log steps, the loss has never fallen below NO_PROGRESS_FRACTION of
-    its start (the first log step's loss, at most UNTRAINED_LOSS_MAX)."""
+    """After NO_PROGRESS_PATIENCE log steps spanning DECISIVE_SPAN optimizer steps, the loss has never
+    fallen below NO_PROGRESS_FRACTION of its start (the first log step's loss, at most UNTRAINED_LOSS_MAX)."""
 
     name = "no_progress"
     decisive = True
@@ -305,21 +308,26 @@ class NoProgress(Rule):
         super().__init__(watch)
         self.seen = 0
         self.first = self.lowest = math.inf
+        self.first_step = 0
+        self.progressed = False  # the loss fell below the fraction once: the rule has nothing left to judge
 
     def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
         loss = _number(record.get("train/loss"))
-        if loss is None or self.seen == NO_PROGRESS_PATIENCE:
+        if loss is None or self.progressed:
             return None
         self.seen += 1
-        self.first = loss if self.seen == 1 else self.first
+        if self.seen == 1:
+            self.first, self.first_step = loss, record["step"]
         self.lowest = min(self.lowest, loss)
         start = min(self.first, UNTRAINED_LOSS_MAX)
-        if self.seen < NO_PROGRESS_PATIENCE or self.lowest < NO_PROGRESS_FRACTION * start:
+        self.progressed = self.lowest < NO_PROGRESS_FRACTION * start
+        if self.progressed or self.seen < NO_PROGRESS_PATIENCE or record["step"] - self.first_step < DECISIVE_SPAN:
             return None
-        capped = f" (its first log step's {self.first:.3g}, capped)" if self.first > start else ""
+        capped = f" (capped: its first log step's was {self.first:.3g})" if self.first > start else ""
         return self.finding(record, "No progress: the loss has not fallen from its start",
-                            f"after {NO_PROGRESS_PATIENCE} log steps, to step {record['step']}, train/loss is at best "
-                            f"{self.lowest:.4g}, never below {NO_PROGRESS_FRACTION:.0%} of its start {start:.4g}{capped}",
+                            f"over {self.seen} log steps, steps {self.first_step}-{record['step']}, train/loss is at "
+                            f"best {self.lowest:.4g}, never below {NO_PROGRESS_FRACTION:.0%} of its start "
+                            f"{start:.4g}{capped}",
                             [RAISE_LR, INIT_MATCHING, NORMALIZE], metric="train/loss",
                             values={"start": start, "lowest": self.lowest}, threshold=NO_PROGRESS_FRACTION)
 
@@ -335,6 +343,7 @@ class VanishingGradients(Rule):
     def __init__(self, watch: "Watch"):
         super().__init__(watch)
         self.streak = 0
+        self.since = 0  # the step the streak began at
 
     def log_step(self, record: dict[str, Any]) -> Optional[Finding]:
         weighted = {name for name, _ in self.watch.layers(record, "weight/norm/")}  # not the norm layers
@@ -344,11 +353,13 @@ class VanishingGradients(Rule):
         (early, low), (late, high) = norms[0], norms[-1]
         ratio = low / high
         self.streak = self.streak + 1 if ratio < VANISHING_RATIO else 0
-        if self.streak < VANISHING_PATIENCE:
+        self.since = record["step"] if self.streak == 1 else self.since
+        if self.streak < VANISHING_PATIENCE or record["step"] - self.since < DECISIVE_SPAN:
             return None
         return self.finding(record, "Vanishing gradients: early layers barely learn",
                             f"the gradient norm of {early} has been under {VANISHING_RATIO:g} x that of {late} for "
-                            f"{VANISHING_PATIENCE} log steps running; at step {record['step']} {ratio:.1e} x "
+                            f"{self.streak} log steps running (steps {self.since}-{record['step']}); at step "
+                            f"{record['step']} {ratio:.1e} x "
                             f"({low:.2e} vs {high:.2e})",
                             [f"He/Xavier {INIT_MATCHING}", "add normalization (norm=batchnorm or layernorm)",
                              "residual connections (model=resnet)", "ReLU instead of sigmoid (model.activation=relu)"],

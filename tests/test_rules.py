@@ -19,6 +19,27 @@ from regexp.rundir import Summary
 LAYERS = ("fc1", "fc2", "fc3")
 
 
+@pytest.fixture(autouse=True)
+def log_steps_only(monkeypatch):
+    """The crafted runs log every optimizer step and are short: their decisive rules are judged on
+    log steps alone (DECISIVE_SPAN, the optimizer steps a decisive sign must also span, has a test
+    of its own)."""
+    monkeypatch.setattr(rules, "DECISIVE_SPAN", 0)
+
+
+@pytest.mark.parametrize("rule,metrics", [("no_progress", {}), ("vanishing_gradients", {"grad/norm/fc1": 1e-9})])
+def test_a_decisive_sign_must_also_span_its_optimizer_steps(monkeypatch, rule, metrics):
+    """At monitor.log_every=1 the patience of 10 log steps is 10 steps: a decisive rule waits until its
+    sign has held over DECISIVE_SPAN optimizer steps too; at log_every=50 the 10 log steps span more."""
+    monkeypatch.setattr(rules, "DECISIVE_SPAN", 200)
+    every_step = diagnose([log_step(s, loss=2.3, metrics=metrics) for s in range(1, 260)], Summary())
+    assert {f["rule"]: f["step"] for f in every_step}[rule] == 201
+    every_50 = diagnose([log_step(s, loss=2.3, metrics=metrics) for s in range(50, 1000, 50)], Summary())
+    assert {f["rule"]: f["step"] for f in every_50}[rule] == 500
+    fell = diagnose([log_step(s, loss=2.3 if s < 100 else 2.0, metrics=metrics) for s in range(1, 260)], Summary())
+    assert "no_progress" not in {f["rule"] for f in fell}  # a loss that fell by step 100 made progress
+
+
 def log_step(step: int, loss: float | None = None, metrics: dict | None = None) -> dict:
     """A log step as train.py writes it: a falling loss and healthy per-layer metrics, unless
     `loss` and `metrics` say otherwise."""
