@@ -334,7 +334,24 @@ def check_resume(cfg: DictConfig, run_dir: Path, key: str) -> Start:
     read_metrics(run_dir)
     if (run_dir / "best.pt").exists():
         read_weights(run_dir / "best.pt")
-    return Start((checkpoint, state), earlier if finished_at_end(cfg, state, earlier) else None)
+    finished = finished_at_end(cfg, state, earlier)
+    if not finished:
+        check_plan_ahead(cfg, state, run_dir)
+    return Start((checkpoint, state), earlier if finished else None)
+
+
+def check_plan_ahead(cfg: DictConfig, saved: dict[str, Any], run_dir: Path) -> None:
+    """A resume's epochs and max_steps must not end before where the checkpoint stands: a
+    max_steps behind its step, or epochs before the epoch it is in the middle of, would
+    train past them (or record an end it never reached)."""
+    step, epoch = saved["step"], saved["epoch"]
+    if cfg.max_steps is not None and cfg.max_steps < step:
+        raise ConfigError("max_steps", cfg.max_steps, f"the run in {run_dir} stands at step {step} already; "
+                                                      f"give max_steps >= {step} (or null) to continue it")
+    mid_epoch = saved["perm"] is not None and saved["window"] < len(Plan.from_config(cfg, len(saved["perm"])).windows)
+    if mid_epoch and cfg.epochs < epoch:
+        raise ConfigError("epochs", cfg.epochs, f"the run in {run_dir} is in epoch {epoch} already; "
+                                                f"give epochs >= {epoch} to continue it")
 
 
 def next_step(run_dir: Path, earlier: Optional[Summary]) -> str:

@@ -354,3 +354,17 @@ def test_a_stopped_run_resumed_with_another_lr_is_refused_and_nothing_written(tr
     line, = out.stderr.strip().splitlines()
     assert line.startswith("regexp: error: optimizer.lr=0.5: the run in")
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,key", [("epochs=2", "epochs=2: the run in"), ("max_steps=100", "max_steps=100: the run in")])
+def test_a_stopped_run_resumed_with_a_plan_that_ends_behind_it_is_refused(trained, tmp_path, data_root, override, key):
+    """Stopped mid-epoch (epoch 7 of 8) at step 210: epochs=2 would train past the plan's end and
+    max_steps=100 would record an end it never had; one line each, nothing written."""
+    run_dir = copy_of(trained, "stop", tmp_path)
+    before = snapshot(run_dir)
+    out = run_cli(["train", f"resume={run_dir}", "monitor.on_finding=warn", override], tmp_path, data_root)
+    assert out.returncode == 2, out.stdout[-2000:]
+    line, = out.stderr.strip().splitlines()
+    assert line.startswith(f"regexp: error: {key} {run_dir}") and "already" in line
+    assert snapshot(run_dir) == before
