@@ -392,6 +392,11 @@ def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: li
     if first != number:
         raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"jobs {first} and {number} would both write {run_dir}; "
                                                          f"{DIFFER}")
+    if cfg.prune.name != "none" and os.path.realpath(run_dir.parent) != os.path.realpath(sweep_dir):
+        raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"prune={cfg.prune.name} meets a job's peers in the sweep "
+                                                         f"dir's own subfolders, and job {number}'s run dir {run_dir} "
+                                                         "lies deeper: use a subdir without '/' (the default "
+                                                         "${hydra.job.num})")
     check_free(run_dir, "hydra.sweep.dir", str(sweep_dir))
     return already_finished(run_dir, overrides, cfg) if cfg.get("resume") == "auto" else None
 

@@ -226,6 +226,8 @@ def test_prune_for_a_single_run_from_python_is_refused(empty_cwd):
     (["epochs=2", "prune.rungs=[2,1]"], "prune.rungs=[2, 1]: must be a non-empty list of increasing epochs"),
     (["epochs=2", "prune.reduction_factor=1"], "prune.reduction_factor=1: must be an integer >= 2"),
     (["epochs=2", "prune.mode=up"], "prune.mode=up: "),
+    (["epochs=2", "hydra.sweep.subdir=lr_${optimizer.lr}/${hydra.job.num}"],  # its peers would not be found
+     "hydra.sweep.subdir=lr_${optimizer.lr}/${hydra.job.num}: prune=asha meets a job's peers in the sweep dir's own"),
 ])
 def test_a_sweep_with_a_rung_or_metric_the_run_does_not_have_is_refused(capsys, empty_cwd, args, line):
     err = refused(capsys, ["train", "-m", *QUIET, "max_steps=null", "prune=asha", "seed=0,1", *args,
