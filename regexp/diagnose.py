@@ -329,7 +329,8 @@ class NoProgress(Rule):
                             f"best {self.lowest:.4g}, never below {NO_PROGRESS_FRACTION:.0%} of its start "
                             f"{start:.4g}{capped}",
                             [RAISE_LR, INIT_MATCHING, NORMALIZE], metric="train/loss",
-                            values={"start": start, "lowest": self.lowest}, threshold=NO_PROGRESS_FRACTION)
+                            values={"start": start, "lowest": self.lowest, **({"first": self.first} if capped else {})},
+                            threshold=NO_PROGRESS_FRACTION)
 
 
 class VanishingGradients(Rule):

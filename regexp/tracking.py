@@ -71,16 +71,21 @@ def fmt_value(value: Any) -> str:
 def short_evidence(evidence: dict[str, Any]) -> str:
     """A finding's evidence on one line: the metric, of which layer, its value(s)."""
     values = evidence.get("values")
-    where = f"{evidence.get('metric')}" + (f" of {evidence['layer']}" if evidence.get("layer") else "")
-    return f"{where}: {_in_short(values)}" if values is not None else where
+    layer = evidence.get("layer")
+    where = f"{evidence.get('metric')}" + (f" of {layer}" if layer else "")
+    return f"{where}: {_in_short(values, layer)}" if values is not None else where
 
 
-def _in_short(values: Any) -> str:
-    """Values on a line: a list's first four, a dict's first two and last entries (a deep net's
-    layers would fill the console), a nested dict the same way."""
+def _in_short(values: Any, named: Any = None) -> str:
+    """Values on a line: a list's first four, a dict's first two and last entries and the one
+    the finding names (a deep net's layers would fill the console), a nested dict the same way."""
     if isinstance(values, dict):
-        parts = [f"{k} {_in_short(v)}" for k, v in values.items()]
-        return ", ".join(parts if len(parts) <= 4 else [*parts[:2], "...", parts[-1]])
+        keys = list(values)
+        shown = keys if len(keys) <= 4 else list(dict.fromkeys([*keys[:2], *([named] if named in values else []), keys[-1]]))
+        parts = [f"{k} {_in_short(values[k], named)}" for k in shown]
+        if len(shown) < len(keys):  # "..." where entries were left out: after the first two
+            parts.insert(2, "...")
+        return ", ".join(parts)
     if isinstance(values, (list, tuple)):
         return ", ".join(fmt_value(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
     return fmt_value(values)

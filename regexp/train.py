@@ -60,7 +60,7 @@ from regexp.stack import Stack, StackedUpdate, evaluate_stack, fused_step
 from regexp.state import TrainState, move_to, rng_state, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
 from regexp.threads import fastest_threads
-from regexp.tracking import HistogramFile, Reporter, Tracker, plural
+from regexp.tracking import HistogramFile, Reporter, Tracker, plural, why_ended
 from regexp.wandb_logger import WandbServer, wandb_sinks
 
 log = logging.getLogger("regexp")
@@ -574,7 +574,8 @@ class Loop:
         event = {"step": bad_step + 1, "nonfinite/step": bad_step + 1, "nonfinite/where": where,
                  "nonfinite/kind": found.get("where"), "nonfinite/layer": found.get("layer"), "nonfinite/action": action}
         self.tracker.write(event)
-        self.reporter.warn(f"non-finite loss or gradient at step {bad_step + 1}: first in {where} (on_nonfinite={action})")
+        self.reporter.warn(f"{self.label + ' · ' if self.label else ''}non-finite loss or gradient at step {bad_step + 1}: "
+                           f"first in {where} (on_nonfinite={action})")
         self.live.observe(event, self.label)
         if self.summary.nonfinite is None:
             self.summary.nonfinite = event
@@ -1033,7 +1034,9 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
             tracker.summary(summary)
         tracker.close(exit_code)
     style = {Status.COMPLETED: "green", Status.EARLY_STOPPED: "green", Status.DIVERGED: "red"}.get(summary.status, "yellow")
-    reporter.summary(f"regexp · {summary.status}", {**summary.metrics, "wall_time_s": summary.wall_time_s, "run_dir": str(run_dir)}, style)
+    ended = {"ended_by": why_ended(summary.ended_by)} if summary.ended_by else {}  # what stopped or pruned it
+    reporter.summary(f"regexp · {summary.status}", {**ended, **summary.metrics, "wall_time_s": summary.wall_time_s,
+                                                     "run_dir": str(run_dir)}, style)
     reporter.diagnosis(summary.findings)
 
 

@@ -163,6 +163,9 @@ def test_short_evidence_of_each_shape():
         "act/std of act10: std act1 0.1, act2 0.01, ..., act10 1e-10, ratio 1e-09"
     assert short_evidence({"metric": "grad/norm", "values": {"fc1": 1e-8, "fc3": 2.0, "ratio": 5e-9}}) == \
         "grad/norm: fc1 1e-08, fc3 2, ratio 5e-09"
+    dead = {f"act{i}": i / 10 for i in range(1, 11)}  # the finding names act9: its value is shown
+    assert short_evidence({"metric": "act/dead_frac", "layer": "act9", "values": dead}) == \
+        "act/dead_frac of act9: act1 0.1, act2 0.2, ..., act9 0.9, act10 1"
 
 
 # ---------------------------------------------------------------- fast: W&B
@@ -236,7 +239,7 @@ def test_a_decisive_finding_with_stop_ends_the_run_at_its_step_as_stopped(traine
     event, = [r for r in read_metrics(run_dir) if r.get(FINDING_RULE) == ended["rule"]]
     assert event["step"] == ended["step"] and event["finding/decisive"] is True
     assert f"step {ended['step']} · {ended['title']}" in out.stdout and "the run stops here" in out.stdout
-    assert "regexp · stopped" in out.stdout
+    assert "regexp · stopped" in out.stdout and "ended_by" in out.stdout  # the panel says what stopped it
 
 
 @pytest.mark.slow
