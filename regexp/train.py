@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import accumulate
 from pathlib import Path
 from types import SimpleNamespace
@@ -537,6 +537,7 @@ class Loop:
     at_end: bool = False  # resumed where its training ended (killed in its final test): it only evaluates
     left_at: Optional[float] = None  # when it stopped stepping in this epoch (it diverged or reached max_steps)
     stepping_since: Optional[float] = None  # when this epoch's training began, until the meters count its time
+    left_group_at: Optional[float] = None  # when it ended while other members of its group trained on
     sweep_dir: Optional[Path] = None  # a sweep job's: where its peers' run dirs are (regexp.prune)
 
     def __post_init__(self) -> None:
@@ -792,8 +793,14 @@ def fit(group: Group) -> None:
             if loop.status != Status.DIVERGED:
                 record_epoch(loop, val.get(id(loop)))
         prune_at_rung(running, fused=group.template is not None)  # a pruned loop's records and checkpoint are written
-        running = [loop for loop in running if loop.status == Status.COMPLETED
+        staying = [loop for loop in running if loop.status == Status.COMPLETED
                    and not loop.plan.last_epoch(loop.state.epoch, loop.state.step)]
+        if staying:  # who ends here while others train on: its wall time ends now, not with the group's
+            now, kept = time.perf_counter(), set(map(id, staying))
+            for loop in running:
+                if id(loop) not in kept:
+                    loop.left_group_at = now
+        running = staying
         for loop in running:
             loop.state.epoch, loop.state.window = loop.state.epoch + 1, 0
     for loop in group.loops:
@@ -971,6 +978,7 @@ class Run:
     reporter: Reporter
     resumed: Optional[tuple[Path, dict[str, Any]]]
     sweep_dir: Optional[Path] = None
+    left_group_at: Optional[float] = None  # its loop's: when it ended while its group trained on
 
 
 def write_final_summary(record: SummaryRecord, summary: Summary) -> None:
@@ -1014,8 +1022,12 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         tracker.sinks += wandb_sinks(spec.cfg, config, run_dir, name, spec.group or name, reporter, earlier_id,
                                      wandb_server, concurrent)
         summary.wandb_id = next((sink.run_id for sink in tracker.sinks if hasattr(sink, "run_id")), None)
-        yield Run(spec.cfg, run_dir, summary, tracker, reporter, resumed, spec.sweep_dir)
-        summary.wall_time_s = round(time.perf_counter() - started, 3)
+        run = Run(spec.cfg, run_dir, summary, tracker, reporter, resumed, spec.sweep_dir)
+        yield run
+        if run.left_group_at is not None:  # pruned, stopped or ended while its group trained on: its own end
+            ago = timedelta(seconds=time.perf_counter() - run.left_group_at)
+            summary.finished_at = (datetime.now(timezone.utc) - ago).isoformat()
+        summary.wall_time_s = round((run.left_group_at or time.perf_counter()) - started, 3)
         summary.findings = diagnose(read_metrics(run_dir), summary)
         if record.replaces_earlier(summary):
             write_diagnosis(run_dir, summary.findings)
@@ -1028,7 +1040,7 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         raise
     finally:
-        summary.finished_at = datetime.now(timezone.utc).isoformat()
+        summary.finished_at = summary.finished_at or datetime.now(timezone.utc).isoformat()
         write_final_summary(record, summary)
         if record.replaces_earlier(summary):
             tracker.summary(summary)
@@ -1077,7 +1089,10 @@ def _train_group(specs: list[RunSpec], reporter: Optional[Reporter], wandb_serve
     with contextlib.ExitStack() as records:
         runs = [records.enter_context(recorded(spec, r, reporter, wandb_server, concurrent=fuse)) for spec, r in zip(specs, resumed)]
         with StopSignal() as stop_signal, torch_settings(specs[0].cfg, torch.device(resolve_device(specs[0].cfg))):
-            fit(start_group(runs, stop_signal, fuse))
+            group = start_group(runs, stop_signal, fuse)
+            fit(group)
+            for run, loop in zip(runs, group.loops):
+                run.left_group_at = loop.left_group_at
         if stop_signal.received is not None:
             for run in runs:
                 reporter.warn(f"signal {stop_signal.received} came during the final evaluation; {run.run_dir} ended "

@@ -281,6 +281,12 @@ def test_a_fused_grid_with_asha_prunes_the_worst_at_the_first_rung_and_continues
         assert f"{i}: pruned at epoch 1: val/loss {firsts[i]:.4g}, worse than {limit:.4g} (asha, 2 of 6 kept)" in result.stdout
     rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]
     assert sorted(r["status"] for r in rows) == ["completed"] * 2 + ["pruned"] * 4
+    # a pruned member's time ends when it left the stack, before the group trained its last 2 epochs
+    times = {i: summary_of(sweep / str(i)) for i in range(6)}
+    kept_end = min(times[i]["finished_at"] for i in best_two)
+    for i in set(range(6)) - set(best_two):
+        assert times[i]["finished_at"] < kept_end
+        assert times[i]["wall_time_s"] < min(times[k]["wall_time_s"] for k in best_two)
     unpruned = tmp_path / "unpruned"  # the members that stay follow the same curve in the smaller stack
     assert run_cli([*args[:-1], f"hydra.sweep.dir={unpruned}"], tmp_path, data_root).returncode == 0
     for i in best_two:
