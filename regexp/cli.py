@@ -162,13 +162,13 @@ def run_train(args: list[str]) -> int:
     try:
         args = flags_first(args)
         multirun = any(a in ("-m", "--multirun") for a in args)
-        if not multirun:
+        printing = any(a in ("-c", "--cfg") for a in args)  # --cfg job: the config, validated; no run
+        if not multirun and not printing:  # the config of a sweep's job may be printed, prune and all
             check_one_run(a for a in args if is_override(a))  # what the user typed, before a resume adds its run's
             args = with_resumed_run(args)
         args = with_plus_where_needed(args)
         out_dir = typed = None
         if not INFO_FLAGS.intersection(args):
-            printing = any(a in ("-c", "--cfg") for a in args)  # --cfg job: the config, validated; no run
             out_dir, typed = precheck([a for a in args if is_override(a)], multirun, run=not printing)
         with contextlib.ExitStack() as held:
             if out_dir is not None:

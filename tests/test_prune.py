@@ -209,6 +209,16 @@ def test_prune_typed_beside_a_resume_is_refused_and_prune_none_is_not(capsys, em
     check_one_run(["prune=none", "prune.rungs=[9]", "+experiment=x", "seed=1"])  # no refusal
 
 
+def test_the_config_of_a_pruned_sweeps_job_prints_without_m(capsys, empty_cwd):
+    """--cfg job runs nothing: it prints the job's config, prune and all (with -m it is refused as
+    ever, so without -m is the way to see it)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--cfg", "job", "prune=median"])
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "prune:\n  name: median" in out and list(empty_cwd.iterdir()) == []
+
+
 def test_prune_for_a_single_run_from_python_is_refused(empty_cwd):
     with pytest.raises(ConfigError, match=r"^prune=median: prunes the jobs of a sweep"):
         regexp.run([*QUIET, "prune=median"], run_dir=str(empty_cwd / "run"))
