@@ -212,9 +212,11 @@ def test_prune_typed_beside_a_resume_is_refused_and_prune_none_is_not(capsys, em
 def test_the_config_of_a_pruned_sweeps_job_prints_without_m(capsys, empty_cwd):
     """--cfg job runs nothing: it prints the job's config, prune and all (with -m it is refused as
     ever, so without -m is the way to see it)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["train", "--cfg", "job", "prune=median"])
-    assert exit_.value.code in (0, None)
+    try:  # Hydra may end the command by SystemExit or return
+        code = cli.main(["train", "--cfg", "job", "prune=median"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
     out = capsys.readouterr().out
     assert "prune:\n  name: median" in out and list(empty_cwd.iterdir()) == []
 
