@@ -124,6 +124,14 @@ def copy_of(made: dict, name: str, tmp_path: Path) -> Path:
     return run_dir
 
 
+def assert_no_nonfinite_numbers(path: Path) -> None:
+    """No NaN or Infinity number in a JSON-lines file (a finding's title may name them in words)."""
+    import pytest
+
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant} in {path.name}: {line}"))
+
+
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the timing fields, which differ between any two runs."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -179,6 +179,7 @@ GROUP_SWEEPS = {g: ([f"{g}={','.join(sorted(o))}"], len(o)) for g, o in GROUP_SC
 GROUP_SWEEPS["device"] = (["device=auto,cpu"], 2)
 GROUP_SWEEPS["model"] = (["model=mlp,cnn"], 2)
 GROUP_SWEEPS["deep_mlp"] = (["model=deep_mlp", "model.depth=3", "model.width=64"], 1)
+GROUP_SWEEPS["prune"] = (["prune=asha,median,none", "prune.rungs=[1]"], 3)  # TINY trains 1 epoch: a rung at 1
 GROUP_SWEEPS["regularizer"] = (["+regularizer=" + ",".join(REGULARIZERS) + ",[dropout,l2]"], len(REGULARIZERS) + 1)
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train, run_cli
+from conftest import assert_no_nonfinite_numbers, compose_train, run_cli
 from rich.console import Console
 from torch import nn
 
@@ -77,8 +77,7 @@ def test_divergence_names_the_first_bad_layer_and_keeps_a_finite_checkpoint(tmp_
     assert finding["evidence"]["layer"] == event["nonfinite/layer"]
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
-    text = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert "NaN" not in text and "Infinity" not in text
+    assert_no_nonfinite_numbers(tmp_path / "run" / "metrics.jsonl")
 
 
 @pytest.mark.slow
@@ -104,8 +103,7 @@ def test_skip_and_continue_never_log_a_nan(tmp_path, data_root):
         assert out.returncode == 0, out.stderr[-2000:]
         summary = json.loads((tmp_path / action / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["nonfinite"]["nonfinite/action"] == action
-        text = (tmp_path / action / "metrics.jsonl").read_text()
-        assert "NaN" not in text and "Infinity" not in text
+        assert_no_nonfinite_numbers(tmp_path / action / "metrics.jsonl")
         if action == "skip":
             assert summary["skipped_steps"] >= 1
 
