@@ -109,6 +109,29 @@ def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, 
     return process.returncode, out, err
 
 
+def refused(capsys, args: list[str]) -> str:
+    """`regexp ARGS` in this process: it must exit 2; its one line on stderr, nothing on stdout."""
+    import pytest
+
+    from regexp import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch) -> Path:
+    """An empty working directory: whatever a command writes by default lands here."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under `root` (.hydra/ included): its bytes and mtime, what must stay as it was."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))

@@ -9,32 +9,12 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
-from conftest import REGEXP, REPO, TINY, run_cli, summaries
+from conftest import REGEXP, REPO, TINY, refused, run_cli, summaries
 
 from regexp import cli
 from regexp.compose import PLUGIN_EXTRAS
-
-
-def refused(capsys, args: list[str]) -> str:
-    """`regexp ARGS` in this process: it must exit 2; its one line on stderr, nothing on stdout."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(args)
-    assert exit_.value.code == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1, err
-    return err.strip()
-
-
-@pytest.fixture
-def empty_cwd(tmp_path, monkeypatch) -> Path:
-    """An empty working directory: whatever a command writes by default lands here."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
 
 
 # ---------------------------------------------------------------- flags

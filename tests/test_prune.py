@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, refused, run_cli
 from omegaconf import OmegaConf
 
 import regexp
@@ -178,21 +178,6 @@ def test_resume_auto_matches_a_pruned_run_whatever_its_prune_and_continues_it_on
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
-def refused(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(args)
-    assert exit_.value.code == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1, err
-    return err.strip()
-
-
-@pytest.fixture
-def empty_cwd(tmp_path, monkeypatch) -> Path:
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
 
 
 @pytest.mark.parametrize("option", ["median", "asha", "'asha'"])
