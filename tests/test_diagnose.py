@@ -33,8 +33,9 @@ CRAFTED = {
                                "optimizer.lr=0.1", "clip=norm", "clip.max_norm=1.0", "dataset.limit=2000", "epochs=1", "monitor.log_every=10"],
     "lr_too_high": ["model.activation=tanh", "optimizer=sgd", "optimizer.lr=5", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
     "loss_flat": ["optimizer=sgd", "optimizer.lr=1e-6", "dataset.limit=3000", "epochs=1", "monitor.log_every=4"],
-    "vanishing_gradients": [*DEEP, "model.depth=10", "model.width=128", "model.activation=sigmoid", "optimizer=sgd",
-                            "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=2"],
+    # 250 steps: the sign must hold 10 log steps over 200 optimizer steps
+    "vanishing_gradients": ["model=deep_mlp", "batch_size=8", "model.depth=10", "model.width=128", "model.activation=sigmoid",
+                            "optimizer=sgd", "optimizer.lr=0.1", "dataset.limit=2000", "epochs=1", "monitor.log_every=5"],
     # sustained: the norm 10x its recent median three log steps running (steps 25-35), before it diverges at step 38
     "exploding_gradients": ["optimizer=momentum", "optimizer.lr=0.5", "dataset.limit=4000", "epochs=3", "monitor.log_every=5"],
     "bad_init_scale": [*DEEP, "model.depth=10", "model.width=256", "init=normal", "init.std=0.15", "dataset.limit=320",
