@@ -335,7 +335,7 @@ class NoProgress(Rule):
 
 class VanishingGradients(Rule):
     """The first layer's gradient norm under VANISHING_RATIO x the last layer's, VANISHING_PATIENCE
-    log steps running."""
+    log steps running over DECISIVE_SPAN optimizer steps."""
 
     name = "vanishing_gradients"
     decisive = True
