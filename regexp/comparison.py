@@ -296,13 +296,18 @@ def status_text(counts: Counter) -> Text:
     return text
 
 
+def untrained_detail(run: Run) -> Optional[str]:
+    """Why a run is not in its group's means: its error, its non-finite step or what ended it."""
+    if run.error:
+        return run.error.splitlines()[0]
+    if run.nonfinite_step is not None:
+        return f"non-finite at step {run.nonfinite_step}"
+    return why_ended(run.ended_by)
+
+
 def untrained_line(run: Run) -> str:
     """Why a run is not in its group's means, under the table."""
-    detail = run.error.splitlines()[0] if run.error else None
-    if detail is None and run.nonfinite_step is not None:
-        detail = f"non-finite at step {run.nonfinite_step}"
-    if detail is None:
-        detail = why_ended(run.ended_by)
+    detail = untrained_detail(run)
     return f"  {run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
 
 

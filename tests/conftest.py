@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REGEXP = str(Path(sys.executable).with_name("regexp"))  # the installed console script
-MISSING_DATA = "real data not found"  # the skip reason the terminal summary counts
+MISSING_DATA = "real data not found"  # the skip reasons the terminal summary counts
+NO_BROWSER = "chromium not found"
 
 
 def data_dirs() -> list[Path]:
@@ -51,6 +52,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"real data: {len(missing)} test{'s' * (len(missing) != 1)} skipped: no {folders} in {looked} "
             "(set REGEXP_DATA_DIR to a folder holding MNIST/raw and FashionMNIST/raw)", yellow=True, bold=True)
+    browser = sum(NO_BROWSER in reason for reason in reasons)
+    if browser:
+        terminalreporter.write_line(f"browser: {browser} test{'s' * (browser != 1)} skipped: {NO_BROWSER} on PATH "
+                                    "(apt-get install chromium)", yellow=True, bold=True)
+
+
+def require_chromium() -> str:
+    """The headless browser (Debian's chromium), or skip (counted in the run's summary line),
+    but never skip in CI, where .ci/run installs it."""
+    import shutil
+
+    found = shutil.which("chromium")
+    if found is not None:
+        return found
+    if os.environ.get("CI") == "true":
+        pytest.fail("chromium missing on PATH (CI=true: browser tests may not skip; .ci/run installs it)")
+    pytest.skip(f"{NO_BROWSER} on PATH")
 
 
 @pytest.fixture

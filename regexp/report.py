@@ -1,0 +1,280 @@
+"""`regexp report`: a comparison of runs and sweeps as one HTML file that opens offline.
+
+The page holds what `regexp compare` prints (mean ± std, the 95 % confidence interval, each
+group's difference to a baseline group and Welch's p-value), each group's learning curves
+(mean with a band), the health figure and findings of each group's median run, the config
+keys whose values differ between groups, and every run's dir and status: a run that did not
+train (failed, diverged, stopped, pruned, interrupted, running) is listed with why, never
+averaged. Everything is inside the file: the CSS inline, the figures as PNG data: URIs, no
+script, font or stylesheet from the network, so it opens on a cluster without internet.
+Every text that comes from a run or the command line (dirs, overrides, metric names,
+findings) is HTML-escaped. Runs are read through regexp.comparison and regexp.rundir,
+figures drawn by regexp.plotting; torch is never imported.
+"""
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from regexp.comparison import (CONFIDENCE, MISSING, NOT_EXPERIMENT_KEYS, NOT_EXPERIMENT_PREFIXES, TRAIN_LOSS, WALL_TIME,
+                               Comparison, Group, Run, as_text, comparison, fmt, fmt_ci, fmt_stat, fmt_vs,
+                               untrained_detail, vs_baseline, warn)
+from regexp.rundir import RunError, UsageError, atomic_write, load_summary, read_diagnosis
+from regexp.tracking import CommandParser, plural, short_evidence
+
+DPI = 80  # a figure's resolution in the page: sharp on screen, 64 runs' figures well under 10 MB
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+h3 { margin-bottom: 0.3em; } .note { color: #555; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f0f0f0; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.baseline td { background: #f4f8ff; } code { font-size: 0.95em; word-break: break-all; }
+.trained { color: #1a7f37; } .untrained { color: #c62828; font-weight: 600; } .pending { color: #9a6700; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.group { margin-bottom: 2em; } .finding { margin: 0.2em 0 0.6em 0; } .finding b { color: #c62828; }
+"""
+
+
+# ---------------------------------------------------------------- command line
+
+def parser() -> CommandParser:
+    p = CommandParser(
+        prog="regexp report",
+        description="Write a comparison of runs and sweeps as one self-contained HTML file that opens offline: "
+                    "the compare table (mean ± std, 95 % CI, difference to a baseline group and p-value), the "
+                    "learning curves per group, each group's health figure and findings, the config keys that differ "
+                    "between groups, and every run's dir and status.",
+        epilog="example: regexp report outputs/multirun/2024-05-01/12-00-00 --out report.html --baseline "
+               "regularizer=l2. Exit codes: 0 the report was written; 1 --out cannot be written; 2 bad input (no "
+               "runs, an unknown --by key, --metric or --baseline group, --out a directory); nothing is written then.")
+    p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
+                   help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT.html", help="the HTML file to write")
+    p.add_argument("--metric", default="test/acc", help="the metric to rank by, from summary.json (default: test/acc)")
+    p.add_argument("--by", action="append", metavar="KEY",
+                   help="group by this key instead of the swept ones (repeatable), as regexp compare --by")
+    p.add_argument("--baseline", metavar="GROUP",
+                   help="the group each other group is compared with (difference and Welch's t-test p-value), "
+                        "named by its label as regexp compare prints it, e.g. regularizer=l2")
+    return p
+
+
+def check_out(out: Path) -> None:
+    """Before any work: --out names a file whose directory can be written (RunError: exit 1)."""
+    from regexp.config import ConfigError, check_writable
+
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; name a file, e.g. {out / 'report.html'}")
+    try:
+        check_writable(out.parent, "--out", out)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+
+
+def main(args: list[str]) -> int:
+    """`regexp report`. UsageError for bad input (exit 2), RunError when --out cannot be written (1)."""
+    options = parser().parse_args(args)
+    check_out(options.out)
+    result = comparison(options.paths, options.by, options.metric, baseline=options.baseline)
+    page = report_page(result, options.metric, options.paths)
+    write_page(options.out, page)
+    runs = sum(len(g.runs) for g in result.groups)
+    print(f"report: {options.out} ({plural(runs, 'run')} in {plural(len(result.groups), 'group')}, "
+          f"{len(page.encode()) / 2**20:.1f} MiB)")
+    return 0
+
+
+def write_page(out: Path, page: str) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from None
+    atomic_write(out, lambda f: f.write(page), mode="w")
+
+
+# ---------------------------------------------------------------- the page
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def report_page(result: Comparison, metric: str, paths: list[Path]) -> str:
+    groups = result.groups
+    runs = [run for g in groups for run in g.runs]
+    order = "higher" if result.higher_is_better else "lower"
+    sections = [
+        f"<h1>regexp report: {esc(metric)}</h1>",
+        f'<p class="note">{esc(plural(len(runs), "run"))} in {esc(plural(len(groups), "group"))} from '
+        f'{", ".join(f"<code>{esc(p)}</code>" for p in paths)} · best {esc(metric)} first ({order} is better) · '
+        f"mean ± std and {CONFIDENCE:.0%} confidence interval (Student's t) over each group's completed runs; runs "
+        "that did not complete are listed, never averaged"
+        + (f" · against {esc(result.baseline.label)}: difference of means, Welch's t-test p-value"
+           if result.baseline else "") + "</p>",
+        "<h2>Comparison</h2>", compare_table(result, metric),
+        "<h2>Curves</h2>", curves_section(groups, metric),
+        "<h2>Groups: the median run's health and findings</h2>", *(group_section(g, metric) for g in groups),
+        "<h2>Config keys that differ between groups</h2>", config_section(groups),
+        "<h2>Runs</h2>", runs_table(groups, metric),
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>regexp report: {esc(metric)}</title><style>{STYLE}</style></head>\n<body>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+
+
+def table(head: list[str], rows: list[str]) -> str:
+    """A table from escaped header texts and ready <tr> rows."""
+    return f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n" + "\n".join(rows) + "</table>"
+
+
+def cell(text: Any, num: bool = False) -> str:
+    return f'<td class="num">{esc(text)}</td>' if num else f"<td>{esc(text)}</td>"
+
+
+def compare_table(result: Comparison, metric: str) -> str:
+    """What `regexp compare` prints: key values, runs, the metric's mean ± std and interval, the
+    test against the baseline when there is one, the train loss, the wall time, the statuses."""
+    keys, baseline = result.keys, result.baseline
+    losses = [TRAIN_LOSS] if metric != TRAIN_LOSS else []
+    head = [*(esc(k) for k in keys or ["group"]), "runs", f"{esc(metric)} mean ± std", f"{CONFIDENCE:.0%} CI",
+            *([f"diff vs {esc(baseline.label)}", "p (Welch)"] if baseline else []),
+            *(f"{esc(name)} mean ± std" for name in losses), "wall s", "status"]
+    rows = []
+    for g in result.groups:
+        stat, wall = g.stat(metric), g.stat(WALL_TIME).mean
+        cells = [cell(g.values[k] or MISSING) for k in keys] or [cell(g.label)]
+        cells += [cell(len(g.runs), num=True), cell(fmt_stat(stat, len(g.runs)), num=True), cell(fmt_ci(stat), num=True)]
+        if baseline:
+            vs = ("baseline", "") if g is baseline else fmt_vs(vs_baseline(g, baseline, metric))
+            cells += [cell(text, num=True) for text in vs]
+        cells += [cell(fmt_stat(g.stat(name), len(g.runs)), num=True) for name in losses]
+        cells += [cell(MISSING if wall is None else f"{wall:.1f}", num=True), f"<td>{status_html(g.statuses())}</td>"]
+        rows.append(f"<tr{' class=baseline' if g is baseline else ''}>{''.join(cells)}</tr>")
+    return table(head, rows)
+
+
+def status_html(statuses: dict[str, int]) -> str:
+    from regexp.rundir import Status
+
+    parts = []
+    for status, count in sorted(statuses.items(), key=lambda item: not Status(item[0]).trained):
+        parts.append(f'<span class="{status_class(Status(status))}">{count} {esc(status)}</span>')
+    return ", ".join(parts)
+
+
+def status_class(status) -> str:
+    from regexp.rundir import Status
+
+    return "trained" if status.trained else "pending" if status in (Status.RUNNING, Status.INTERRUPTED) else "untrained"
+
+
+def image(fig, alt: str) -> str:
+    from regexp.plotting import png_bytes
+
+    data = base64.b64encode(png_bytes(fig, dpi=DPI)).decode("ascii")
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def curves_section(groups: list[Group], metric: str) -> str:
+    from regexp.plotting import curves_figure
+
+    fig = curves_figure(groups, metric)
+    if fig is None:
+        return '<p class="note">no curves to draw: no completed run recorded per-epoch values</p>'
+    return image(fig, f"{metric} and train loss per epoch, mean ± std per group")
+
+
+def group_section(group: Group, metric: str) -> str:
+    """The group's median run (by `metric`): its health figure and its findings."""
+    from regexp.plotting import health_figure, median_run
+
+    parts = [f'<div class="group"><h3>{esc(group.label)}</h3>']
+    run = median_run(group, metric)
+    if run is None:
+        parts.append('<p class="note">no completed run: no health figure (see Runs for why)</p></div>')
+        return "".join(parts)
+    parts.append(f'<p class="note">median run by {esc(metric)}: <code>{esc(run.run_dir)}</code> '
+                 f'(seed {esc(run.seed)}, {esc(metric)} {esc(fmt(run.metrics.get(metric)))})</p>')
+    try:
+        parts.append(image(health_figure(run.run_dir), f"training health of {run.run_dir}"))
+    except RunError as e:
+        warn(f"no health figure for {run.run_dir}: {e}")
+        parts.append(f'<p class="note">no health figure: {esc(e)}</p>')
+    parts.append(findings_html(run.run_dir))
+    return "".join(parts) + "</div>"
+
+
+def findings_html(run_dir: Path) -> str:
+    """The run's findings: its diagnosis.json, else those its summary.json holds."""
+    try:
+        findings = read_diagnosis(run_dir)
+        if findings is None:
+            findings = load_summary(run_dir).findings
+    except RunError as e:
+        warn(f"no findings for {run_dir}: {e}")
+        return f'<p class="note">findings unreadable: {esc(e)}</p>'
+    if not findings:
+        return '<p class="note">no findings: nothing in the metrics matches a known failure</p>'
+    return "".join(finding_html(f) for f in findings if isinstance(f, dict))
+
+
+def finding_html(finding: dict[str, Any]) -> str:
+    evidence = finding.get("evidence")
+    advice = finding.get("interventions") or []
+    return (f'<div class="finding"><b>{esc(finding.get("title", finding.get("rule", "finding")))}</b>'
+            f' at step {esc(finding.get("step", MISSING))}: {esc(finding.get("message", ""))}'
+            + (f"<br>evidence: {esc(short_evidence(evidence))}" if isinstance(evidence, dict) else "")
+            + (f"<br>try: {esc('; '.join(map(str, advice)))}" if isinstance(advice, list) and advice else "")
+            + "</div>")
+
+
+# ---------------------------------------------------------------- config and runs
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{dotted key: value as text} of a resolved config."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{name}."))
+        else:
+            flat[name] = as_text(value)
+    return flat
+
+
+def differing_config(groups: list[Group]) -> list[tuple[str, list[str]]]:
+    """(key, one cell per group) for each config key whose values differ between groups; a
+    group whose runs disagree on a key shows each value. Seeds and paths aside, as compare does."""
+    per_run = {id(run): flat_config(run.config) for g in groups for run in g.runs}
+    keys = dict.fromkeys(k for flat in per_run.values() for k in flat)
+    rows = []
+    for key in keys:
+        if key in NOT_EXPERIMENT_KEYS or key.startswith(NOT_EXPERIMENT_PREFIXES):
+            continue
+        cells = [", ".join(sorted({per_run[id(run)].get(key, MISSING) for run in g.runs})) for g in groups]
+        if len(set(cells)) > 1:
+            rows.append((key, cells))
+    return rows
+
+
+def config_section(groups: list[Group]) -> str:
+    rows = differing_config(groups)
+    if not rows:
+        return '<p class="note">none: the groups share every config key (seeds aside)</p>'
+    return table(["key", *(esc(g.label) for g in groups)],
+                 [f"<tr><td><code>{esc(key)}</code></td>{''.join(cell(c) for c in cells)}</tr>" for key, cells in rows])
+
+
+def runs_table(groups: list[Group], metric: str) -> str:
+    rows = [run_row(run, g, metric) for g in groups for run in g.runs]
+    return table(["run dir", "group", "seed", "status", esc(metric), "in means", "why not"], rows)
+
+
+def run_row(run: Run, group: Group, metric: str) -> str:
+    value = run.metrics.get(metric)
+    why = None if run.status.trained else untrained_detail(run)
+    return (f"<tr><td><code>{esc(run.run_dir)}</code></td>{cell(group.label)}{cell(MISSING if run.seed is None else run.seed)}"
+            f'<td class="{status_class(run.status)}">{esc(run.status.value)}</td>'
+            f"{cell(fmt(value), num=True)}{cell('yes' if run.status.trained else 'no')}{cell(why or '')}</tr>")
