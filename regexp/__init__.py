@@ -30,11 +30,12 @@ def load(run_dir):
     return _load(run_dir)
 
 
-def compare(paths, by=None, metric: str = "test/acc") -> dict:
-    """The table `regexp compare` prints, as data (groups and runs)."""
+def compare(paths, by=None, metric: str = "test/acc", baseline=None) -> dict:
+    """The table `regexp compare` prints, as data (groups and runs; with `baseline`, each
+    group against that one)."""
     from regexp.api import compare as _compare
 
-    return _compare(paths, by, metric)
+    return _compare(paths, by, metric, baseline)
 
 
 __all__ = ["run", "load", "compare", "ConfigError", "RunError", "Status", "Summary"]

@@ -71,9 +71,12 @@ def load(run_dir: str | Path) -> Run:
     return Run(run_dir, load_summary(run_dir), read_metrics(run_dir), read_diagnosis(run_dir) or [])
 
 
-def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, metric: str = "test/acc") -> dict[str, Any]:
-    """The table `regexp compare` prints, as data: groups (mean and std of each column, run
-    counts by status) and runs. Failed, diverged, stopped and pruned runs are counted, never averaged."""
+def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, metric: str = "test/acc",
+            baseline: Optional[str] = None) -> dict[str, Any]:
+    """The table `regexp compare` prints, as data: groups (mean, std and 95 % confidence
+    interval of each column, run counts by status) and runs; with `baseline` (a group's label
+    or, grouped by one key, its value) each other group's difference of means to it and Welch's
+    p-value. Failed, diverged, stopped and pruned runs are counted, never averaged."""
     from regexp.comparison import table_data
     from regexp.rundir import UsageError
 
@@ -83,8 +86,10 @@ def compare(paths: Sequence[str | Path], by: Optional[Sequence[str]] = None, met
     by = None if by is None else strings(by, "by", "['optimizer']")
     if not isinstance(metric, str) or not metric:
         raise ConfigError("metric", repr(metric), "must be a metric name (a non-empty str), e.g. 'test/acc'")
+    if baseline is not None and (not isinstance(baseline, str) or not baseline):
+        raise ConfigError("baseline", repr(baseline), "must be a group's label or value (a non-empty str), e.g. 'l2'")
     try:
-        return table_data(paths, by or None, metric)
+        return table_data(paths, by or None, metric, baseline=baseline)
     except UsageError as e:  # e.g. an unknown --by key or metric: the message names it
         raise ConfigError("compare", [str(p) for p in paths], str(e)) from None
 

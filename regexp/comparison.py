@@ -21,14 +21,14 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
-from regexp.tracking import CommandParser, plural, print_whole, why_ended
+from regexp.tracking import CommandParser, natural_width, plural, print_whole, why_ended
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
@@ -36,6 +36,8 @@ NOT_EXPERIMENT_KEYS = ("seed", "out_dir", "resume", "dataset.root", "dataset.dow
 NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.")
 TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
 MISSING = "—"
+CONFIDENCE = 0.95  # of each group's interval of the mean
+MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has about 1 degree of freedom
 
 
 @dataclass
@@ -60,6 +62,17 @@ class Stat:
     mean: Optional[float]
     std: Optional[float]  # sample std (ddof=1); None below 2 values
     n: int
+    ci_low: Optional[float] = None  # the 95 % Student-t interval of the mean; None below 2 values
+    ci_high: Optional[float] = None
+
+
+@dataclass
+class VsBaseline:
+    """A group's mean against the baseline group's: the difference and Welch's t-test p-value.
+    p_value is None where the test says nothing, and `note` says why."""
+    diff: Optional[float]
+    p_value: Optional[float]
+    note: Optional[str] = None
 
 
 @dataclass
@@ -71,12 +84,23 @@ class Group:
     def label(self) -> str:
         return " ".join(f"{k}={v if v is not None else MISSING}" for k, v in self.values.items()) or "all runs"
 
+    def values_of(self, name: str) -> list[float]:
+        """The metric of the group's trained runs only."""
+        return [run.metrics[name] for run in self.runs if run.status.trained and name in run.metrics]
+
     def stat(self, name: str) -> Stat:
-        """Over the group's trained runs only."""
-        return mean_std(run.metrics[name] for run in self.runs if run.status.trained and name in run.metrics)
+        return mean_std(self.values_of(name))
 
     def statuses(self) -> Counter:
         return Counter(run.status.value for run in self.runs)
+
+
+class Comparison(NamedTuple):
+    groups: list[Group]  # best first
+    keys: list[str]  # the grouping keys
+    higher_is_better: bool
+    baseline: Optional[Group]  # the group --baseline names, one of `groups`
+
 
 
 # ---------------------------------------------------------------- reading runs
@@ -213,10 +237,41 @@ def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
 
 
 def mean_std(values: Iterable[float]) -> Stat:
+    """Mean, sample std and the 95 % confidence interval of the mean (Student's t with n - 1
+    degrees of freedom: the runs of a group are few, so the normal 1.96 would be too narrow)."""
     values = list(values)
     if not values:
         return Stat(None, None, 0)
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return Stat(mean, None, 1)
+    from scipy.stats import t  # lazily: scipy.stats takes a second to import
+
+    std = statistics.stdev(values)
+    half = float(t.ppf(1 - (1 - CONFIDENCE) / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return Stat(mean, std, len(values), mean - half, mean + half)
+
+
+def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
+    """The group's mean minus the baseline's, and Welch's t-test (unequal variances) between
+    their trained runs' values; under MIN_TEST_RUNS in either group there is no p-value."""
+    values, base = group.values_of(metric), baseline.values_of(metric)
+    if not values or not base:
+        return VsBaseline(None, None, "no trained runs")
+    diff = statistics.fmean(values) - statistics.fmean(base)
+    if min(len(values), len(base)) < MIN_TEST_RUNS:
+        return VsBaseline(diff, None, "too few runs")
+    if statistics.stdev(values) == 0 and statistics.stdev(base) == 0:
+        # Welch's t divides by the spread: with none there is no test, only the values themselves
+        return VsBaseline(diff, None, "identical values" if diff == 0 else "no spread: every run of each group equal")
+    import warnings
+
+    from scipy.stats import ttest_ind
+
+    with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the result says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p_value = float(ttest_ind(values, base, equal_var=False).pvalue)
+    return VsBaseline(diff, p_value, None) if math.isfinite(p_value) else VsBaseline(diff, None, "no test: values too close")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -232,12 +287,26 @@ def rank_groups(groups: list[Group], metric: str, higher_is_better: bool) -> lis
     return sorted(groups, key=order)
 
 
-def check_metric(runs: list[Run], metric: str) -> None:
-    """A metric no run has is a typo, unless no run was trained (then the table shows why)."""
-    if any(metric in run.metrics for run in runs) or not any(run.status.trained for run in runs):
+def check_metric(runs: list[Run], metric: str, baseline: Optional[str] = None) -> None:
+    """A metric no run has is a typo, unless no run was trained (then the table shows why);
+    against a baseline it is always one, as there is nothing to test."""
+    if any(metric in run.metrics for run in runs) or (baseline is None and not any(run.status.trained for run in runs)):
         return
     available = sorted({name for run in runs for name in run.metrics})
     raise UsageError(f"--metric {metric}: no run has this metric; available: {', '.join(available) or '(none)'}")
+
+
+def find_baseline(groups: list[Group], keys: list[str], baseline: str) -> Group:
+    """The group `--baseline` names: by its label as the table prints it (`regularizer=l2`,
+    `optimizer=adam optimizer.lr=0.01`) or, grouped by one key, by that key's value (`l2`)."""
+    matches = [g for g in groups if baseline == g.label or (len(keys) == 1 and baseline == g.values[keys[0]])]
+    labels = ", ".join(g.label for g in groups)
+    if not matches:
+        raise UsageError(f"--baseline {baseline}: no such group; groups: {labels}")
+    if len(matches) > 1:
+        raise UsageError(f"--baseline {baseline}: matches {len(matches)} groups ({', '.join(g.label for g in matches)}); "
+                         "give one group's label as printed")
+    return matches[0]
 
 
 # ---------------------------------------------------------------- output
@@ -252,14 +321,17 @@ def curve_metric(metric: str) -> str:
     return metric
 
 
-def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool, plot: Optional[Path]) -> dict:
+def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool, plot: Optional[Path],
+            baseline: Optional[Group] = None) -> dict:
     columns = list(dict.fromkeys([metric, TRAIN_LOSS, WALL_TIME]))
     return {
         "metric": metric,
         "higher_is_better": higher_is_better,
         "keys": keys,
+        "baseline": baseline.label if baseline else None,
         "groups": [{"label": g.label, "values": g.values, "runs": len(g.runs), "statuses": dict(g.statuses()),
                     "stats": {name: asdict(g.stat(name)) for name in columns},
+                    "vs_baseline": asdict(vs_baseline(g, baseline, metric)) if baseline and g is not baseline else None,
                     "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
         "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status.value,
                   "in_means": run.status.trained, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
@@ -311,30 +383,103 @@ def untrained_line(run: Run) -> str:
     return f"  {run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
 
 
-def print_table(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool) -> None:
-    runs = sum(len(g.runs) for g in groups)
-    heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std over each group's completed "
-               f"runs (others counted, not averaged) · best {metric} first ({'higher' if higher_is_better else 'lower'} is better)")
+def fmt_ci(stat: Stat) -> str:
+    if stat.ci_low is None:
+        return MISSING
+    if "e" in fmt(stat.mean):
+        return f"[{fmt(stat.ci_low)}, {fmt(stat.ci_high)}]"
+    return f"[{stat.ci_low:.4f}, {stat.ci_high:.4f}]"  # at the mean's precision, as the std
+
+
+def fmt_vs(vs: VsBaseline) -> tuple[str, str]:
+    """(difference, p-value or why there is none)."""
+    diff = MISSING if vs.diff is None else f"{vs.diff:+.4f}" if vs.diff == 0 or 1e-3 <= abs(vs.diff) < 1e4 else f"{vs.diff:+.3e}"
+    if vs.p_value is None:
+        return diff, vs.note or MISSING
+    return diff, f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
+
+
+def compare_table(result: Comparison, metric: str, optional: list[str]) -> Table:
+    """Key columns, runs, the metric's mean ± std and CI, against the baseline when there is
+    one, then the `optional` columns (the train loss, the wall time) and the statuses."""
     table = Table()
-    for key in keys or ["group"]:
-        table.add_column(Text(key))
+    for key in result.keys or ["group"]:
+        table.add_column(Text(key), no_wrap=True, overflow="fold")  # what names the row: whole while the rest wraps
     table.add_column("runs", justify="right")
-    columns = list(dict.fromkeys([metric, TRAIN_LOSS]))
-    for name in columns:
-        table.add_column(name, justify="right")
-    table.add_column("wall s", justify="right")
+    table.add_column(Text(metric), justify="right")
+    table.add_column(f"{CONFIDENCE:.0%} CI", justify="right")
+    if result.baseline:
+        table.add_column("Δ vs baseline", justify="right")
+        table.add_column("p (Welch)", justify="right")
+    for name in optional:
+        table.add_column(Text("wall s" if name == WALL_TIME else name), justify="right")
     table.add_column("status")
-    for g in groups:
-        wall = g.stat(WALL_TIME).mean
-        key_cells = [Text(g.values[k] or MISSING) for k in keys] if keys else ["all runs"]  # as typed: [dropout] stays
-        table.add_row(*key_cells, str(len(g.runs)),
-                      *(fmt_stat(g.stat(name), len(g.runs)) for name in columns),
-                      MISSING if wall is None else f"{wall:.1f}", status_text(g.statuses()))
-    console = Console(highlight=False)
+    for g in result.groups:
+        stat = g.stat(metric)
+        cells = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]  # as typed: [dropout] stays
+        cells += [str(len(g.runs)), fmt_stat(stat, len(g.runs)), fmt_ci(stat)]
+        if result.baseline:
+            cells += ["baseline", ""] if g is result.baseline else fmt_vs(vs_baseline(g, result.baseline, metric))
+        for name in optional:
+            if name == WALL_TIME:
+                wall = g.stat(WALL_TIME).mean
+                cells.append(MISSING if wall is None else f"{wall:.1f}")
+            else:
+                cells.append(fmt_stat(g.stat(name), len(g.runs)))
+        table.add_row(*cells, status_text(g.statuses()))
+    return table
+
+
+def fitted_table(console: Console, result: Comparison, metric: str) -> tuple[Table, list[str]]:
+    """The table whole on a file or a pipe; on a terminal narrower than its rows, without the
+    optional columns (the wall time, then the train loss go first), and what still does not
+    fit is wrapped between words by rich. Also the columns left out."""
+    optional = [name for name in (TRAIN_LOSS, WALL_TIME) if name != metric]
+    table = compare_table(result, metric, optional)
+    while console.is_terminal and optional and natural_width(console, table) > console.width:
+        optional.pop()
+        table = compare_table(result, metric, optional)
+    left_out = [name for name in (TRAIN_LOSS, WALL_TIME) if name != metric and name not in optional]
+    return table, left_out
+
+
+def print_table(result: Comparison, metric: str, console: Optional[Console] = None) -> None:
+    groups = result.groups
+    runs = sum(len(g.runs) for g in groups)
+    heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std and {CONFIDENCE:.0%} confidence "
+               f"interval (Student's t) over each group's completed runs (others counted, not averaged) · best {metric} "
+               f"first ({'higher' if result.higher_is_better else 'lower'} is better)")
+    if result.baseline:
+        heading += (f" · against baseline {result.baseline.label}: difference of means and Welch's t-test p-value "
+                    f"(none under {MIN_TEST_RUNS} completed runs a group: too few runs)")
+    console = console or Console(highlight=False)
+    table, left_out = fitted_table(console, result, metric)
     console.print(heading, markup=False, soft_wrap=True)
     print_whole(console, table)  # a file or a pipe: never squeezed into 80 columns
+    if left_out:
+        console.print(f"  ({' and '.join(left_out)} left out to fit {console.width} columns; --json or a wider "
+                      "terminal shows them)", markup=False, soft_wrap=True)
     for run in (run for g in groups for run in g.runs if not run.status.trained):
         console.print(untrained_line(run), markup=False, soft_wrap=True)
+
+
+def write_csv(result: Comparison, metric: str, out: Any) -> None:
+    """One row per group: its key values, then the metric's statistics and the test against
+    the baseline (empty cells where there is no value)."""
+    import csv
+
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*(result.keys or ["group"]), "metric", "runs", "n", "mean", "std", "ci_low", "ci_high",
+                     "diff", "p_value", "note", "statuses"])
+    for g in result.groups:
+        stat = g.stat(metric)
+        vs = vs_baseline(g, result.baseline, metric) if result.baseline and g is not result.baseline else None
+        note = "baseline" if g is result.baseline else vs.note if vs else None
+        cells = [g.values[k] for k in result.keys] if result.keys else ["all runs"]
+        cells += [metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
+                  vs and vs.diff, vs and vs.p_value, note,
+                  "; ".join(f"{count} {status}" for status, count in g.statuses().items())]
+        writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in cells])
 
 
 def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
@@ -392,13 +537,15 @@ def parser() -> CommandParser:
     p = CommandParser(
         prog="regexp compare",
         description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
-                    "override keys (seed aside), mean ± std over each group's completed runs, best first. "
-                    "Failed, diverged, stopped, pruned, interrupted and running runs are counted and listed, never "
-                    "averaged.",
+                    "override keys (seed aside), mean ± std and the 95%% confidence interval of the mean (Student's "
+                    "t) over each group's completed runs, best first; with --baseline, each group's difference to "
+                    "that group and Welch's t-test p-value. Failed, diverged, stopped, pruned, interrupted and "
+                    "running runs are counted and listed, never averaged.",
         epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "
-               "(no runs, an unknown --by key or --metric, a --plot path that cannot be written); 141 the reader "
+               "(no runs, an unknown --by key or --metric, a --baseline that names no group or several, "
+               "--json with --csv, a --plot path that cannot be written); 141 the reader "
                "of a pipe left early (e.g. | head), quietly.")
     p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
                    help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
@@ -408,7 +555,16 @@ def parser() -> CommandParser:
                         "a config group or a dotted config key (optimizer.lr)")
     p.add_argument("--plot", type=Path, metavar="OUT.png",
                    help="write learning curves per group (mean ± std over its completed runs) to this image")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON (and nothing else) on stdout")
+    p.add_argument("--baseline", metavar="GROUP",
+                   help="compare every group with this one: the difference of means and Welch's t-test p-value "
+                        "(none under 3 completed runs in either group: too few runs). GROUP is a group's label as "
+                        "the table prints it (regularizer=l2; with several keys all of them: 'optimizer=adam "
+                        "optimizer.lr=0.01') or, grouped by one key, its value (l2)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the comparison as JSON (and nothing else) on stdout")
+    output.add_argument("--csv", action="store_true",
+                        help="print one CSV row per group (and nothing else) on stdout: the key values, metric, runs, "
+                             "n (completed runs averaged), mean, std, ci_low, ci_high, diff, p_value, note, statuses")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--higher-is-better", dest="higher_is_better", action="store_true", default=None,
                        help="rank by the highest mean (default unless the metric's name says loss, error or time)")
@@ -433,24 +589,25 @@ def check_plot_path(out: Path) -> None:
         raise UsageError(str(e)) from None
 
 
-def comparison(paths: list[Path], by: Optional[list[str]], metric: str,
-               higher_is_better: Optional[bool] = None) -> tuple[list[Group], list[str], bool]:
-    """(groups best first, the grouping keys, higher_is_better); UsageError on bad input."""
+def comparison(paths: list[Path], by: Optional[list[str]], metric: str, higher_is_better: Optional[bool] = None,
+               baseline: Optional[str] = None) -> Comparison:
+    """The runs below `paths`, grouped and ranked; UsageError on bad input."""
     if higher_is_better is None:
         higher_is_better = not lower_is_better(metric)
     runs = find_runs(paths)
-    check_metric(runs, metric)
+    check_metric(runs, metric, baseline)
     if by:
         check_keys(runs, by)
     keys = list(dict.fromkeys(by)) if by else swept_keys(runs)
-    return rank_groups(group_runs(runs, keys), metric, higher_is_better), keys, higher_is_better
+    groups = rank_groups(group_runs(runs, keys), metric, higher_is_better)
+    return Comparison(groups, keys, higher_is_better, None if baseline is None else find_baseline(groups, keys, baseline))
 
 
 def table_data(paths: list[Path], by: Optional[list[str]] = None, metric: str = "test/acc",
-               higher_is_better: Optional[bool] = None) -> dict[str, Any]:
+               higher_is_better: Optional[bool] = None, baseline: Optional[str] = None) -> dict[str, Any]:
     """The comparison as data, as `regexp compare --json` prints it (the Python API's compare)."""
-    groups, keys, higher_is_better = comparison(paths, by, metric, higher_is_better)
-    return as_json(groups, keys, metric, higher_is_better, None)
+    result = comparison(paths, by, metric, higher_is_better, baseline)
+    return as_json(result.groups, result.keys, metric, result.higher_is_better, None, result.baseline)
 
 
 def main(args: list[str]) -> int:
@@ -458,17 +615,20 @@ def main(args: list[str]) -> int:
     options = parser().parse_args(args)
     if options.plot is not None:
         check_plot_path(options.plot)
-    groups, keys, higher_is_better = comparison(options.paths, options.by, options.metric, options.higher_is_better)
+    result = comparison(options.paths, options.by, options.metric, options.higher_is_better, options.baseline)
     plotted = None
     if options.plot is not None:
-        if plot_curves(groups, options.metric, options.plot):
+        if plot_curves(result.groups, options.metric, options.plot):
             plotted = options.plot
         else:
             warn(f"--plot: no curves to draw (no metrics.jsonl values); {options.plot} not written")
     if options.json:
-        print(json.dumps(as_json(groups, keys, options.metric, higher_is_better, plotted), indent=2))
+        data = as_json(result.groups, result.keys, options.metric, result.higher_is_better, plotted, result.baseline)
+        print(json.dumps(data, indent=2))
+    elif options.csv:
+        write_csv(result, options.metric, sys.stdout)
     else:
-        print_table(groups, keys, options.metric, higher_is_better)
+        print_table(result, options.metric)
         if plotted:
             print(f"curves: {plotted}")
     return 0

@@ -150,9 +150,13 @@ def print_whole(console: Console, renderable: Any) -> None:
     if console.is_terminal:
         console.print(renderable)
         return
-    needed = console.measure(renderable, options=console.options.update_width(10_000)).maximum
-    with wider(console, needed):
+    with wider(console, natural_width(console, renderable)):
         console.print(renderable)
+
+
+def natural_width(console: Console, renderable: Any) -> int:
+    """How wide the renderable is with no line wrapped."""
+    return console.measure(renderable, options=console.options.update_width(10_000)).maximum
 
 
 class Reporter:

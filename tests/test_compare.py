@@ -199,8 +199,8 @@ def test_table_shows_groups_best_first_with_mean_and_std(sweep, tmp_path):
         cells = [c.strip() for c in rows[name].split("│")]
         assert cells[1] == str(group["runs"]) == "2"
         assert cells[2] == f"{group['acc'][0]:.4f} ± {group['acc'][1]:.4f}"
-        assert cells[3] == f"{group['loss'][0]:.4f} ± {group['loss'][1]:.4f}"
-        assert cells[5] == "2 completed"
+        assert cells[4] == f"{group['loss'][0]:.4f} ± {group['loss'][1]:.4f}"
+        assert cells[6] == "2 completed"
     assert "optimizer" in out.stdout.splitlines()[2] and "best test/acc first (higher is better)" in out.stdout
     assert not out.stderr
 
@@ -267,10 +267,10 @@ def test_failed_runs_are_marked_and_left_out_of_the_statistics(sweep, tmp_path):
     rows = table_rows(out.stdout)
     assert list(rows)[-1] == "nesterov"  # no metric: last
     nesterov = [c.strip() for c in rows["nesterov"].split("│")]
-    assert nesterov[1:3] == ["1", "—"] and nesterov[5] == "1 failed"
+    assert nesterov[1:4] == ["1", "—", "—"] and nesterov[6] == "1 failed"
     remaining = next(s["metrics"]["test/acc"] for job, s in by_job.items() if s["choices"]["optimizer"] == "adam" and job != failed)
     adam = [c.strip() for c in rows["adam"].split("│")]
-    assert adam[1] == "2" and adam[2] == f"{remaining:.4f} ±— (n=1)" and adam[5] == "1 completed, 1 failed"
+    assert adam[1] == "2" and adam[2] == f"{remaining:.4f} ±— (n=1)" and adam[6] == "1 completed, 1 failed"
     assert f"failed: {copy / failed}  (RuntimeError: boom)" in out.stdout
     assert (tmp_path / "curves.png").is_file()
 
@@ -323,14 +323,14 @@ def test_failed_and_diverged_runs_are_counted_never_averaged(tmp_path):
     out = run_cli(["compare", str(tmp_path)], tmp_path)
     assert out.returncode == 0 and not out.stderr
     rows = table_rows(out.stdout)
-    assert [c.strip() for c in rows["adam"].split("│")][4:] == ["474.9", "1 completed, 1 failed"]
-    assert [c.strip() for c in rows["sgd"].split("│")][4:] == ["100.0", "1 completed, 1 diverged"]
+    assert [c.strip() for c in rows["adam"].split("│")][5:] == ["474.9", "1 completed, 1 failed"]
+    assert [c.strip() for c in rows["sgd"].split("│")][5:] == ["100.0", "1 completed, 1 diverged"]
     assert f"failed: {tmp_path / '1'}  (RuntimeError: boom)" in out.stdout
     assert f"diverged: {tmp_path / '3'}  (non-finite at step 7)" in out.stdout
 
     result = json.loads(run_cli(["compare", str(tmp_path), "--json"], tmp_path).stdout)
     adam = next(g for g in result["groups"] if g["values"]["optimizer"] == "adam")
-    assert adam["stats"]["wall_time_s"] == {"mean": 474.9, "std": None, "n": 1} and adam["statuses"] == {"completed": 1, "failed": 1}
+    assert adam["stats"]["wall_time_s"] == {"mean": 474.9, "std": None, "n": 1, "ci_low": None, "ci_high": None} and adam["statuses"] == {"completed": 1, "failed": 1}
     assert {r["status"]: r["in_means"] for r in result["runs"]} == {"completed": True, "failed": False, "diverged": False}
 
 
