@@ -25,6 +25,7 @@ commands:
   diagnose RUN_DIR          what went wrong in a run and what to try, from its metrics
   compare PATH... [--metric test/acc] [--by KEY] [--plot out.png] [--json]
                             runs and sweeps side by side: groups by the swept keys, mean ± std over seeds
+  plot RUN [--out FILE.png] the training-health figure of a run (or: plot PATH... --by KEY, one column a group)
 
 {groups}
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
@@ -102,14 +103,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    if command in ("compare", "diagnose"):
+    if command in ("compare", "diagnose", "plot"):
         return reader_command(command, rest)
-    fail(f"unknown command {command!r}; commands: train, compare, diagnose (see regexp --help)")
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot (see regexp --help)")
     return 2
 
 
 def reader_command(command: str, args: list[str]) -> int:
-    """`regexp compare` / `regexp diagnose`, which read run dirs: bad input is one line and
+    """`regexp compare` / `regexp diagnose` / `regexp plot`, which read run dirs: bad input is one line and
     exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
     leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
     import os
@@ -119,6 +120,8 @@ def reader_command(command: str, args: list[str]) -> int:
     try:
         if command == "compare":
             from regexp.comparison import main as command_main
+        elif command == "plot":
+            from regexp.plot import main as command_main
         else:
             from regexp.diagnose import main as command_main
         code = command_main(args)
