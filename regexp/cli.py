@@ -25,6 +25,7 @@ commands:
   diagnose RUN_DIR          what went wrong in a run and what to try, from its metrics
   compare PATH... [--metric test/acc] [--by KEY] [--plot out.png] [--json]
                             runs and sweeps side by side: groups by the swept keys, mean ± std over seeds
+  plot RUN [--out FILE.png] the training-health figure of a run (or: plot PATH... --by KEY, one column a group)
   report PATH... --out report.html [--by KEY] [--baseline GROUP]
                             the comparison, curves and health figures as one HTML file that opens offline
 
@@ -104,14 +105,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    if command in ("compare", "diagnose", "report"):
+    if command in ("compare", "diagnose", "plot", "report"):
         return reader_command(command, rest)
-    fail(f"unknown command {command!r}; commands: train, compare, diagnose, report (see regexp --help)")
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report (see regexp --help)")
     return 2
 
 
 def reader_command(command: str, args: list[str]) -> int:
-    """`regexp compare` / `regexp diagnose` / `regexp report`, which read run dirs: bad input is one line and
+    """`regexp compare`, `diagnose`, `plot` and `report`, which read run dirs: bad input is one line and
     exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
     leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
     import os
@@ -121,6 +122,8 @@ def reader_command(command: str, args: list[str]) -> int:
     try:
         if command == "compare":
             from regexp.comparison import main as command_main
+        elif command == "plot":
+            from regexp.plot import main as command_main
         elif command == "report":
             from regexp.report import main as command_main
         else:

@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_metrics, read_overrides
-from regexp.tracking import CommandParser, natural_width, plural, print_whole, why_ended
+from regexp.rundir import RunError, Status, UsageError, load_summary, read_overrides
+from regexp.tracking import CommandParser, natural_width, plural, print_whole, warn, why_ended
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
@@ -143,10 +143,6 @@ def read_run(run_dir: Path) -> Optional[Run]:
     )
 
 
-def warn(message: str) -> None:
-    print(f"regexp: warning: {message}", file=sys.stderr)
-
-
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
     """`+regularizer=[dropout,l2]` -> {"regularizer": "[dropout,l2]"}: the key as the
     config names it (an appended group is still the group)."""
@@ -159,17 +155,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def curve_of(records: list[dict[str, Any]], name: str) -> dict[int, float]:
-    """{epoch: value} of a run's metric records; the last record of an epoch wins (the
-    epoch's own row comes after its log steps)."""
-    curve: dict[int, float] = {}
-    for record in records:
-        value = record.get(name)
-        if is_number(record.get("epoch")) and is_number(value) and math.isfinite(value):
-            curve[int(record["epoch"])] = float(value)
-    return curve
 
 
 # ---------------------------------------------------------------- keys and groups
@@ -310,16 +295,6 @@ def find_baseline(groups: list[Group], keys: list[str], baseline: str) -> Group:
 
 
 # ---------------------------------------------------------------- output
-
-def curve_metric(metric: str) -> str:
-    """The per-epoch curve that tracks `metric`: test/* is measured once, val/* every
-    epoch, and the final train/* are the last of the epoch means epoch/train_*."""
-    if metric.startswith("test/"):
-        return "val/" + metric[len("test/"):]
-    if metric.startswith("train/"):
-        return "epoch/train_" + metric[len("train/"):]
-    return metric
-
 
 def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better: bool, plot: Optional[Path],
             baseline: Optional[Group] = None) -> dict:
@@ -482,55 +457,6 @@ def write_csv(result: Comparison, metric: str, out: Any) -> None:
         writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in cells])
 
 
-def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
-    """Each group's mean curve (± std band where ≥ 2 runs reached the epoch) over its
-    trained runs, of the metric's per-epoch counterpart and of the train loss, written
-    atomically to `out`. False when there is nothing to draw; RunError when `out` cannot be
-    written."""
-    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global state
-    from matplotlib.ticker import MaxNLocator
-
-    names = list(dict.fromkeys([curve_metric(metric), curve_metric(TRAIN_LOSS)]))
-    curves = trained_curves(groups, names)
-    panels = [name for name in names if any(run_curves[name] for run_curves in curves.values())]
-    if not panels:
-        return False
-    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-    for ax, name in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for color, g in enumerate(groups):
-            group_curves = [curves[run.run_dir][name] for run in g.runs if run.run_dir in curves]
-            epochs = sorted({e for c in group_curves for e in c})
-            stats = [mean_std(c[e] for c in group_curves if e in c) for e in epochs]
-            ax.plot(epochs, [s.mean for s in stats], marker="o", color=f"C{color}", label=f"{g.label} (n={len(group_curves)})")
-            band = [(e, s.mean - s.std, s.mean + s.std) for e, s in zip(epochs, stats) if s.std is not None]
-            if band:
-                ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
-        ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean ± std over runs)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize="small")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--plot {out}: cannot create {out.parent} ({e.strerror or e})") from None
-    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower(), dpi=120), mode="wb")
-    return True
-
-
-def trained_curves(groups: list[Group], names: list[str]) -> dict[Path, dict[str, dict[int, float]]]:
-    """run dir -> name -> {epoch: value}, for each trained run; a run whose metrics.jsonl is
-    corrupted is named in a warning and left out of the plot."""
-    curves = {}
-    for run in (run for g in groups for run in g.runs if run.status.trained):
-        try:
-            records = read_metrics(run.run_dir)
-        except RunError as e:
-            warn(f"--plot: leaving out {run.run_dir}: {e}")
-            continue
-        curves[run.run_dir] = {name: curve_of(records, name) for name in names}
-    return curves
-
-
 # ---------------------------------------------------------------- command
 
 def parser() -> CommandParser:
@@ -618,7 +544,11 @@ def main(args: list[str]) -> int:
     result = comparison(options.paths, options.by, options.metric, options.higher_is_better, options.baseline)
     plotted = None
     if options.plot is not None:
-        if plot_curves(result.groups, options.metric, options.plot):
+        from regexp.plotting import curves_figure, save_figure
+
+        figure = curves_figure(result.groups, options.metric)
+        if figure is not None:
+            save_figure(figure, options.plot)
             plotted = options.plot
         else:
             warn(f"--plot: no curves to draw (no metrics.jsonl values); {options.plot} not written")

@@ -91,6 +91,11 @@ def _in_short(values: Any, named: Any = None) -> str:
     return fmt_value(values)
 
 
+def warn(message: str) -> None:
+    """A command's warning: one line on stderr."""
+    print(f"regexp: warning: {message}", file=sys.stderr)
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import REGEXP, TINY, require_shared_data, run_cli, summaries
 
 from regexp import comparison as compare  # the module; regexp.compare is the Python API's function
+from regexp import plotting
 from regexp.comparison import Stat
 from regexp.rundir import UsageError, read_metrics
 
@@ -147,8 +148,8 @@ def test_curves_take_each_epochs_last_record(tmp_path):
         {"step": 4, "nonfinite/step": 4}, {"step": 6, "epoch": 2, "train/loss": 1.0, "val/acc": 0.6}])
     (run_dir / "metrics.jsonl").open("a").write('{"step": 8, "epoch": 3, "train/lo')  # a run still writing
     records = read_metrics(run_dir)
-    assert compare.curve_of(records, "train/loss") == {1: 1.5, 2: 1.0}
-    assert compare.curve_of(records, compare.curve_metric("test/acc")) == {1: 0.5, 2: 0.6}
+    assert plotting.curve_of(records, "train/loss") == {1: 1.5, 2: 1.0}
+    assert plotting.curve_of(records, plotting.curve_metric("test/acc")) == {1: 0.5, 2: 0.6}
 
 
 # ---------------------------------------------------------------- the real command on a real sweep
