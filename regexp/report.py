@@ -19,9 +19,9 @@ from typing import Any
 
 from regexp.comparison import (CONFIDENCE, MISSING, NOT_EXPERIMENT_KEYS, NOT_EXPERIMENT_PREFIXES, TRAIN_LOSS, WALL_TIME,
                                Comparison, Group, Run, as_text, comparison, fmt, fmt_ci, fmt_stat, fmt_vs,
-                               untrained_detail, vs_baseline, warn)
+                               untrained_detail, vs_baseline)
 from regexp.rundir import RunError, UsageError, atomic_write, load_summary, read_diagnosis
-from regexp.tracking import CommandParser, plural, short_evidence
+from regexp.tracking import CommandParser, plural, short_evidence, warn
 
 DPI = 80  # a figure's resolution in the page: sharp on screen, 64 runs' figures well under 10 MB
 
