@@ -496,23 +496,33 @@ def print_table(result: Comparison, metric: str, console: Optional[Console] = No
         console.print(untrained_line(run), markup=False, soft_wrap=True)
 
 
-def write_csv(result: Comparison, metric: str, out: Any) -> None:
-    """One row per group: its key values, then the metric's statistics and the test against
-    the baseline (empty cells where there is no value)."""
-    import csv
-
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*(result.keys or ["group"]), "metric", "runs", "n", "mean", "std", "ci_low", "ci_high",
-                     "diff", "p_value", "note", "statuses"])
+def group_rows(result: Comparison, metric: str) -> tuple[list[str], list[list[Any]]]:
+    """(columns, one row per group): its key values, then the metric's statistics and the test
+    against the baseline (None where there is no value), as --csv prints them and W&B's sweep
+    table holds them."""
+    columns = [*(result.keys or ["group"]), "metric", "runs", "n", "mean", "std", "ci_low", "ci_high",
+               "diff", "p_value", "note", "statuses"]
+    rows = []
     for g in result.groups:
         stat = g.stat(metric)
         vs = vs_baseline(g, result.baseline, metric) if result.baseline and g is not result.baseline else None
         note = "baseline" if g is result.baseline else vs.note if vs else None
         cells = [g.values[k] for k in result.keys] if result.keys else ["all runs"]
-        cells += [metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
-                  vs and vs.diff, vs and vs.p_value, note,
-                  "; ".join(f"{count} {status}" for status, count in g.statuses().items())]
-        writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in cells])
+        rows.append([*cells, metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
+                     vs and vs.diff, vs and vs.p_value, note,
+                     "; ".join(f"{count} {status}" for status, count in g.statuses().items())])
+    return columns, rows
+
+
+def write_csv(result: Comparison, metric: str, out: Any) -> None:
+    """group_rows as CSV: empty cells for None, floats in full (repr), user text quoted as needed."""
+    import csv
+
+    columns, rows = group_rows(result, metric)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in row])
 
 
 def plot_curves(groups: list[Group], metric: str, out: Path) -> bool:
