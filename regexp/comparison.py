@@ -374,24 +374,20 @@ def fmt_vs(vs: VsBaseline) -> tuple[str, str]:
     return diff, f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
 
 
-def compare_table(result: Comparison, metric: str, optional: list[str]) -> Table:
-    """Key columns, runs, the metric's mean ± std and CI, against the baseline when there is
-    one, then the `optional` columns (the train loss, the wall time) and the statuses."""
-    table = Table()
-    for key in result.keys or ["group"]:
-        table.add_column(Text(key), no_wrap=True, overflow="fold")  # what names the row: whole while the rest wraps
-    table.add_column("runs", justify="right")
-    table.add_column(Text(metric), justify="right")
-    table.add_column(f"{CONFIDENCE:.0%} CI", justify="right")
+Cell = str | Text
+
+
+def table_cells(result: Comparison, metric: str, optional: list[str]) -> tuple[list[Cell], list[list[Cell]]]:
+    """(headers, rows): key columns, runs, the metric's mean ± std and CI, against the baseline
+    when there is one, then the `optional` columns (the train loss, the wall time) and the statuses."""
+    headers: list[Cell] = [*map(Text, result.keys or ["group"]), "runs", Text(metric), f"{CONFIDENCE:.0%} CI"]
     if result.baseline:
-        table.add_column("Δ vs baseline", justify="right")
-        table.add_column("p (Welch)", justify="right")
-    for name in optional:
-        table.add_column(Text("wall s" if name == WALL_TIME else name), justify="right")
-    table.add_column("status")
+        headers += ["Δ vs baseline", "p (Welch)"]
+    headers += [*(Text(column_name(name)) for name in optional), "status"]
+    rows = []
     for g in result.groups:
         stat = g.stat(metric)
-        cells = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]  # as typed: [dropout] stays
+        cells: list[Cell] = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]  # as typed: [dropout] stays
         cells += [str(len(g.runs)), fmt_stat(stat, len(g.runs)), fmt_ci(stat)]
         if result.baseline:
             cells += ["baseline", ""] if g is result.baseline else fmt_vs(vs_baseline(g, result.baseline, metric))
@@ -401,21 +397,63 @@ def compare_table(result: Comparison, metric: str, optional: list[str]) -> Table
                 cells.append(MISSING if wall is None else f"{wall:.1f}")
             else:
                 cells.append(fmt_stat(g.stat(name), len(g.runs)))
-        table.add_row(*cells, status_text(g.statuses()))
-    return table
+        rows.append([*cells, status_text(g.statuses())])
+    return headers, rows
 
 
-def fitted_table(console: Console, result: Comparison, metric: str) -> tuple[Table, list[str]]:
-    """The table whole on a file or a pipe; on a terminal narrower than its rows, without the
-    optional columns (the wall time, then the train loss go first), and what still does not
-    fit is wrapped between words by rich. Also the columns left out."""
+def fitted_table(result: Comparison, metric: str, width: Optional[int]) -> tuple[Table, list[str]]:
+    """The table, and the columns left out. Whole where `width` is None (a file or a pipe); on a
+    terminal `width` wide, without the optional columns that do not fit (the wall time, then the
+    train loss go first), and then, if the rows are still too wide, each column as wide as its
+    longest word at least, the spare width to the leftmost columns (the keys, then the metric),
+    the rest of a cell wrapped between words."""
     optional = [name for name in (TRAIN_LOSS, WALL_TIME) if name != metric]
-    table = compare_table(result, metric, optional)
-    while console.is_terminal and optional and natural_width(console, table) > console.width:
+    headers, rows = table_cells(result, metric, optional)
+    while width is not None and optional and table_width(headers, rows) > width:
         optional.pop()
-        table = compare_table(result, metric, optional)
-    left_out = [name for name in (TRAIN_LOSS, WALL_TIME) if name != metric and name not in optional]
+        headers, rows = table_cells(result, metric, optional)
+    widths = column_widths(headers, rows, width) if width is not None and table_width(headers, rows) > width else None
+    table = Table()
+    keys = len(result.keys or ["group"])
+    for i, header in enumerate(headers):
+        numeric = keys <= i < len(headers) - 1  # between the keys and the statuses
+        table.add_column(header, justify="right" if numeric else "left", width=widths[i] if widths else None,
+                         overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    left_out = [column_name(name) for name in (TRAIN_LOSS, WALL_TIME) if name != metric and name not in optional]
     return table, left_out
+
+
+def column_name(name: str) -> str:
+    return "wall s" if name == WALL_TIME else name
+
+
+def plain(cell: Cell) -> str:
+    return cell.plain if isinstance(cell, Text) else cell
+
+
+def table_width(headers: list[Cell], rows: list[list[Cell]]) -> int:
+    """A rich table's width with no cell wrapped: each column's longest cell, a space either
+    side and a border between (and at each edge)."""
+    return sum(max(len(plain(cell)) for cell in column) for column in zip(headers, *rows)) + 3 * len(headers) + 1
+
+
+def column_widths(headers: list[Cell], rows: list[list[Cell]], width: int) -> Optional[list[int]]:
+    """Column widths (of the text, padding and borders aside) that fill `width`: each column
+    its longest word, then as much of its longest cell as the spare width gives, leftmost
+    first. None when the longest words alone overflow (then rich squeezes them as it can)."""
+    columns = [[plain(cell) for cell in column] for column in zip(headers, *rows)]
+    words = [max((len(word) for cell in column for word in cell.split()), default=1) for column in columns]
+    spare = width - 3 * len(columns) - 1 - sum(words)
+    if spare < 0:
+        return None
+    widths = []
+    for column, word in zip(columns, words):
+        extra = min(spare, max(len(cell) for cell in column) - word)
+        widths.append(word + extra)
+        spare -= extra
+    return widths
 
 
 def print_table(result: Comparison, metric: str, console: Optional[Console] = None) -> None:
@@ -428,7 +466,7 @@ def print_table(result: Comparison, metric: str, console: Optional[Console] = No
         heading += (f" · against baseline {result.baseline.label}: difference of means and Welch's t-test p-value "
                     f"(none under {MIN_TEST_RUNS} completed runs a group: too few runs)")
     console = console or Console(highlight=False)
-    table, left_out = fitted_table(console, result, metric)
+    table, left_out = fitted_table(result, metric, console.width if console.is_terminal else None)
     console.print(heading, markup=False, soft_wrap=True)
     print_whole(console, table)  # a file or a pipe: never squeezed into 80 columns
     if left_out:
@@ -438,23 +476,33 @@ def print_table(result: Comparison, metric: str, console: Optional[Console] = No
         console.print(untrained_line(run), markup=False, soft_wrap=True)
 
 
-def write_csv(result: Comparison, metric: str, out: Any) -> None:
-    """One row per group: its key values, then the metric's statistics and the test against
-    the baseline (empty cells where there is no value)."""
-    import csv
-
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*(result.keys or ["group"]), "metric", "runs", "n", "mean", "std", "ci_low", "ci_high",
-                     "diff", "p_value", "note", "statuses"])
+def group_rows(result: Comparison, metric: str) -> tuple[list[str], list[list[Any]]]:
+    """(columns, one row per group): its key values, then the metric's statistics and the test
+    against the baseline (None where there is no value), as --csv prints them and W&B's sweep
+    table holds them."""
+    columns = [*(result.keys or ["group"]), "metric", "runs", "n", "mean", "std", "ci_low", "ci_high",
+               "diff", "p_value", "note", "statuses"]
+    rows = []
     for g in result.groups:
         stat = g.stat(metric)
         vs = vs_baseline(g, result.baseline, metric) if result.baseline and g is not result.baseline else None
         note = "baseline" if g is result.baseline else vs.note if vs else None
         cells = [g.values[k] for k in result.keys] if result.keys else ["all runs"]
-        cells += [metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
-                  vs and vs.diff, vs and vs.p_value, note,
-                  "; ".join(f"{count} {status}" for status, count in g.statuses().items())]
-        writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in cells])
+        rows.append([*cells, metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
+                     vs and vs.diff, vs and vs.p_value, note,
+                     "; ".join(f"{count} {status}" for status, count in g.statuses().items())])
+    return columns, rows
+
+
+def write_csv(result: Comparison, metric: str, out: Any) -> None:
+    """group_rows as CSV: empty cells for None, floats in full (repr), user text quoted as needed."""
+    import csv
+
+    columns, rows = group_rows(result, metric)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if cell is None else repr(cell) if isinstance(cell, float) else cell for cell in row])
 
 
 # ---------------------------------------------------------------- command

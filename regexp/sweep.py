@@ -81,8 +81,19 @@ class SweepSummary(Callback):
         failed = [r for r in rows if not row_finished(r)]
         write_sweep_summary(sweep_dir, rows, "failed" if failed else "completed")
         print_sweep_table(sweep_dir, rows, failed)
+        log_compare_table(config, rows)
         if failed:
             raise SweepFailed(len(failed), len(rows))
+
+
+def log_compare_table(config: DictConfig, rows: list[dict[str, Any]]) -> None:
+    """The compare table of this invocation's runs (refused and unlaunched jobs have none) to
+    W&B, when the sweep logs there."""
+    from regexp.wandb_logger import log_sweep_table
+
+    run_dirs = [Path(r["run_dir"]) for r in rows
+                if r["status"] not in (REFUSED, NOT_RUN) and (Path(r["run_dir"]) / "summary.json").is_file()]
+    log_sweep_table(config, run_dirs, METRIC, print)  # not through logging: Hydra's handler would print it twice
 
 
 def signal_number(stopped_by: BaseException) -> int:

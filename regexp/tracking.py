@@ -155,13 +155,9 @@ def print_whole(console: Console, renderable: Any) -> None:
     if console.is_terminal:
         console.print(renderable)
         return
-    with wider(console, natural_width(console, renderable)):
+    needed = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+    with wider(console, needed):
         console.print(renderable)
-
-
-def natural_width(console: Console, renderable: Any) -> int:
-    """How wide the renderable is with no line wrapped."""
-    return console.measure(renderable, options=console.options.update_width(10_000)).maximum
 
 
 class Reporter:

@@ -130,11 +130,15 @@ def init_run(mode: str, init_args: dict[str, Any], run_dir: Path, warn: Callable
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S, **settings), **init_args)
         except Exception as e:  # unreachable, timed out, key rejected: the run goes on offline
             server.unreachable = True
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warn(f"W&B could not go online ({reason}); logging offline")
+            warn(f"W&B could not go online ({reason_of(e)}); logging offline")
             for aborted in (run_dir / "wandb").glob("run-*"):  # the failed attempt: `wandb sync` would upload it as an empty run
                 shutil.rmtree(aborted, ignore_errors=True)
     return wandb.init(mode="offline", settings=wandb.Settings(**settings), **init_args)
+
+
+def reason_of(error: Exception) -> str:
+    """An exception's first line, or its type's name when it says nothing."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -190,3 +194,42 @@ class WandbRun:
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+SWEEP_TABLE_JOB_TYPE = "sweep-summary"
+
+
+def log_sweep_table(cfg: DictConfig, run_dirs: list[Path], metric: str, say: Callable[[str], None]) -> None:
+    """At the end of a sweep that logs to W&B: its compare table (groups by the swept keys, mean,
+    std and 95 % interval of `metric`, as `regexp compare --csv` prints it) as a wandb.Table
+    named `compare`, in one more W&B run of the sweep's group, with job type sweep-summary.
+    `say` prints a line. Never fails the sweep: a W&B error (or any other) is one warning."""
+    def warn(text: str) -> None:
+        say(f"warning: {text}")
+
+    try:
+        if cfg.logger.name == "none" or not run_dirs:
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")  # as for the jobs' runs
+        mode = choose_mode(cfg.logger.mode, warn)
+        if mode == "disabled":
+            return
+        import wandb
+
+        from regexp.comparison import comparison, group_rows
+
+        result = comparison(run_dirs, None, metric)
+        columns, rows = group_rows(result, metric)
+        sweep_dir = Path(cfg.hydra.sweep.dir)
+        init_args = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(sweep_dir),
+                         name=SWEEP_TABLE_JOB_TYPE, group=str(cfg.hydra.sweep.dir), job_type=SWEEP_TABLE_JOB_TYPE,
+                         tags=list(cfg.logger.tags), config={"metric": metric, "keys": result.keys, "runs": len(run_dirs)})
+        run = init_run(mode, init_args, sweep_dir, warn, WandbServer())
+        try:
+            run.log({"compare": wandb.Table(columns=columns, data=rows)})
+        finally:
+            run.finish()
+        if run.offline:
+            say(f"the sweep's compare table: {offline_line(run.settings.sync_dir)}")
+    except Exception as e:  # the sweep's runs are done and recorded: a dashboard extra must not fail it
+        warn(f"W&B: the sweep's compare table was not logged ({reason_of(e)})")

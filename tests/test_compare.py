@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REGEXP, TINY, require_shared_data, run_cli, summaries
+from conftest import REGEXP, TINY, refused, require_shared_data, run_cli, snapshot, summaries
 
 from regexp import comparison as compare  # the module; regexp.compare is the Python API's function
 from regexp import plotting
@@ -407,3 +407,172 @@ def test_table_data_is_what_json_prints_and_what_the_python_api_returns(tmp_path
     assert regexp.compare([tmp_path], by=["optimizer"]) == data == regexp.compare([tmp_path], by=["optimizer"])  # still a function
     with pytest.raises(UsageError, match="--by lr: no run has this key"):
         compare.table_data([tmp_path], ["lr"])
+
+
+# ---------------------------------------------------------------- intervals, baseline and Welch's test (hand-made runs)
+
+# Student's t quantiles from a printed table (not from scipy): t(0.975; 2), t(0.975; 4), t(0.995; 4)
+T975_2, T975_4, T995_4 = 4.302653, 2.776445, 4.604095
+
+
+def reg_runs(root: Path, accs: dict[str, list[float]], status: str = "completed") -> Path:
+    """One run per value, `+regularizer=NAME seed=i`, test/acc the value."""
+    for name, values in accs.items():
+        for seed, acc in enumerate(values):
+            make_run(root, f"{name}-{seed}", [f"+regularizer={name}", f"seed={seed}"], {"test/acc": acc, "train/loss": 1 - acc},
+                     status=status, choices={"regularizer": name}, config={"seed": seed})
+    return root
+
+
+def groups_of(root: Path, baseline: str | None = None, by: list[str] | None = None) -> dict[str, dict]:
+    data = compare.table_data([root], by, baseline=baseline)
+    return {g["label"]: g for g in data["groups"]}
+
+
+def test_the_interval_is_students_t_over_the_trained_runs():
+    stat = compare.mean_std([1.0, 2.0, 3.0])  # mean 2, std 1: ± t(0.975; 2) / sqrt(3)
+    assert (stat.ci_low, stat.ci_high) == (pytest.approx(2 - T975_2 / 3 ** 0.5, abs=1e-5), pytest.approx(2 + T975_2 / 3 ** 0.5, abs=1e-5))
+    stat = compare.mean_std([0.91, 0.92, 0.93, 0.90, 0.94])  # std 0.0158114, t(0.975; 4)
+    half = T975_4 * 0.0158114 / 5 ** 0.5
+    assert (stat.ci_low, stat.ci_high) == (pytest.approx(0.92 - half, abs=1e-6), pytest.approx(0.92 + half, abs=1e-6))
+    assert compare.mean_std([0.5]) == Stat(0.5, None, 1, None, None)  # no interval from one value
+    assert compare.mean_std([0.5, 0.5, 0.5]) == Stat(0.5, 0.0, 3, 0.5, 0.5)  # no spread: the interval is the value
+
+
+def test_welch_p_value_against_t_quantiles(tmp_path):
+    """Equal n and spread: Welch's df is 2(n - 1) = 4, so a difference of t(q; 4) standard errors has p = 2(1 - q).
+    Unequal n (3, 5) with s1²/n1 = 2 s2²/n2: df = 4 again, where Student's pooled test would have 6."""
+    se = (2 / 3) ** 0.5
+    reg_runs(tmp_path / "a", {"base": [0, 1, 2], "p05": [d + T975_4 * se for d in (0, 1, 2)], "p01": [d + T995_4 * se for d in (0, 1, 2)]})
+    groups = groups_of(tmp_path / "a", baseline="base")
+    assert groups["regularizer=p05"]["vs_baseline"] == {"diff": pytest.approx(T975_4 * se), "p_value": pytest.approx(0.05, rel=1e-5), "note": None}
+    assert groups["regularizer=p01"]["vs_baseline"]["p_value"] == pytest.approx(0.01, rel=1e-5)
+    assert groups["regularizer=base"]["vs_baseline"] is None
+    shift = T975_4 * 0.6 ** 0.5  # se² = 1.2/3 + 1/5
+    reg_runs(tmp_path / "b", {"base": [-1, -1, 0, 1, 1], "wide": [shift - 1.2 ** 0.5, shift, shift + 1.2 ** 0.5]})
+    assert groups_of(tmp_path / "b", baseline="base")["regularizer=wide"]["vs_baseline"]["p_value"] == pytest.approx(0.05, rel=1e-5)
+
+
+def test_too_few_runs_and_no_spread_say_why_there_is_no_p_value(tmp_path):
+    reg_runs(tmp_path, {"base": [0.9, 0.9, 0.9], "same": [0.9, 0.9, 0.9], "flat": [0.8, 0.8, 0.8], "two": [0.7, 0.75],
+                        "spread": [0.85, 0.9, 0.95]})
+    make_run(tmp_path, "crashed-0", ["+regularizer=crashed", "seed=0"], status="failed", choices={"regularizer": "crashed"})
+    data = compare.table_data([tmp_path], baseline="base")
+    vs = {g["values"]["regularizer"]: g["vs_baseline"] for g in data["groups"]}
+    assert vs["same"] == {"diff": 0.0, "p_value": None, "note": "identical values"}
+    assert vs["flat"] == {"diff": pytest.approx(-0.1), "p_value": None, "note": "no spread: every run of each group equal"}
+    assert vs["two"] == {"diff": pytest.approx(-0.175), "p_value": None, "note": "too few runs"}
+    assert vs["spread"]["p_value"] == pytest.approx(1.0) and vs["spread"]["note"] is None  # the baseline's spread is 0, this one's not
+    assert vs["crashed"] == {"diff": None, "p_value": None, "note": "no trained runs"}
+    json.dumps(data, allow_nan=False)  # no NaN anywhere
+    assert data["baseline"] == "regularizer=base"
+
+
+def test_baseline_by_label_by_value_and_with_several_keys(tmp_path):
+    reg_runs(tmp_path, {"dropout": [0.9, 0.91, 0.92], "l2": [0.88, 0.89, 0.9]})
+    assert compare.table_data([tmp_path], baseline="l2") == compare.table_data([tmp_path], baseline="regularizer=l2")
+    assert compare.table_data([tmp_path])["baseline"] is None
+    assert all(g["vs_baseline"] is None for g in compare.table_data([tmp_path])["groups"])
+    data = compare.table_data([tmp_path], ["regularizer", "seed"], baseline="regularizer=l2 seed=0")
+    assert data["baseline"] == "regularizer=l2 seed=0" and sum(g["vs_baseline"] is None for g in data["groups"]) == 1
+    with pytest.raises(UsageError, match="--baseline l2: no such group"):  # a value only names a group of one key
+        compare.table_data([tmp_path], ["regularizer", "seed"], baseline="l2")
+
+
+def test_csv_rows_quote_user_text_and_keep_full_precision(tmp_path):
+    import csv
+    import io
+
+    reg_runs(tmp_path, {"[dropout,l2]": [0.9, 0.91, 0.92], 'say "hi"': [0.88, 0.89, 0.9]})
+    result = compare.comparison([tmp_path], None, "test/acc", baseline='say "hi"')
+    out = io.StringIO()
+    compare.write_csv(result, "test/acc", out)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert '"[dropout,l2]"' in out.getvalue() and '"say ""hi"""' in out.getvalue()
+    assert [r["regularizer"] for r in rows] == ["[dropout,l2]", 'say "hi"']
+    stat = compare.mean_std([0.9, 0.91, 0.92])
+    assert rows[0]["n"] == "3" and float(rows[0]["mean"]) == stat.mean and float(rows[0]["ci_low"]) == stat.ci_low
+    assert float(rows[0]["diff"]) == pytest.approx(0.02) and 0 < float(rows[0]["p_value"]) < 1 and rows[0]["note"] == ""
+    assert rows[1]["diff"] == rows[1]["p_value"] == "" and rows[1]["note"] == "baseline"
+    assert rows[0]["statuses"] == "3 completed" and rows[0]["metric"] == "test/acc"
+
+
+def terminal_table(root: Path, width: int | None, baseline: str | None = "l2") -> list[str]:
+    """print_table's lines on a terminal `width` wide (None: a file, 80 wide by default)."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=width or 80, force_terminal=width is not None, color_system=None, highlight=False)
+    compare.print_table(compare.comparison([root], None, "test/acc", baseline=baseline), "test/acc", console)
+    return out.getvalue().splitlines()
+
+
+def test_on_a_terminal_the_table_fits_its_width(tmp_path):
+    reg_runs(tmp_path, {"dropout": [0.91, 0.92, 0.93, 0.90, 0.94], "l2": [0.89, 0.90, 0.88, 0.91, 0.90]})
+    for width in (80, 120):
+        lines = terminal_table(tmp_path, width)
+        table = [line for line in lines if line[:1] in "┏┃┡│└"]
+        assert table and all(len(line) <= width for line in table), width
+        assert "…" not in "\n".join(lines)  # wrapped, never cut
+        body = " ".join(line for line in table if line.startswith("│"))
+        for word in ("dropout", "0.9200", "0.0158", "[0.9004,", "0.9396]", "+0.0240", "0.027", "baseline", "completed"):
+            assert word in body, (width, word)
+    assert "  (train/loss and wall s left out to fit 80 columns; --json or a wider terminal shows them)" in terminal_table(tmp_path, 80)
+    assert "(wall s left out to fit 120 columns" in "\n".join(terminal_table(tmp_path, 120))
+    whole = terminal_table(tmp_path, None)  # a file: the table whole, one line a row, whatever its width
+    assert max(map(len, whole)) > 120 and not any("left out" in line for line in whole)
+    assert table_rows("\n".join(whole))["dropout"].split("│")[1:6] == [
+        "    5 ", " 0.9200 ± 0.0158 ", " [0.9004, 0.9396] ", "       +0.0240 ", "     0.027 "]
+    assert not any("left out" in line for line in terminal_table(tmp_path, 200, baseline=None))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{runs}", "--baseline", "nope"], "--baseline nope: no such group; groups: regularizer=dropout, regularizer=l2"),
+    (["{runs}", "--baseline", ""], "--baseline : no such group; groups: "),
+    (["{runs}", "--baseline", "[bold]l2[/bold]"], "--baseline [bold]l2[/bold]: no such group"),  # as typed
+    (["{runs}", "--by", "regularizer", "--by", "seed", "--baseline", "l2"], "--baseline l2: no such group; groups: regularizer="),
+    (["{twice}", "--baseline", "regularizer=x"], "--baseline regularizer=x: matches 2 groups ("),
+    (["{runs}", "--csv", "--json"], "compare: argument --json: not allowed with argument --csv"),
+    (["{runs}", "--baseline", "l2", "--metric", "test/accuracy"], "--metric test/accuracy: no run has this metric; available: "),
+    (["{failed}", "--baseline", "l2"], "--metric test/acc: no run has this metric; available: wall_time_s"),
+    (["{runs}", "--csv", "--baseline", "nope", "--plot", "{tmp}/plots/curves.png"], "--baseline nope: no such group"),
+    (["{runs}", "--baseline"], "argument --baseline: expected one argument"),
+])
+def test_bad_baseline_csv_or_metric_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    reg_runs(tmp_path / "runs", {"dropout": [0.9, 0.91, 0.92], "l2": [0.88, 0.89, 0.9]})
+    reg_runs(tmp_path / "failed", {"dropout": [0.9], "l2": [0.88]}, status="failed")
+    for name in ("failed/dropout-0", "failed/l2-0"):
+        edit_summary(tmp_path / name, lambda s: s.update(metrics={}))
+    reg_runs(tmp_path / "twice", {"x": [0.9], "regularizer=x": [0.8]})  # a label of one group, the value of the other
+    before = snapshot(tmp_path)
+    names = {"runs": tmp_path / "runs", "failed": tmp_path / "failed", "twice": tmp_path / "twice", "tmp": tmp_path}
+    error = refused(capsys, ["compare", *(a.format(**names) for a in args)])
+    assert error.startswith("regexp: error: ") and message in error, error
+    assert snapshot(tmp_path) == before and not (tmp_path / "plots").exists()
+
+
+def test_the_python_apis_baseline(tmp_path):
+    import regexp
+    from regexp import ConfigError
+
+    reg_runs(tmp_path, {"dropout": [0.9, 0.91, 0.92], "l2": [0.88, 0.89, 0.9]})
+    assert regexp.compare([tmp_path], baseline="l2") == compare.table_data([tmp_path], baseline="l2")
+    for bad, message in ((3, "baseline=3: must be a group's label or value"), ("nope", "--baseline nope: no such group")):
+        with pytest.raises(ConfigError, match=message):
+            regexp.compare([tmp_path], baseline=bad)
+
+
+def test_csv_and_baseline_through_the_cli(tmp_path, capsys):
+    from regexp import cli
+
+    reg_runs(tmp_path, {"dropout": [0.9, 0.91, 0.92], "l2": [0.88, 0.89, 0.9]})
+    assert cli.main(["compare", str(tmp_path), "--csv", "--baseline", "l2"]) == 0
+    out, err = capsys.readouterr()
+    assert not err and out.splitlines()[0] == "regularizer,metric,runs,n,mean,std,ci_low,ci_high,diff,p_value,note,statuses"
+    assert len(out.splitlines()) == 3 and out.splitlines()[2].endswith(",,,baseline,3 completed")
+    assert cli.main(["compare", str(tmp_path), "--baseline", "l2"]) == 0
+    out = capsys.readouterr().out
+    assert "against baseline regularizer=l2: difference of means and Welch's t-test p-value" in out
+    assert [c.strip() for c in table_rows(out)["l2"].split("│")][4:6] == ["baseline", ""]

@@ -50,7 +50,7 @@ def job(sweep_dir: Path, number: int, overrides: list[str], summary: Summary | N
 
 
 def end_of_sweep(sweep_dir: Path) -> None:
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "logger": {"name": "none"}}))
 
 
 def rows_of(sweep_dir: Path) -> list[dict]:

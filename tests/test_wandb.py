@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY, compose_train, run_cli, summaries
 from rich.console import Console
 
+from regexp.comparison import comparison, group_rows
 from regexp.config import validate
 from regexp.tracking import Reporter
 from regexp.train import train
@@ -102,6 +103,20 @@ def test_multirun_gives_each_job_its_own_run_in_the_sweep_group(tmp_path, data_r
     names = [r["display_name"].split(",") for r in runs]
     assert "optimizer=adam" in names[0] and "optimizer=adamw" in names[1]
     assert len({r["run_id"] for r in runs}) == 2
+    # and one more run in the group: the sweep's compare table
+    records, run = inspect(sweep_dir)
+    [meta] = of_type(records, "run")
+    assert meta["run_group"] == str(sweep_dir) and meta["job_type"] == "sweep-summary" and run["state"] == "finished"
+    assert compare_table(sweep_dir, run) == list(group_rows(comparison(run_dirs(sweep_dir), None, "test/acc"), "test/acc"))
+    assert out.stdout.count(f"the sweep's compare table: W&B logged offline to {sweep_dir / 'wandb'}") == 1
+    assert "warning" not in out.stdout
+
+
+def compare_table(sweep_dir: Path, run: dict) -> list:
+    """[columns, rows] of the wandb.Table `compare` that an offline run logged, read from its file."""
+    [sync_dir] = (sweep_dir / "wandb").glob("offline-run-*")
+    table = json.loads((sync_dir / "files" / run["summary"]["compare"]["path"]).read_text())
+    return [table["columns"], table["data"]]
 
 
 @pytest.mark.slow
@@ -195,3 +210,58 @@ def test_the_wandb_summary_is_the_typed_summary_without_the_config():
     assert run.summary == {"test/acc": 0.1, "nonfinite": ["train/loss"], "status": "diverged", "run_dir": "",
                            "findings": [{"rule": "divergence"}], "steps": 0, "epochs_completed": 0, "wall_time_s": 2.0,
                            "skipped_steps": 0, "threads": 1, "fused": {"models": 2}}
+
+
+# ---------------------------------------------------------------- the sweep's compare table (hand-made jobs)
+
+def finished_sweep(sweep_dir: Path, statuses: tuple[str, ...] = ("completed",) * 4) -> None:
+    """Jobs of this invocation, `+regularizer=dropout|l2 seed=i`, as the sweep callback records them."""
+    from test_sweep_summary import job
+
+    from regexp.rundir import Status, Summary
+
+    for n, status in enumerate(statuses):
+        reg, seed = ("dropout", "l2")[n % 2], n // 2
+        overrides = [f"+regularizer={reg}", f"seed={seed}"]
+        job(sweep_dir, n, overrides, Summary(status=Status(status), overrides=overrides, choices={"regularizer": reg},
+                                             config={"seed": seed}, metrics={"test/acc": 0.9 - n / 100}, wall_time_s=1.0))
+
+
+def end_of_sweep(sweep_dir: Path, *logger: str) -> None:
+    from regexp.sweep import SweepSummary
+
+    from omegaconf import OmegaConf
+
+    logger_node = OmegaConf.to_container(compose_train(list(logger)).logger)  # as the user chose it
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "logger": logger_node}))
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_wandb_error_at_the_sweeps_end_is_one_warning_and_keeps_the_exit(tmp_path, capsys, monkeypatch, failed):
+    from regexp import wandb_logger
+    from regexp.sweep import SweepFailed
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("upload refused\ntraceback...")
+
+    monkeypatch.setattr(wandb_logger, "init_run", refuse)
+    finished_sweep(tmp_path / "sweep", ("completed", "failed" if failed else "completed"))
+    if failed:  # the failed job still fails the sweep (exit 1), as without W&B
+        with pytest.raises(SweepFailed):
+            end_of_sweep(tmp_path / "sweep", "logger.mode=offline")
+    else:
+        end_of_sweep(tmp_path / "sweep", "logger.mode=offline")
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "warning" in line]
+    assert warnings == ["warning: W&B: the sweep's compare table was not logged (upload refused)"]
+    assert not (tmp_path / "sweep" / "wandb").exists()
+
+
+@pytest.mark.parametrize("logger", [["logger=none"], ["logger.mode=disabled"], []])  # [] : WANDB_MODE=disabled (conftest)
+def test_no_sweep_table_when_wandb_is_off(tmp_path, capsys, monkeypatch, logger):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise
+    finished_sweep(tmp_path / "sweep")
+    end_of_sweep(tmp_path / "sweep", *logger)
+    out = capsys.readouterr().out
+    assert "4 completed" in out and "W&B" not in out and "warning" not in out
+    assert not (tmp_path / "sweep" / "wandb").exists()
