@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regexp.rundir import RunError, Status, UsageError, load_summary, read_overrides
-from regexp.tracking import CommandParser, natural_width, plural, print_whole, warn, why_ended
+from regexp.tracking import CommandParser, plural, print_whole, warn, why_ended
 
 # Override keys that never define an experiment: the seed (what a group averages over)
 # and where inputs, outputs and logs live.
