@@ -57,8 +57,8 @@ def parser() -> CommandParser:
     p.add_argument("--by", action="append", metavar="KEY",
                    help="group by this key instead of the swept ones (repeatable), as regexp compare --by")
     p.add_argument("--baseline", metavar="GROUP",
-                   help="the group each other group is compared with (difference and Welch's t-test p-value), "
-                        "named by its label as regexp compare prints it, e.g. regularizer=l2")
+                   help="the group each other group is compared with (difference and Welch's t-test p-value): "
+                        "its label as regexp compare prints it (regularizer=l2) or, grouped by one key, its value (l2)")
     return p
 
 
