@@ -199,6 +199,13 @@ def test_an_unwritable_out_is_one_line_exit_1_and_nothing_written(sweep, tmp_pat
     assert snapshot(tmp_path) == before
 
 
+def test_importing_the_report_module_imports_nothing_heavy():
+    code = ("import sys, regexp.report; print(sorted(m for m in ('torch', 'wandb', 'matplotlib', 'scipy', 'hydra') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
 def test_report_is_listed_in_help_and_the_unknown_command_line(capsys):
     from regexp import cli
 
