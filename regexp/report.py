@@ -113,15 +113,24 @@ def report_page(result: Comparison, metric: str, paths: list[Path]) -> str:
         "that did not complete are listed, never averaged"
         + (f" · against {esc(result.baseline.label)}: difference of means, Welch's t-test p-value"
            if result.baseline else "") + "</p>",
-        "<h2>Comparison</h2>", compare_table(result, metric),
-        "<h2>Curves</h2>", curves_section(groups, metric),
-        "<h2>Groups: the median run's health and findings</h2>", *(group_section(g, metric) for g in groups),
-        "<h2>Config keys that differ between groups</h2>", config_section(groups),
-        "<h2>Runs</h2>", runs_table(groups, metric),
+        contents(groups),
+        '<h2 id="comparison">Comparison</h2>', compare_table(result, metric),
+        '<h2 id="curves">Curves</h2>', curves_section(groups, metric),
+        "<h2 id=\"groups\">Groups: the median run's health and findings</h2>",
+        *(group_section(g, metric, number) for number, g in enumerate(groups, 1)),
+        '<h2 id="config">Config keys that differ between groups</h2>', config_section(groups),
+        '<h2 id="runs">Runs</h2>', runs_table(groups, metric),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>regexp report: {esc(metric)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(sections) + "\n</body></html>\n")
+
+
+def contents(groups: list[Group]) -> str:
+    """Links to the sections and to each group's figure: a long page (8 groups, 8 figures) reads by jumping."""
+    links = ", ".join(f'<a href="#group-{number}">{esc(g.label)}</a>' for number, g in enumerate(groups, 1))
+    return ('<p class="note"><a href="#comparison">Comparison</a> · <a href="#curves">Curves</a> · '
+            f'<a href="#groups">Groups</a> ({links}) · <a href="#config">Config keys</a> · <a href="#runs">Runs</a></p>')
 
 
 def table(head: list[str], rows: list[str]) -> str:
@@ -186,11 +195,11 @@ def curves_section(groups: list[Group], metric: str) -> str:
     return image(fig, f"{metric} and train loss per epoch, mean ± std per group")
 
 
-def group_section(group: Group, metric: str) -> str:
+def group_section(group: Group, metric: str, number: int) -> str:
     """The group's median run (by `metric`): its health figure and its findings."""
     from regexp.plotting import health_figure, median_run
 
-    parts = [f'<div class="group"><h3>{esc(group.label)}</h3>']
+    parts = [f'<div class="group" id="group-{number}"><h3>{esc(group.label)}</h3>']
     run = median_run(group, metric)
     if run is None:
         parts.append('<p class="note">no completed run: no health figure (see Runs for why)</p></div>')

@@ -103,7 +103,7 @@ def images(page: str) -> list[bytes]:
 
 
 def section(page: str, heading: str) -> str:
-    return page.split(f"<h2>{heading}</h2>", 1)[1].split("<h2>", 1)[0]
+    return re.split(f"<h2[^>]*>{re.escape(heading)}</h2>", page, maxsplit=1)[1].split("<h2", 1)[0]
 
 
 # ---------------------------------------------------------------- the page
@@ -123,6 +123,7 @@ def test_report_holds_table_figures_config_and_every_run(made):
     pngs = images(page)
     assert len(pngs) == 3 and all(png.startswith(PNG_SIGNATURE) for png in pngs)  # curves, dropout's and l2's health
     assert f"median run by test/acc: <code>{sweep / 'd1'}</code>" in page  # seeds 0, 1, 2: the median is seed 1
+    assert '<a href="#group-1">regularizer=dropout</a>' in page and '<div class="group" id="group-1">' in page
     config = section(page, "Config keys that differ between groups")
     assert "<code>regularizer.dropout.p</code>" in config and "<code>regularizer.l2.coef</code>" in config
     assert "<code>seed</code>" not in config  # seeds are what a group averages over
@@ -235,7 +236,7 @@ def test_the_report_opens_in_headless_chromium_with_every_image(made, tmp_path):
     marked.write_text(made["page"].replace("</body>", MARK_IMAGES + "</body>"))
     dom = chromium(["--virtual-time-budget=10000", "--dump-dom"], marked, tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr
-    assert "<h2>Comparison</h2>" in dom.stdout and "<td>dropout</td>" in dom.stdout
+    assert '<h2 id="comparison">Comparison</h2>' in dom.stdout and "<td>dropout</td>" in dom.stdout
     loaded = re.findall(r'data-loaded="(\w+)"', dom.stdout)
     assert loaded == ["yes"] * 3, loaded
     assert dom.stdout.count("<script") == 1  # the test's own: nothing from the runs became a script
