@@ -43,12 +43,13 @@ class Family:
     title: str
     log: bool
     guide: Optional[float] = None
+    bounds: Optional[tuple[float, float]] = None  # the values a share can take: a heatmap's colour scale
 
 
 LAYER_FAMILIES = (
     Family("grad/norm/", "gradient norm per layer (before clipping)", True),
     Family("act/std/", "activation std per layer", True),
-    Family("act/dead_frac/", "dead fraction per layer", False),
+    Family("act/dead_frac/", "dead fraction per layer", False, bounds=(0.0, 1.0)),
     Family("weight/update_ratio/", "update ratio per layer (|Δw| / |w|)", True, UPDATE_RATIO_GUIDE),
     Family("weight/norm/", "weight norm per layer", True),
 )
@@ -297,6 +298,8 @@ def value_range(healths: list[RunHealth], panel: Panel) -> Optional[tuple[float,
 def draw_panel(ax: Any, panel: Panel, health: RunHealth, deep: bool, scale: Optional[tuple[float, float]],
                labels: bool, named_marks: bool, colorbar: bool = True) -> None:
     """One panel on `ax`, the findings and the non-finite step marked on it (named on the first)."""
+    from matplotlib.ticker import MaxNLocator
+
     if is_family(panel):
         family = family_of(panel)
         if deep:
@@ -307,6 +310,7 @@ def draw_panel(ax: Any, panel: Panel, health: RunHealth, deep: bool, scale: Opti
         draw_run_curves(ax, panel, health, legend=labels)
     ax.set_title(plain(panel.title), fontsize="small")
     ax.set_xlabel("step", fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(which="both", labelsize="x-small")
     mark_events(ax, health, named_marks)
 
@@ -395,7 +399,7 @@ def draw_heatmap(ax: Any, health: RunHealth, family: Family, scale: Optional[tup
         grid[grid <= 0] = np.nan
     if scale is None:
         scale = (float(np.nanmin(grid)), float(np.nanmax(grid))) if np.isfinite(grid).any() else (1.0, 1.0)
-    low, high = scale
+    low, high = family.bounds or scale
     if low >= high:
         low, high = (low / 2, high * 2) if family.log and low > 0 else (low - 0.5, high + 0.5)
     norm = LogNorm(low, high) if family.log and low > 0 else Normalize(low, high)
@@ -411,11 +415,14 @@ def draw_heatmap(ax: Any, health: RunHealth, family: Family, scale: Optional[tup
 
 
 def mark_events(ax: Any, health: RunHealth, named: bool) -> None:
-    """The findings (grey, dotted) and the non-finite step (red, dashed), named on one panel."""
-    marks = [(step, names, "0.35", ":") for step, names in health.marks]
+    """The findings (grey, dotted) and the non-finite step (red, dashed: with the findings of
+    its step, if any), named on one panel."""
+    marks = dict(health.marks)
     if health.nonfinite_step is not None:
-        marks.append((health.nonfinite_step, f"non-finite at step {health.nonfinite_step}", "red", "--"))
-    for step, names, color, style in marks:
+        step = health.nonfinite_step
+        marks[step] = ", ".join(filter(None, [marks.get(step), f"non-finite at step {step}"]))
+    for step, names in sorted(marks.items()):
+        color, style = ("red", "--") if step == health.nonfinite_step else ("0.35", ":")
         ax.axvline(step, color=color, linestyle=style, linewidth=1)
         if named:
             ax.text(step, 0.98, f" {plain(names)}", transform=ax.get_xaxis_transform(), rotation=90, va="top",

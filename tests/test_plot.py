@@ -120,14 +120,16 @@ def test_findings_are_marked_at_their_event_step_else_their_evidence_step(tmp_pa
     records.insert(9, {"step": 9, "nonfinite/step": 9, "nonfinite/where": "loss"})
     findings = [{"rule": "dying_relu", "step": 4, "evidence": {"step": 4}},
                 {"rule": "loss_flat", "step": 3, "evidence": {"step": 8}},
-                {"rule": "vanishing_gradients", "step": 8, "evidence": {}}]
+                {"rule": "vanishing_gradients", "step": 8, "evidence": {}},
+                {"rule": "divergence", "evidence": {"step": 9}}]
     health = plotting.read_health(write_run(tmp_path / "run", records, findings))
-    assert health.marks == [(6, "dying_relu"), (8, "loss_flat, vanishing_gradients")]
+    assert health.marks == [(6, "dying_relu"), (8, "loss_flat, vanishing_gradients"), (9, "divergence")]
     assert health.nonfinite_step == 9
     fig = plotting.figure_of(health)
     loss = next(ax for ax in fig.axes if ax.get_title() == "loss")
     texts = [t.get_text().strip() for t in loss.texts]
-    assert texts == ["dying_relu", "loss_flat, vanishing_gradients", "non-finite at step 9"]
+    assert texts == ["dying_relu", "loss_flat, vanishing_gradients", "divergence, non-finite at step 9"]
+    assert [t.get_color() for t in loss.texts][-1] == "red"
 
 
 def test_findings_come_from_the_summary_without_a_diagnosis_file(tmp_path):
