@@ -8,7 +8,7 @@ from typing import Optional
 from regexp.comparison import check_keys, check_metric, find_runs, group_runs
 from regexp.plotting import check_out, figure_of, health_columns, median_run, read_health, save_figure
 from regexp.rundir import UsageError
-from regexp.tracking import CommandParser, warn
+from regexp.tracking import CommandParser, plural, warn
 
 
 def parser() -> CommandParser:
@@ -68,17 +68,19 @@ def plot_groups(paths: list[Path], by: list[str], metric: str, out: Optional[Pat
     runs = find_runs(paths)
     check_keys(runs, keys)
     check_metric(runs, metric)
-    columns = []
+    columns, left_out = [], []
     for group in group_runs(runs, keys):
         run = median_run(group, metric)
         if run is None:
-            warn(f"{group.label}: no trained run with {metric}; left out of the figure")
+            left_out.append(group.label)
             continue
         trained = sum(1 for r in group.runs if r.status.trained and metric in r.metrics)
         columns.append((f"{group.label}\nmedian of {trained}: {metric} {run.metrics[metric]:.4g}\n{run.run_dir.name}",
                         run.run_dir))
     if not columns:
         raise UsageError(f"--by {' '.join(keys)}: no group has a trained run with {metric}; nothing written")
+    for label in left_out:
+        warn(f"{label}: no trained run with {metric}; left out of the figure")
     save_figure(health_columns(columns), out)
-    print(f"health figure: {out} ({len(columns)} groups)")
+    print(f"health figure: {out} ({plural(len(columns), 'group')})")
     return 0

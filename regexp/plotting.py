@@ -19,13 +19,21 @@ from regexp.rundir import (METRICS, SUMMARY, RunError, Summary, UsageError, atom
                            read_metrics, read_summary)
 from regexp.tracking import warn
 
-BUCKETS = 1000  # a longer series is drawn as min and max over this many buckets of steps
+BUCKETS = 600  # a longer series is drawn as min and max over this many buckets of steps
 HEATMAP_COLUMNS = 400  # step buckets of a heatmap
 HEATMAP_ABOVE = 8  # more layers than this: the per-layer families are drawn as heatmaps (layer x step)
 UPDATE_RATIO_GUIDE = 1e-3  # the usual healthy update/weight ratio per step
 PANEL_SIZE = (5.0, 3.2)  # inches, one panel of the health figure
 DPI = 100
 TRAIN_LOSS = "train/loss"
+
+CURVES = {  # panel -> (metric, label, style); val/* are per epoch, drawn at the epoch's last step
+    "loss": ((TRAIN_LOSS, "train", "-"), ("val/loss", "val", "o-")),
+    "accuracy": (("train/acc", "train", "-"), ("val/acc", "val", "o-")),
+    "lr": (("opt/lr", "lr", "-"),),
+    "global": (("grad/global_norm", "before clipping", "-"), ("grad/global_norm_clipped", "after clipping", "--")),
+}
+CLIPPED_SHARE = "grad/clip_frac"  # recorded only when clipping is on: without it, after = before
 
 
 @dataclass(frozen=True)
@@ -35,12 +43,13 @@ class Family:
     title: str
     log: bool
     guide: Optional[float] = None
+    bounds: Optional[tuple[float, float]] = None  # the values a share can take: a heatmap's colour scale
 
 
 LAYER_FAMILIES = (
     Family("grad/norm/", "gradient norm per layer (before clipping)", True),
     Family("act/std/", "activation std per layer", True),
-    Family("act/dead_frac/", "dead fraction per layer", False),
+    Family("act/dead_frac/", "dead fraction per layer", False, bounds=(0.0, 1.0)),
     Family("weight/update_ratio/", "update ratio per layer (|Δw| / |w|)", True, UPDATE_RATIO_GUIDE),
     Family("weight/norm/", "weight norm per layer", True),
 )
@@ -81,34 +90,62 @@ def read_health(run_dir: Path) -> RunHealth:
     import numpy as np
 
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = [record for record in read_metrics(run_dir) if type(record.get("step")) is int]
     summary = read_summary(run_dir)
-    columns: dict[str, tuple[list[int], list[float]]] = {}
     events: dict[str, int] = {}  # finding rule -> the step of its live event
     nonfinite = None
     for record in records:
-        step = record.get("step")
-        if type(step) is not int:
-            continue
         if "finding/rule" in record:
-            events.setdefault(str(record["finding/rule"]), step)
-        elif "nonfinite/step" in record:
-            nonfinite = step if nonfinite is None else nonfinite
-        else:
-            for name, value in record.items():
-                value = finite(value)
-                if value is not None and name not in ("step", "epoch"):
-                    steps, values = columns.setdefault(name, ([], []))
-                    steps.append(step)
-                    values.append(value)
+            events.setdefault(str(record["finding/rule"]), record["step"])
+        elif "nonfinite/step" in record and nonfinite is None:
+            nonfinite = record["step"]
     if nonfinite is None and summary is not None and summary.nonfinite:
         nonfinite = as_step(summary.nonfinite.get("nonfinite/step"))
-    series = {}
-    for name, (steps, values) in columns.items():
-        steps_array = np.asarray(steps, dtype=np.int64)
-        order = np.argsort(steps_array, kind="stable")
-        series[name] = Series(steps_array[order], np.asarray(values, dtype=np.float64)[order])
+    values = [record for record in records if "finding/rule" not in record and "nonfinite/step" not in record]
+    names = [name for name in names_in_order(values) if drawn(name)]
+    steps = np.array([record["step"] for record in values], dtype=np.int64)
+    series = {name: s for name in names if (s := series_of(values, steps, name)) is not None}
     return RunHealth(run_dir, summary, series, finding_marks(run_dir, summary, events), nonfinite)
+
+
+def names_in_order(records: list[dict[str, Any]]) -> list[str]:
+    """Every key of the records, in the order they first appear (a run records its layers from
+    input to output); the records are read only until each key has been seen."""
+    every = set().union(*records)
+    ordered: dict[str, None] = {}
+    for record in records:
+        ordered.update(dict.fromkeys(record))
+        if len(ordered) == len(every):
+            break
+    return list(ordered)
+
+
+def drawn(name: str) -> bool:
+    """Whether the health figure draws this metric."""
+    return (any(name == metric for curves in CURVES.values() for metric, _, _ in curves) or name == CLIPPED_SHARE
+            or any(name.startswith(f.prefix) for f in LAYER_FAMILIES))
+
+
+NUMBERS = {float, int, type(None)}
+
+
+def series_of(records: list[dict[str, Any]], steps: Any, name: str) -> Optional[Series]:
+    """The finite values of `name` at their steps, in step order (None when there are none);
+    column by column, as numpy converts a long run's values in one call."""
+    import numpy as np
+
+    column = [record.get(name) for record in records]
+    try:
+        if not set(map(type, column)) <= NUMBERS:  # numpy would read "1.5" and True as numbers
+            raise TypeError
+        values = np.array(column, dtype=np.float64)  # a missing value (None) becomes NaN
+    except (TypeError, OverflowError):  # text, lists, booleans, huge integers: value by value
+        values = np.array([math.nan if (v := finite(value)) is None else v for value in column], dtype=np.float64)
+    kept = np.isfinite(values)
+    if not kept.any():
+        return None
+    order = np.argsort(steps[kept], kind="stable")
+    return Series(steps[kept][order], values[kept][order])
 
 
 def finite(value: Any) -> Optional[float]:
@@ -178,7 +215,8 @@ def figure_of(health: RunHealth) -> Any:
     panels = panels_of(health)
     ncols = min(3, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
-    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.6), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.6))
+    fixed_margins(fig, top=0.85, left=0.75)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     deep = health.deep()
     for i, (ax, panel) in enumerate(zip(axes, panels)):
@@ -201,7 +239,8 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
     panels = list(dict.fromkeys(p for _, h in healths for p in panels_of(h)))
     deep = any(h.deep() for _, h in healths)
     nrows, ncols = max(1, len(panels)), max(1, len(healths))
-    fig = Figure(figsize=(4.2 * ncols + 1.2, 2.6 * nrows + 1.0), layout="constrained")
+    fig = Figure(figsize=(4.2 * ncols + 1.2, 2.6 * nrows + 1.0))
+    fixed_margins(fig, top=1.15, left=1.0)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
     for row, panel in enumerate(panels):
         heatmap = deep and is_family(panel)
@@ -222,6 +261,14 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
         scale_y(list(axes[row]), panel, deep)
     fig.suptitle("training health per group (each column: the group's median run)", fontsize="medium")
     return fig
+
+
+def fixed_margins(fig: Any, top: float, left: float) -> None:
+    """Margins and gaps in inches: matplotlib's automatic layouts measure every tick label and
+    would take most of the drawing time of a figure this size."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - 0.55 / width, top=1 - top / height, bottom=0.45 / height,
+                        wspace=0.32, hspace=0.42)
 
 
 def has_panel(health: RunHealth, panel: Panel) -> bool:
@@ -251,6 +298,8 @@ def value_range(healths: list[RunHealth], panel: Panel) -> Optional[tuple[float,
 def draw_panel(ax: Any, panel: Panel, health: RunHealth, deep: bool, scale: Optional[tuple[float, float]],
                labels: bool, named_marks: bool, colorbar: bool = True) -> None:
     """One panel on `ax`, the findings and the non-finite step marked on it (named on the first)."""
+    from matplotlib.ticker import MaxNLocator
+
     if is_family(panel):
         family = family_of(panel)
         if deep:
@@ -261,17 +310,9 @@ def draw_panel(ax: Any, panel: Panel, health: RunHealth, deep: bool, scale: Opti
         draw_run_curves(ax, panel, health, legend=labels)
     ax.set_title(plain(panel.title), fontsize="small")
     ax.set_xlabel("step", fontsize="small")
-    ax.tick_params(labelsize="x-small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(which="both", labelsize="x-small")
     mark_events(ax, health, named_marks)
-
-
-CURVES = {  # panel -> (metric, label, style); val/* are per epoch, drawn at the epoch's last step
-    "loss": ((TRAIN_LOSS, "train", "-"), ("val/loss", "val", "o-")),
-    "accuracy": (("train/acc", "train", "-"), ("val/acc", "val", "o-")),
-    "lr": (("opt/lr", "lr", "-"),),
-    "global": (("grad/global_norm", "before clipping", "-"), ("grad/global_norm_clipped", "after clipping", "--")),
-}
-CLIPPED_SHARE = "grad/clip_frac"  # recorded only when clipping is on: without it, after = before
 
 
 def draw_run_curves(ax: Any, panel: Panel, health: RunHealth, legend: bool) -> None:
@@ -358,7 +399,7 @@ def draw_heatmap(ax: Any, health: RunHealth, family: Family, scale: Optional[tup
         grid[grid <= 0] = np.nan
     if scale is None:
         scale = (float(np.nanmin(grid)), float(np.nanmax(grid))) if np.isfinite(grid).any() else (1.0, 1.0)
-    low, high = scale
+    low, high = family.bounds or scale
     if low >= high:
         low, high = (low / 2, high * 2) if family.log and low > 0 else (low - 0.5, high + 0.5)
     norm = LogNorm(low, high) if family.log and low > 0 else Normalize(low, high)
@@ -368,17 +409,20 @@ def draw_heatmap(ax: Any, health: RunHealth, family: Family, scale: Optional[tup
     ax.set_yticks(range(0, len(layers), every), [plain(layer) for layer in layers[::every]], fontsize="xx-small")
     if colorbar:
         bar = ax.figure.colorbar(image, ax=ax, pad=0.01)
-        bar.ax.tick_params(labelsize="xx-small")
+        bar.ax.tick_params(which="both", labelsize="xx-small")
         if family.guide is not None and low <= family.guide <= high:
             bar.ax.axhline(family.guide, color="cyan", linewidth=1.5)
 
 
 def mark_events(ax: Any, health: RunHealth, named: bool) -> None:
-    """The findings (grey, dotted) and the non-finite step (red, dashed), named on one panel."""
-    marks = [(step, names, "0.35", ":") for step, names in health.marks]
+    """The findings (grey, dotted) and the non-finite step (red, dashed: with the findings of
+    its step, if any), named on one panel."""
+    marks = dict(health.marks)
     if health.nonfinite_step is not None:
-        marks.append((health.nonfinite_step, f"non-finite at step {health.nonfinite_step}", "red", "--"))
-    for step, names, color, style in marks:
+        step = health.nonfinite_step
+        marks[step] = ", ".join(filter(None, [marks.get(step), f"non-finite at step {step}"]))
+    for step, names in sorted(marks.items()):
+        color, style = ("red", "--") if step == health.nonfinite_step else ("0.35", ":")
         ax.axvline(step, color=color, linestyle=style, linewidth=1)
         if named:
             ax.text(step, 0.98, f" {plain(names)}", transform=ax.get_xaxis_transform(), rotation=90, va="top",

@@ -5,6 +5,7 @@
 credentials a run is logged offline, and one line says where and how to upload it (`wandb sync`).
 """
 
+import io
 import netrc
 import os
 import shutil
@@ -72,7 +73,7 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
     run = init_run(mode, init_args, run_dir, reporter.warn, server or WandbServer(), concurrent)
     if run.offline:
         reporter.line(offline_line(run.settings.sync_dir))
-    return [WandbRun(run)]
+    return [WandbRun(run, run_dir, reporter.warn)]
 
 
 def offline_line(sync_dir: str) -> str:
@@ -152,10 +153,13 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
 class WandbRun:
     """A Tracker sink: records (and monitor=full's histograms) go to the run's history, all
     plotted against `step`, the per-epoch validation metrics against `epoch`; the final
-    summary goes to its summary."""
+    summary goes to its summary. Given the run dir, the run's health figure goes to the
+    history as an image (`health`) when the run ends, after metrics.jsonl is complete."""
 
-    def __init__(self, run: Any):
+    def __init__(self, run: Any, run_dir: Optional[Path] = None, warn: Optional[Callable[[str], None]] = None):
         self.run = run
+        self.run_dir = run_dir
+        self.warn = warn or (lambda text: None)
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         run.define_metric("val/*", step_metric="epoch")
@@ -193,7 +197,29 @@ class WandbRun:
         self.run.summary.update(_finite({**summary.metrics, **rest}))
 
     def close(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+        """The Tracker closes metrics.jsonl before this sink: the figure sees every record."""
+        try:
+            if self.run_dir is not None:
+                self.log_health()
+        finally:
+            self.run.finish(exit_code=exit_code)
+
+    def log_health(self) -> None:
+        """The health figure (docs/plots.md) as an image; one that cannot be drawn is a warning,
+        never the run's end. A run that recorded no metrics has nothing to show."""
+        try:
+            import wandb
+            from PIL import Image
+
+            from regexp.plotting import figure_of, png_bytes, read_health
+
+            health = read_health(self.run_dir)
+            if not health.empty:
+                image = Image.open(io.BytesIO(png_bytes(figure_of(health))))
+                self.run.log({"health": wandb.Image(image, caption=self.run_dir.name)})
+        except Exception as e:  # whatever the records hold, the run has ended as it ended
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.warn(f"W&B: the health figure was not logged ({type(e).__name__}{': ' + reason if reason else ''})")
 
 
 SWEEP_TABLE_JOB_TYPE = "sweep-summary"
