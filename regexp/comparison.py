@@ -8,10 +8,13 @@ of the final train loss and of the wall time, and its runs' statuses. Only train
 finding), pruned, interrupted and running runs are counted in the status column and listed
 under the table with why they ended, never averaged (a crash's wall time, a diverged loss or
 a run cut short at its first epochs says nothing about the group's trained result). Groups are
-sorted best first. `--plot` draws each group's learning curves from metrics.jsonl.
+sorted best first, each with the 95 % Student-t interval of its mean; `--baseline` adds each
+group's difference to one group and Welch's t-test p-value (docs/compare.md). `--plot` draws
+each group's learning curves from metrics.jsonl; `--csv` and `--json` print the table as data.
 
 Runs are read through regexp.rundir; a run whose files are unreadable is named in a
-warning and left out. matplotlib is imported only for `--plot`, torch never.
+warning and left out. matplotlib is imported only for `--plot`, scipy only for the
+statistics, torch never.
 """
 
 import json
@@ -37,7 +40,7 @@ NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.")
 TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
 MISSING = "—"
 CONFIDENCE = 0.95  # of each group's interval of the mean
-MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has about 1 degree of freedom
+MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has at most 2 degrees of freedom
 
 
 @dataclass
