@@ -105,7 +105,6 @@ class Comparison(NamedTuple):
     baseline: Optional[Group]  # the group --baseline names, one of `groups`
 
 
-
 # ---------------------------------------------------------------- reading runs
 
 def find_runs(paths: Iterable[Path]) -> list[Run]:
@@ -271,10 +270,10 @@ def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
 
     from scipy.stats import ttest_ind
 
-    with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the result says it
+    with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the p-value stands
         warnings.simplefilter("ignore", RuntimeWarning)
-        p_value = float(ttest_ind(values, base, equal_var=False).pvalue)
-    return VsBaseline(diff, p_value, None) if math.isfinite(p_value) else VsBaseline(diff, None, "no test: values too close")
+        # with some spread and finite means, t and so p are finite (NaN needs 0/0, which is the case above)
+        return VsBaseline(diff, float(ttest_ind(values, base, equal_var=False).pvalue))
 
 
 def lower_is_better(metric: str) -> bool:
@@ -583,11 +582,11 @@ def parser() -> CommandParser:
     p = CommandParser(
         prog="regexp compare",
         description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
-                    "override keys (seed aside), mean ± std and the 95%% confidence interval of the mean (Student's "
+                    "override keys (seed aside), mean ± std and the 95% confidence interval of the mean (Student's "
                     "t) over each group's completed runs, best first; with --baseline, each group's difference to "
                     "that group and Welch's t-test p-value. Failed, diverged, stopped, pruned, interrupted and "
                     "running runs are counted and listed, never averaged.",
-        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png. "
+        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --baseline l2 --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "
                "(no runs, an unknown --by key or --metric, a --baseline that names no group or several, "

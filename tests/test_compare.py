@@ -391,9 +391,11 @@ def test_plot_to_an_unwritable_path_exits_2_before_any_work(tmp_path, plot, mess
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: --plot") and message.format(**names) in out.stderr
 
 
-def test_help_documents_the_exit_codes(tmp_path):
+def test_help_documents_the_exit_codes_and_what_baseline_takes(tmp_path):
     out = run_cli(["compare", "--help"], tmp_path)
-    assert out.returncode == 0 and "Exit codes: 0" in " ".join(out.stdout.split())
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "Exit codes: 0" in text and "95% confidence interval" in text
+    assert "GROUP is a group's label as the table prints it (regularizer=l2;" in text and "its value (l2)" in text
 
 
 def test_table_data_is_what_json_prints_and_what_the_python_api_returns(tmp_path):
@@ -453,16 +455,21 @@ def test_welch_p_value_against_t_quantiles(tmp_path):
 
 
 def test_too_few_runs_and_no_spread_say_why_there_is_no_p_value(tmp_path):
+    import warnings
+
     reg_runs(tmp_path, {"base": [0.9, 0.9, 0.9], "same": [0.9, 0.9, 0.9], "flat": [0.8, 0.8, 0.8], "two": [0.7, 0.75],
-                        "spread": [0.85, 0.9, 0.95]})
+                        "spread": [0.85, 0.9, 0.95], "nearly": [0.9, 0.9, 0.9000000000000001]})
     make_run(tmp_path, "crashed-0", ["+regularizer=crashed", "seed=0"], status="failed", choices={"regularizer": "crashed"})
-    data = compare.table_data([tmp_path], baseline="base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision warning for nearly equal values stays inside
+        data = compare.table_data([tmp_path], baseline="base")
     vs = {g["values"]["regularizer"]: g["vs_baseline"] for g in data["groups"]}
     assert vs["same"] == {"diff": 0.0, "p_value": None, "note": "identical values"}
     assert vs["flat"] == {"diff": pytest.approx(-0.1), "p_value": None, "note": "no spread: every run of each group equal"}
     assert vs["two"] == {"diff": pytest.approx(-0.175), "p_value": None, "note": "too few runs"}
     assert vs["spread"]["p_value"] == pytest.approx(1.0) and vs["spread"]["note"] is None  # the baseline's spread is 0, this one's not
     assert vs["crashed"] == {"diff": None, "p_value": None, "note": "no trained runs"}
+    assert vs["nearly"]["p_value"] == pytest.approx(1.0)
     json.dumps(data, allow_nan=False)  # no NaN anywhere
     assert data["baseline"] == "regularizer=base"
 
