@@ -218,9 +218,27 @@ def test_json_output(sweep, tmp_path):
         assert group["runs"] == 2 and group["statuses"] == {"completed": 2}
         assert (group["stats"]["test/acc"]["mean"], group["stats"]["test/acc"]["std"]) == pytest.approx(want["acc"])
         assert (group["stats"]["train/loss"]["mean"], group["stats"]["train/loss"]["std"]) == pytest.approx(want["loss"])
+        mean, std = want["acc"]
+        half = 12.706205 * std / 2 ** 0.5  # t(0.975; 1), from a printed table: 2 seeds a group
+        assert (group["stats"]["test/acc"]["ci_low"], group["stats"]["test/acc"]["ci_high"]) == pytest.approx((mean - half, mean + half), rel=1e-5)
+        assert group["vs_baseline"] is None and result["baseline"] is None
     assert sorted((r["values"]["optimizer"], r["seed"]) for r in result["runs"]) == [(o, s) for o in sorted(OPTIMIZERS) for s in (0, 1)]
     on_disk = {s["run_dir"]: s["metrics"]["test/acc"] for s in summaries(sweep)}
     assert {r["run_dir"]: r["metrics"]["test/acc"] for r in result["runs"]} == on_disk
+
+
+@pytest.mark.slow
+def test_csv_against_a_baseline_of_two_seeds_says_too_few_runs(sweep, tmp_path):
+    import csv
+    import io
+
+    out = run_cli(["compare", str(sweep), "--baseline", "sgd", "--csv"], tmp_path)
+    assert out.returncode == 0 and not out.stderr
+    rows = {r["optimizer"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
+    expected = expected_groups(sweep)
+    assert rows["sgd"]["note"] == "baseline" and rows["adam"]["note"] == "too few runs" and rows["adam"]["p_value"] == ""
+    assert float(rows["adam"]["diff"]) == pytest.approx(expected["adam"]["acc"][0] - expected["sgd"]["acc"][0])
+    assert [int(rows[o]["n"]) for o in OPTIMIZERS] == [2, 2]
 
 
 @pytest.mark.slow
