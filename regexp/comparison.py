@@ -343,10 +343,11 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
     }
 
 
-def fmt(value: Optional[float]) -> str:
+def fmt(value: Optional[float], sign: str = "") -> str:
+    """4 decimals, or 4 digits in e-notation for the very small and large; `sign="+"` signs it."""
     if value is None:
         return MISSING
-    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+    return f"{value:{sign}.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:{sign}.3e}"
 
 
 def fmt_stat(stat: Stat, runs: int) -> str:
@@ -390,10 +391,9 @@ def fmt_ci(stat: Stat) -> str:
 
 def fmt_vs(vs: VsBaseline) -> tuple[str, str]:
     """(difference, p-value or why there is none)."""
-    diff = MISSING if vs.diff is None else f"{vs.diff:+.4f}" if vs.diff == 0 or 1e-3 <= abs(vs.diff) < 1e4 else f"{vs.diff:+.3e}"
     if vs.p_value is None:
-        return diff, vs.note or MISSING
-    return diff, f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
+        return fmt(vs.diff, "+"), vs.note or MISSING
+    return fmt(vs.diff, "+"), f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
 
 
 Cell = str | Text
@@ -409,7 +409,8 @@ def table_cells(result: Comparison, metric: str, optional: list[str]) -> tuple[l
     rows = []
     for g in result.groups:
         stat = g.stat(metric)
-        cells: list[Cell] = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]  # as typed: [dropout] stays
+        # as typed: [dropout] stays
+        cells: list[Cell] = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]
         cells += [str(len(g.runs)), fmt_stat(stat, len(g.runs)), fmt_ci(stat)]
         if result.baseline:
             cells += ["baseline", ""] if g is result.baseline else fmt_vs(vs_baseline(g, result.baseline, metric))
@@ -645,7 +646,8 @@ def comparison(paths: list[Path], by: Optional[list[str]], metric: str, higher_i
         check_keys(runs, by)
     keys = list(dict.fromkeys(by)) if by else swept_keys(runs)
     groups = rank_groups(group_runs(runs, keys), metric, higher_is_better)
-    return Comparison(groups, keys, higher_is_better, None if baseline is None else find_baseline(groups, keys, baseline))
+    found = None if baseline is None else find_baseline(groups, keys, baseline)
+    return Comparison(groups, keys, higher_is_better, found)
 
 
 def table_data(paths: list[Path], by: Optional[list[str]] = None, metric: str = "test/acc",
