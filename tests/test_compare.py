@@ -600,3 +600,7 @@ def test_csv_and_baseline_through_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "against baseline regularizer=l2: difference of means and Welch's t-test p-value" in out
     assert [c.strip() for c in table_rows(out)["l2"].split("│")][4:6] == ["baseline", ""]
+    reg_runs(tmp_path / "markup", {"[dim]l2": [0.9, 0.91, 0.92], "[red]x[/red]": [0.8, 0.81, 0.82]})
+    assert cli.main(["compare", str(tmp_path / "markup"), "--baseline", "[dim]l2"]) == 0
+    out = capsys.readouterr().out
+    assert "against baseline regularizer=[dim]l2: " in out and "[red]x[/red]" in table_rows(out)  # as typed, never markup
