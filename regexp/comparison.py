@@ -8,10 +8,13 @@ of the final train loss and of the wall time, and its runs' statuses. Only train
 finding), pruned, interrupted and running runs are counted in the status column and listed
 under the table with why they ended, never averaged (a crash's wall time, a diverged loss or
 a run cut short at its first epochs says nothing about the group's trained result). Groups are
-sorted best first. `--plot` draws each group's learning curves from metrics.jsonl.
+sorted best first, each with the 95 % Student-t interval of its mean; `--baseline` adds each
+group's difference to one group and Welch's t-test p-value (docs/compare.md). `--plot` draws
+each group's learning curves from metrics.jsonl; `--csv` and `--json` print the table as data.
 
 Runs are read through regexp.rundir; a run whose files are unreadable is named in a
-warning and left out. matplotlib is imported only for `--plot`, torch never.
+warning and left out. matplotlib is imported only for `--plot`, scipy only for the
+statistics, torch never.
 """
 
 import json
@@ -37,7 +40,7 @@ NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.")
 TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
 MISSING = "—"
 CONFIDENCE = 0.95  # of each group's interval of the mean
-MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has about 1 degree of freedom
+MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has at most 2 degrees of freedom
 
 
 @dataclass
@@ -100,7 +103,6 @@ class Comparison(NamedTuple):
     keys: list[str]  # the grouping keys
     higher_is_better: bool
     baseline: Optional[Group]  # the group --baseline names, one of `groups`
-
 
 
 # ---------------------------------------------------------------- reading runs
@@ -253,10 +255,10 @@ def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
 
     from scipy.stats import ttest_ind
 
-    with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the result says it
+    with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the p-value stands
         warnings.simplefilter("ignore", RuntimeWarning)
-        p_value = float(ttest_ind(values, base, equal_var=False).pvalue)
-    return VsBaseline(diff, p_value, None) if math.isfinite(p_value) else VsBaseline(diff, None, "no test: values too close")
+        # with some spread and finite means, t and so p are finite (NaN needs 0/0, which is the case above)
+        return VsBaseline(diff, float(ttest_ind(values, base, equal_var=False).pvalue))
 
 
 def lower_is_better(metric: str) -> bool:
@@ -316,10 +318,11 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
     }
 
 
-def fmt(value: Optional[float]) -> str:
+def fmt(value: Optional[float], sign: str = "") -> str:
+    """4 decimals, or 4 digits in e-notation for the very small and large; `sign="+"` signs it."""
     if value is None:
         return MISSING
-    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+    return f"{value:{sign}.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:{sign}.3e}"
 
 
 def fmt_stat(stat: Stat, runs: int) -> str:
@@ -368,10 +371,9 @@ def fmt_ci(stat: Stat) -> str:
 
 def fmt_vs(vs: VsBaseline) -> tuple[str, str]:
     """(difference, p-value or why there is none)."""
-    diff = MISSING if vs.diff is None else f"{vs.diff:+.4f}" if vs.diff == 0 or 1e-3 <= abs(vs.diff) < 1e4 else f"{vs.diff:+.3e}"
     if vs.p_value is None:
-        return diff, vs.note or MISSING
-    return diff, f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
+        return fmt(vs.diff, "+"), vs.note or MISSING
+    return fmt(vs.diff, "+"), f"{vs.p_value:.3f}" if vs.p_value >= 1e-3 else f"{vs.p_value:.1e}"
 
 
 Cell = str | Text
@@ -387,7 +389,8 @@ def table_cells(result: Comparison, metric: str, optional: list[str]) -> tuple[l
     rows = []
     for g in result.groups:
         stat = g.stat(metric)
-        cells: list[Cell] = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]  # as typed: [dropout] stays
+        # as typed: [dropout] stays
+        cells: list[Cell] = [Text(g.values[k] or MISSING) for k in result.keys] if result.keys else ["all runs"]
         cells += [str(len(g.runs)), fmt_stat(stat, len(g.runs)), fmt_ci(stat)]
         if result.baseline:
             cells += ["baseline", ""] if g is result.baseline else fmt_vs(vs_baseline(g, result.baseline, metric))
@@ -511,11 +514,11 @@ def parser() -> CommandParser:
     p = CommandParser(
         prog="regexp compare",
         description="Compare runs and sweeps from their run dirs (offline; never W&B): group by the swept "
-                    "override keys (seed aside), mean ± std and the 95%% confidence interval of the mean (Student's "
+                    "override keys (seed aside), mean ± std and the 95% confidence interval of the mean (Student's "
                     "t) over each group's completed runs, best first; with --baseline, each group's difference to "
                     "that group and Welch's t-test p-value. Failed, diverged, stopped, pruned, interrupted and "
                     "running runs are counted and listed, never averaged.",
-        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --metric val/acc --plot curves.png. "
+        epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --baseline l2 --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "
                "(no runs, an unknown --by key or --metric, a --baseline that names no group or several, "
@@ -574,7 +577,8 @@ def comparison(paths: list[Path], by: Optional[list[str]], metric: str, higher_i
         check_keys(runs, by)
     keys = list(dict.fromkeys(by)) if by else swept_keys(runs)
     groups = rank_groups(group_runs(runs, keys), metric, higher_is_better)
-    return Comparison(groups, keys, higher_is_better, None if baseline is None else find_baseline(groups, keys, baseline))
+    found = None if baseline is None else find_baseline(groups, keys, baseline)
+    return Comparison(groups, keys, higher_is_better, found)
 
 
 def table_data(paths: list[Path], by: Optional[list[str]] = None, metric: str = "test/acc",

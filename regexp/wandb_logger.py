@@ -249,7 +249,8 @@ def log_sweep_table(cfg: DictConfig, run_dirs: list[Path], metric: str, say: Cal
         sweep_dir = Path(cfg.hydra.sweep.dir)
         init_args = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(sweep_dir),
                          name=SWEEP_TABLE_JOB_TYPE, group=str(cfg.hydra.sweep.dir), job_type=SWEEP_TABLE_JOB_TYPE,
-                         tags=list(cfg.logger.tags), config={"metric": metric, "keys": result.keys, "runs": len(run_dirs)})
+                         tags=list(cfg.logger.tags),
+                         config={"metric": metric, "keys": result.keys, "runs": len(run_dirs)})
         run = init_run(mode, init_args, sweep_dir, warn, WandbServer())
         try:
             run.log({"compare": wandb.Table(columns=columns, data=rows)})

@@ -219,9 +219,27 @@ def test_json_output(sweep, tmp_path):
         assert group["runs"] == 2 and group["statuses"] == {"completed": 2}
         assert (group["stats"]["test/acc"]["mean"], group["stats"]["test/acc"]["std"]) == pytest.approx(want["acc"])
         assert (group["stats"]["train/loss"]["mean"], group["stats"]["train/loss"]["std"]) == pytest.approx(want["loss"])
+        mean, std = want["acc"]
+        half = 12.706205 * std / 2 ** 0.5  # t(0.975; 1), from a printed table: 2 seeds a group
+        assert (group["stats"]["test/acc"]["ci_low"], group["stats"]["test/acc"]["ci_high"]) == pytest.approx((mean - half, mean + half), rel=1e-5)
+        assert group["vs_baseline"] is None and result["baseline"] is None
     assert sorted((r["values"]["optimizer"], r["seed"]) for r in result["runs"]) == [(o, s) for o in sorted(OPTIMIZERS) for s in (0, 1)]
     on_disk = {s["run_dir"]: s["metrics"]["test/acc"] for s in summaries(sweep)}
     assert {r["run_dir"]: r["metrics"]["test/acc"] for r in result["runs"]} == on_disk
+
+
+@pytest.mark.slow
+def test_csv_against_a_baseline_of_two_seeds_says_too_few_runs(sweep, tmp_path):
+    import csv
+    import io
+
+    out = run_cli(["compare", str(sweep), "--baseline", "sgd", "--csv"], tmp_path)
+    assert out.returncode == 0 and not out.stderr
+    rows = {r["optimizer"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
+    expected = expected_groups(sweep)
+    assert rows["sgd"]["note"] == "baseline" and rows["adam"]["note"] == "too few runs" and rows["adam"]["p_value"] == ""
+    assert float(rows["adam"]["diff"]) == pytest.approx(expected["adam"]["acc"][0] - expected["sgd"]["acc"][0])
+    assert [int(rows[o]["n"]) for o in OPTIMIZERS] == [2, 2]
 
 
 @pytest.mark.slow
@@ -392,9 +410,11 @@ def test_plot_to_an_unwritable_path_exits_2_before_any_work(tmp_path, plot, mess
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: --plot") and message.format(**names) in out.stderr
 
 
-def test_help_documents_the_exit_codes(tmp_path):
+def test_help_documents_the_exit_codes_and_what_baseline_takes(tmp_path):
     out = run_cli(["compare", "--help"], tmp_path)
-    assert out.returncode == 0 and "Exit codes: 0" in " ".join(out.stdout.split())
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "Exit codes: 0" in text and "95% confidence interval" in text
+    assert "GROUP is a group's label as the table prints it (regularizer=l2;" in text and "its value (l2)" in text
 
 
 def test_table_data_is_what_json_prints_and_what_the_python_api_returns(tmp_path):
@@ -454,16 +474,21 @@ def test_welch_p_value_against_t_quantiles(tmp_path):
 
 
 def test_too_few_runs_and_no_spread_say_why_there_is_no_p_value(tmp_path):
+    import warnings
+
     reg_runs(tmp_path, {"base": [0.9, 0.9, 0.9], "same": [0.9, 0.9, 0.9], "flat": [0.8, 0.8, 0.8], "two": [0.7, 0.75],
-                        "spread": [0.85, 0.9, 0.95]})
+                        "spread": [0.85, 0.9, 0.95], "nearly": [0.9, 0.9, 0.9000000000000001]})
     make_run(tmp_path, "crashed-0", ["+regularizer=crashed", "seed=0"], status="failed", choices={"regularizer": "crashed"})
-    data = compare.table_data([tmp_path], baseline="base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision warning for nearly equal values stays inside
+        data = compare.table_data([tmp_path], baseline="base")
     vs = {g["values"]["regularizer"]: g["vs_baseline"] for g in data["groups"]}
     assert vs["same"] == {"diff": 0.0, "p_value": None, "note": "identical values"}
     assert vs["flat"] == {"diff": pytest.approx(-0.1), "p_value": None, "note": "no spread: every run of each group equal"}
     assert vs["two"] == {"diff": pytest.approx(-0.175), "p_value": None, "note": "too few runs"}
     assert vs["spread"]["p_value"] == pytest.approx(1.0) and vs["spread"]["note"] is None  # the baseline's spread is 0, this one's not
     assert vs["crashed"] == {"diff": None, "p_value": None, "note": "no trained runs"}
+    assert vs["nearly"]["p_value"] == pytest.approx(1.0)
     json.dumps(data, allow_nan=False)  # no NaN anywhere
     assert data["baseline"] == "regularizer=base"
 
@@ -576,3 +601,7 @@ def test_csv_and_baseline_through_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "against baseline regularizer=l2: difference of means and Welch's t-test p-value" in out
     assert [c.strip() for c in table_rows(out)["l2"].split("│")][4:6] == ["baseline", ""]
+    reg_runs(tmp_path / "markup", {"[dim]l2": [0.9, 0.91, 0.92], "[red]x[/red]": [0.8, 0.81, 0.82]})
+    assert cli.main(["compare", str(tmp_path / "markup"), "--baseline", "[dim]l2"]) == 0
+    out = capsys.readouterr().out
+    assert "against baseline regularizer=[dim]l2: " in out and "[red]x[/red]" in table_rows(out)  # as typed, never markup

@@ -60,7 +60,7 @@ def test_compare_counts_stopped_and_pruned_runs_per_group_and_never_averages_the
     groups = {g["label"]: g for g in data["groups"]}
     assert groups["optimizer=adam"]["statuses"] == {"completed": 1, "stopped": 1}
     assert groups["optimizer=sgd"]["statuses"] == {"completed": 2, "pruned": 1}
-    assert groups["optimizer=adam"]["stats"]["test/acc"] == {"mean": 0.9, "std": None, "n": 1}
+    assert groups["optimizer=adam"]["stats"]["test/acc"] == {"mean": 0.9, "std": None, "n": 1, "ci_low": None, "ci_high": None}
     assert groups["optimizer=sgd"]["stats"]["test/acc"]["mean"] == pytest.approx(0.75)
     assert groups["optimizer=sgd"]["stats"]["wall_time_s"]["mean"] == 10.0  # the pruned run's 1 s is not in it
     cut_short = {r["status"]: r for r in data["runs"] if r["status"] in ("stopped", "pruned")}
@@ -85,7 +85,7 @@ def test_a_group_of_only_stopped_and_pruned_runs_has_no_mean_and_ranks_last(tmp_
     run_dir(tmp_path, "2", "sgd", 1, "pruned", 0.99, ended_by=RUNG)
     groups = compare.table_data([tmp_path])["groups"]
     assert [g["label"] for g in groups] == ["optimizer=adam", "optimizer=sgd"]
-    assert groups[1]["stats"]["test/acc"] == {"mean": None, "std": None, "n": 0}
+    assert groups[1]["stats"]["test/acc"] == {"mean": None, "std": None, "n": 0, "ci_low": None, "ci_high": None}
     assert groups[1]["statuses"] == {"stopped": 1, "pruned": 1}
 
 

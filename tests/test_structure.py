@@ -81,11 +81,11 @@ def test_run_records_are_a_leaf():
 
 
 def test_the_readers_of_run_dirs_import_nothing_heavy():
-    """`regexp compare` and `regexp diagnose` read files: no torch, torchvision, wandb or matplotlib at import."""
+    """`regexp compare` and `regexp diagnose` read files: no torch, torchvision, wandb, matplotlib or scipy at import."""
     import subprocess
     import sys
 
     code = ("import sys, regexp.comparison, regexp.diagnose, regexp.sweep, regexp.tracking; "
-            "print([m for m in ('torch', 'torchvision', 'wandb', 'matplotlib') if m in sys.modules])")
+            "print([m for m in ('torch', 'torchvision', 'wandb', 'matplotlib', 'scipy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
