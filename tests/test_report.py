@@ -84,7 +84,8 @@ def made(tmp_path_factory) -> dict:
     regularized_run(root, HOSTILE_DIR, "dropout", 3, None, status="failed", error=HOSTILE_ERROR + "\nmore")
     regularized_run(root, "l3", "l2", 3, None, status="diverged", nonfinite={"nonfinite/step": 17})
     regularized_run(root, "i0", "<i>l1</i>", 0, None, status="diverged", nonfinite={"nonfinite/step": 3})
-    corrupt = regularized_run(root, "m0", "max_norm", 0, 0.5)
+    corrupt = regularized_run(root, "m0", "max_norm", 0, 0.5, findings=[  # no diagnosis.json: its summary's findings
+        {"rule": "loss_flat", "title": "Loss flat", "message": "the loss did not move", "step": 4}])
     (corrupt / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.0}\nnot json\n{"step": 4}\n')
     (root / "d1" / "diagnosis.json").write_text(json.dumps({"findings": [
         {"rule": "overfitting", "title": "Overfitting <b>x</b>", "message": "val loss rises", "step": 30,
@@ -138,6 +139,7 @@ def test_report_shows_each_median_runs_findings(made):
     assert "<b>Overfitting &lt;b&gt;x&lt;/b&gt;</b> at step 30: val loss rises" in page
     assert "evidence: val/loss: 0.3, 0.5" in page and "try: add dropout" in page
     assert "no findings: nothing in the metrics matches a known failure" in page  # the l2 group's median run
+    assert "<b>Loss flat</b> at step 4: the loss did not move</div>" in page
 
 
 def test_report_escapes_every_text_from_runs(made):
