@@ -254,9 +254,12 @@ def differing_config(groups: list[Group]) -> list[tuple[str, list[str]]]:
     group whose runs disagree on a key shows each value. Seeds and paths aside, as compare does."""
     per_run = {id(run): flat_config(run.config) for g in groups for run in g.runs}
     keys = dict.fromkeys(k for flat in per_run.values() for k in flat)
+    # a node that is null in some runs (an optional group not chosen: regularizer.dropout) and holds
+    # keys in others: its keys' rows show the difference
+    nodes = {key[:i] for key in keys for i, char in enumerate(key) if char == "."}
     rows = []
     for key in keys:
-        if key in NOT_EXPERIMENT_KEYS or key.startswith(NOT_EXPERIMENT_PREFIXES):
+        if key in nodes or key in NOT_EXPERIMENT_KEYS or key.startswith(NOT_EXPERIMENT_PREFIXES):
             continue
         cells = [", ".join(sorted({per_run[id(run)].get(key, MISSING) for run in g.runs})) for g in groups]
         if len(set(cells)) > 1:

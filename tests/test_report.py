@@ -128,6 +128,7 @@ def test_report_holds_table_figures_config_and_every_run(made):
     config = section(page, "Config keys that differ between groups")
     assert "<code>regularizer.dropout.p</code>" in config and "<code>regularizer.l2.coef</code>" in config
     assert "<code>seed</code>" not in config  # seeds are what a group averages over
+    assert "<code>regularizer.dropout</code>" not in config  # null where not chosen: its keys' rows say it
     runs = section(page, "Runs")
     assert all(f"<code>{sweep / name}</code>" in runs for name in ("d0", "d1", "d2", "l0", "l1", "l2", "l3", "m0"))
     assert "RuntimeError: boom" in runs and "more" not in runs  # the error's first line
