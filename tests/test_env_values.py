@@ -237,6 +237,6 @@ def test_cli_fused_sweep_records_no_environment_value_and_says_where_each_offlin
                    "logger.tags=[${oc.env:MY_PW}]"], tmp_path, data_root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert not leaks(out.stdout + out.stderr) and tree_leaks(tmp_path) == []  # summaries, job records, .hydra, logs
-    assert out.stdout.count("W&B logged offline to ") == 2
+    assert out.stdout.count("W&B logged offline to ") == 3  # each job's run, and the sweep's compare table
     for summary in summaries(tmp_path / "sweep"):
         assert summary["fused"]["models"] == 2 and summary["config"]["logger"]["tags"] == ["${oc.env:MY_PW}"]
