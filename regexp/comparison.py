@@ -17,7 +17,6 @@ warning and left out. matplotlib is imported only for `--plot`, torch never.
 import json
 import math
 import statistics
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -470,7 +470,7 @@ def title_of(health: RunHealth) -> str:
 
 
 def regularizer_text(name: str, node: dict[str, Any]) -> str:
-    values = [f"{k}={compact(v)}" for k, v in node.items() if k != "name" and isinstance(v, (int, float)) and v is not True]
+    values = [f"{k}={compact(v)}" for k, v in node.items() if k != "name" and type(v) in (int, float)]
     return f"{name}({', '.join(values)})" if values else name
 
 
@@ -538,7 +538,8 @@ def curves_figure(groups: Sequence[Any], metric: str) -> Optional[Any]:
             at = [[c[e] for c in group_curves if e in c] for e in epochs]
             means = [statistics.fmean(values) for values in at]
             ax.plot(epochs, means, marker="o", color=f"C{color}", label=plain(f"{g.label} (n={len(group_curves)})"))
-            band = [(e, m - statistics.stdev(v), m + statistics.stdev(v)) for e, m, v in zip(epochs, means, at) if len(v) > 1]
+            band = [(e, m - statistics.stdev(v), m + statistics.stdev(v))
+                    for e, m, v in zip(epochs, means, at) if len(v) > 1]
             if band:
                 ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean ± std over runs)")

@@ -220,7 +220,8 @@ def test_several_runs_without_by_are_refused(tmp_path, empty_cwd, capsys):
 
 def test_a_by_key_or_metric_that_no_run_has_is_refused(tmp_path, empty_cwd, capsys):
     mlp_run(tmp_path / "sweep" / "0")
-    assert "--by optimzer: no run has this key" in refused(capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimzer"])
+    assert "--by optimzer: no run has this key" in refused(
+        capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimzer"])
     assert "--metric test/acx: no run has this metric" in refused(
         capsys, ["plot", str(tmp_path / "sweep"), "--by", "seed", "--metric", "test/acx"])
     assert os.listdir(empty_cwd) == []
@@ -352,7 +353,8 @@ def test_plot_draws_a_real_run_into_the_current_directory(sweep, tmp_path):
 @pytest.mark.slow
 def test_each_wandb_run_gets_its_health_figure(sweep):
     for run_dir in sorted(p.parent for p in sweep.rglob("summary.json")):
-        [images] = [list(run.glob("files/media/images/health_*.png")) for run in (run_dir / "wandb").glob("offline-run-*")]
+        [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+        images = list(wandb_run.glob("files/media/images/health_*.png"))
         assert len(images) == 1 and images[0].read_bytes()[:4] == b"\x89PNG"
         [path] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         records = subprocess.run([WANDB, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
