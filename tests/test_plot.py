@@ -177,8 +177,8 @@ def test_median_run_is_the_lower_middle_of_the_trained_runs(tmp_path):
 
 
 def test_plot_by_draws_one_column_per_group(tmp_path, empty_cwd, capsys):
-    for name, optimizer in [("0", "adam"), ("1", "adam"), ("2", "sgd")]:
-        mlp_run(tmp_path / "sweep" / name, overrides=[f"optimizer={optimizer}", f"seed={name}"],
+    for name, optimizer, steps in [("0", "adam", 6), ("1", "adam", 6), ("2", "sgd", 10)]:
+        mlp_run(tmp_path / "sweep" / name, steps=steps, overrides=[f"optimizer={optimizer}", f"seed={name}"],
                 metrics={"test/acc": 0.5 + int(name) / 10})
     code, out, _ = exits(capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimizer"])
     assert code == 0 and out == "health figure: sweep-by-optimizer.png (2 groups)\n"
@@ -191,6 +191,7 @@ def test_plot_by_draws_one_column_per_group(tmp_path, empty_cwd, capsys):
         rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax)
     line_row = rows[0]
     assert line_row[0].get_shared_y_axes().joined(line_row[0], line_row[1])
+    assert all(ax.get_xlim()[1] >= 20 for ax in fig.axes if ax.get_xlabel() == "step")  # the longest run's steps
 
 
 def test_compare_plot_still_draws_its_curves_through_plotting(tmp_path, empty_cwd, capsys):
