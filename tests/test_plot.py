@@ -247,6 +247,8 @@ def test_a_figure_never_goes_into_a_run_dir(tmp_path, monkeypatch, capsys):
     run_dir = mlp_run(tmp_path / "run")
     before = snapshot(run_dir)
     assert "inside the run dir" in refused(capsys, ["plot", str(run_dir), "--out", str(run_dir / "sub" / "h.png")])
+    (tmp_path / "link").symlink_to(run_dir)
+    assert "inside the run dir" in refused(capsys, ["plot", str(run_dir), "--out", str(tmp_path / "link" / "h.png")])
     monkeypatch.chdir(run_dir)  # the default --out lands in the current directory: here, the run dir
     assert f"inside the run dir {run_dir}" in refused(capsys, ["plot", "."])
     assert snapshot(run_dir) == before
