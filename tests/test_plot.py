@@ -211,11 +211,13 @@ def test_a_path_without_a_run_is_refused(tmp_path, empty_cwd, capsys):
     assert os.listdir(empty_cwd) == []
 
 
-def test_several_runs_without_by_are_refused(tmp_path, empty_cwd, capsys):
+def test_several_runs_or_a_metric_without_by_are_refused(tmp_path, empty_cwd, capsys):
     mlp_run(tmp_path / "sweep" / "0")
     mlp_run(tmp_path / "sweep" / "1", overrides=["seed=1"])
     assert "holds 2 runs" in refused(capsys, ["plot", str(tmp_path / "sweep")])
     assert "2 paths" in refused(capsys, ["plot", str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")])
+    only_with_by = refused(capsys, ["plot", str(tmp_path / "sweep" / "0"), "--metric", "val/acc"])
+    assert "--metric val/acc: only with --by" in only_with_by
     assert os.listdir(empty_cwd) == []
 
 
