@@ -28,8 +28,7 @@ def parser() -> CommandParser:
     p.add_argument("--by", action="append", metavar="KEY",
                    help="one column per value of this key (repeatable): an override key, a config group or a "
                         "dotted config key")
-    p.add_argument("--metric", default="test/acc",
-                   help="with --by: the metric that picks each group's median run (default: test/acc)")
+    p.add_argument("--metric", help="with --by: the metric that picks each group's median run (default: test/acc)")
     p.add_argument("--out", type=Path, metavar="FILE.png",
                    help="the image to write (.png, .pdf, .svg; default: <run dir name>-health.png, or "
                         "<dir name>-by-<key>.png with --by, in the current directory)")
@@ -40,7 +39,9 @@ def main(args: list[str]) -> int:
     """UsageError for bad input (exit 2), RunError for unreadable records or an unwritable image (1)."""
     options = parser().parse_args(args)
     if options.by:
-        return plot_groups(options.paths, options.by, options.metric, options.out)
+        return plot_groups(options.paths, options.by, options.metric or "test/acc", options.out)
+    if options.metric is not None:
+        raise UsageError(f"--metric {options.metric}: only with --by, where it picks each group's median run")
     return plot_run(options.paths, options.out)
 
 

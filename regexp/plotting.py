@@ -240,7 +240,7 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
     deep = any(h.deep() for _, h in healths)
     nrows, ncols = max(1, len(panels)), max(1, len(healths))
     fig = Figure(figsize=(4.2 * ncols + 1.2, 2.6 * nrows + 1.0))
-    fixed_margins(fig, top=1.15, left=1.0)
+    fixed_margins(fig, top=1.4, left=1.0)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
     for row, panel in enumerate(panels):
         heatmap = deep and is_family(panel)
@@ -259,6 +259,9 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
             if col == 0:
                 ax.set_ylabel(plain(panel.title), fontsize="small")
         scale_y(list(axes[row]), panel, deep)
+    steps = [s.steps for _, h in healths for s in h.series.values()]
+    if steps:  # every run's steps: a heatmap's extent would otherwise set the shared axis to its own run's
+        axes[0][0].set_xlim(min(int(s[0]) for s in steps), max(int(s[-1]) for s in steps) + 1)
     fig.suptitle("training health per group (each column: the group's median run)", fontsize="medium")
     return fig
 
@@ -470,7 +473,7 @@ def title_of(health: RunHealth) -> str:
 
 
 def regularizer_text(name: str, node: dict[str, Any]) -> str:
-    values = [f"{k}={compact(v)}" for k, v in node.items() if k != "name" and isinstance(v, (int, float)) and v is not True]
+    values = [f"{k}={compact(v)}" for k, v in node.items() if k != "name" and type(v) in (int, float)]
     return f"{name}({', '.join(values)})" if values else name
 
 
@@ -538,7 +541,8 @@ def curves_figure(groups: Sequence[Any], metric: str) -> Optional[Any]:
             at = [[c[e] for c in group_curves if e in c] for e in epochs]
             means = [statistics.fmean(values) for values in at]
             ax.plot(epochs, means, marker="o", color=f"C{color}", label=plain(f"{g.label} (n={len(group_curves)})"))
-            band = [(e, m - statistics.stdev(v), m + statistics.stdev(v)) for e, m, v in zip(epochs, means, at) if len(v) > 1]
+            band = [(e, m - statistics.stdev(v), m + statistics.stdev(v))
+                    for e, m, v in zip(epochs, means, at) if len(v) > 1]
             if band:
                 ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean ± std over runs)")
@@ -579,7 +583,8 @@ def check_out(out: Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out}: is a directory; name an image file, e.g. {out / 'health.png'}")
     if out.suffix.lstrip(".").lower() not in image_formats():
         raise UsageError(f"{flag} {out}: unknown image format {out.suffix or '(none)'}; use .png, .pdf or .svg")
-    run_dir = next((d for d in [out.absolute().parent, *out.absolute().parent.parents]
+    folder = out.absolute().parent.resolve()  # a link to a run dir is that run dir
+    run_dir = next((d for d in [folder, *folder.parents]
                     if (d / SUMMARY).is_file() or (d / METRICS).is_file()), None)
     if run_dir is not None:
         raise UsageError(f"{flag} {out}: inside the run dir {run_dir}, which only its run writes; "

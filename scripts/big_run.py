@@ -32,7 +32,8 @@ def log_step(step: int, fraction: float, noise: np.ndarray, epoch: int) -> dict:
     """One log-step record at `fraction` of the run; `noise` holds this record's random draws."""
     decay = np.exp(-4 * fraction)
     record = {"step": step, "epoch": epoch,
-              "train/loss": (0.1 + 2.2 * decay) * np.exp(0.1 * noise[0]), "train/acc": 0.98 - 0.88 * decay + 0.01 * noise[1],
+              "train/loss": (0.1 + 2.2 * decay) * np.exp(0.1 * noise[0]),
+              "train/acc": 0.98 - 0.88 * decay + 0.01 * noise[1],
               "opt/lr": 1e-3 * 0.5 * (1 + np.cos(np.pi * fraction)), "opt/effective_batch": 64,
               "perf/samples_per_s": 9000 + 300 * noise[2], "perf/step_ms": 7 + 0.2 * noise[3],
               "grad/global_norm": 1 + decay + 0.1 * abs(noise[4])}
@@ -68,14 +69,16 @@ def main() -> int:
             step, epoch = i + 1, i // per_epoch + 1
             f.write(json.dumps(log_step(step, i / options.steps, noise[i], epoch)) + "\n")
             if step % per_epoch == 0 or step == options.steps:
-                f.write(json.dumps({"epoch": epoch, "step": step, "val/loss": 0.1 + 2 * np.exp(-4 * step / options.steps),
-                                    "val/acc": 0.97 - 0.8 * np.exp(-4 * step / options.steps)}) + "\n")
+                decay = np.exp(-4 * step / options.steps)
+                f.write(json.dumps({"epoch": epoch, "step": step, "val/loss": 0.1 + 2 * decay,
+                                    "val/acc": 0.97 - 0.8 * decay}) + "\n")
     config = {"seed": 0, "epochs": options.epochs, "model": {"name": "mlp", "hidden": HIDDEN, "activation": "relu"},
               "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}, "clip": {"name": "none"},
               "monitor": {"name": "default", "log_every": 1}}
-    write_summary(options.out, Summary(status=Status.COMPLETED, run_dir=str(options.out), config=config,
-                                       choices={"model": "mlp", "optimizer": "adamw", "monitor": "default"},
-                                       steps=options.steps, epochs_completed=options.epochs, metrics={"test/acc": 0.97}))
+    summary = Summary(status=Status.COMPLETED, run_dir=str(options.out), config=config, steps=options.steps,
+                      choices={"model": "mlp", "optimizer": "adamw", "monitor": "default"},
+                      epochs_completed=options.epochs, metrics={"test/acc": 0.97})
+    write_summary(options.out, summary)
     write_diagnosis(options.out, [])
     print(f"{options.out}: {options.steps:,} log steps in {options.epochs} epochs", file=sys.stderr)
     return 0

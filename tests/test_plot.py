@@ -177,8 +177,8 @@ def test_median_run_is_the_lower_middle_of_the_trained_runs(tmp_path):
 
 
 def test_plot_by_draws_one_column_per_group(tmp_path, empty_cwd, capsys):
-    for name, optimizer in [("0", "adam"), ("1", "adam"), ("2", "sgd")]:
-        mlp_run(tmp_path / "sweep" / name, overrides=[f"optimizer={optimizer}", f"seed={name}"],
+    for name, optimizer, steps in [("0", "adam", 6), ("1", "adam", 6), ("2", "sgd", 10)]:
+        mlp_run(tmp_path / "sweep" / name, steps=steps, overrides=[f"optimizer={optimizer}", f"seed={name}"],
                 metrics={"test/acc": 0.5 + int(name) / 10})
     code, out, _ = exits(capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimizer"])
     assert code == 0 and out == "health figure: sweep-by-optimizer.png (2 groups)\n"
@@ -191,6 +191,7 @@ def test_plot_by_draws_one_column_per_group(tmp_path, empty_cwd, capsys):
         rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax)
     line_row = rows[0]
     assert line_row[0].get_shared_y_axes().joined(line_row[0], line_row[1])
+    assert all(ax.get_xlim()[1] >= 20 for ax in fig.axes if ax.get_xlabel() == "step")  # the longest run's steps
 
 
 def test_compare_plot_still_draws_its_curves_through_plotting(tmp_path, empty_cwd, capsys):
@@ -210,17 +211,20 @@ def test_a_path_without_a_run_is_refused(tmp_path, empty_cwd, capsys):
     assert os.listdir(empty_cwd) == []
 
 
-def test_several_runs_without_by_are_refused(tmp_path, empty_cwd, capsys):
+def test_several_runs_or_a_metric_without_by_are_refused(tmp_path, empty_cwd, capsys):
     mlp_run(tmp_path / "sweep" / "0")
     mlp_run(tmp_path / "sweep" / "1", overrides=["seed=1"])
     assert "holds 2 runs" in refused(capsys, ["plot", str(tmp_path / "sweep")])
     assert "2 paths" in refused(capsys, ["plot", str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")])
+    only_with_by = refused(capsys, ["plot", str(tmp_path / "sweep" / "0"), "--metric", "val/acc"])
+    assert "--metric val/acc: only with --by" in only_with_by
     assert os.listdir(empty_cwd) == []
 
 
 def test_a_by_key_or_metric_that_no_run_has_is_refused(tmp_path, empty_cwd, capsys):
     mlp_run(tmp_path / "sweep" / "0")
-    assert "--by optimzer: no run has this key" in refused(capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimzer"])
+    assert "--by optimzer: no run has this key" in refused(
+        capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimzer"])
     assert "--metric test/acx: no run has this metric" in refused(
         capsys, ["plot", str(tmp_path / "sweep"), "--by", "seed", "--metric", "test/acx"])
     assert os.listdir(empty_cwd) == []
@@ -245,6 +249,8 @@ def test_a_figure_never_goes_into_a_run_dir(tmp_path, monkeypatch, capsys):
     run_dir = mlp_run(tmp_path / "run")
     before = snapshot(run_dir)
     assert "inside the run dir" in refused(capsys, ["plot", str(run_dir), "--out", str(run_dir / "sub" / "h.png")])
+    (tmp_path / "link").symlink_to(run_dir)
+    assert "inside the run dir" in refused(capsys, ["plot", str(run_dir), "--out", str(tmp_path / "link" / "h.png")])
     monkeypatch.chdir(run_dir)  # the default --out lands in the current directory: here, the run dir
     assert f"inside the run dir {run_dir}" in refused(capsys, ["plot", "."])
     assert snapshot(run_dir) == before
@@ -352,7 +358,8 @@ def test_plot_draws_a_real_run_into_the_current_directory(sweep, tmp_path):
 @pytest.mark.slow
 def test_each_wandb_run_gets_its_health_figure(sweep):
     for run_dir in sorted(p.parent for p in sweep.rglob("summary.json")):
-        [images] = [list(run.glob("files/media/images/health_*.png")) for run in (run_dir / "wandb").glob("offline-run-*")]
+        [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+        images = list(wandb_run.glob("files/media/images/health_*.png"))
         assert len(images) == 1 and images[0].read_bytes()[:4] == b"\x89PNG"
         [path] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         records = subprocess.run([WANDB, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
