@@ -20,6 +20,7 @@ statistics, torch never.
 import json
 import math
 import statistics
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
