@@ -323,7 +323,8 @@ def draw_run_curves(ax: Any, panel: Panel, health: RunHealth, legend: bool) -> N
         if name in health.series and (name != "grad/global_norm_clipped" or CLIPPED_SHARE in health.series):
             s = health.series[name]
             x, y = thinned(s.steps, s.values)
-            ax.plot(x, y, style, color=f"C{color}", label=label, linewidth=1, markersize=4)
+            fmt = style + ("o" if len(x) == 1 and "o" not in style else "")  # one point: a dot, not an empty line
+            ax.plot(x, y, fmt, color=f"C{color}", label=label, linewidth=1, markersize=4)
     if panel.key == "global" and CLIPPED_SHARE in health.series:
         s = health.series[CLIPPED_SHARE]
         share = ax.twinx()
@@ -368,7 +369,7 @@ def draw_layers(ax: Any, health: RunHealth, family: Family, legend: bool) -> Non
     for color, layer in zip(layer_colors(len(layers)), layers):
         s = health.series[family.prefix + layer]
         x, y = thinned(s.steps, s.values)
-        ax.plot(x, y, color=color, linewidth=1, label=plain(layer))
+        ax.plot(x, y, "-o" if len(x) == 1 else "-", color=color, linewidth=1, label=plain(layer))
     if family.guide is not None:
         ax.axhline(family.guide, color="0.3", linestyle="--", linewidth=0.8)
         ax.annotate(f"{family.guide:g}", (1, family.guide), xycoords=("axes fraction", "data"), fontsize="x-small",

@@ -366,3 +366,17 @@ def test_each_wandb_run_gets_its_health_figure(sweep):
                                  check=True).stdout.splitlines()
         history = [json.loads(line)["history"]["item"] for line in records if '"type":"history"' in line]
         assert any(item.get("health._type") == "image-file" for item in history)
+
+
+def test_a_single_log_step_is_a_visible_dot(tmp_path):
+    fig = plotting.health_figure(write_run(tmp_path / "run", [log_step(5, *MLP)]))
+    panel = {ax.get_title(): ax for ax in fig.axes}
+    assert panel["loss"].get_lines()[0].get_marker() == "o"
+    assert {line.get_marker() for line in panel["weight norm per layer"].get_lines()[:3]} == {"o"}
+
+
+def test_plot_and_plotting_import_nothing_heavy():
+    code = ("import sys, regexp.plot, regexp.plotting; "
+            "print([m for m in ('torch', 'matplotlib', 'wandb', 'numpy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
