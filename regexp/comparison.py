@@ -520,9 +520,10 @@ def parser() -> CommandParser:
                     "running runs are counted and listed, never averaged.",
         epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --baseline l2 --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
-               "Exit codes: 0 the comparison was printed; 1 the --plot image could not be written; 2 bad input "
-               "(no runs, an unknown --by key or --metric, a --baseline that names no group or several, "
-               "--json with --csv, a --plot path that cannot be written); 141 the reader "
+               "Exit codes: 0 the comparison was printed; 1 the --plot image or its directory cannot be written; 2 "
+               "bad input (no runs, an unknown --by key or --metric, a --baseline that names no group or several, "
+               "--json with --csv, a --plot path that is a directory, of an unknown format or inside a run dir); "
+               "141 the reader "
                "of a pipe left early (e.g. | head), quietly.")
     p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
                    help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
@@ -548,22 +549,6 @@ def parser() -> CommandParser:
     order.add_argument("--lower-is-better", dest="higher_is_better", action="store_false",
                        help="rank by the lowest mean")
     return p
-
-
-def check_plot_path(out: Path) -> None:
-    """Before any work: a known image format, in a directory that can be written."""
-    from matplotlib.figure import Figure
-
-    from regexp.config import ConfigError, check_writable
-
-    if out.is_dir():
-        raise UsageError(f"--plot {out}: is a directory; name an image file, e.g. {out / 'curves.png'}")
-    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
-        raise UsageError(f"--plot {out}: unknown image format; use e.g. .png, .pdf or .svg")
-    try:
-        check_writable(out.parent, "--plot", out)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
 
 
 def comparison(paths: list[Path], by: Optional[list[str]], metric: str, higher_is_better: Optional[bool] = None,
@@ -592,7 +577,9 @@ def main(args: list[str]) -> int:
     """`regexp compare`. UsageError for bad input (exit 2), RunError when the plot cannot be written (1)."""
     options = parser().parse_args(args)
     if options.plot is not None:
-        check_plot_path(options.plot)
+        from regexp.plotting import check_out
+
+        check_out(options.plot, "--plot", "curves.png")
     result = comparison(options.paths, options.by, options.metric, options.higher_is_better, options.baseline)
     plotted = None
     if options.plot is not None:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from regexp.rundir import (METRICS, SUMMARY, RunError, Summary, UsageError, atomic_write, read_diagnosis,
-                           read_metrics, read_summary)
-from regexp.tracking import warn
+from regexp.rundir import RunError, Summary, atomic_write, read_diagnosis, read_metrics, read_summary
+from regexp.tracking import check_output_file, warn
 
 BUCKETS = 600  # a longer series is drawn as min and max over this many buckets of steps
 HEATMAP_COLUMNS = 400  # step buckets of a heatmap
@@ -575,25 +574,9 @@ def image_formats() -> dict[str, str]:
     return Figure().canvas.get_supported_filetypes()
 
 
-def check_out(out: Path, flag: str = "--out") -> None:
-    """Before any work: UsageError for a directory, an unknown image format or a path inside a
-    run dir (figures never go into one); RunError when its directory cannot be written."""
-    from regexp.config import ConfigError, check_writable
-
-    if out.is_dir():
-        raise UsageError(f"{flag} {out}: is a directory; name an image file, e.g. {out / 'health.png'}")
-    if out.suffix.lstrip(".").lower() not in image_formats():
-        raise UsageError(f"{flag} {out}: unknown image format {out.suffix or '(none)'}; use .png, .pdf or .svg")
-    folder = out.absolute().parent.resolve()  # a link to a run dir is that run dir
-    run_dir = next((d for d in [folder, *folder.parents]
-                    if (d / SUMMARY).is_file() or (d / METRICS).is_file()), None)
-    if run_dir is not None:
-        raise UsageError(f"{flag} {out}: inside the run dir {run_dir}, which only its run writes; "
-                         "name a file outside it")
-    try:
-        check_writable(out.parent, flag, out)
-    except ConfigError as e:
-        raise RunError(str(e)) from None
+def check_out(out: Path, flag: str = "--out", example: str = "health.png") -> None:
+    """An image file to write: see tracking.check_output_file."""
+    check_output_file(out, flag, example, image_formats())
 
 
 def png_bytes(fig: Any, dpi: int = DPI) -> bytes:

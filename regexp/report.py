@@ -20,8 +20,8 @@ from typing import Any
 from regexp.comparison import (CONFIDENCE, MISSING, NOT_EXPERIMENT_KEYS, NOT_EXPERIMENT_PREFIXES, TRAIN_LOSS, WALL_TIME,
                                Comparison, Group, Run, as_text, comparison, fmt, fmt_ci, fmt_stat, fmt_vs,
                                untrained_detail, vs_baseline)
-from regexp.rundir import RunError, Status, UsageError, atomic_write, load_summary, read_diagnosis
-from regexp.tracking import CommandParser, plural, short_evidence, warn
+from regexp.rundir import RunError, Status, atomic_write, load_summary, read_diagnosis
+from regexp.tracking import CommandParser, check_output_file, plural, short_evidence, warn
 
 DPI = 80  # the figures' resolution in the page: sharp on screen, about 160 KB a health figure
 
@@ -49,7 +49,8 @@ def parser() -> CommandParser:
                     "between groups, and every run's dir and status.",
         epilog="example: regexp report outputs/multirun/2024-05-01/12-00-00 --out report.html --baseline "
                "regularizer=l2. Exit codes: 0 the report was written; 1 --out cannot be written; 2 bad input (no "
-               "runs, an unknown --by key, --metric or --baseline group, --out a directory); nothing is written then.")
+               "runs, an unknown --by key, --metric or --baseline group, --out a directory or inside a run dir); nothing "
+               "is written then.")
     p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
                    help="a run dir, a sweep dir, or any directory: every summary.json below it is a run")
     p.add_argument("--out", type=Path, required=True, metavar="REPORT.html", help="the HTML file to write")
@@ -62,22 +63,10 @@ def parser() -> CommandParser:
     return p
 
 
-def check_out(out: Path) -> None:
-    """Before any work: --out names a file whose directory can be written (RunError: exit 1)."""
-    from regexp.config import ConfigError, check_writable
-
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a directory; name a file, e.g. {out / 'report.html'}")
-    try:
-        check_writable(out.parent, "--out", out)
-    except ConfigError as e:
-        raise RunError(str(e)) from None
-
-
 def main(args: list[str]) -> int:
     """`regexp report`. UsageError for bad input (exit 2), RunError when --out cannot be written (1)."""
     options = parser().parse_args(args)
-    check_out(options.out)
+    check_output_file(options.out, "--out", "report.html")
     result = comparison(options.paths, options.by, options.metric, baseline=options.baseline)
     page = report_page(result, options.metric, options.paths)
     write_page(options.out, page)

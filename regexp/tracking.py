@@ -8,7 +8,8 @@ import argparse
 import logging
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, NoReturn, Optional
+from pathlib import Path
+from typing import Any, Collection, Iterator, NoReturn, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from regexp.rundir import MetricsFile, Summary, UsageError
+from regexp.rundir import METRICS, SUMMARY, MetricsFile, RunError, Summary, UsageError
 
 log = logging.getLogger("regexp")
 
@@ -128,6 +129,26 @@ def render(findings: list[dict[str, Any]], console: Console) -> None:
         steps = "\n".join(f"     {n}. {escape(s)}" for n, s in enumerate(f["interventions"], 1))
         parts.append(f"[bold]{i}. {escape(f['title'])}[/bold]\n   {escape(f['message'])}\n   try, in order:\n{steps}")
     console.print(Panel("\n\n".join(parts), title="diagnosis", border_style="red", expand=False))
+
+
+def check_output_file(out: Path, flag: str, example: str, formats: Optional[Collection[str]] = None) -> None:
+    """Before a reader command does any work, the file it will write: UsageError (exit 2) for a
+    directory, a suffix not in `formats` or a path inside a run dir (only its run writes there);
+    RunError (exit 1) when its directory cannot be written."""
+    from regexp.config import ConfigError, check_writable
+
+    if out.is_dir():
+        raise UsageError(f"{flag} {out}: is a directory; name a file, e.g. {out / example}")
+    if formats is not None and out.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"{flag} {out}: unknown image format {out.suffix or '(none)'}; use .png, .pdf or .svg")
+    folder = out.absolute().parent.resolve()  # a link to a run dir is that run dir
+    run_dir = next((d for d in [folder, *folder.parents] if (d / SUMMARY).is_file() or (d / METRICS).is_file()), None)
+    if run_dir is not None:
+        raise UsageError(f"{flag} {out}: inside the run dir {run_dir}, which only its run writes; name a file outside it")
+    try:
+        check_writable(out.parent, flag, out)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
 
 
 class CommandParser(argparse.ArgumentParser):

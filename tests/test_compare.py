@@ -396,17 +396,18 @@ def test_plot_leaves_out_a_corrupted_metrics_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plot,message", [
-    ("{file}/curves.png", "output directory cannot be created: {file} is a file"),
-    ("{dir}", "is a directory; name an image file"),
+@pytest.mark.parametrize("plot,message,code", [
+    ("{file}/curves.png", "output directory cannot be created: {file} is a file", 1),
+    ("{dir}", "is a directory; name a file", 2),
+    ("{run}/curves.png", "inside the run dir {run}", 2),
 ])
-def test_plot_to_an_unwritable_path_exits_2_before_any_work(tmp_path, plot, message):
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, plot, message, code):
     sweep_run(tmp_path / "runs", "0", "adam", 0, 0.9, curve=[{"step": 2, "epoch": 1, "train/loss": 2.0}])
     (tmp_path / "a-file").write_text("")
     (tmp_path / "out.png").mkdir()
-    names = {"file": tmp_path / "a-file", "dir": tmp_path / "out.png"}
+    names = {"file": tmp_path / "a-file", "dir": tmp_path / "out.png", "run": tmp_path / "runs" / "0"}
     out = run_cli(["compare", str(tmp_path / "runs"), "--plot", plot.format(**names)], tmp_path)
-    assert out.returncode == 2 and not out.stdout
+    assert out.returncode == code and not out.stdout and not (tmp_path / "runs" / "0" / "curves.png").exists()
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("regexp: error: --plot") and message.format(**names) in out.stderr
 
 

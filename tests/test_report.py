@@ -171,6 +171,7 @@ def test_report_replaces_an_earlier_file_whole(made):
     (["{sweep}", "--baseline", "regularizer=l1"], "--baseline regularizer=l1: no such group; groups: "),
     (["{sweep}", "--metric", "test/accuracy"], "--metric test/accuracy: no run has this metric; available: "),
     (["{sweep}", "--out", "{sweep}"], "--out {sweep}: is a directory; name a file"),
+    (["{sweep}", "--out", "{sweep}/d0/report.html"], "--out {sweep}/d0/report.html: inside the run dir {sweep}/d0,"),
     (["{sweep}", "--by"], "report: argument --by: expected one argument"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep, tmp_path, capsys, empty_cwd, args, message):
