@@ -138,7 +138,7 @@ def read_run(run_dir: Path) -> Optional[Run]:
         overrides=parse_overrides(overrides or summary.overrides),
         choices=summary.choices,
         config=summary.config,
-        metrics={k: float(v) for k, v in metrics.items() if is_number(v) and math.isfinite(v)},
+        metrics={k: as_float(v) for k, v in metrics.items() if as_float(v) is not None},
         error=summary.error,
         nonfinite_step=(summary.nonfinite or {}).get("nonfinite/step"),
         ended_by=summary.ended_by,
@@ -157,6 +157,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def as_float(value: Any) -> Optional[float]:
+    """A finite float, or None (NaN, inf, an int beyond float range, text: not a value to average)."""
+    if not is_number(value):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------- keys and groups
@@ -229,14 +240,25 @@ def mean_std(values: Iterable[float]) -> Stat:
     values = list(values)
     if not values:
         return Stat(None, None, 0)
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return Stat(mean, None, 1)
+    mean, std = mean_and_std(values)
+    if std is None:
+        return Stat(mean, None, len(values))
     from scipy.stats import t  # lazily: scipy.stats takes a second to import
 
-    std = statistics.stdev(values)
     half = float(t.ppf(1 - (1 - CONFIDENCE) / 2, len(values) - 1)) * std / math.sqrt(len(values))
-    return Stat(mean, std, len(values), mean - half, mean + half)
+    return Stat(mean, std, len(values), *map(as_float, (mean - half, mean + half)))
+
+
+def mean_and_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """The mean and the sample std (None for one value, or when it leaves float range). Values
+    near float's limit (1e308) overflow the sums: then they are computed on the values scaled
+    by the largest."""
+    try:
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    except OverflowError:
+        scale = max(map(abs, values))
+        mean, std = mean_and_std([v / scale for v in values])
+        return mean * scale, None if std is None else as_float(std * scale)
 
 
 def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
@@ -245,10 +267,13 @@ def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
     values, base = group.values_of(metric), baseline.values_of(metric)
     if not values or not base:
         return VsBaseline(None, None, "no trained runs")
-    diff = statistics.fmean(values) - statistics.fmean(base)
+    (mean, std), (base_mean, base_std) = mean_and_std(values), mean_and_std(base)
+    diff = as_float(mean - base_mean)
     if min(len(values), len(base)) < MIN_TEST_RUNS:
         return VsBaseline(diff, None, "too few runs")
-    if statistics.stdev(values) == 0 and statistics.stdev(base) == 0:
+    if diff is None or any(x is None or not math.isfinite(x * x) for x in (std, base_std)):  # variances overflow
+        return VsBaseline(diff, None, "values beyond float range")
+    if std == 0 and base_std == 0:
         # Welch's t divides by the spread: with none there is no test, only the values themselves
         return VsBaseline(diff, None, "identical values" if diff == 0 else "no spread: every run of each group equal")
     import warnings
@@ -257,8 +282,8 @@ def vs_baseline(group: Group, baseline: Group, metric: str) -> VsBaseline:
 
     with warnings.catch_warnings():  # scipy's precision warning for nearly equal values: the p-value stands
         warnings.simplefilter("ignore", RuntimeWarning)
-        # with some spread and finite means, t and so p are finite (NaN needs 0/0, which is the case above)
-        return VsBaseline(diff, float(ttest_ind(values, base, equal_var=False).pvalue))
+        p_value = as_float(ttest_ind(values, base, equal_var=False).pvalue)  # NaN only where the sums overflow
+    return VsBaseline(diff, p_value, None if p_value is not None else "values beyond float range")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -286,7 +311,7 @@ def check_metric(runs: list[Run], metric: str, baseline: Optional[str] = None) -
 def find_baseline(groups: list[Group], keys: list[str], baseline: str) -> Group:
     """The group `--baseline` names: by its label as the table prints it (`regularizer=l2`,
     `optimizer=adam optimizer.lr=0.01`) or, grouped by one key, by that key's value (`l2`)."""
-    matches = [g for g in groups if baseline == g.label or (len(keys) == 1 and baseline == g.values[keys[0]])]
+    matches = [g for g in groups if baseline == g.label or (len(keys) == 1 and baseline == (g.values[keys[0]] or MISSING))]
     labels = ", ".join(g.label for g in groups)
     if not matches:
         raise UsageError(f"--baseline {baseline}: no such group; groups: {labels}")
@@ -311,7 +336,7 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
                     "vs_baseline": asdict(vs_baseline(g, baseline, metric)) if baseline and g is not baseline else None,
                     "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
         "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status.value,
-                  "in_means": run.status.trained, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
+                  "in_means": run.status.trained and metric in run.metrics, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
                   **({"error": run.error} if run.error else {}), **({"ended_by": run.ended_by} if run.ended_by else {})}
                  for g in groups for run in g.runs],
         "plot": str(plot) if plot else None,

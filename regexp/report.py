@@ -66,7 +66,7 @@ def parser() -> CommandParser:
 def main(args: list[str]) -> int:
     """`regexp report`. UsageError for bad input (exit 2), RunError when --out cannot be written (1)."""
     options = parser().parse_args(args)
-    check_output_file(options.out, "--out", "report.html")
+    check_output_file(options.out, "--out", "report.html", ("html", "htm"), "page", ".html")
     result = comparison(options.paths, options.by, options.metric, baseline=options.baseline)
     page = report_page(result, options.metric, options.paths)
     write_page(options.out, page)
@@ -271,7 +271,8 @@ def runs_table(groups: list[Group], metric: str) -> str:
 
 def run_row(run: Run, group: Group, metric: str) -> str:
     value = run.metrics.get(metric)
-    why = None if run.status.trained else untrained_detail(run)
+    in_means = run.status.trained and value is not None
+    why = untrained_detail(run) if not run.status.trained else None if in_means else f"no finite {metric} recorded"
     return (f"<tr><td><code>{esc(run.run_dir)}</code></td>{cell(group.label)}{cell(MISSING if run.seed is None else run.seed)}"
             f'<td class="{status_class(run.status)}">{esc(run.status.value)}</td>'
-            f"{cell(fmt(value), num=True)}{cell('yes' if run.status.trained else 'no')}{cell(why or '')}</tr>")
+            f"{cell(fmt(value), num=True)}{cell('yes' if in_means else 'no')}{cell(why or '')}</tr>")

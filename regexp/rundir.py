@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional, Union, get_args,
 
 SUMMARY, METRICS, DIAGNOSIS = "summary.json", "metrics.jsonl", "diagnosis.json"
 CONTINUATION = "continuation.json"  # a resumed finished run's own record, until it ends at least as well
+SWEEP_SUMMARY, SWEEP_RECORDS = "sweep_summary.json", ".sweep"  # a sweep dir's table, and its jobs' records
 # The most a reader takes in at once: a whole record file (summary.json, diagnosis.json, overrides.yaml)
 # or one line of metrics.jsonl; far above any real record.
 MAX_FILE_BYTES = 256 * 2**20

@@ -24,6 +24,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.rundir import (
+    SWEEP_RECORDS,
+    SWEEP_SUMMARY,
     ENDED_EARLY,
     ConfigError,
     Interrupted,
@@ -39,8 +41,7 @@ from regexp.rundir import (
 from regexp.tracking import plural, print_whole, why_ended
 
 METRIC = "test/acc"
-SWEEP_SUMMARY = "sweep_summary.json"
-RECORDS, PLAN = ".sweep", "plan.json"  # this invocation's job records, and its planned jobs
+PLAN = "plan.json"  # this invocation's planned jobs, among its job records (SWEEP_RECORDS)
 REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
 NO_CHECKPOINT = "no checkpoint saved"
 CUT_SHORT = (Status.DIVERGED, *ENDED_EARLY)  # results that did not train to the plan's end: shown in yellow
@@ -141,13 +142,13 @@ def planned_jobs(hydra_cfg: Any) -> Optional[list[list[str]]]:
 
 def start_records(sweep_dir: Path, planned: Optional[list[list[str]]]) -> None:
     """A fresh record folder: the jobs recorded there are this invocation's."""
-    shutil.rmtree(sweep_dir / RECORDS, ignore_errors=True)
-    (sweep_dir / RECORDS).mkdir(parents=True)
-    write_json(sweep_dir / RECORDS / PLAN, {"pid": os.getpid(), "jobs": planned})
+    shutil.rmtree(sweep_dir / SWEEP_RECORDS, ignore_errors=True)
+    (sweep_dir / SWEEP_RECORDS).mkdir(parents=True)
+    write_json(sweep_dir / SWEEP_RECORDS / PLAN, {"pid": os.getpid(), "jobs": planned})
 
 
 def job_record_path(hydra_cfg: Any) -> Path:
-    return Path(hydra_cfg.sweep.dir) / RECORDS / f"{hydra_cfg.job.num}.json"
+    return Path(hydra_cfg.sweep.dir) / SWEEP_RECORDS / f"{hydra_cfg.job.num}.json"
 
 
 def write_job_record(hydra_cfg: Any, **outcome: str) -> None:
@@ -163,7 +164,7 @@ def write_job_record(hydra_cfg: Any, **outcome: str) -> None:
 
 def read_records(sweep_dir: Path) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
     """(the plan, the job records in job-number order) of the sweep's last invocation."""
-    folder = Path(sweep_dir) / RECORDS
+    folder = Path(sweep_dir) / SWEEP_RECORDS
     try:
         plan = read_json(folder / PLAN)
     except RunError:

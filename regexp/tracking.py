@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from regexp.rundir import METRICS, SUMMARY, MetricsFile, RunError, Summary, UsageError
+from regexp.rundir import METRICS, SUMMARY, SWEEP_RECORDS, MetricsFile, RunError, Summary, UsageError
 
 log = logging.getLogger("regexp")
 
@@ -131,24 +131,37 @@ def render(findings: list[dict[str, Any]], console: Console) -> None:
     console.print(Panel("\n\n".join(parts), title="diagnosis", border_style="red", expand=False))
 
 
-def check_output_file(out: Path, flag: str, example: str, formats: Optional[Collection[str]] = None) -> None:
+def check_output_file(out: Path, flag: str, example: str, formats: Collection[str], kind: str = "image",
+                      usual: str = ".png, .pdf or .svg") -> None:
     """Before a reader command does any work, the file it will write: UsageError (exit 2) for a
-    directory, a suffix not in `formats` or a path inside a run dir (only its run writes there);
+    directory, a suffix not in `formats`, or a record of a run or sweep (only they write those);
     RunError (exit 1) when its directory cannot be written."""
     from regexp.config import ConfigError, check_writable
 
     if out.is_dir():
         raise UsageError(f"{flag} {out}: is a directory; name a file, e.g. {out / example}")
-    if formats is not None and out.suffix.lstrip(".").lower() not in formats:
-        raise UsageError(f"{flag} {out}: unknown image format {out.suffix or '(none)'}; use .png, .pdf or .svg")
-    folder = out.absolute().parent.resolve()  # a link to a run dir is that run dir
-    run_dir = next((d for d in [folder, *folder.parents] if (d / SUMMARY).is_file() or (d / METRICS).is_file()), None)
-    if run_dir is not None:
-        raise UsageError(f"{flag} {out}: inside the run dir {run_dir}, which only its run writes; name a file outside it")
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"{flag} {out}: unknown {kind} format {out.suffix or '(none)'}; use {usual}")
+    owner = record_owner(out)
+    if owner is not None:
+        raise UsageError(f"{flag} {out}: {owner}; name a file outside it")
     try:
         check_writable(out.parent, flag, out)
     except ConfigError as e:
         raise RunError(str(e)) from None
+
+
+def record_owner(out: Path) -> Optional[str]:
+    """Whose records `out` would be among: a run dir (anything in it), a sweep's job records or
+    a `.hydra/` folder; else None. (A sweep's own files, sweep_summary.json and multirun.yaml,
+    are no image or page: the suffix check refuses them.)"""
+    folder = out.absolute().parent.resolve()  # a link to a run dir is that run dir
+    for d in [folder, *folder.parents]:
+        if (d / SUMMARY).is_file() or (d / METRICS).is_file():
+            return f"inside the run dir {d}, which only its run writes"
+        if d.name in (SWEEP_RECORDS, ".hydra"):
+            return f"inside {d}, the records of a run or sweep"
+    return None
 
 
 class CommandParser(argparse.ArgumentParser):

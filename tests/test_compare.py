@@ -606,3 +606,39 @@ def test_csv_and_baseline_through_the_cli(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "markup"), "--baseline", "[dim]l2"]) == 0
     out = capsys.readouterr().out
     assert "against baseline regularizer=[dim]l2: " in out and "[red]x[/red]" in table_rows(out)  # as typed, never markup
+
+
+# ---------------------------------------------------------------- numbers at float's edge
+
+def test_a_metric_beyond_float_range_is_left_out_like_a_nan(tmp_path, capsys):
+    sweep_run(tmp_path, "0", "adam", 0, 0.9)
+    sweep_run(tmp_path, "1", "adam", 1, 0.92)
+    huge = sweep_run(tmp_path, "2", "adam", 2, 0.9)
+    summary = json.loads((huge / "summary.json").read_text())
+    (huge / "summary.json").write_text(json.dumps({**summary, "metrics": {"test/acc": 10**400}}))
+    data = compare.table_data([tmp_path])
+    assert data["groups"][0]["stats"]["test/acc"]["n"] == 2
+    assert [r["in_means"] for r in sorted(data["runs"], key=lambda r: r["run_dir"])] == [True, True, False]
+
+
+def test_values_near_floats_limit_give_a_mean_not_a_traceback(tmp_path, capsys):
+    for seed in range(3):
+        sweep_run(tmp_path, f"a{seed}", "adam", seed, 0.5)
+        sweep_run(tmp_path, f"s{seed}", "sgd", seed, 0.5)
+        for name, value in ((f"a{seed}", 1e308), (f"s{seed}", [1e308, -1e308, 1e308][seed])):
+            path = tmp_path / name / "summary.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "metrics": {"test/acc": value}}))
+    assert compare.mean_std([1e308] * 3) == Stat(1e308, 0.0, 3, 1e308, 1e308)
+    data = compare.table_data([tmp_path], baseline="adam")
+    sgd = next(g for g in data["groups"] if g["label"] == "optimizer=sgd")
+    assert sgd["stats"]["test/acc"]["ci_low"] is None  # mean ± t·s/√n leaves float range: no interval
+    assert sgd["vs_baseline"]["p_value"] is None and sgd["vs_baseline"]["note"] == "values beyond float range"
+    assert compare.main([str(tmp_path), "--baseline", "adam"]) == 0
+    json.loads(json.dumps(data, allow_nan=False))  # no NaN or Infinity in the data
+
+
+def test_a_group_without_the_key_is_named_by_the_dash_the_table_prints(tmp_path):
+    sweep_run(tmp_path, "0", "adam", 0, 0.9)
+    make_run(tmp_path, "1", ["seed=0"], metrics={"test/acc": 0.8}, config={"seed": 0})
+    data = compare.table_data([tmp_path], by=["optimizer.lr"], baseline=compare.MISSING)
+    assert data["baseline"] == f"optimizer.lr={compare.MISSING}"

@@ -125,9 +125,9 @@ def test_a_fifo_checkpoint_or_best_pt_is_refused_without_hanging(tmp_path, reade
 
 
 def test_sweep_records_that_are_not_job_records_are_left_out(tmp_path):
-    from regexp.sweep import RECORDS, read_records
+    from regexp.sweep import SWEEP_RECORDS, read_records
 
-    folder = tmp_path / RECORDS
+    folder = tmp_path / SWEEP_RECORDS
     folder.mkdir()
     (folder / "plan.json").write_text("[1, 2]")  # not a plan
     (folder / "0.json").write_text(json.dumps({"job": "0", "run_dir": str(tmp_path / "0"), "overrides": ["seed=0"]}))

@@ -172,6 +172,7 @@ def test_report_replaces_an_earlier_file_whole(made):
     (["{sweep}", "--metric", "test/accuracy"], "--metric test/accuracy: no run has this metric; available: "),
     (["{sweep}", "--out", "{sweep}"], "--out {sweep}: is a directory; name a file"),
     (["{sweep}", "--out", "{sweep}/d0/report.html"], "--out {sweep}/d0/report.html: inside the run dir {sweep}/d0,"),
+    (["{sweep}", "--out", "report.png"], "--out report.png: unknown page format .png; use .html"),
     (["{sweep}", "--by"], "report: argument --by: expected one argument"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep, tmp_path, capsys, empty_cwd, args, message):
@@ -290,3 +291,12 @@ def test_report_of_a_trained_sweep_through_the_cli(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "too few runs" in page  # 2 seeds a group: a difference, no p-value
     assert len(images(page)) == 3 and "<code>regularizer.dropout.p</code>" in page
+
+
+@pytest.mark.parametrize("folder", [".sweep", ".hydra"])
+def test_a_sweeps_own_records_are_never_written_among(sweep, capsys, folder):
+    (sweep / folder).mkdir()
+    before = snapshot(sweep)
+    line = refused(capsys, ["report", str(sweep), "--out", str(sweep / folder / "report.html")])
+    assert line.endswith(f"inside {sweep / folder}, the records of a run or sweep; name a file outside it")
+    assert snapshot(sweep) == before
