@@ -37,6 +37,7 @@ PER_EPOCH_STANDIN = {"epoch/train_loss": TRAIN_LOSS, "epoch/train_acc": "train/a
 """An epoch row's train values, drawn only when the run recorded no log step of them (a run shorter
 than monitor.log_every): with log steps they are those steps' means, and the log steps say more."""
 MAX_STEP = 2**63  # steps are counted in int64: a larger number is no step a run recorded
+MAX_VALUE = 1e100  # larger values are left out: matplotlib's axes overflow near 1e300 (float32 stops at 3.4e38)
 CLIPPED_SHARE = "grad/clip_frac"  # recorded only when clipping is on: without it, after = before
 
 
@@ -91,7 +92,7 @@ class RunHealth:
 
 def read_health(run_dir: Path) -> RunHealth:
     """The run's series, findings and non-finite step; RunError when metrics.jsonl (or
-    diagnosis.json) is unreadable. Values that are not finite numbers and records without a
+    diagnosis.json) is unreadable. Values that `finite` refuses and records without a
     step (see as_step) are left out; so are marks outside the recorded steps (kept in `outside`),
     which would stretch the step axis until the run is a sliver."""
     import numpy as np
@@ -153,7 +154,8 @@ def series_of(records: list[dict[str, Any]], steps: Any, name: str) -> Optional[
         values = np.array(column, dtype=np.float64)  # a missing value (None) becomes NaN
     except (TypeError, OverflowError):  # text, lists, booleans, huge integers: value by value
         values = np.array([math.nan if (v := finite(value)) is None else v for value in column], dtype=np.float64)
-    kept = np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        kept = np.abs(values) <= MAX_VALUE  # NaN and infinities too
     if not kept.any():
         return None
     order = np.argsort(steps[kept], kind="stable")
@@ -161,9 +163,8 @@ def series_of(records: list[dict[str, Any]], steps: Any, name: str) -> Optional[
 
 
 def finite(value: Any) -> Optional[float]:
-    if type(value) is float:
-        return value if math.isfinite(value) else None
-    if type(value) is int and abs(value) < 2**1023:
+    """A value a figure can draw: a float or integer of magnitude at most MAX_VALUE."""
+    if type(value) in (float, int) and abs(value) <= MAX_VALUE:
         return float(value)
     return None
 

@@ -376,6 +376,22 @@ def test_a_record_without_a_usable_step_is_left_out(tmp_path, empty_cwd, capsys,
     assert exits(capsys, ["plot", str(run_dir)])[0] == 0 and os.listdir(empty_cwd) == ["run-health.png"]
 
 
+@pytest.mark.parametrize("big", [1.7e308, -1e300, 10**300, 1e101])
+def test_values_too_large_to_draw_are_left_out(tmp_path, big):
+    """An axis over ~1e300 overflows in matplotlib (figures and curves would be a traceback)."""
+    layers = [f"fc{i}" for i in range(1, 11)]  # deep: the heatmaps too
+    records = [log_step(s, layers, ["act1"]) for s in range(1, 6)]
+    for record in records[::2]:
+        record.update({k: big for k in record if k not in ("step", "epoch")})
+    records += [{"epoch": e, "step": 5 + e, "val/acc": v, "epoch/train_loss": v} for e, v in ((1, big), (2, 0.5))]
+    run_dir = write_run(tmp_path / "run", records)
+    health = plotting.read_health(run_dir)
+    assert list(health.series["train/loss"].steps) == [2, 4] and list(health.series["val/acc"].steps) == [7]
+    assert plotting.png_bytes(plotting.health_figure(run_dir)).startswith(b"\x89PNG")
+    curves = plotting.curves_figure(group_runs(find_runs([run_dir]), []), "test/acc")
+    assert plotting.png_bytes(curves).startswith(b"\x89PNG")
+
+
 def test_marks_outside_the_recorded_steps_are_not_drawn_but_named_in_a_note(tmp_path):
     records = [log_step(s, *MLP) for s in range(10, 20)]
     findings = [{"rule": "far", "evidence": {"step": 10**30}}, {"rule": "late", "evidence": {"step": 10**6}},
