@@ -2,11 +2,12 @@
 
 The page holds what `regexp compare` prints (mean ± std, the 95 % confidence interval, each
 group's difference to a baseline group and Welch's p-value), each group's learning curves
-(mean with a band), the health figure and findings of each group's median run, the config
-keys whose values differ between groups, and every run's dir and status: a run that did not
-train (failed, diverged, stopped, pruned, interrupted, running) is listed with why, never
-averaged. Everything is inside the file: the CSS inline, the figures as PNG data: URIs, no
-script, font or stylesheet from the network, so it opens on a cluster without internet.
+(mean with a band), the health figure and findings of each group's median run (without a
+completed run, of its longest run), the config keys whose values differ between groups, and
+every run's dir and status: a run that did not train (failed, diverged, stopped, pruned,
+interrupted, running) is listed with why, never averaged. Everything is inside the file: the
+CSS inline, the figures as PNG data: URIs, no script, font or stylesheet from the network, so
+it opens on a cluster without internet.
 Every text that comes from a run or the command line (dirs, overrides, metric names,
 findings) is HTML-escaped. Runs are read through regexp.comparison and regexp.rundir,
 figures drawn by regexp.plotting; torch is never imported.
