@@ -2,12 +2,13 @@
 side (`--by KEY`), read from run dirs (docs/plots.md). Everything a command needs is checked
 before anything is written; the image is written atomically, never into a run dir."""
 
+import os
 from pathlib import Path
 from typing import Optional
 
 from regexp.comparison import check_keys, check_metric, find_runs, group_runs
-from regexp.plotting import check_out, figure_of, health_columns, median_run, read_health, save_figure
-from regexp.rundir import UsageError
+from regexp.plotting import check_out, figure_of, health_columns, read_health, save_figure, shown_run
+from regexp.rundir import METRICS, UsageError
 from regexp.tracking import CommandParser, plural, warn
 
 
@@ -17,7 +18,8 @@ def parser() -> CommandParser:
         description="Draw a run's training-health figure from its run dir: loss and accuracy, learning rate, "
                     "global gradient norm before/after clipping, per-layer gradient norm, activation std, dead "
                     "fraction, update ratio and weight norm, with the findings and the non-finite step marked. "
-                    "With --by, one column per group: each group's median run by --metric.",
+                    "With --by, one column per group: each group's median run by --metric, or in a group without a "
+                    "completed run, the run that recorded the most steps.",
         epilog="examples: regexp plot outputs/2024-05-01/12-00-00 · regexp plot outputs/multirun/drop --by "
                "regularizer --out by-regularizer.png. Exit codes: 0 the figure was written; 1 a run's records are "
                "unreadable or the image cannot be written; 2 bad input (no run, several runs without --by, an "
@@ -54,9 +56,11 @@ def plot_run(paths: list[Path], out: Optional[Path]) -> int:
     run_dir = runs[0].run_dir
     out = out or Path(f"{run_dir.resolve().name}-health.png")
     check_out(out)
+    if not os.path.lexists(run_dir / METRICS):
+        raise UsageError(f"{run_dir}: nothing to draw (no {METRICS}: the run recorded no metrics); nothing written")
     health = read_health(run_dir)
     if health.empty:
-        raise UsageError(f"{run_dir}: nothing to draw (metrics.jsonl holds no metric values); nothing written")
+        raise UsageError(f"{run_dir}: nothing to draw ({METRICS} holds no metric values); nothing written")
     save_figure(figure_of(health), out)
     print(f"health figure: {out}")
     return 0
@@ -71,17 +75,15 @@ def plot_groups(paths: list[Path], by: list[str], metric: str, out: Optional[Pat
     check_metric(runs, metric)
     columns, left_out = [], []
     for group in group_runs(runs, keys):
-        run = median_run(group, metric)
+        run, why = shown_run(group, metric)
         if run is None:
-            left_out.append(group.label)
-            continue
-        trained = sum(1 for r in group.runs if r.status.trained and metric in r.metrics)
-        columns.append((f"{group.label}\nmedian of {trained}: {metric} {run.metrics[metric]:.4g}\n{run.run_dir.name}",
-                        run.run_dir))
+            left_out.append(f"{group.label}: {why}")
+        else:
+            columns.append((f"{group.label}\n{why}\n{run.run_dir.name}", run.run_dir))
     if not columns:
-        raise UsageError(f"--by {' '.join(keys)}: no group has a trained run with {metric}; nothing written")
-    for label in left_out:
-        warn(f"{label}: no trained run with {metric}; left out of the figure")
+        raise UsageError(f"--by {' '.join(keys)}: no run recorded a step; nothing written")
+    for line in left_out:
+        warn(f"{line}; left out of the figure")
     save_figure(health_columns(columns), out)
     print(f"health figure: {out} ({plural(len(columns), 'group')})")
     return 0

@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from regexp.rundir import RunError, Summary, atomic_write, read_diagnosis, read_metrics, read_summary
 from regexp.tracking import check_output_file, warn
@@ -26,12 +26,18 @@ PANEL_SIZE = (5.0, 3.2)  # inches, one panel of the health figure
 DPI = 100
 TRAIN_LOSS = "train/loss"
 
-CURVES = {  # panel -> (metric, label, style); val/* are per epoch, drawn at the epoch's last step
-    "loss": ((TRAIN_LOSS, "train", "-"), ("val/loss", "val", "o-")),
-    "accuracy": (("train/acc", "train", "-"), ("val/acc", "val", "o-")),
-    "lr": (("opt/lr", "lr", "-"),),
+CURVES = {  # panel -> (metric, label, style); val/* and epoch/* are per epoch, drawn at the epoch's last step
+    "loss": ((TRAIN_LOSS, "train", "-"), ("epoch/train_loss", "train (epoch mean)", "o-"), ("val/loss", "val", "o-")),
+    "accuracy": (("train/acc", "train", "-"), ("epoch/train_acc", "train (epoch mean)", "o-"),
+                 ("val/acc", "val", "o-")),
+    "lr": (("opt/lr", "lr", "-"), ("epoch/lr", "lr (per epoch)", "o-")),
     "global": (("grad/global_norm", "before clipping", "-"), ("grad/global_norm_clipped", "after clipping", "--")),
 }
+PER_EPOCH_STANDIN = {"epoch/train_loss": TRAIN_LOSS, "epoch/train_acc": "train/acc", "epoch/lr": "opt/lr"}
+"""An epoch row's train values, drawn only when the run recorded no log step of them (a run shorter
+than monitor.log_every): with log steps they are those steps' means, and the log steps say more."""
+MAX_STEP = 2**63  # steps are counted in int64: a larger number is no step a run recorded
+MAX_VALUE = 1e100  # larger values are left out: matplotlib's axes overflow near 1e300 (float32 stops at 3.4e38)
 CLIPPED_SHARE = "grad/clip_frac"  # recorded only when clipping is on: without it, after = before
 
 
@@ -68,6 +74,7 @@ class RunHealth:
     series: dict[str, Series] = field(default_factory=dict)  # metric name -> finite values at their steps
     marks: list[tuple[int, str]] = field(default_factory=list)  # (step, finding names) in step order
     nonfinite_step: Optional[int] = None
+    outside: list[tuple[int, str]] = field(default_factory=list)  # marks outside the recorded steps: not drawn
 
     @property
     def empty(self) -> bool:
@@ -85,11 +92,13 @@ class RunHealth:
 
 def read_health(run_dir: Path) -> RunHealth:
     """The run's series, findings and non-finite step; RunError when metrics.jsonl (or
-    diagnosis.json) is unreadable. Values that are not finite numbers are left out."""
+    diagnosis.json) is unreadable. Values that `finite` refuses and records without a
+    step (see as_step) are left out; so are marks outside the recorded steps (kept in `outside`),
+    which would stretch the step axis until the run is a sliver."""
     import numpy as np
 
     run_dir = Path(run_dir)
-    records = [record for record in read_metrics(run_dir) if type(record.get("step")) is int]
+    records = [record for record in read_metrics(run_dir) if as_step(record.get("step")) is not None]
     summary = read_summary(run_dir)
     events: dict[str, int] = {}  # finding rule -> the step of its live event
     nonfinite = None
@@ -104,7 +113,12 @@ def read_health(run_dir: Path) -> RunHealth:
     names = [name for name in names_in_order(values) if drawn(name)]
     steps = np.array([record["step"] for record in values], dtype=np.int64)
     series = {name: s for name in names if (s := series_of(values, steps, name)) is not None}
-    return RunHealth(run_dir, summary, series, finding_marks(run_dir, summary, events), nonfinite)
+    marks = finding_marks(run_dir, summary, events)
+    recorded = range(min(r["step"] for r in records), max(r["step"] for r in records) + 1) if records else range(0)
+    outside = [mark for mark in marks if mark[0] not in recorded]
+    if nonfinite is not None and nonfinite not in recorded:
+        outside, nonfinite = sorted([*outside, (nonfinite, "non-finite")]), None
+    return RunHealth(run_dir, summary, series, [mark for mark in marks if mark[0] in recorded], nonfinite, outside)
 
 
 def names_in_order(records: list[dict[str, Any]]) -> list[str]:
@@ -140,7 +154,8 @@ def series_of(records: list[dict[str, Any]], steps: Any, name: str) -> Optional[
         values = np.array(column, dtype=np.float64)  # a missing value (None) becomes NaN
     except (TypeError, OverflowError):  # text, lists, booleans, huge integers: value by value
         values = np.array([math.nan if (v := finite(value)) is None else v for value in column], dtype=np.float64)
-    kept = np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        kept = np.abs(values) <= MAX_VALUE  # NaN and infinities too
     if not kept.any():
         return None
     order = np.argsort(steps[kept], kind="stable")
@@ -148,15 +163,16 @@ def series_of(records: list[dict[str, Any]], steps: Any, name: str) -> Optional[
 
 
 def finite(value: Any) -> Optional[float]:
-    if type(value) is float:
-        return value if math.isfinite(value) else None
-    if type(value) is int and abs(value) < 2**1023:
+    """A value a figure can draw: a float or integer of magnitude at most MAX_VALUE."""
+    if type(value) in (float, int) and abs(value) <= MAX_VALUE:
         return float(value)
     return None
 
 
 def as_step(value: Any) -> Optional[int]:
-    return value if type(value) is int else None
+    """A step (or epoch) number: an integer from 0 up to int64's largest; anything else (a
+    negative or huge number, a float, text, a boolean) is none."""
+    return value if type(value) is int and 0 <= value < MAX_STEP else None
 
 
 def finding_marks(run_dir: Path, summary: Optional[Summary], events: dict[str, int]) -> list[tuple[int, str]]:
@@ -189,18 +205,19 @@ class Panel:
 
 def panels_of(health: RunHealth) -> list[Panel]:
     """The panels the run has data for, in reading order."""
-    has = health.series.__contains__
-    panels = []
-    if has(TRAIN_LOSS) or has("val/loss"):
-        panels.append(Panel("loss", "loss", log=True))
-    if has("train/acc") or has("val/acc"):
-        panels.append(Panel("accuracy", "accuracy"))
-    if has("opt/lr"):
-        panels.append(Panel("lr", "learning rate"))
-    if has("grad/global_norm"):
-        panels.append(Panel("global", "global gradient norm", log=True))
+    panels = [panel for panel in (Panel("loss", "loss", log=True), Panel("accuracy", "accuracy"),
+                                  Panel("lr", "learning rate"), Panel("global", "global gradient norm", log=True))
+              if curves_drawn(health, panel)]
     panels += [Panel(f.prefix, f.title, f.log) for f in LAYER_FAMILIES if health.layers(f)]
     return panels
+
+
+def curves_drawn(health: RunHealth, panel: Panel) -> list[tuple[str, str, str]]:
+    """The (metric, label, style) of a curve panel that the run has values of: an epoch row's train
+    value only without its log steps, the value after clipping only with clipping on."""
+    return [(name, label, style) for name, label, style in CURVES[panel.key] if name in health.series
+            and PER_EPOCH_STANDIN.get(name) not in health.series
+            and (name != "grad/global_norm_clipped" or CLIPPED_SHARE in health.series)]
 
 
 def health_figure(run_dir: Path) -> Any:
@@ -215,7 +232,7 @@ def figure_of(health: RunHealth) -> Any:
     ncols = min(3, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
     fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.6))
-    fixed_margins(fig, top=0.85, left=0.75)
+    fixed_margins(fig, top=0.85, left=0.75, bottom=0.7 if health.outside else 0.45)  # room for the note
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     deep = health.deep()
     for i, (ax, panel) in enumerate(zip(axes, panels)):
@@ -225,6 +242,9 @@ def figure_of(health: RunHealth) -> Any:
         ax.set_axis_off()
     if not panels:
         axes[0].text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=axes[0].transAxes)
+    if health.outside:
+        fig.text(0.01, 0.02, plain("not drawn, outside the recorded steps: " + "; ".join(
+            f"{names} at step {step}" for step, names in health.outside)), fontsize="x-small", color="0.35")
     fig.suptitle(plain(title_of(health)), fontsize="medium")
     return fig
 
@@ -241,16 +261,21 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
     fig = Figure(figsize=(4.2 * ncols + 1.2, 2.6 * nrows + 1.0))
     fixed_margins(fig, top=1.4, left=1.0)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    # the legend on the first column that has a row's panel, its colour scale on the last one, and
+    # each column's marks named on its first panel: a column may lack a panel (monitor=off)
+    has = [[has_panel(health, panel) for _, health in healths] for panel in panels]
+    named_row = [next((row for row in range(len(panels)) if has[row][col]), None) for col in range(len(healths))]
     for row, panel in enumerate(panels):
         heatmap = deep and is_family(panel)
         scale = value_range([h for _, h in healths], panel) if heatmap else None
+        first, last = has[row].index(True), len(healths) - 1 - has[row][::-1].index(True)
         for col, (label, health) in enumerate(healths):
             ax = axes[row][col]
             if col > 0 and not heatmap:  # a heatmap's rows are its own run's layers
                 ax.sharey(axes[row][0])
-            if has_panel(health, panel):
-                draw_panel(ax, panel, health, deep, scale, labels=col == 0, named_marks=row == 0,
-                           colorbar=col == ncols - 1)
+            if has[row][col]:
+                draw_panel(ax, panel, health, deep, scale, labels=col == first, named_marks=row == named_row[col],
+                           colorbar=col == last)
             else:
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center", color="0.5", transform=ax.transAxes)
             if row == 0:
@@ -261,15 +286,16 @@ def health_columns(columns: list[tuple[str, Path]]) -> Any:
     steps = [s.steps for _, h in healths for s in h.series.values()]
     if steps:  # every run's steps: a heatmap's extent would otherwise set the shared axis to its own run's
         axes[0][0].set_xlim(min(int(s[0]) for s in steps), max(int(s[-1]) for s in steps) + 1)
-    fig.suptitle("training health per group (each column: the group's median run)", fontsize="medium")
+    fig.suptitle("training health per group (each column: the group's median completed run, else the run that "
+                 "recorded the most steps)", fontsize="medium")
     return fig
 
 
-def fixed_margins(fig: Any, top: float, left: float) -> None:
+def fixed_margins(fig: Any, top: float, left: float, bottom: float = 0.45) -> None:
     """Margins and gaps in inches: matplotlib's automatic layouts measure every tick label and
     would take most of the drawing time of a figure this size."""
     width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=left / width, right=1 - 0.55 / width, top=1 - top / height, bottom=0.45 / height,
+    fig.subplots_adjust(left=left / width, right=1 - 0.55 / width, top=1 - top / height, bottom=bottom / height,
                         wspace=0.32, hspace=0.42)
 
 
@@ -312,18 +338,17 @@ def draw_panel(ax: Any, panel: Panel, health: RunHealth, deep: bool, scale: Opti
         draw_run_curves(ax, panel, health, legend=labels)
     ax.set_title(plain(panel.title), fontsize="small")
     ax.set_xlabel("step", fontsize="small")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one step alone: its own tick
     ax.tick_params(which="both", labelsize="x-small")
     mark_events(ax, health, named_marks)
 
 
 def draw_run_curves(ax: Any, panel: Panel, health: RunHealth, legend: bool) -> None:
-    for color, (name, label, style) in enumerate(CURVES[panel.key]):
-        if name in health.series and (name != "grad/global_norm_clipped" or CLIPPED_SHARE in health.series):
-            s = health.series[name]
-            x, y = thinned(s.steps, s.values)
-            fmt = style + ("o" if len(x) == 1 and "o" not in style else "")  # one point: a dot, not an empty line
-            ax.plot(x, y, fmt, color=f"C{color}", label=label, linewidth=1, markersize=4)
+    for color, (name, label, style) in enumerate(curves_drawn(health, panel)):
+        s = health.series[name]
+        x, y = thinned(s.steps, s.values)
+        fmt = style + ("o" if len(x) == 1 and "o" not in style else "")  # one point: a dot, not an empty line
+        ax.plot(x, y, fmt, color=f"C{color}", label=label, linewidth=1, markersize=4)
     if panel.key == "global" and CLIPPED_SHARE in health.series:
         s = health.series[CLIPPED_SHARE]
         share = ax.twinx()
@@ -500,6 +525,34 @@ def median_run(group: Any, metric: str) -> Optional[Any]:
     return runs[(len(runs) - 1) // 2] if runs else None
 
 
+def shown_run(group: Any, metric: str) -> tuple[Optional[Any], str]:
+    """(the run whose health figure stands for the group, why it): the median run by `metric`
+    (median_run); in a group without one (every run diverged, stopped, pruned or failed), the run
+    whose metrics.jsonl reaches the furthest step, as that is where the figure explains most.
+    (None, why) when no run of the group recorded a step."""
+    run = median_run(group, metric)
+    if run is not None:
+        trained = sum(1 for r in group.runs if r.status.trained and metric in r.metrics)
+        return run, f"median run by {metric} ({run.metrics[metric]:.4g}, of {trained} completed)"
+    none = "no completed run" + (f" with {metric}" if any(r.status.trained for r in group.runs) else "")
+    steps = {r.run_dir: recorded_steps(r.run_dir) for r in group.runs}
+    longest = min(group.runs, key=lambda r: (-steps[r.run_dir], str(r.run_dir)), default=None)
+    if longest is None or not steps[longest.run_dir]:
+        return None, f"{none}, and no run recorded a step"
+    ended = (f"{longest.status.value} at step {longest.nonfinite_step}" if longest.nonfinite_step is not None
+             else f"{longest.status.value}, recorded to step {steps[longest.run_dir]}")
+    return longest, f"{none}; shown: the longest run ({ended})"
+
+
+def recorded_steps(run_dir: Path) -> int:
+    """The last step of the run's metrics.jsonl (0 without one, or when it cannot be read)."""
+    try:
+        return max((step for record in read_metrics(run_dir) if (step := as_step(record.get("step"))) is not None),
+                   default=0)
+    except RunError:
+        return 0
+
+
 def curve_metric(metric: str) -> str:
     """The per-epoch curve that tracks `metric`: test/* is measured once, val/* every
     epoch, and the final train/* are the last of the epoch means epoch/train_*."""
@@ -515,28 +568,38 @@ def curve_of(records: list[dict[str, Any]], name: str) -> dict[int, float]:
     epoch's own row comes after its log steps)."""
     curve: dict[int, float] = {}
     for record in records:
-        value, epoch = finite(record.get(name)), record.get("epoch")
-        if type(epoch) is int and value is not None:
+        value, epoch = finite(record.get(name)), as_step(record.get("epoch"))
+        if epoch is not None and value is not None:
             curve[epoch] = value
     return curve
 
 
-def curves_figure(groups: Sequence[Any], metric: str) -> Optional[Any]:
+def compare_plot_warning(run_dir: Path, error: RunError) -> None:
+    """`regexp compare --plot`'s word on a run whose records cannot be read."""
+    warn(f"--plot: leaving out {run_dir}: {error}")
+
+
+def curves_figure(groups: Sequence[Any], metric: str,
+                  unreadable: Callable[[Path, RunError], None] = compare_plot_warning) -> Optional[Any]:
     """Each group's mean curve (± std band where ≥ 2 runs reached the epoch) over its trained
     runs, of the metric's per-epoch counterpart and of the train loss; None when there is
-    nothing to draw."""
+    nothing to draw. A run whose metrics.jsonl is corrupted is left out and handed to
+    `unreadable` (the caller says so in its own words). A group is in a panel's legend only
+    when it has a value of that curve, with n the runs drawn."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     names = list(dict.fromkeys([curve_metric(metric), curve_metric(TRAIN_LOSS)]))
-    curves = trained_curves(groups, names)
+    curves = trained_curves(groups, names, unreadable)
     panels = [name for name in names if any(run_curves[name] for run_curves in curves.values())]
     if not panels:
         return None
     fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
     for ax, name in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for color, g in enumerate(groups):
-            group_curves = [curves[run.run_dir][name] for run in g.runs if run.run_dir in curves]
+            group_curves = [curves[run.run_dir][name] for run in g.runs if curves.get(run.run_dir, {}).get(name)]
+            if not group_curves:
+                continue
             epochs = sorted({e for c in group_curves for e in c})
             at = [[c[e] for c in group_curves if e in c] for e in epochs]
             means = [statistics.fmean(values) for values in at]
@@ -546,21 +609,22 @@ def curves_figure(groups: Sequence[Any], metric: str) -> Optional[Any]:
             if band:
                 ax.fill_between(*zip(*band), color=f"C{color}", alpha=0.2, linewidth=0)
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean ± std over runs)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize="small")
+        ax.legend(fontsize="small")  # each panel its own: a group may have one curve and not the other
     return fig
 
 
-def trained_curves(groups: Sequence[Any], names: list[str]) -> dict[Path, dict[str, dict[int, float]]]:
+def trained_curves(groups: Sequence[Any], names: list[str],
+                   unreadable: Callable[[Path, RunError], None]) -> dict[Path, dict[str, dict[int, float]]]:
     """run dir -> name -> {epoch: value}, for each trained run; a run whose metrics.jsonl is
-    corrupted is named in a warning and left out of the plot."""
+    corrupted is handed to `unreadable` and left out."""
     curves = {}
     for run in (run for g in groups for run in g.runs if run.status.trained):
         try:
             records = read_metrics(run.run_dir)
         except RunError as e:
-            warn(f"--plot: leaving out {run.run_dir}: {e}")
+            unreadable(run.run_dir, e)
             continue
         curves[run.run_dir] = {name: curve_of(records, name) for name in names}
     return curves

@@ -2,11 +2,12 @@
 
 The page holds what `regexp compare` prints (mean ± std, the 95 % confidence interval, each
 group's difference to a baseline group and Welch's p-value), each group's learning curves
-(mean with a band), the health figure and findings of each group's median run, the config
-keys whose values differ between groups, and every run's dir and status: a run that did not
-train (failed, diverged, stopped, pruned, interrupted, running) is listed with why, never
-averaged. Everything is inside the file: the CSS inline, the figures as PNG data: URIs, no
-script, font or stylesheet from the network, so it opens on a cluster without internet.
+(mean with a band), the health figure and findings of each group's median run (without a
+completed run, of its longest run), the config keys whose values differ between groups, and
+every run's dir and status: a run that did not train (failed, diverged, stopped, pruned,
+interrupted, running) is listed with why, never averaged. Everything is inside the file: the
+CSS inline, the figures as PNG data: URIs, no script, font or stylesheet from the network, so
+it opens on a cluster without internet.
 Every text that comes from a run or the command line (dirs, overrides, metric names,
 findings) is HTML-escaped. Runs are read through regexp.comparison and regexp.rundir,
 figures drawn by regexp.plotting; torch is never imported.
@@ -94,6 +95,7 @@ def report_page(result: Comparison, metric: str, paths: list[Path]) -> str:
     groups = result.groups
     runs = [run for g in groups for run in g.runs]
     order = "higher" if result.higher_is_better else "lower"
+    unreadable: dict[Path, str] = {}  # run dir -> why its metrics.jsonl cannot be read (the curves find them first)
     sections = [
         f"<h1>regexp report: {esc(metric)}</h1>",
         f'<p class="note">{esc(plural(len(runs), "run"))} in {esc(plural(len(groups), "group"))} from '
@@ -104,9 +106,9 @@ def report_page(result: Comparison, metric: str, paths: list[Path]) -> str:
            if result.baseline else "") + "</p>",
         contents(groups),
         '<h2 id="comparison">Comparison</h2>', compare_table(result, metric),
-        '<h2 id="curves">Curves</h2>', curves_section(groups, metric),
-        "<h2 id=\"groups\">Groups: the median run's health and findings</h2>",
-        *(group_section(g, metric, number) for number, g in enumerate(groups, 1)),
+        '<h2 id="curves">Curves</h2>', curves_section(groups, metric, unreadable),
+        '<h2 id="groups">Groups: health and findings</h2>',
+        *(group_section(g, metric, number, unreadable) for number, g in enumerate(groups, 1)),
         '<h2 id="config">Config keys that differ between groups</h2>', config_section(groups),
         '<h2 id="runs">Runs</h2>', runs_table(groups, metric),
     ]
@@ -171,37 +173,55 @@ def image(fig, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def curves_section(groups: list[Group], metric: str) -> str:
+def curves_section(groups: list[Group], metric: str, unreadable: dict[Path, str]) -> str:
+    """The curves per group; each completed run whose metrics.jsonl cannot be read is left out,
+    named here and in its group's section (added to `unreadable`), and in a warning."""
     from regexp.plotting import curves_figure
 
-    fig = curves_figure(groups, metric)
-    if fig is None:
-        return '<p class="note">no curves to draw: no completed run recorded per-epoch values</p>'
-    return image(fig, f"{metric} and train loss per epoch, mean ± std per group")
+    def left_out(run_dir: Path, error: RunError) -> None:
+        warn(f"curves: leaving out {run_dir}: {error}")
+        unreadable[run_dir] = str(error)
+
+    fig = curves_figure(groups, metric, left_out)
+    lines = "".join(f'<p class="note">left out, its records unreadable: <code>{esc(run_dir)}</code>: {esc(error)}</p>'
+                    for run_dir, error in unreadable.items())
+    if fig is not None:
+        return image(fig, f"{metric} and train loss per epoch, mean ± std per group") + lines
+    if unreadable:
+        return '<p class="note">no curves to draw: no other completed run recorded per-epoch values</p>' + lines
+    return '<p class="note">no curves to draw: no completed run recorded per-epoch values</p>'
 
 
-def group_section(group: Group, metric: str, number: int) -> str:
-    """The group's median run (by `metric`): its health figure and its findings."""
-    from regexp.plotting import health_figure, median_run
+def group_section(group: Group, metric: str, number: int, unreadable: dict[Path, str]) -> str:
+    """The health figure and findings of the run that stands for the group (plotting.shown_run:
+    its median run by `metric`, else the run that recorded the most steps), and a line for each
+    of its runs whose records the curves could not read."""
+    from regexp.plotting import figure_of, read_health, shown_run
 
     parts = [f'<div class="group" id="group-{number}"><h3>{esc(group.label)}</h3>']
-    run = median_run(group, metric)
+    run, why = shown_run(group, metric)
     if run is None:
-        parts.append('<p class="note">no completed run: no health figure (see Runs for why)</p></div>')
-        return "".join(parts)
-    parts.append(f'<p class="note">median run by {esc(metric)}: <code>{esc(run.run_dir)}</code> '
-                 f'(seed {esc(run.seed)}, {esc(metric)} {esc(fmt(run.metrics.get(metric)))})</p>')
-    try:
-        parts.append(image(health_figure(run.run_dir), f"training health of {run.run_dir}"))
-    except RunError as e:
-        warn(f"no health figure for {run.run_dir}: {e}")
-        parts.append(f'<p class="note">no health figure: {esc(e)}</p>')
-    parts.append(findings_html(run.run_dir))
+        parts.append(f'<p class="note">{esc(why)}: no health figure (see Runs for why)</p>')
+    else:
+        parts.append(f'<p class="note">{esc(why)}: <code>{esc(run.run_dir)}</code> (seed {esc(run.seed)}, '
+                     f'{esc(metric)} {esc(fmt(run.metrics.get(metric)))})</p>')
+        try:
+            health = read_health(run.run_dir)
+            parts.append(image(figure_of(health), f"training health of {run.run_dir}"))
+            recorded = "no metrics were recorded" if health.empty else "nothing in the metrics matches a known failure"
+        except RunError as e:
+            warn(f"no health figure for {run.run_dir}: {e}")
+            parts.append(f'<p class="note">no health figure: {esc(e)}</p>')
+            recorded = "its metrics are unreadable"
+        parts.append(findings_html(run.run_dir, recorded))
+    parts += [f'<p class="note">records unreadable, left out of the curves: <code>{esc(r.run_dir)}</code>: '
+              f"{esc(unreadable[r.run_dir])}</p>" for r in group.runs if r.run_dir in unreadable and r is not run]
     return "".join(parts) + "</div>"
 
 
-def findings_html(run_dir: Path) -> str:
-    """The run's findings: its diagnosis.json, else those its summary.json holds."""
+def findings_html(run_dir: Path, none_because: str) -> str:
+    """The run's findings: its diagnosis.json, else those its summary.json holds; without any,
+    `none_because` says why."""
     try:
         findings = read_diagnosis(run_dir)
         if findings is None:
@@ -210,7 +230,7 @@ def findings_html(run_dir: Path) -> str:
         warn(f"no findings for {run_dir}: {e}")
         return f'<p class="note">findings unreadable: {esc(e)}</p>'
     if not findings:
-        return '<p class="note">no findings: nothing in the metrics matches a known failure</p>'
+        return f'<p class="note">no findings: {esc(none_because)}</p>'
     return "".join(finding_html(f) for f in findings if isinstance(f, dict))
 
 

@@ -202,6 +202,30 @@ def test_compare_plot_still_draws_its_curves_through_plotting(tmp_path, empty_cw
     assert (empty_cwd / "curves.png").stat().st_size > 0
 
 
+def test_curves_leave_out_groups_without_the_curve_and_count_the_runs_drawn(tmp_path):
+    epoch = {"epoch": 1, "step": 4, "val/acc": 0.8, "epoch/train_loss": 0.5}
+    write_run(tmp_path / "a0", [epoch], overrides=["optimizer=adam", "seed=0"])
+    write_run(tmp_path / "a1", [{"step": 2, "train/loss": 1.0}], overrides=["optimizer=adam", "seed=1"])  # no epoch row
+    write_run(tmp_path / "s0", [{"epoch": 1, "step": 4, "epoch/train_loss": 0.7}], overrides=["optimizer=sgd"])
+    groups = group_runs(find_runs([tmp_path]), ["optimizer"])
+    fig = plotting.curves_figure(groups, "test/acc")
+    legends = {ax.get_ylabel(): ax.get_legend_handles_labels()[1] for ax in fig.axes}
+    assert legends == {"val/acc": ["optimizer=adam (n=1)"], "epoch/train_loss": ["optimizer=adam (n=1)",
+                                                                                 "optimizer=sgd (n=1)"]}
+    fig.canvas.draw()  # one epoch: its own tick, not 0.96..1.04
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+
+
+def test_curves_hand_an_unreadable_run_to_the_caller(tmp_path, capsys):
+    mlp_run(tmp_path / "ok", overrides=["seed=0"])
+    (mlp_run(tmp_path / "bad", overrides=["seed=1"]) / "metrics.jsonl").write_text("{bad\n{}\n")
+    groups = group_runs(find_runs([tmp_path]), [])
+    told = []
+    assert plotting.curves_figure(groups, "test/acc", lambda run_dir, e: told.append((run_dir.name, str(e))))
+    assert told == [("bad", f"{tmp_path / 'bad' / 'metrics.jsonl'}:1: not a JSON record; the file is corrupted")]
+    assert capsys.readouterr().err == ""  # the caller's words, not compare's "--plot: leaving out"
+
+
 # ---------------------------------------------------------------- bad input: one line, nothing written
 
 def test_a_path_without_a_run_is_refused(tmp_path, empty_cwd, capsys):
@@ -230,10 +254,69 @@ def test_a_by_key_or_metric_that_no_run_has_is_refused(tmp_path, empty_cwd, caps
     assert os.listdir(empty_cwd) == []
 
 
-def test_groups_without_a_trained_run_leave_nothing_to_draw(tmp_path, empty_cwd, capsys):
-    mlp_run(tmp_path / "sweep" / "0", status="failed", metrics={})
+def test_groups_where_no_run_recorded_a_step_leave_nothing_to_draw(tmp_path, empty_cwd, capsys):
+    write_run(tmp_path / "sweep" / "0", [], status="failed", metrics={})
     error = refused(capsys, ["plot", str(tmp_path / "sweep"), "--by", "seed"])
-    assert "no group has a trained run with test/acc" in error and os.listdir(empty_cwd) == []
+    assert "--by seed: no run recorded a step; nothing written" in error and os.listdir(empty_cwd) == []
+
+
+def diverged_run(run_dir: Path, last: int, **kwargs) -> Path:
+    """A run that went non-finite at step `last` (its event record and its summary say so)."""
+    records = [log_step(s, *MLP) for s in range(1, last)] + [{"step": last, "nonfinite/step": last}]
+    run_dir = write_run(run_dir, records, status="diverged", metrics={}, **kwargs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "nonfinite": {"nonfinite/step": last}}))
+    return run_dir
+
+
+def test_a_group_without_a_completed_run_shows_the_run_that_recorded_the_most_steps(tmp_path, empty_cwd, capsys):
+    mlp_run(tmp_path / "sweep" / "ok", overrides=["optimizer=adam", "seed=0"])
+    diverged_run(tmp_path / "sweep" / "short", 5, overrides=["optimizer=sgd", "seed=0"])
+    diverged_run(tmp_path / "sweep" / "long", 9, overrides=["optimizer=sgd", "seed=1"],
+                 findings=[{"rule": "lr_too_high", "evidence": {"step": 4}}])
+    (tmp_path / "sweep" / "none").mkdir()
+    write_run(tmp_path / "sweep" / "none" / "0", [], status="failed", metrics={}, overrides=["optimizer=rmsprop"])
+    groups = {g.label: g for g in group_runs(find_runs([tmp_path / "sweep"]), ["optimizer"])}
+    run, why = plotting.shown_run(groups["optimizer=sgd"], "test/acc")
+    assert run.run_dir.name == "long" and why == "no completed run; shown: the longest run (diverged at step 9)"
+    run, why = plotting.shown_run(groups["optimizer=adam"], "test/acc")
+    assert run.run_dir.name == "ok" and why == "median run by test/acc (0.9, of 1 completed)"
+    assert plotting.shown_run(groups["optimizer=rmsprop"], "test/acc") == (
+        None, "no completed run, and no run recorded a step")
+    code, out, err = exits(capsys, ["plot", str(tmp_path / "sweep"), "--by", "optimizer"])
+    assert code == 0 and out == "health figure: sweep-by-optimizer.png (2 groups)\n"
+    assert err == ("regexp: warning: optimizer=rmsprop: no completed run, and no run recorded a step; "
+                   "left out of the figure\n")
+    fig = plotting.health_columns([(f"{label}\n{why}", run.run_dir) for label, g in groups.items()
+                                   for run, why in [plotting.shown_run(g, "test/acc")] if run is not None])
+    assert "optimizer=sgd\nno completed run; shown: the longest run (diverged at step 9)" in titles(fig)
+    loss = [ax for ax in fig.axes if ax.get_ylabel() == "loss"][-1]  # the sgd column's first panel
+    assert [t.get_text().strip() for t in loss.texts] == ["lr_too_high", "non-finite at step 9"]
+
+
+def test_plot_by_draws_a_rows_legend_on_the_first_column_that_has_the_panel(tmp_path):
+    off = [{"step": s, "epoch": 1, "train/loss": 1.0 / s, "train/acc": 0.5, "opt/lr": 0.01} for s in (1, 2, 3)]
+    fig = plotting.health_columns([("off", write_run(tmp_path / "off", off)), ("on", mlp_run(tmp_path / "on"))])
+    legends = {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes
+               if ax.get_legend() is not None}
+    assert legends["gradient norm per layer (before clipping)"] == ["fc1", "fc2", "fc3"]  # the second column's
+    assert legends["dead fraction per layer"] == ["act1", "act2"]
+
+
+def test_a_run_without_log_steps_draws_its_epoch_train_values_at_integer_steps(tmp_path):
+    """monitor=off, 8 steps, log_every=50: only the epoch row."""
+    row = {"epoch": 1, "step": 8, "epoch/train_loss": 1.2, "epoch/train_acc": 0.6, "epoch/lr": 1e-3,
+           "epoch/samples_per_s": 100.0, "val/loss": 1.1, "val/acc": 0.62}
+    fig = plotting.health_figure(write_run(tmp_path / "run", [row]))
+    panel = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panel) == ["loss", "accuracy", "learning rate"]
+    assert panel["loss"].get_legend_handles_labels()[1] == ["train (epoch mean)", "val"]
+    assert [list(line.get_xdata()) for line in panel["learning rate"].get_lines()] == [[8]]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for ax in panel.values() for t in ax.get_xticks())
+    with_log_steps = plotting.health_figure(mlp_run(tmp_path / "logged"))  # its epoch row's epoch/train_loss
+    assert next(ax for ax in with_log_steps.axes if ax.get_title() == "loss").get_legend_handles_labels()[1] == [
+        "train", "val"]
 
 
 @pytest.mark.parametrize("out, message", [("health.bmpx", "unknown image format .bmpx"),
@@ -275,9 +358,55 @@ def test_a_corrupted_metrics_line_is_exit_1_in_one_line(tmp_path, empty_cwd, cap
 
 def test_a_run_without_log_steps_has_nothing_to_draw(tmp_path, empty_cwd, capsys):
     write_run(tmp_path / "run", [])
-    assert "nothing to draw" in refused(capsys, ["plot", str(tmp_path / "run")])
+    assert "nothing to draw (metrics.jsonl holds no metric values)" in refused(capsys, ["plot", str(tmp_path / "run")])
     assert os.listdir(empty_cwd) == []
     assert plotting.health_figure(tmp_path / "run").get_suptitle()  # as a figure (W&B, report): a titled blank
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    assert refused(capsys, ["plot", str(tmp_path / "run")]).endswith(
+        "run: nothing to draw (no metrics.jsonl: the run recorded no metrics); nothing written")
+    assert os.listdir(empty_cwd) == []
+
+
+@pytest.mark.parametrize("step", [2**64, 2**63, -1, -1_000_000, 1.5, 1e30, None, "3"])
+def test_a_record_without_a_usable_step_is_left_out(tmp_path, empty_cwd, capsys, step):
+    records = [log_step(s, *MLP) for s in (1, 2, 3)] + [{"step": step, "epoch": 2**70, "train/loss": 1.0}]
+    run_dir = write_run(tmp_path / "run", records, findings=[{"rule": "exploding", "evidence": {"step": step}}])
+    health = plotting.read_health(run_dir)
+    assert list(health.series["train/loss"].steps) == [1, 2, 3] and health.marks == []
+    assert exits(capsys, ["plot", str(run_dir)])[0] == 0 and os.listdir(empty_cwd) == ["run-health.png"]
+
+
+@pytest.mark.parametrize("big", [1.7e308, -1e300, 10**300, 1e101])
+def test_values_too_large_to_draw_are_left_out(tmp_path, big):
+    """An axis over ~1e300 overflows in matplotlib (figures and curves would be a traceback)."""
+    layers = [f"fc{i}" for i in range(1, 11)]  # deep: the heatmaps too
+    records = [log_step(s, layers, ["act1"]) for s in range(1, 6)]
+    for record in records[::2]:
+        record.update({k: big for k in record if k not in ("step", "epoch")})
+    records += [{"epoch": e, "step": 5 + e, "val/acc": v, "epoch/train_loss": v} for e, v in ((1, big), (2, 0.5))]
+    run_dir = write_run(tmp_path / "run", records)
+    health = plotting.read_health(run_dir)
+    assert list(health.series["train/loss"].steps) == [2, 4] and list(health.series["val/acc"].steps) == [7]
+    assert plotting.png_bytes(plotting.health_figure(run_dir)).startswith(b"\x89PNG")
+    curves = plotting.curves_figure(group_runs(find_runs([run_dir]), []), "test/acc")
+    assert plotting.png_bytes(curves).startswith(b"\x89PNG")
+
+
+def test_marks_outside_the_recorded_steps_are_not_drawn_but_named_in_a_note(tmp_path):
+    records = [log_step(s, *MLP) for s in range(10, 20)]
+    findings = [{"rule": "far", "evidence": {"step": 10**30}}, {"rule": "late", "evidence": {"step": 10**6}},
+                {"rule": "before", "evidence": {"step": 5}}, {"rule": "negative", "evidence": {"step": -5}},
+                {"rule": "inside", "evidence": {"step": 12}}]
+    run_dir = write_run(tmp_path / "run", records, findings)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "nonfinite": {"nonfinite/step": 10**6}}))
+    health = plotting.read_health(run_dir)
+    assert health.marks == [(12, "inside")] and health.nonfinite_step is None
+    assert health.outside == [(5, "before"), (10**6, "late"), (10**6, "non-finite")]  # 1e30 and -5: no steps
+    fig = plotting.figure_of(health)
+    assert all(9 <= ax.get_xlim()[0] and ax.get_xlim()[1] <= 20 for ax in fig.axes if ax.get_xlabel() == "step")
+    assert [t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()] == [
+        "not drawn, outside the recorded steps: before at step 5; late at step 1000000; non-finite at step 1000000"]
 
 
 def test_nan_text_missing_keys_and_odd_steps_draw_what_is_there(tmp_path, empty_cwd, capsys):

@@ -122,8 +122,8 @@ def test_report_holds_table_figures_config_and_every_run(made):
     assert "+0.0190" in dropout  # the difference of means to the baseline, then its p-value
     assert "baseline" in next(row for row in rows if "<td>l2</td>" in row)
     pngs = images(page)
-    assert len(pngs) == 3 and all(png.startswith(PNG_SIGNATURE) for png in pngs)  # curves, dropout's and l2's health
-    assert f"median run by test/acc: <code>{sweep / 'd1'}</code>" in page  # seeds 0, 1, 2: the median is seed 1
+    assert len(pngs) == 4 and all(png.startswith(PNG_SIGNATURE) for png in pngs)  # curves; dropout's, l2's, l1's health
+    assert f"median run by test/acc (0.952, of 3 completed): <code>{sweep / 'd1'}</code>" in page  # seed 1 of 0, 1, 2
     assert '<a href="#group-1">regularizer=dropout</a>' in page and '<div class="group" id="group-1">' in page
     config = section(page, "Config keys that differ between groups")
     assert "<code>regularizer.dropout.p</code>" in config and "<code>regularizer.l2.coef</code>" in config
@@ -153,13 +153,46 @@ def test_report_escapes_every_text_from_runs(made):
 def test_a_group_without_a_figure_says_why(made):
     sweep, page = made["sweep"], made["page"]
     assert f"no health figure for {sweep / 'm0'}: {sweep / 'm0' / 'metrics.jsonl'}:2: not a JSON record" in made["stderr"]
-    assert "no health figure: " in section(page, "Groups: the median run's health and findings")
-    assert "no completed run: no health figure" in page  # the <i>l1</i> group
+    assert "no health figure: " in section(page, "Groups: health and findings")
+    assert f"no completed run; shown: the longest run (diverged at step 3): <code>{sweep / 'i0'}</code>" in page
+    assert f"regexp: warning: curves: leaving out {sweep / 'm0'}: " in made["stderr"] and "--plot" not in made["stderr"]
+    assert f"left out, its records unreadable: <code>{sweep / 'm0'}</code>" in section(page, "Curves")
 
 
 def test_report_replaces_an_earlier_file_whole(made):
     assert made["page"].startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in made["tmp"].iterdir()) == ["report.html", "sweep"]  # no temp file left beside it
+
+
+def test_each_group_shows_a_run_and_each_unreadable_record_in_its_place(tmp_path, capsys):
+    """A group whose runs all diverged shows its longest run's figure and findings; a non-median run
+    whose metrics.jsonl is corrupted gets a line in its group; a run without metrics.jsonl says so."""
+    from regexp import cli
+
+    root = tmp_path / "sweep"
+    regularized_run(root, "d0", "dropout", 0, 0.9)
+    corrupt = regularized_run(root, "d1", "dropout", 1, 0.99)  # the upper middle: not the median run
+    (corrupt / "metrics.jsonl").write_text("{bad\n{}\n")
+    for seed, last in ((0, 12), (1, 30)):
+        run_dir = regularized_run(root, f"l{seed}", "l2", seed, None, status="diverged",
+                                  nonfinite={"nonfinite/step": last})
+        kept = [r for r in log_records(seed) if r["step"] <= last]  # the longer run is l1
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (root / "l1" / "diagnosis.json").write_text(json.dumps({"findings": [
+        {"rule": "lr_too_high", "title": "Learning rate too high", "message": "the loss rose", "step": 8}]}))
+    (regularized_run(root, "n0", "none", 0, 0.5) / "metrics.jsonl").unlink()
+    assert cli.main(["report", str(root), "--out", str(tmp_path / "report.html")]) == 0
+    err, page = capsys.readouterr().err, (tmp_path / "report.html").read_text()
+    assert err == (f"regexp: warning: curves: leaving out {corrupt}: {corrupt / 'metrics.jsonl'}:1: not a JSON "
+                   "record; the file is corrupted\n")
+    groups = dict(re.findall(r'<div class="group" id="group-\d+"><h3>([^<]*)</h3>(.*?)</div>(?=<div class="group"|\n)',
+                             section(page, "Groups: health and findings")))
+    assert f"records unreadable, left out of the curves: <code>{corrupt}</code>" in groups["regularizer=dropout"]
+    l2 = groups["regularizer=l2"]
+    assert f"no completed run; shown: the longest run (diverged at step 30): <code>{root / 'l1'}</code>" in l2
+    assert "<img " in l2 and "<b>Learning rate too high</b> at step 8: the loss rose" in l2
+    assert "no findings: no metrics were recorded" in groups["regularizer=none"]
+    assert f"left out, its records unreadable: <code>{corrupt}</code>" in section(page, "Curves")
 
 
 # ---------------------------------------------------------------- refused inputs: one line, nothing written
@@ -243,7 +276,7 @@ def test_the_report_opens_in_headless_chromium_with_every_image(made, tmp_path):
     assert dom.returncode == 0, dom.stderr
     assert '<h2 id="comparison">Comparison</h2>' in dom.stdout and "<td>dropout</td>" in dom.stdout
     loaded = re.findall(r'data-loaded="(\w+)"', dom.stdout)
-    assert loaded == ["yes"] * 3, loaded
+    assert loaded == ["yes"] * 4, loaded
     assert dom.stdout.count("<script") == 1  # the test's own: nothing from the runs became a script
 
     shot = tmp_path / "shot.png"
