@@ -400,7 +400,7 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     from regexp.compose import check_job, run_name, task_overrides
     from regexp.config import job_config
     from regexp.data import check_available
-    from regexp.sweep import already_finished, check_drawn_job_dir, share_machine
+    from regexp.sweep import already_finished, check_drawn_job_dir, mark_skipped, share_machine
     from regexp.train import RunSpec, check_resume
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -410,6 +410,8 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     finished = already_finished(run_dir, task_overrides(hydra_cfg), cfg) if cfg.get("resume") == "auto" else None
     if finished is not None:
         print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
+        if multirun:
+            mark_skipped(hydra_cfg, finished.status)
         return finished
     if searching:  # a search sweeper's draw: not seen by the pre-flight
         job = check_job(cfg)

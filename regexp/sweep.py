@@ -9,7 +9,10 @@ those records with the jobs' run dirs. A job dir left by an earlier sweep into t
 is not one of its rows. A failed or refused job ends the sweep with SweepFailed, which the
 CLI turns into exit code 1; a signal ends it with Interrupted (128 + signal). A diverged,
 stopped or pruned job is a result, not a failure: counted per status and shown in yellow; why
-a stopped or pruned one ended (its `ended_by`) is a line under the table."""
+a stopped or pruned one ended (its `ended_by`) is a line under the table.
+
+While the sweep runs, each job gets one console line as it ends (JobEnds), read the same way
+from its record and run dir on the launching host, whichever process or host ran it."""
 
 import os
 import shutil
@@ -24,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from regexp.rundir import (
+    SUMMARY,
     SWEEP_RECORDS,
     SWEEP_SUMMARY,
     ENDED_EARLY,
@@ -43,6 +47,7 @@ from regexp.tracking import plural, print_whole, why_ended
 METRIC = "test/acc"
 PLAN = "plan.json"  # this invocation's planned jobs, among its job records (SWEEP_RECORDS)
 REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
+SKIPPED = "skipped"  # a job record's key: resume=auto found its run finished by an earlier invocation
 NO_CHECKPOINT = "no checkpoint saved"
 CUT_SHORT = (Status.DIVERGED, *ENDED_EARLY)  # results that did not train to the plan's end: shown in yellow
 SUBDIR, DIFFER = "hydra.sweep.subdir", "use a subdir that differs between jobs (the default is ${hydra.job.num})"
@@ -60,9 +65,19 @@ class SweepSummary(Callback):
 
     def __init__(self):
         self.previous_handlers: dict[int, Any] = {}
+        self.job_ends: Optional[JobEnds] = None  # this multirun's, from its start to its table
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for a job's process (joblib, submitit pickle Hydra's callbacks along): the jobs'
+        lines are the launching process's, so it goes without them."""
+        return {**self.__dict__, "job_ends": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        start_records(Path(config.hydra.sweep.dir), planned_jobs(config.hydra))
+        planned = planned_jobs(config.hydra)
+        start_records(Path(config.hydra.sweep.dir), planned)
+        self.job_ends = JobEnds(Path(config.hydra.sweep.dir), planned)
+        if not jobs_in_this_process(config.hydra):
+            self.job_ends.watch()
         optuna_colours_on_terminals_only(config.hydra)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -74,9 +89,20 @@ class SweepSummary(Callback):
         if config.hydra.mode == RunMode.MULTIRUN:
             write_job_record(config.hydra)
 
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.jobs_ended()
+
+    def jobs_ended(self) -> None:
+        """Jobs of this process may have ended: their lines now, not at the next poll."""
+        if self.job_ends is not None:
+            self.job_ends.poll()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
+        if self.job_ends is not None:  # the last lines, before the table, and none after it
+            self.job_ends.close()
+            self.job_ends = None
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = sweep_rows(sweep_dir)
         failed = [r for r in rows if not row_finished(r)]
@@ -147,6 +173,11 @@ def start_records(sweep_dir: Path, planned: Optional[list[list[str]]]) -> None:
     write_json(sweep_dir / SWEEP_RECORDS / PLAN, {"pid": os.getpid(), "jobs": planned})
 
 
+def mark_skipped(hydra_cfg: Any, status: Status) -> None:
+    """resume=auto skips this job: its run ended `status` in an earlier invocation (its line says so)."""
+    write_job_record(hydra_cfg, **{SKIPPED: status.value})
+
+
 def job_record_path(hydra_cfg: Any) -> Path:
     return Path(hydra_cfg.sweep.dir) / SWEEP_RECORDS / f"{hydra_cfg.job.num}.json"
 
@@ -185,6 +216,122 @@ def is_job_record(record: Any) -> bool:
     job = record.get("job") if isinstance(record, dict) else None
     return (isinstance(job, str) and job.isascii() and job.isdigit() and len(job) <= 9
             and isinstance(record.get("run_dir"), str) and isinstance(record.get("overrides"), list))
+
+
+# ---------------------------------------------------------------- a line per job as it ends
+POLL_S = 1.0  # how often the launching process looks for jobs that ended in other processes
+IN_THIS_PROCESS = ("BasicLauncher", "FusedLauncher")  # launchers that run the jobs in the launching process
+
+
+class JobEnds:
+    """One console line per job of this invocation as it ends: its status, metric and finding
+    or error, read from its record and run dir, so the same for a job of this process, of a
+    joblib worker or of a cluster node. A job has ended when its record says it failed, was
+    refused or was skipped, or when its run dir's summary.json, written after its record (not
+    an earlier run's), holds a final status. Jobs of this process are looked at as they end
+    (SweepSummary.jobs_ended); jobs of other processes by a thread, every POLL_S, until the
+    sweep's summary is written (its end, or a signal's report). Each job once."""
+
+    def __init__(self, sweep_dir: Path, planned: Optional[list[list[str]]]):
+        self.sweep_dir = sweep_dir
+        self.total = len(planned) if planned is not None else None
+        self.shared = set.intersection(*map(set, planned)) if planned and len(planned) > 1 else set()
+        self.shown: set[str] = set()
+        self.lock, self.stopping = threading.Lock(), threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def watch(self) -> None:
+        """Look for ended jobs every POLL_S until close()."""
+        self.thread = threading.Thread(target=self._watch, name="regexp-job-ends", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(POLL_S):
+            self.poll()
+
+    def poll(self, final: bool = False) -> None:
+        """A line for each job that ended since the last look; `final`: for every job not shown
+        yet that started (as the table will show it)."""
+        with self.lock:
+            if self.sweep_reported():
+                return
+            _, records = read_records(self.sweep_dir)
+            for record in records:
+                if record["job"] not in self.shown and (final or has_ended(self.sweep_dir, record)):
+                    self.shown.add(record["job"])
+                    print_job_end(record, f"{len(self.shown)}/{self.total}" if self.total else str(len(self.shown)),
+                                  self.shared)
+
+    def sweep_reported(self) -> bool:
+        """Whether this invocation's sweep_summary.json is written: its table has the last word."""
+        try:
+            return (self.sweep_dir / SWEEP_SUMMARY).stat().st_mtime_ns >= (
+                self.sweep_dir / SWEEP_RECORDS / PLAN).stat().st_mtime_ns
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Every job has ended: the lines not printed yet."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.poll(final=True)
+
+
+def jobs_ended(callbacks: Any) -> None:
+    """For a launcher that trains several jobs at once in this process (fused), after they ended:
+    their lines now. `callbacks`: the multirun's (Hydra's HydraContext.callbacks)."""
+    for callback in getattr(callbacks, "callbacks", []):
+        if isinstance(callback, SweepSummary):
+            callback.jobs_ended()
+
+
+def jobs_in_this_process(hydra_cfg: Any) -> bool:
+    return str(hydra_cfg.launcher.get("_target_", "")).endswith(IN_THIS_PROCESS)
+
+
+def has_ended(sweep_dir: Path, record: dict[str, Any]) -> bool:
+    """Whether this invocation's job `record` has ended (see JobEnds)."""
+    if any(key in record for key in (REFUSED, "error", SKIPPED)):
+        return True
+    summary_path = Path(record["run_dir"]) / SUMMARY
+    try:
+        written = summary_path.stat().st_mtime_ns
+        started = (sweep_dir / SWEEP_RECORDS / f"{record['job']}.json").stat().st_mtime_ns
+    except OSError:
+        return False
+    if written < started:  # an earlier run's, which this job may continue
+        return False
+    summary = read_summary(summary_path.parent)
+    return summary is not None and summary.status is not Status.RUNNING
+
+
+def print_job_end(record: dict[str, Any], count: str, shared: set[str]) -> None:
+    """`[3/8] job 2 (seed=2): completed · test/acc 0.9120 · no findings`: the row the sweep's
+    table will show, with the run's findings, or why it ended, or its error."""
+    from rich.console import Console
+
+    row = job_row(record)
+    who = " ".join(shown(o) for o in row["overrides"] if o not in shared)
+    parts = [f"[{count}] job {row['job']}{f' ({who})' if who else ''}: {row['status']}"]
+    if isinstance(row[METRIC], float):
+        parts.append(f"{METRIC} {row[METRIC]:.4f}")
+    error = " ".join(str(row["error"]).split())  # one line
+    parts.append(error if row["error"] else why_ended(row["ended_by"]) or findings_text(row))
+    if SKIPPED in record:
+        parts.append("finished earlier, skipped (resume=auto)")
+    style = ("red" if not row_finished(row) and row["status"] != NOT_RUN
+             else "yellow" if row["status"] in (*CUT_SHORT, NOT_RUN) else "")
+    Console(soft_wrap=True).print(" · ".join(p for p in parts if p), style=style, markup=False, highlight=False)
+
+
+def findings_text(row: dict[str, Any]) -> str:
+    """The end-of-run diagnosis of a job's run, in a phrase: its findings' titles, or none."""
+    summary = read_summary(Path(row["run_dir"])) if row["run_dir"] else None
+    if summary is None or not row_finished(row):
+        return ""
+    titles = [str(f.get("title", f.get("rule", ""))) for f in summary.findings if isinstance(f, dict)]
+    return f"{plural(len(titles), 'finding')}: {'; '.join(titles)}" if titles else "no findings"
 
 
 # ---------------------------------------------------------------- rows

@@ -1,5 +1,6 @@
 """Metric sinks (the run files: docs/runs.md): the Tracker fans each record out to metrics.jsonl, histograms
-and W&B; the Reporter is the console (rich) and train.log. The record files themselves are
+and W&B; the Reporter is the console (rich) and train.log (a fused group's members share one
+GroupConsole, a table with a row each). The record files themselves are
 written by regexp.rundir. Also the console pieces that the commands reading run dirs
 (compare, diagnose) share: the diagnosis panel, number formats, one-line usage errors.
 """
@@ -18,7 +19,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from regexp.rundir import METRICS, SUMMARY, SWEEP_RECORDS, MetricsFile, RunError, Summary, UsageError
+from regexp.rundir import (
+    METRICS,
+    SUMMARY,
+    SWEEP_RECORDS,
+    Interrupted,
+    MetricsFile,
+    RunError,
+    Status,
+    Summary,
+    UsageError,
+)
 
 log = logging.getLogger("regexp")
 
@@ -202,12 +213,20 @@ class Reporter:
     def __init__(self, console: Optional[Console] = None):
         self.console = console or Console(file=sys.stdout, highlight=False)
 
-    def line(self, text: str, style: str = "") -> None:
+    def show(self, text: str, style: str = "") -> None:
+        """A line on the console only."""
         self.console.print(text, style=style, soft_wrap=True, markup=False)
+
+    def line(self, text: str, style: str = "") -> None:
+        self.show(text, style)
         log.info(text)
 
+    def header(self, text: str) -> None:
+        """A run's opening lines: what trains, and from where."""
+        self.line(text)
+
     def warn(self, text: str) -> None:
-        self.console.print(f"warning: {text}", style="yellow", soft_wrap=True, markup=False)
+        self.show(f"warning: {text}", "yellow")
         log.warning(text)
 
     def finding(self, step: int, title: str, evidence: dict[str, Any], first_try: list[str], then: str = "",
@@ -235,8 +254,15 @@ class Reporter:
             yield EpochBar(progress, task)
 
     def epoch_line(self, epoch: int, epochs: int, metrics: dict[str, Any], label: str = "") -> None:
-        shown = "  ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
-        self.line(f"{label + ' · ' if label else ''}epoch {epoch}/{epochs}  {shown}")
+        self.line(epoch_text(epoch, epochs, metrics, label))
+
+    def left_group(self, status: str) -> None:
+        """A member of a fused group ended with `status` while the others train on: its own
+        lines said why; only a group's console shows it again."""
+
+    def run_ended(self, status: str, rows: dict[str, Any], style: str) -> None:
+        """The run's end: its summary panel and train.log's line of it."""
+        self.summary(f"regexp · {status}", rows, style)
 
     def summary(self, title: str, rows: dict[str, Any], style: str) -> None:
         table = Table.grid(padding=(0, 2))
@@ -245,12 +271,121 @@ class Reporter:
         for k, v in rows.items():
             table.add_row(Text(k), Text(fmt_value(v)))  # a run dir named [bold] is shown as named
         print_whole(self.console, Panel(table, title=Text(title), border_style=style, expand=False))
-        log.info("%s: %s", title, "  ".join(f"{k}={fmt_value(v)}" for k, v in rows.items()))
+        log_summary(title, rows)
 
     def diagnosis(self, findings: list[dict[str, Any]]) -> None:
         render(findings, self.console)
-        for f in findings:
-            log.warning("diagnosis: %s: %s", f["title"], f["message"])
+        log_diagnosis(findings)
+
+
+def epoch_text(epoch: int, epochs: int, metrics: dict[str, Any], label: str = "") -> str:
+    shown = "  ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
+    return f"{label + ' · ' if label else ''}epoch {epoch}/{epochs}  {shown}"
+
+
+def log_summary(title: str, rows: dict[str, Any]) -> None:
+    log.info("%s: %s", title, "  ".join(f"{k}={fmt_value(v)}" for k, v in rows.items()))
+
+
+def log_diagnosis(findings: list[dict[str, Any]]) -> None:
+    for f in findings:
+        log.warning("diagnosis: %s: %s", f["title"], f["message"])
+
+
+TRAINING = "training"  # a fused group's member until it ends
+
+
+class GroupConsole:
+    """A fused group on the console: one table with a row per member (epoch, train/loss,
+    val/acc, status), live on a terminal, printed once at the group's end on a file or a pipe:
+    no header, epoch line or end panel per member (train.log keeps every one of them, and the
+    run dir its diagnosis: regexp diagnose). Findings, prunings and warnings are still lines,
+    above the table; one that every member shares (a config warning), once."""
+
+    STATUS_STYLES = {Status.FAILED.value: "red", Status.DIVERGED.value: "red", Status.STOPPED.value: "yellow",
+                     Status.PRUNED.value: "yellow", Status.INTERRUPTED.value: "yellow"}
+
+    def __init__(self, console: Console, labels: list[str]):
+        self.console = console
+        self.rows = [{"run": label, "epoch": "-", "train/loss": None, "val/acc": None, "status": TRAINING}
+                     for label in labels]
+        self.progress = ""  # where the group's epoch stands (on a terminal)
+        self.shown: set[str] = set()
+
+    def member(self, index: int) -> "MemberReporter":
+        return MemberReporter(self, self.rows[index])
+
+    def show(self, text: str, style: str) -> None:
+        if text not in self.shown:
+            self.shown.add(text)
+            self.console.print(text, style=style, soft_wrap=True, markup=False)
+
+    @contextmanager
+    def showing(self) -> Iterator[None]:
+        """The table while the block trains the group (live on a terminal), and at its end."""
+        from rich.live import Live
+
+        terminal = self.console.is_terminal
+        live = Live(console=self.console, get_renderable=self.table, refresh_per_second=4) if terminal else None
+        if live is not None:
+            live.start()
+        try:
+            yield
+        except BaseException as e:  # a crash or a signal ends the members still training
+            ended = Status.INTERRUPTED if isinstance(e, (KeyboardInterrupt, Interrupted)) else Status.FAILED
+            for row in self.rows:
+                row["status"] = ended.value if row["status"] == TRAINING else row["status"]
+            raise
+        finally:
+            if live is not None:
+                live.stop()  # its last table stays on the screen
+            else:
+                print_whole(self.console, self.table())
+
+    def table(self) -> Table:
+        table = Table(title=Text(f"fused group of {plural(len(self.rows), 'model')}{self.progress}"),
+                      title_justify="left")
+        for column in self.rows[0]:
+            table.add_column(column, overflow="fold")
+        for row in self.rows:
+            cells = [c if isinstance(c, str) else "-" if c is None else fmt_value(c) for c in row.values()]
+            table.add_row(*map(Text, cells), style=self.STATUS_STYLES.get(row["status"], ""))
+        return table
+
+
+class MemberReporter(Reporter):
+    """A member's Reporter in a GroupConsole: everything to train.log as a solo run's; on the
+    console, its row of the group's table and the lines the group shows."""
+
+    def __init__(self, group: GroupConsole, row: dict[str, Any]):
+        super().__init__(group.console)
+        self.group, self.row = group, row
+
+    def show(self, text: str, style: str = "") -> None:
+        self.group.show(text, style)
+
+    def header(self, text: str) -> None:
+        log.info(text)
+
+    @contextmanager
+    def epoch_progress(self, epoch: int, epochs: int, total_samples: int) -> Iterator["GroupBar"]:
+        yield GroupBar(self.group, f"epoch {epoch}/{epochs}", total_samples)
+        self.group.progress = ""
+
+    def epoch_line(self, epoch: int, epochs: int, metrics: dict[str, Any], label: str = "") -> None:
+        log.info(epoch_text(epoch, epochs, metrics, label))
+        self.row["epoch"] = f"{epoch}/{epochs}"
+        self.row.update({k: metrics[k] for k in ("train/loss", "val/acc") if k in metrics})
+
+    def left_group(self, status: str) -> None:
+        self.row["status"] = status
+
+    def run_ended(self, status: str, rows: dict[str, Any], style: str) -> None:
+        self.row["status"] = status
+        log_summary(f"regexp · {status}", rows)
+
+    def diagnosis(self, findings: list[dict[str, Any]]) -> None:
+        log_diagnosis(findings)
 
 
 class EpochBar:
@@ -262,3 +397,17 @@ class EpochBar:
 
     def show(self, loss: float, samples_per_s: float) -> None:
         self.progress.update(self.task, loss=fmt_value(loss), rate=f"{samples_per_s:,.0f}")
+
+
+class GroupBar:
+    """A fused group's epoch progress, in its table's title (EpochBar's calls)."""
+
+    def __init__(self, group: GroupConsole, epoch: str, total: int):
+        self.group, self.epoch, self.total, self.done = group, epoch, max(total, 1), 0
+
+    def advance(self, samples: int) -> None:
+        self.done += samples
+        self.group.progress = f" · {self.epoch} {100 * self.done // self.total}%"
+
+    def show(self, loss: float, samples_per_s: float) -> None:
+        """The group's loss and speed are its rows' (each epoch's) and its members' train.log."""

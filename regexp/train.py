@@ -60,7 +60,7 @@ from regexp.stack import Stack, StackedUpdate, evaluate_stack, fused_step
 from regexp.state import TrainState, move_to, rng_state, seed_everything
 from regexp.step import Recipe, StepResult, autocast, forward_backward, train_step, window_batches, window_sizes
 from regexp.threads import fastest_threads
-from regexp.tracking import HistogramFile, Reporter, Tracker, plural, why_ended
+from regexp.tracking import GroupConsole, HistogramFile, Reporter, Tracker, plural, why_ended
 from regexp.wandb_logger import WandbServer, wandb_sinks
 
 log = logging.getLogger("regexp")
@@ -800,6 +800,7 @@ def fit(group: Group) -> None:
             for loop in running:
                 if id(loop) not in kept:
                     loop.left_group_at = now
+                    loop.reporter.left_group(loop.status.value)
         running = staying
         for loop in running:
             loop.state.epoch, loop.state.window = loop.state.epoch + 1, 0
@@ -884,7 +885,7 @@ def fused_template(loops: list[Loop]) -> torch.nn.Module:
 def announce(loop: Loop, device: torch.device) -> None:
     cfg, state, summary, plan = loop.cfg, loop.state, loop.summary, loop.plan
     fused = f" · fused with {summary.fused['models'] - 1} more" if summary.fused else ""
-    loop.reporter.line(
+    loop.reporter.header(
         f"{cfg.dataset.name} ({len(loop.data.train_y)} train / {len(loop.data.val_y)} val / {len(loop.data.test_y)} test) · "
         f"{cfg.model.name} ({summary.parameters:,} params) · {cfg.optimizer.name} lr "
         f"{state.optimizer.param_groups[0]['initial_lr']:g} · {device} {loop.precision} · {plural(summary.threads, 'thread')} · "
@@ -892,10 +893,10 @@ def announce(loop: Loop, device: torch.device) -> None:
         f"run dir {loop.run_dir}"
     )
     if loop.at_end:
-        loop.reporter.line(f"{summary.resumed_from} stands at the end of its training (step {state.step}): "
-                           "finishing its final evaluation, no step is trained")
+        loop.reporter.header(f"{summary.resumed_from} stands at the end of its training (step {state.step}): "
+                             "finishing its final evaluation, no step is trained")
     elif summary.resumed_from is not None:
-        loop.reporter.line(f"resumed from {summary.resumed_from} at step {state.step} (epoch {state.epoch})")
+        loop.reporter.header(f"resumed from {summary.resumed_from} at step {state.step} (epoch {state.epoch})")
     for warning in [*warnings_for(cfg), *schedule_warnings(cfg.scheduler, plan.total_steps)]:
         loop.reporter.warn(warning)
     if loop.live.inactive:
@@ -1047,8 +1048,8 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         tracker.close(exit_code)
     style = {Status.COMPLETED: "green", Status.EARLY_STOPPED: "green", Status.DIVERGED: "red"}.get(summary.status, "yellow")
     ended = {"ended_by": why_ended(summary.ended_by)} if summary.ended_by else {}  # what stopped or pruned it
-    reporter.summary(f"regexp · {summary.status}", {**ended, **summary.metrics, "wall_time_s": summary.wall_time_s,
-                                                     "run_dir": str(run_dir)}, style)
+    reporter.run_ended(summary.status.value, {**ended, **summary.metrics, "wall_time_s": summary.wall_time_s,
+                                              "run_dir": str(run_dir)}, style)
     reporter.diagnosis(summary.findings)
 
 
@@ -1086,8 +1087,12 @@ def _train_group(specs: list[RunSpec], reporter: Optional[Reporter], wandb_serve
         return [summaries[i] for i in range(len(specs))]
     resumed = [start.resumed for start in starts]
     fuse = fuse and len(specs) > 1
+    console = GroupConsole(reporter.console, [Path(spec.run_dir).name for spec in specs]) if fuse else None
     with contextlib.ExitStack() as records:
-        runs = [records.enter_context(recorded(spec, r, reporter, wandb_server, concurrent=fuse)) for spec, r in zip(specs, resumed)]
+        if console is not None:  # its table shows until the members' records are closed (left last)
+            records.enter_context(console.showing())
+        runs = [records.enter_context(recorded(spec, r, console.member(i) if console else reporter, wandb_server,
+                                               concurrent=fuse)) for i, (spec, r) in enumerate(zip(specs, resumed))]
         with StopSignal() as stop_signal, torch_settings(specs[0].cfg, torch.device(resolve_device(specs[0].cfg))):
             group = start_group(runs, stop_signal, fuse)
             fit(group)

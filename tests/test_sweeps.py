@@ -149,6 +149,13 @@ def test_launcher_runs_a_two_job_sweep(tmp_path, data_root, launcher):
     assert [(r["job"], r["status"], r["test/acc"]) for r in rows] == [(n, "completed", jobs[n]["metrics"]["test/acc"]) for n in ("0", "1")]
     if launcher.startswith("submitit"):
         assert (tmp_path / "sweep" / ".submitit").is_dir()  # the jobs really went through submitit
+    # each job's line, once, printed by the launching process as the job ended in its worker, before the table
+    lines = out.stdout.splitlines()
+    ends = [i for i, line in enumerate(lines) if line.startswith(("[1/2] job ", "[2/2] job "))]
+    assert len(ends) == 2 and ends[-1] < next(i for i, line in enumerate(lines) if line.startswith("sweep "))
+    jobs = sorted(lines[i].split(":")[0].split("] ")[1] for i in ends)
+    assert jobs == ["job 0 (optimizer=adam)", "job 1 (optimizer=adamw)"]
+    assert all(": completed · test/acc " in lines[i] for i in ends)
 
 
 def test_launcher_presets_compose():

@@ -33,6 +33,7 @@ class FusedLauncher(Launcher):
         from hydra.core.utils import configure_log, setup_globals
 
         from regexp import fusion
+        from regexp.sweep import jobs_ended
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -47,6 +48,7 @@ class FusedLauncher(Launcher):
             members = [configs[i] for i in group]
             returns.update(zip(group, [self.run(members[0])] if len(group) == 1 else self.run_fused(members)))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            jobs_ended(self.hydra_context.callbacks)  # a group's members end together, after Hydra's on_job_end
         return [returns[i] for i in range(len(configs))]
 
     def sweep_config(self, overrides: Sequence[str], number: int) -> DictConfig:
