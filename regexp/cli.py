@@ -176,7 +176,8 @@ def run_train(args: list[str]) -> int:
         args = with_plus_where_needed(args)
         out_dir = typed = None
         if not INFO_FLAGS.intersection(args):
-            out_dir, typed = precheck([a for a in args if is_override(a)], multirun, run=not printing)
+            out_dir, typed, planned = precheck([a for a in args if is_override(a)], multirun, run=not printing)
+            args = [*args, *planned]  # resume=auto's run dir of each job (regexp.sweep.plan_overrides)
         with contextlib.ExitStack() as held:
             if out_dir is not None:
                 key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -262,8 +263,9 @@ def run_hydra(args: list[str], out_dir: Optional[str]) -> int:
 
     from regexp.config import config_dir
     from regexp.rundir import Interrupted
-    from regexp.sweep import SweepFailed, report_interruption
+    from regexp.sweep import SweepFailed, register_plan_resolvers, report_interruption
 
+    register_plan_resolvers()
     hydra_main = hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(Job())
     sys.argv = ["regexp train", *args]
     try:
@@ -309,7 +311,10 @@ class Job:
 
 
 def job_in_worker() -> Job:
+    from regexp.sweep import register_plan_resolvers
+
     ignore_preset_warning()
+    register_plan_resolvers()  # before the worker resolves its job's run dir
     return Job()
 
 
@@ -502,23 +507,26 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     run, its data. A sweep's data are looked at per job (a job that lacks them fails alone), and
     when every job to train lacks them, the command is refused once, as a single run is. Returns
     the directory the command will write (the run dir, or the sweep dir), as it will be named,
-    and the (last) job's typed config. Bad input fails fast with one line (Hydra's own errors
-    are several lines, exit 1)."""
+    the (last) job's typed config, and the overrides that carry resume=auto's plan of a sweep's
+    run dirs (regexp.sweep.resume_plan: decided here, once, for every launcher; the jobs it
+    moves are one line on stdout). Bad input fails fast with one line (Hydra's own errors are
+    several lines, exit 1)."""
     from pathlib import Path
 
     from regexp.compose import check_job, compose, initialized, sweep_jobs
     from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
     from regexp.lock import check_free
-    from regexp.sweep import check_sweep_job
+    from regexp.sweep import check_sweep_job, moved_jobs_line, plan_overrides, resume_plan
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    out_dir = typed = None
+    out_dir = typed = plan = None
     job_dirs: dict[str, int] = {}  # a sweep's job dirs so far: real path -> job number
     data_problems: dict = {}  # a data set's problem (None: none), looked at once
     missing = []  # each job to train: its data set's problem
     with initialized():
-        for number, job in enumerate(sweep_jobs(overrides) if multirun else [overrides]):
+        jobs = sweep_jobs(overrides) if multirun else [overrides]
+        for number, job in enumerate(jobs):
             cfg = compose(job, with_hydra=True)
             if not run:
                 validate(cfg)
@@ -532,11 +540,18 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             check_free(Path(out_dir), out_key, out_dir)  # the first thing to say when another process writes it
             if multirun:
                 check_sweep_dir(Path(out_dir), typed.resume, out_key)
-                if check_sweep_job(Path(out_dir), cfg, number, job, job_dirs) is None:  # resume=auto: skips a finished run
+                plan = resume_plan(Path(out_dir), cfg, jobs) if number == 0 else plan
+                run_number = plan[number][0] if plan else None
+                if check_sweep_job(Path(out_dir), cfg, number, job, job_dirs, run_number) is None:  # None: it trains
                     missing.append(data_problem(typed.dataset, data_problems))
     if missing and all(missing):
         raise missing[0]
-    return out_dir, typed
+    if not plan:
+        return out_dir, typed, []
+    moved = moved_jobs_line(plan)
+    if moved:
+        print(moved, flush=True)
+    return out_dir, typed, plan_overrides(plan, cfg.hydra)
 
 
 def data_problem(dataset, seen: dict) -> Optional[Exception]:

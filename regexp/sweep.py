@@ -14,6 +14,7 @@ a stopped or pruned one ended (its `ended_by`) is a line under the table.
 While the sweep runs, each job gets one console line as it ends (JobEnds), read the same way
 from its record and run dir on the launching host, whichever process or host ran it."""
 
+import functools
 import os
 import shutil
 import signal
@@ -411,14 +412,16 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
     table = Table(caption=Text(f"all jobs: {' '.join(shown(o) for o in rows[0]['overrides'] if o in shared)}")
                   if shared else None, caption_justify="left")
-    for column in ("job", "overrides", "status", METRIC, "wall s"):
+    dirs = [run_dir_shown(sweep_dir, r) for r in rows]
+    elsewhere = any(d not in (r["job"], "-") for d, r in zip(dirs, rows))  # resume=auto moved a job, or a custom subdir
+    for column in ("job", "overrides", "status", METRIC, "wall s", *(["run dir"] if elsewhere else [])):
         table.add_column(column, overflow="fold")
-    for r in rows:
+    for r, run_dir in zip(rows, dirs):
         style = "red" if r in failed else "yellow" if r["status"] in (*CUT_SHORT, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
         table.add_row(r["job"], Text(" ".join(shown(o) for o in r["overrides"] if o not in shared)), r["status"], metric,
-                      wall, style=style)
+                      wall, *([Text(run_dir)] if elsewhere else []), style=style)
     console = Console(soft_wrap=False)
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
     print_whole(console, table)
@@ -429,6 +432,14 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
         why = why_ended(r.get("ended_by"))
         if why is not None:
             console.print(f"job {r['job']} {r['status']}: {why}", style="yellow", markup=False, soft_wrap=True)
+
+
+def run_dir_shown(sweep_dir: Path, row: dict[str, Any]) -> str:
+    """A row's run dir as the table shows it: inside the sweep dir relative to it, else whole."""
+    if row["run_dir"] is None:
+        return "-"
+    relative = os.path.relpath(os.path.realpath(row["run_dir"]), os.path.realpath(sweep_dir))
+    return row["run_dir"] if relative.startswith("..") else relative
 
 
 def shown(override: str) -> str:
@@ -520,20 +531,120 @@ def already_finished(run_dir: Path, overrides: list[str], cfg: DictConfig) -> Op
     if summary is None:
         return None
     theirs, ours = _run_overrides(summary.overrides), _run_overrides(overrides)
-    if theirs != ours:
-        only_theirs, only_ours = [o for o in theirs if o not in ours], [o for o in ours if o not in theirs]
+    if theirs != ours:  # the differences as typed
+        only_theirs = [o for o in sorted(_kept(summary.overrides)) if same_spelling(o) not in ours]
+        only_ours = [o for o in sorted(_kept(overrides)) if same_spelling(o) not in theirs]
         raise Refused("resume", "auto", f"{run_dir} holds a run of other overrides ({' '.join(only_theirs) or 'none'} "
                       f"where this job has {' '.join(only_ours) or 'none'}); that run is left as it is: use another "
                       "hydra.sweep.dir / hydra.run.dir for this command")
     return summary if summary.status.finished and not continues_under(summary, cfg) else None
 
 
+# ---------------------------------------------------------------- resume=auto: a job's run dir by its overrides
+NUMBERED = "${hydra.job.num}"  # hydra.sweep.subdir as regexp sets it: a job's run dir is named by its number
+RECORDS = ".hydra"  # hydra.output_subdir as regexp sets it
+
+
+def resume_plan(sweep_dir: Path, cfg: DictConfig, jobs: list[list[str]]) -> Optional[list[tuple[int, bool]]]:
+    """For resume=auto over a sweep dir whose run dirs are numbered (the default subdir): each
+    job's run number and whether a run is there already (place_jobs); None otherwise (a
+    custom subdir names each job's dir itself, a search draws its jobs as it goes)."""
+    from regexp.compose import expands_its_jobs
+
+    if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra) or raw_subdir(cfg.hydra) != NUMBERED:
+        return None
+    return place_jobs(jobs, recorded_runs(sweep_dir))
+
+
+def recorded_runs(sweep_dir: Path) -> dict[int, Optional[list[str]]]:
+    """The sweep dir's numbered run dirs (named as Hydra numbers jobs: `7`, not `007` or `-1`),
+    each with its run's overrides as recorded: its summary.json's (as already_finished reads
+    them), else Hydra's .hydra/overrides.yaml (a job that died before its summary). None for a
+    dir whose record cannot be read (a line on stderr names it: no job goes there, it is left
+    as it is) or that holds no record at all."""
+    runs: dict[int, Optional[list[str]]] = {}
+    for entry in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else []:
+        if entry.name.isascii() and entry.name.isdigit() and str(int(entry.name)) == entry.name:
+            runs[int(entry.name)] = _recorded_overrides(entry)
+    return runs
+
+
+def _recorded_overrides(run_dir: Path) -> Optional[list[str]]:
+    from regexp.rundir import SUMMARY, load_summary, read_overrides
+
+    try:
+        overrides = load_summary(run_dir).overrides if os.path.lexists(run_dir / SUMMARY) else read_overrides(run_dir)
+    except RunError as e:
+        print(f"regexp: {e}; resume=auto leaves {run_dir} as it is, no job of this sweep continues it", file=sys.stderr)
+        return None
+    return overrides if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides) else None
+
+
+def place_jobs(jobs: list[list[str]], runs: dict[int, Optional[list[str]]]) -> list[tuple[int, bool]]:
+    """Each job's run dir number, and whether it holds the job's run: the numbered run dir whose
+    recorded overrides equal the job's (as _run_overrides compares them), whatever the job's
+    position now; jobs of equal overrides take such dirs in number order. A job without one
+    gets a new number past every numbered dir (a run of unreadable overrides too), so no two
+    jobs share a dir and no run is written over."""
+    waiting: dict[tuple[str, ...], list[int]] = {}
+    for number in sorted(runs):
+        if runs[number] is not None:
+            waiting.setdefault(tuple(_run_overrides(runs[number])), []).append(number)
+    following = max(runs, default=-1) + 1
+    placed = []
+    for job in jobs:
+        same = waiting.get(tuple(_run_overrides(job)))
+        if same:
+            placed.append((same.pop(0), True))
+        else:
+            placed.append((following, False))
+            following += 1
+    return placed
+
+
+def plan_overrides(plan: list[tuple[int, bool]], hydra_cfg: Any) -> list[str]:
+    """The Hydra overrides that carry the plan to every launcher (each resolves a job's subdir
+    from its number wherever it runs): a job's run dir by the plan, and Hydra's records
+    (.hydra/) written only in a new run's dir: a continued or skipped run keeps the record of
+    the job that started it, as a single run's resume keeps it. The plan as the resolvers read
+    it: each job's dir number in job order, `+` before a new one (`0 1 2 +6 3 4 5 +7`)."""
+    text = " ".join(f"{number}" if held else f"+{number}" for number, held in plan)
+    overrides = [f"hydra.sweep.subdir='${{regexp.planned_run:${{hydra.job.num}},{text}}}'"]
+    if OmegaConf.to_container(hydra_cfg)["output_subdir"] == RECORDS:
+        overrides.append(f"hydra.output_subdir='${{regexp.planned_records:${{hydra.job.num}},{text}}}'")
+    return overrides
+
+
+def planned_run(number: int, plan: str) -> str:
+    """The resolver of a planned job's subdir: its run dir's number."""
+    return plan.split()[int(number)].lstrip("+")
+
+
+def planned_records(number: int, plan: str) -> Optional[str]:
+    """The resolver of a planned job's hydra.output_subdir: none where a run is already."""
+    return RECORDS if plan.split()[int(number)].startswith("+") else None
+
+
+def register_plan_resolvers() -> None:
+    """In each process that runs jobs (this one, a joblib or submitit worker)."""
+    for name, resolver in (("regexp.planned_run", planned_run), ("regexp.planned_records", planned_records)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def moved_jobs_line(plan: list[tuple[int, bool]]) -> Optional[str]:
+    """Where resume=auto puts the jobs whose run dir is not their number, as `job -> dir`."""
+    moved = [f"{job}->{number}" for job, (number, _) in enumerate(plan) if number != job]
+    return f"resume=auto: run dirs by overrides (job->dir): {' '.join(moved)}" if moved else None
+
+
 def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],
-                    job_dirs: dict[str, int]) -> Optional[Summary]:
+                    job_dirs: dict[str, int], run_number: Optional[int] = None) -> Optional[Summary]:
     """The pre-flight of job `number` of a basic sweep, before Hydra writes anything in its run
-    dir: refused when that dir is an earlier job's (`job_dirs`: real path -> job number, this
-    job's added) or the sweep dir itself, when another process writes it now, and with
-    resume=auto when it holds a run of other overrides. A search draws its jobs as it goes:
+    dir (the dir numbered `run_number` where resume=auto's plan puts it: resume_plan): refused
+    when that dir is an earlier job's (`job_dirs`: real path -> job number, this job's added)
+    or the sweep dir itself, when another process writes it now, and with resume=auto when it
+    holds a run of other overrides (a subdir of the user's). A search draws its jobs as it goes:
     only a subdir that names neither the job nor its draws is refused here; each draw is
     checked as it comes (check_drawn_job_dir, the job's own lock, already_finished). Returns
     the summary of its run when an earlier invocation finished it (resume=auto skips the job)."""
@@ -543,7 +654,7 @@ def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: li
     if not expands_its_jobs(cfg.hydra):
         check_search_subdir(sweep_dir, cfg)
         return None
-    run_dir = job_dir(sweep_dir, cfg, number)
+    run_dir = job_dir(sweep_dir, cfg, number if run_number is None else run_number)
     if os.path.realpath(run_dir) == os.path.realpath(sweep_dir):
         raise ConfigError(SUBDIR, raw_subdir(cfg.hydra), f"job {number}'s run dir would be the sweep dir {run_dir} "
                                                          f"itself; {DIFFER}")
@@ -606,12 +717,52 @@ ENDING_SETTINGS = ("prune", "monitor.on_finding")
 
 def _run_overrides(overrides: list[str]) -> list[str]:
     """What makes a run what it is: the overrides but resume=, Hydra's own (dirs, launcher)
-    and the ENDING_SETTINGS."""
+    and the ENDING_SETTINGS, in any order, each as one spelling (same_spelling)."""
+    return sorted(same_spelling(o) for o in _kept(overrides))
+
+
+def _kept(overrides: list[str]) -> list[str]:
+    """The overrides _run_overrides compares, as typed."""
     def ends_runs(key: str) -> bool:
         return key in ENDING_SETTINGS or key.startswith(tuple(k + "." for k in ENDING_SETTINGS))
 
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/"))
-                  and not ends_runs(o.lstrip("+~").split("=", 1)[0]))
+    return [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "hydra/"))
+            and not ends_runs(o.lstrip("+~").split("=", 1)[0])]
+
+
+@functools.lru_cache(maxsize=4096)  # a sweep's jobs and runs repeat the same few overrides
+def same_spelling(override: str) -> str:
+    """An override with its value as Hydra's parser reads it, numbers by their value: so
+    optimizer.lr=1e-3 is optimizer.lr=0.001 and seed=1.0 is seed=1, as compare puts such runs
+    in one group (by their config's value); `+group=x` is `group=x`. Text stays as typed
+    (quotes aside); what Hydra cannot parse is kept whole."""
+    import json
+
+    from hydra.errors import OverrideParseException
+
+    try:
+        value = _parser().parse_override(override).value()
+    except OverrideParseException:
+        return override
+    return f"{override.partition('=')[0].lstrip('+')}={json.dumps(_by_value(value), sort_keys=True, default=str)}"
+
+
+def _by_value(value: Any) -> Any:
+    """A parsed value with each whole float as its int (1.0 -> 1), in lists and dicts too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_by_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _by_value(v) for k, v in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
 
 
 # ---------------------------------------------------------------- parallel jobs

@@ -320,22 +320,35 @@ def resume_sweep(tmp_path: Path, data_root: Path, *args: str):
     return run_cli(["train", *SWEEP, "resume=auto", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args], tmp_path, data_root)
 
 
+def assert_kept_and_placed(out, sweep: Path, kept: dict[int, dict], moved: str) -> None:
+    """Exit 0, the console's one line of moved jobs, the `kept` dirs' files as they were."""
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines().count(f"resume=auto: run dirs by overrides (job->dir): {moved}") == 1, out.stdout[-2000:]
+    assert {n: snapshot(sweep / str(n)) for n in kept} == kept
+
+
 @pytest.mark.slow
-def test_resume_auto_of_a_sweep_with_another_max_steps_is_refused_whole(sweep_copy, tmp_path, data_root):
-    before = snapshot(tmp_path)
+def test_resume_auto_of_a_sweep_with_another_max_steps_trains_new_dirs_beside_the_runs_it_keeps(sweep_copy, tmp_path,
+                                                                                              data_root):
+    """max_steps=8 makes other runs: the jobs train as one group in dirs 3-5 (past the highest),
+    the max_steps=4 runs of dirs 0-2 stay byte for byte."""
+    kept = {n: snapshot(sweep_copy / str(n)) for n in range(3)}
     out = resume_sweep(tmp_path, data_root, "max_steps=8")
-    assert_refused(out, 2, f"regexp: error: resume=auto: {sweep_copy / '0'} holds a run of other overrides "
-                           "(max_steps=4 where this job has max_steps=8)", tmp_path, before)
+    assert_kept_and_placed(out, sweep_copy, kept, "0->3 1->4 2->5")
+    assert [(summary_of(sweep_copy / str(n))["status"], summary_of(sweep_copy / str(n))["steps"]) for n in (3, 4, 5)] == [
+        ("completed", 8)] * 3
 
 
 @pytest.mark.slow
-def test_a_members_dir_holding_another_run_refuses_the_sweep_and_is_kept(sweep_copy, finished, tmp_path, data_root):
+def test_a_members_dir_holding_another_run_is_kept_and_the_member_trains_in_a_new_dir(sweep_copy, finished, tmp_path,
+                                                                                       data_root):
     shutil.rmtree(sweep_copy / "1")
     shutil.copytree(finished, sweep_copy / "1")  # a run of another model and seed
-    before = snapshot(tmp_path)
+    kept = {n: snapshot(sweep_copy / str(n)) for n in range(3)}
     out = resume_sweep(tmp_path, data_root)
-    assert_refused(out, 2, f"regexp: error: resume=auto: {sweep_copy / '1'} holds a run of other overrides", tmp_path,
-                   before)
+    assert_kept_and_placed(out, sweep_copy, kept, "1->3")
+    summary = summary_of(sweep_copy / "3")
+    assert summary["status"] == "completed" and "seed=1" in summary["overrides"]
 
 
 @pytest.mark.slow
@@ -396,16 +409,16 @@ def test_a_held_sweep_refuses_a_second_sweep_and_a_resume_of_its_member(sweep_co
 
 
 @pytest.mark.slow
-def test_a_member_resumed_by_hand_with_other_overrides_refuses_the_sweeps_resume(sweep_copy, tmp_path, data_root):
-    """Job 1 continued alone to max_steps=6: resume=auto of the sweep (max_steps=4) would mix two
-    plans in one sweep; it is refused whole, naming job 1's dir and the differing override."""
+def test_a_member_resumed_by_hand_with_other_overrides_is_kept_by_the_sweeps_resume(sweep_copy, tmp_path, data_root):
+    """Job 1 continued alone to max_steps=6 is a run of other overrides: resume=auto of the
+    sweep (max_steps=4) leaves it as it is and trains job 1 anew in dir 3."""
     out = run_cli(["train", "resume=sweep/1", "max_steps=6"], tmp_path, data_root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert summary_of(sweep_copy / "1")["steps"] == 6
-    before = snapshot(tmp_path)
+    kept = {n: snapshot(sweep_copy / str(n)) for n in range(3)}
     out = resume_sweep(tmp_path, data_root)
-    assert_refused(out, 2, f"regexp: error: resume=auto: {sweep_copy / '1'} holds a run of other overrides "
-                           "(max_steps=6 where this job has max_steps=4)", tmp_path, before)
+    assert_kept_and_placed(out, sweep_copy, kept, "1->3")
+    assert (summary_of(sweep_copy / "3")["status"], summary_of(sweep_copy / "3")["steps"]) == ("completed", 4)
 
 
 @pytest.mark.slow

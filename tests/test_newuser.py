@@ -143,8 +143,8 @@ def test_a_sweep_in_which_some_jobs_have_their_data_passes_the_preflight(tmp_pat
     some = tmp_path / "some-data"
     some.mkdir()
     (some / "MNIST").symlink_to(data_root / "MNIST")
-    out_dir, _ = cli.precheck([*TINY, "dataset=fashion_mnist,mnist", f"dataset.root={some}", "dataset.download=false"],
-                              multirun=True)
+    out_dir, *_ = cli.precheck([*TINY, "dataset=fashion_mnist,mnist", f"dataset.root={some}", "dataset.download=false"],
+                               multirun=True)
     assert out_dir is not None  # the jobs run; the one without its data fails alone
     assert not any(empty_cwd.iterdir())
 

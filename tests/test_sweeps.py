@@ -275,26 +275,26 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_resume_auto_over_other_values_is_refused_and_rows_are_this_sweeps_jobs(tmp_path, data_root):
-    """A re-run sweep whose values differ: a job whose run dir holds a run of other overrides
-    refuses the command before Hydra writes anything (exit 2, one line); an extra job runs; a
-    shorter sweep lists only its own jobs; each row is its own job's overrides and result."""
+def test_resume_auto_over_other_values_places_jobs_by_their_overrides_and_rows_are_this_sweeps_jobs(tmp_path, data_root):
+    """A re-run sweep whose values differ: the job of a new value trains in a dir past the
+    highest, the run of the value left out stays as it was; a longer sweep finds each run in its
+    own dir; a shorter one lists only its own jobs; each row is its own job's overrides, run dir
+    and result."""
     sweep_dir = tmp_path / "sweep"
     out = sweep_cli(["seed=0,1", *SMALL], tmp_path, data_root)
     assert out.returncode == 0, out.stderr[-3000:]
-    first, results = tree(sweep_dir), {n: fingerprint(sweep_dir / n) for n in ("0", "1")}
+    first = {n: tree(sweep_dir / n) for n in ("0", "1")}
 
-    for changed, theirs, ours in ((["seed=0,2"], "seed=1", "seed=2"), (["seed=0,1", "optimizer=sgd"], "optimizer", "optimizer=sgd")):
-        out = sweep_cli([*changed, *SMALL, "resume=auto"], tmp_path, data_root)
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-        [line] = out.stderr.strip().splitlines()
-        assert line.startswith("regexp: error: resume=auto: ") and "holds a run of other overrides" in line
-        assert theirs in line and f"where this job has {ours}" in line
-        assert tree(sweep_dir) == first  # nothing written: not summary.json, not .hydra/, not train.log
-
-    out = sweep_cli(["seed=0,1,2", *SMALL, "resume=auto"], tmp_path, data_root)  # one job more
+    out = sweep_cli(["seed=0,2", *SMALL, "resume=auto"], tmp_path, data_root)  # seed=1 left out, seed=2 new
     assert out.returncode == 0, out.stderr[-3000:]
-    assert {n: fingerprint(sweep_dir / n) for n in ("0", "1")} == results  # skipped: no result file rewritten
+    assert "resume=auto: run dirs by overrides (job->dir): 1->2" in out.stdout.splitlines()
+    assert {n: tree(sweep_dir / n) for n in ("0", "1")} == first  # skipped, and left out: every file as it was
+    assert [(r["job"], r["run_dir"]) for r in sweep_rows(sweep_dir)] == [("0", str(sweep_dir / "0")), ("1", str(sweep_dir / "2"))]
+
+    out = sweep_cli(["seed=0,1,2", *SMALL, "resume=auto"], tmp_path, data_root)  # each run where it is
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resume=auto: run dirs" not in out.stdout and "run dir ┃" not in out.stdout  # no job moved: no line, no column
+    assert {n: tree(sweep_dir / n) for n in ("0", "1")} == first
     jobs = job_summaries(sweep_dir)
     rows = sweep_rows(sweep_dir)
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "completed"), ("2", "completed")]
