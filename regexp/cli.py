@@ -414,9 +414,10 @@ def job_spec(cfg, hydra_cfg, multirun: bool, searching: bool):
     share_machine(hydra_cfg)
     finished = already_finished(run_dir, task_overrides(hydra_cfg), cfg) if cfg.get("resume") == "auto" else None
     if finished is not None:
-        print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
-        if multirun:
+        if multirun:  # its line as it ends: JobEnds, from this record
             mark_skipped(hydra_cfg, finished.status)
+        else:
+            print(f"{run_dir}: already {finished.status}, skipped (resume=auto)")
         return finished
     if searching:  # a search sweeper's draw: not seen by the pre-flight
         job = check_job(cfg)
@@ -509,7 +510,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     the directory the command will write (the run dir, or the sweep dir), as it will be named,
     the (last) job's typed config, and the overrides that carry resume=auto's plan of a sweep's
     run dirs (regexp.sweep.resume_plan: decided here, once, for every launcher; the jobs it
-    moves are one line on stdout). Bad input fails fast with one line (Hydra's own errors are
+    moves and the runs no job continues are a line each on stdout). Bad input fails fast with one line (Hydra's own errors are
     several lines, exit 1)."""
     from pathlib import Path
 
@@ -517,7 +518,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
     from regexp.lock import check_free
-    from regexp.sweep import check_sweep_job, moved_jobs_line, plan_overrides, resume_plan
+    from regexp.sweep import check_sweep_job, plan_overrides, resume_plan
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out_dir = typed = plan = None
@@ -541,17 +542,16 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             if multirun:
                 check_sweep_dir(Path(out_dir), typed.resume, out_key)
                 plan = resume_plan(Path(out_dir), cfg, jobs) if number == 0 else plan
-                run_number = plan[number][0] if plan else None
+                run_number = plan.jobs[number][0] if plan else None
                 if check_sweep_job(Path(out_dir), cfg, number, job, job_dirs, run_number) is None:  # None: it trains
                     missing.append(data_problem(typed.dataset, data_problems))
     if missing and all(missing):
         raise missing[0]
     if not plan:
         return out_dir, typed, []
-    moved = moved_jobs_line(plan)
-    if moved:
-        print(moved, flush=True)
-    return out_dir, typed, plan_overrides(plan, cfg.hydra)
+    for line in plan.lines:
+        print(line, flush=True)
+    return out_dir, typed, plan_overrides(plan.jobs, cfg.hydra)
 
 
 def data_problem(dataset, seen: dict) -> Optional[Exception]:

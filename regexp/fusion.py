@@ -60,13 +60,18 @@ class Partition:
 
     def lines(self, jobs: list[Candidate]) -> list[str]:
         """What the launcher prints: one line per fused group, one per job that runs alone with its reason."""
-        out = []
+        out, finished = [], []
         for group in self.groups:
             if len(group) > 1:
                 out.append(f"fused: {job_numbers([jobs[i].number for i in group])} train as one group of "
                            f"{len(group)} models")
+            elif self.alone.get(group[0]) == FINISHED:
+                finished.append(jobs[group[0]].number)
             elif group[0] in self.alone:
                 out.append(f"fused: job {jobs[group[0]].number} runs alone: {self.alone[group[0]]}")
+        if finished:  # they do not run: one line, not one each
+            out.append(f"fused: {job_numbers(finished)} finished earlier: resume=auto skips "
+                       f"{'them' if len(finished) > 1 else 'it'}")
         return out
 
 
@@ -143,9 +148,12 @@ def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[in
     return result
 
 
+FINISHED = "its run is finished (resume=auto skips it)"  # why a job is alone that does not run
+
+
 def _unfusable(job: Candidate) -> Optional[str]:
     if job.step is None:
-        return "its run is finished (resume=auto skips it)"
+        return FINISHED
     if job.alone is not None:
         return job.alone
     model = job.config["model"]["name"]
@@ -199,8 +207,8 @@ def _numbers(jobs: list[Candidate], indices: list[int]) -> str:
     return job_numbers([jobs[i].number for i in indices]).partition(" ")[2]
 
 
-def job_numbers(numbers: list[int]) -> str:
-    """'job 3' / 'jobs 0-7' / 'jobs 0-3, 5, 8-9'."""
+def job_numbers(numbers: list[int], noun: str = "job") -> str:
+    """'job 3' / 'jobs 0-7' / 'jobs 0-3, 5, 8-9' (or another `noun`: 'dirs 0-7')."""
     runs: list[list[int]] = []
     for n in sorted(numbers):
         if runs and n == runs[-1][-1] + 1:
@@ -208,7 +216,7 @@ def job_numbers(numbers: list[int]) -> str:
         else:
             runs.append([n])
     text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
-    return f"job{'s' * (len(numbers) != 1)} {text}"
+    return f"{noun}{'s' * (len(numbers) != 1)} {text}"
 
 
 # ---------------------------------------------------------------- memory

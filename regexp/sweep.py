@@ -22,7 +22,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -317,7 +317,7 @@ def print_job_end(record: dict[str, Any], count: str, shared: set[str]) -> None:
     parts = [f"[{count}] job {row['job']}{f' ({who})' if who else ''}: {row['status']}"]
     if isinstance(row[METRIC], float):
         parts.append(f"{METRIC} {row[METRIC]:.4f}")
-    error = " ".join(str(row["error"]).split())  # one line
+    error = printable(" ".join(str(row["error"]).split()))  # one line
     parts.append(error if row["error"] else why_ended(row["ended_by"]) or findings_text(row))
     if SKIPPED in record:
         parts.append("finished earlier, skipped (resume=auto)")
@@ -360,7 +360,9 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
     if summary is None:
         summary = Summary(status=Status.FAILED, error=f"no readable summary.json in {run_dir}: it died before starting")
     status, error = summary.status, record.get("error") or summary.error  # this invocation's error first
-    if status is Status.RUNNING:  # the process ended mid-run
+    if record.get("error"):  # this invocation's job failed (an unreadable checkpoint), whatever its run said before
+        status = Status.FAILED
+    elif status is Status.RUNNING:  # the process ended mid-run
         status = Status.INTERRUPTED if stopped_by is not None else Status.FAILED
     if status is Status.INTERRUPTED and stopped_by is not None:
         saved = what_is_saved(run_dir, stopped_by)
@@ -442,9 +444,17 @@ def run_dir_shown(sweep_dir: Path, row: dict[str, Any]) -> str:
     return row["run_dir"] if relative.startswith("..") else relative
 
 
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (a line break, an escape code) written as
+    its escape (`\\n`, `\\x1b`): a value can start no console line of its own nor colour one."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def shown(override: str) -> str:
-    """An override as the sweep table shows it: a long float (a search sweeper's draw, such as
-    optimizer.lr=0.0012520653814999472) at 4 significant digits; sweep_summary.json keeps it whole."""
+    """An override as the sweep table and the jobs' lines show it: its characters printable
+    (printable); a long float (a search sweeper's draw, such as optimizer.lr=0.0012520653814999472)
+    at 4 significant digits. sweep_summary.json keeps it whole."""
+    override = printable(override)
     key, equals, value = override.partition("=")
     if not equals or len(value) <= 8 or not any(c in value for c in ".eE"):
         return override
@@ -508,8 +518,7 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if isinstance(error, (Refused, DirHeld)):
-        write_job_record(hydra_cfg, refused=str(error))
-        print(f"regexp: job {hydra_cfg.job.num} refused: {error}", file=sys.stderr)
+        write_job_record(hydra_cfg, refused=str(error))  # its line: JobEnds, from this record
         return
     summary = read_summary(run_dir)
     if summary is None or summary.status is Status.RUNNING:
@@ -517,8 +526,7 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
         summary.status, summary.run_dir, summary.overrides = Status.FAILED, str(run_dir), task_overrides(hydra_cfg)
         summary.error, summary.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
         write_summary(run_dir, summary)
-    write_job_record(hydra_cfg, error=f"{type(error).__name__}: {error}")
-    print(f"regexp: job {run_dir} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    write_job_record(hydra_cfg, error=f"{type(error).__name__}: {error}")  # its line: JobEnds, from this record
 
 
 # ---------------------------------------------------------------- resume=auto
@@ -545,15 +553,25 @@ NUMBERED = "${hydra.job.num}"  # hydra.sweep.subdir as regexp sets it: a job's r
 RECORDS = ".hydra"  # hydra.output_subdir as regexp sets it
 
 
-def resume_plan(sweep_dir: Path, cfg: DictConfig, jobs: list[list[str]]) -> Optional[list[tuple[int, bool]]]:
-    """For resume=auto over a sweep dir whose run dirs are numbered (the default subdir): each
-    job's run number and whether a run is there already (place_jobs); None otherwise (a
-    custom subdir names each job's dir itself, a search draws its jobs as it goes)."""
+class Placement(NamedTuple):
+    """resume=auto's plan of a sweep's run dirs: each job's run number and whether a run is
+    there already (place_jobs), and what the console says of it (plan_lines)."""
+
+    jobs: list[tuple[int, bool]]
+    lines: list[str]
+
+
+def resume_plan(sweep_dir: Path, cfg: DictConfig, jobs: list[list[str]]) -> Optional[Placement]:
+    """For resume=auto over a sweep dir whose run dirs are numbered (the default subdir): the
+    Placement of its jobs; None otherwise (a custom subdir names each job's dir itself, a search
+    draws its jobs as it goes)."""
     from regexp.compose import expands_its_jobs
 
     if cfg.get("resume") != "auto" or not expands_its_jobs(cfg.hydra) or raw_subdir(cfg.hydra) != NUMBERED:
         return None
-    return place_jobs(jobs, recorded_runs(sweep_dir))
+    runs = recorded_runs(sweep_dir)
+    placed = place_jobs(jobs, runs)
+    return Placement(placed, plan_lines(sweep_dir, placed, runs))
 
 
 def recorded_runs(sweep_dir: Path) -> dict[int, Optional[list[str]]]:
@@ -632,10 +650,24 @@ def register_plan_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-def moved_jobs_line(plan: list[tuple[int, bool]]) -> Optional[str]:
-    """Where resume=auto puts the jobs whose run dir is not their number, as `job -> dir`."""
+def plan_lines(sweep_dir: Path, plan: list[tuple[int, bool]], runs: dict[int, Optional[list[str]]]) -> list[str]:
+    """What resume=auto's plan says: the jobs whose run dir is not their number, as `job->dir`,
+    and the `runs` of the sweep dir that no job of this command continues (their overrides
+    differ), which would otherwise go unnoticed while every job trains anew beside them."""
+    from regexp.fusion import job_numbers
+
+    lines = []
     moved = [f"{job}->{number}" for job, (number, _) in enumerate(plan) if number != job]
-    return f"resume=auto: run dirs by overrides (job->dir): {' '.join(moved)}" if moved else None
+    if moved:
+        lines.append(f"resume=auto: run dirs by overrides (job->dir): {' '.join(moved)}")
+    taken = {number for number, held in plan if held}
+    left = [n for n, overrides in runs.items() if overrides is not None and n not in taken]
+    if left:
+        lines.append(f"resume=auto: {plural(len(left), 'run')} in {sweep_dir} ({job_numbers(left, 'dir')}) "
+                     f"{'match' if len(left) > 1 else 'matches'} no job of this command and "
+                     f"{'are' if len(left) > 1 else 'is'} left as {'they are' if len(left) > 1 else 'it is'}: "
+                     "a job continues only a run whose recorded overrides equal its own")
+    return lines
 
 
 def check_sweep_job(sweep_dir: Path, cfg: DictConfig, number: int, overrides: list[str],

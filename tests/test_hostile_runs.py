@@ -360,7 +360,7 @@ def test_resume_auto_trains_only_the_missing_member_and_says_why_it_runs_alone(s
     out = resume_sweep(tmp_path, data_root)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert "fused: job 0 runs alone: its run is finished (resume=auto skips it)" in lines
+    assert "fused: jobs 0-1 finished earlier: resume=auto skips them" in lines  # they do not run: no "runs alone"
     assert ("fused: job 2 runs alone: no other job trains beside it (the others are finished or run alone)"
             in lines), [line for line in lines if line.startswith("fused:")]
     assert [without_hydra(snapshot(sweep_copy / str(n))) for n in (0, 1)] == kept
@@ -381,8 +381,9 @@ def test_a_fused_member_whose_data_are_missing_fails_alone(tmp_path, data_root):
     out = run_cli(["train", "-m", "hydra/launcher=fused", "model.hidden=[32]", *RUN, "dataset=mnist,fashion_mnist",
                    "dataset.download=false", f"hydra.sweep.dir={sweep}"], tmp_path, only)
     assert out.returncode == 1, out.stderr[-2000:]
-    failed = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(failed) == 1 and failed[0].startswith(f"regexp: job {sweep / '1'} failed: ConfigError: dataset."), failed
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    failed = [line for line in out.stdout.splitlines() if ": failed · " in line]  # the job's line as it ended, once
+    assert len(failed) == 1 and failed[0].startswith("[2/2] job 1 (dataset=fashion_mnist): failed · ConfigError: dataset."), failed
     assert summary_of(sweep / "0")["status"] == "completed"
     assert summary_of(sweep / "1")["status"] == "failed" and not (sweep / "1" / "checkpoint.pt").exists()
     rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]

@@ -4,6 +4,7 @@ and basic launchers) and continue their pruned jobs with resume=auto prune=none.
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -295,7 +296,9 @@ def test_a_fused_grid_with_asha_prunes_the_worst_at_the_first_rung_and_continues
     again = run_cli([*args, "prune=asha", "resume=auto"], tmp_path, data_root)
     assert again.returncode == 0, again.stderr
     assert {i: (sweep / str(i) / "metrics.jsonl").read_bytes() for i in range(6)} == before
-    assert all(f"{sweep / str(i)}: already pruned, skipped (resume=auto)" in again.stdout for i in pruned)
+    skipped = [line for line in again.stdout.splitlines() if line.endswith("finished earlier, skipped (resume=auto)")]
+    assert len(skipped) == 6, again.stdout  # each job once, the pruned ones as pruned
+    assert sorted(int(re.search(r"\] job (\d+)", line)[1]) for line in skipped if ": pruned · " in line) == pruned
 
     on = run_cli([*args, "prune=none", "resume=auto"], tmp_path, data_root)
     assert on.returncode == 0, on.stderr

@@ -198,10 +198,13 @@ def test_a_fused_member_with_a_truncated_checkpoint_fails_alone(tmp_path, data_r
     assert [s["status"] for s in summaries] == ["completed", "interrupted", "completed"]  # job 1's record as it was
     assert summaries[0]["fused"]["models"] == 2 and summaries[0]["steps"] == 16 and summaries[0]["resumed_at_step"] == 8
     rows = json.loads((sweep / "sweep_summary.json").read_text())["rows"]
-    assert [r["status"] for r in rows] == ["completed", "interrupted", "completed"]
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]  # this invocation's job failed
     assert rows[1]["error"].startswith(f"RunError: {checkpoint}: cannot read the checkpoint")
     assert rows[0]["error"] is None and rows[2]["error"] is None
-    assert f"regexp: job {sweep / '1'} failed: RunError: {checkpoint}: cannot read the checkpoint" in out.stderr
+    [line] = [line for line in out.stdout.splitlines() if ": failed · " in line]  # once, as the job ended
+    assert f"job 1 (seed=1): failed · RunError: {checkpoint}: cannot read the checkpoint" in line, line
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert (summary["failed"], summary["interrupted"], summary["statuses"]) == (1, 0, {"completed": 2, "failed": 1})
 
 
 @pytest.mark.slow

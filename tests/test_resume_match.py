@@ -16,7 +16,7 @@ from conftest import run_cli, snapshot
 from regexp import cli
 from regexp.compose import compose, initialized
 from regexp.rundir import ConfigError, Status, Summary, write_summary
-from regexp.sweep import place_jobs, plan_overrides, recorded_runs
+from regexp.sweep import place_jobs, plan_lines, plan_overrides, printable, recorded_runs
 
 ADAM = [["optimizer=adam", f"seed={s}"] for s in range(3)]
 ADAMW = [["optimizer=adamw", f"seed={s}"] for s in range(3)]
@@ -54,6 +54,27 @@ def test_two_dirs_of_the_same_overrides_are_taken_in_number_order_never_shared()
 def test_a_dir_of_unreadable_overrides_takes_no_job_and_new_ones_go_past_it():
     assert place_jobs([["seed=0"], ["seed=1"]], {0: None, 1: ["seed=1"]}) == [(2, False), (1, True)]
     assert place_jobs([["seed=0"]], {}) == [(0, False)]
+
+
+def test_the_plan_says_which_jobs_moved_and_which_runs_no_job_continues(tmp_path):
+    """A command whose overrides match none of the sweep dir's runs trains every job anew beside
+    them: one line says so, naming the dirs it leaves, so that a typo is not a silent retrain."""
+    assert plan_lines(tmp_path, place_jobs(NEW, OLD), OLD) == [MOVED]
+    runs = {0: ["seed=0"], 1: ["seed=1"], 2: None}  # dir 2: unreadable, named on stderr by recorded_runs
+    plan = place_jobs([["seed=0", "optimizer.lr=0.1"], ["seed=1", "optimizer.lr=0.1"]], runs)
+    assert plan == [(3, False), (4, False)]
+    assert plan_lines(tmp_path, plan, runs) == [
+        "resume=auto: run dirs by overrides (job->dir): 0->3 1->4",
+        f"resume=auto: 2 runs in {tmp_path} (dirs 0-1) match no job of this command and are left as they are: "
+        "a job continues only a run whose recorded overrides equal its own"]
+    assert plan_lines(tmp_path, place_jobs([["seed=0"]], runs), runs)[-1].startswith(
+        f"resume=auto: 1 run in {tmp_path} (dir 1) matches no job of this command and is left as it is")
+
+
+def test_an_override_value_cannot_start_a_console_line_of_its_own():
+    assert printable("logger.project=x\n[9/9] job 9: failed") == "logger.project=x\\n[9/9] job 9: failed"
+    assert printable("tag=\x1b[31mred") == "tag=\\x1b[31mred"
+    assert printable("seed=1 [bold]é") == "seed=1 [bold]é"  # printable text as typed
 
 
 def test_recorded_runs_reads_numbered_dirs_only_and_leaves_hostile_ones_as_they_are(tmp_path, capsys):
