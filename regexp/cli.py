@@ -518,7 +518,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
     from regexp.lock import check_free
-    from regexp.sweep import check_sweep_job, plan_overrides, resume_plan
+    from regexp.sweep import check_parallel_launcher, check_sweep_job, plan_overrides, resume_plan
 
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out_dir = typed = plan = None
@@ -534,6 +534,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
                 continue
             typed = check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
             check_launcher(cfg.hydra)
+            check_parallel_launcher(cfg.hydra)
             out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
             key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
             check_run_dir_text(out_dir, key, out_dir if key == out_key else cfg.out_dir)

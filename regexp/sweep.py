@@ -798,11 +798,25 @@ def _parser() -> Any:
 
 
 # ---------------------------------------------------------------- parallel jobs
+def is_joblib(hydra_cfg: Any) -> bool:
+    return "joblib" in str((hydra_cfg.get("launcher") or {}).get("_target_", "")).lower()
+
+
+def check_parallel_launcher(hydra_cfg: Any) -> None:
+    """The pre-flight of joblib's n_jobs, which its schema already types as an integer: not 0
+    (joblib's own error was a traceback after Hydra wrote multirun.yaml)."""
+    if not is_joblib(hydra_cfg):
+        return
+    value = hydra_cfg.launcher.get("n_jobs")
+    if value == 0:
+        raise ConfigError("hydra.launcher.n_jobs", value,
+                          "must be a non-zero integer: jobs at once (-1: one per core, -2: all cores but one)")
+
+
 def share_machine(hydra_cfg: Any) -> None:
     """Parallel jobs on one machine (joblib): each gets its own GPU by job number, or on
     CPU an equal share of the cores."""
-    launcher = str(hydra_cfg.launcher.get("_target_", ""))
-    if "joblib" not in launcher.lower():
+    if not is_joblib(hydra_cfg):
         return
     import torch
 

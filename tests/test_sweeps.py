@@ -167,6 +167,22 @@ def test_launcher_presets_compose():
     assert joblib.n_jobs == 2
 
 
+@pytest.mark.parametrize("value, shown", [("0", "0"), ("-0", "0")])
+def test_a_zero_joblib_n_jobs_is_refused_by_the_pre_flight(tmp_path, monkeypatch, value, shown):
+    """joblib's own error came after Hydra wrote multirun.yaml, as a traceback (a value that is
+    no integer is refused by the launcher's schema already)."""
+    from regexp.cli import precheck
+    from regexp.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        precheck(["seed=0,1", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={value}"], multirun=True)
+    assert str(refused.value) == (f"hydra.launcher.n_jobs={shown}: must be a non-zero integer: jobs at once "
+                                  "(-1: one per core, -2: all cores but one)")
+    assert list(tmp_path.iterdir()) == []
+    precheck(["seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], multirun=True)  # every core: taken
+
+
 @pytest.mark.slow
 def test_optuna_search_tunes_lr_decay_and_dropout_for_val_acc_and_resumes(tmp_path, data_root):
     search = ["hydra/sweeper=tune", *TINY]
