@@ -86,9 +86,16 @@ def usage(text: str = USAGE) -> str:
     return text.replace("{groups}", GROUPS.replace("{registry}", "\n".join(group_lines())))
 
 
+def error_line(message: object) -> None:
+    """A command's error: one line on stderr, whatever user text it quotes (rundir.printable)."""
+    from regexp.rundir import printable
+
+    print(f"regexp: error: {printable(str(message))}", file=sys.stderr)
+
+
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2."""
-    print(f"regexp: error: {message}", file=sys.stderr)
+    error_line(message)
     sys.exit(2)
 
 
@@ -134,7 +141,7 @@ def reader_command(command: str, args: list[str]) -> int:
     except (UsageError, ConfigError) as e:
         fail(str(e))
     except RunError as e:
-        print(f"regexp: error: {e}", file=sys.stderr)
+        error_line(e)
         return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail again
@@ -196,7 +203,7 @@ def run_train(args: list[str]) -> int:
     except (ConfigError, UsageError) as e:
         fail(str(e))
     except RunError as e:  # a data or run file that does not fit: one line, exit 1, nothing written
-        print(f"regexp: error: {e}", file=sys.stderr)
+        error_line(e)
         return 1
     return 2
 
@@ -363,7 +370,7 @@ def job_failed(e: Exception, hydra_cfg, multirun: bool, searching: bool) -> floa
     if isinstance(e, ConfigError):
         fail(str(e))
     if isinstance(e, RunError):  # a bad file: one line, not a traceback (summary.json has the details)
-        print(f"regexp: error: {e}", file=sys.stderr)
+        error_line(e)
         sys.exit(1)
     raise e
 

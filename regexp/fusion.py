@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, flat, model_parameters
-from regexp.rundir import RunError, continues_under, read_summary
+from regexp.rundir import RunError, continues_under, printable, read_summary
 
 # Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
 FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
@@ -72,7 +72,7 @@ class Partition:
         if finished:  # they do not run: one line, not one each
             out.append(f"fused: {job_numbers(finished)} finished earlier: resume=auto skips "
                        f"{'them' if len(finished) > 1 else 'it'}")
-        return out
+        return [printable(line) for line in out]  # a reason quotes config values: each stays one line
 
 
 def candidate(sweep_config: Any) -> Candidate:

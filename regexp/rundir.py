@@ -29,6 +29,13 @@ MAX_FILE_BYTES = 256 * 2**20
 MAX_LINE_BYTES = 64 * 2**20
 
 
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (a line break, an escape code) written as
+    its escape (`\\n`, `\\x1b`): user text (an override, a path) in an error or a console line can
+    start no line of its own nor colour one."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ConfigError(ValueError):
     """A bad configuration value: `key=value: allowed`. Exit code 2 at the CLI."""
 

@@ -38,6 +38,7 @@ from regexp.rundir import (
     Status,
     Summary,
     continues_under,
+    printable,
     read_json,
     read_summary,
     write_json,
@@ -317,7 +318,7 @@ def print_job_end(record: dict[str, Any], count: str, shared: set[str]) -> None:
     parts = [f"[{count}] job {row['job']}{f' ({who})' if who else ''}: {row['status']}"]
     if isinstance(row[METRIC], float):
         parts.append(f"{METRIC} {row[METRIC]:.4f}")
-    error = printable(" ".join(str(row["error"]).split()))  # one line
+    error = printable(str(row["error"]))  # one line, as the list under the table shows it
     parts.append(error if row["error"] else why_ended(row["ended_by"]) or findings_text(row))
     if SKIPPED in record:
         parts.append("finished earlier, skipped (resume=auto)")
@@ -428,7 +429,7 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
     print_whole(console, table)
     for r in failed:
-        console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {r['error']}",
+        console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {printable(str(r['error']))}",
                       style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
     for r in rows:
         why = why_ended(r.get("ended_by"))
@@ -442,12 +443,6 @@ def run_dir_shown(sweep_dir: Path, row: dict[str, Any]) -> str:
         return "-"
     relative = os.path.relpath(os.path.realpath(row["run_dir"]), os.path.realpath(sweep_dir))
     return row["run_dir"] if relative.startswith("..") else relative
-
-
-def printable(text: str) -> str:
-    """`text` with each character that is not printable (a line break, an escape code) written as
-    its escape (`\\n`, `\\x1b`): a value can start no console line of its own nor colour one."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def shown(override: str) -> str:

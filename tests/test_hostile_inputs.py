@@ -386,3 +386,14 @@ def test_cli_help_after_an_override_prints_help_and_writes_nothing(tmp_path):
     out = run_cli(["train", "seed=1", "--help"], tmp_path)
     assert out.returncode == 0 and list(tmp_path.iterdir()) == []
     assert "hydra/launcher" in out.stdout and "regexp train" in out.stdout
+
+
+@pytest.mark.parametrize("override", ["logger.project='x\n[9/9] job 9: failed'\x1b[31m", "epochs=\x1b[31m1\n2"])
+def test_an_error_quoting_a_line_break_or_an_escape_code_stays_one_line(override, capsys, empty_cwd):
+    """Bad input that holds a line break or ESC: its one line shows them escaped, prints no line
+    of its own (a fake job line) and colours nothing."""
+    from conftest import refused
+
+    line = refused(capsys, ["train", override])
+    assert "\x1b" not in line and "\n" not in line and "\\x1b" in line and "\\n" in line, line
+    assert list(empty_cwd.iterdir()) == []

@@ -15,8 +15,8 @@ from conftest import run_cli, snapshot
 
 from regexp import cli
 from regexp.compose import compose, initialized
-from regexp.rundir import ConfigError, Status, Summary, write_summary
-from regexp.sweep import place_jobs, plan_lines, plan_overrides, printable, recorded_runs
+from regexp.rundir import ConfigError, Status, Summary, printable, write_summary
+from regexp.sweep import place_jobs, plan_lines, plan_overrides, recorded_runs
 
 ADAM = [["optimizer=adam", f"seed={s}"] for s in range(3)]
 ADAMW = [["optimizer=adamw", f"seed={s}"] for s in range(3)]
