@@ -164,6 +164,8 @@ def _bad_value(cause: Any, parsed: list) -> ConfigError:
     if cause.object_type is list:  # an element of a list: report the list
         full_key = full_key.rpartition("[")[0]
     override = next((o for o in parsed if f"{o.key_or_group}.".startswith(f"{full_key}.")), None)
+    if override is not None and override.is_delete():  # `~key` of a typed node: no value to show
+        return ConfigError(full_key, "(deleted)", "cannot be deleted, its schema requires a value; set one instead")
     value = override.get_value_string() if override is not None else "(in a preset)" if cause.value is None else cause.value
     return explain(cause, full_key, value)
 

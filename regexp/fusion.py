@@ -305,7 +305,7 @@ def is_fused(hydra_cfg: Any) -> bool:
 
 def check_launcher(hydra_cfg: Any) -> None:
     """The pre-flight of hydra.launcher for the fused launcher: ConfigError (one line) for a
-    max_models that is not an integer >= 1, or a key the launcher does not take."""
+    max_models below 1, or a key the launcher does not take."""
     from omegaconf import OmegaConf
 
     if not is_fused(hydra_cfg):
@@ -315,6 +315,6 @@ def check_launcher(hydra_cfg: Any) -> None:
     if unknown:
         raise ConfigError(f"hydra.launcher.{unknown[0]}", launcher[unknown[0]],
                           "unknown key; the fused launcher takes max_models")
-    value = launcher.get("max_models")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    value = launcher["max_models"]  # an integer: the schema (hydra_plugins.regexp_fused_launcher.config) types it
+    if value < 1:
         raise ConfigError("hydra.launcher.max_models", value, "must be an integer >= 1 (models trained side by side)")

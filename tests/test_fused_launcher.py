@@ -187,14 +187,18 @@ def test_hydra_discovers_the_launcher():
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
-@pytest.mark.parametrize("value, shown", [("0", "0"), ("abc", "abc"), ("1.5", "1.5"), ("true", "True"), ("null", "None")])
-def test_a_bad_max_models_is_refused_by_the_pre_flight(tmp_path, monkeypatch, value, shown):
+@pytest.mark.parametrize("value, reason", [
+    ("0", "must be an integer >= 1 (models trained side by side)"), ("-3", "must be an integer >= 1 (models trained side by side)"),
+    ("abc", "must be an integer"), ("1.5", "must be an integer"), ("true", "must be an integer"), ("null", "must be an integer"),
+])
+def test_a_bad_max_models_is_refused_by_the_pre_flight(tmp_path, monkeypatch, value, reason):
+    """Not an integer: the launcher's schema refuses it; below 1: the pre-flight."""
     from regexp.cli import precheck
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as refused:
         precheck(["seed=0,1", "hydra/launcher=fused", f"hydra.launcher.max_models={value}"], multirun=True)
-    assert str(refused.value) == f"hydra.launcher.max_models={shown}: must be an integer >= 1 (models trained side by side)"
+    assert str(refused.value) == f"hydra.launcher.max_models={value}: {reason}"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -206,12 +210,22 @@ def test_an_unknown_launcher_key_is_refused(tmp_path, monkeypatch):
         precheck(["seed=0,1", "hydra/launcher=fused", "+hydra.launcher.max_modles=3"], multirun=True)
 
 
+def test_deleting_max_models_is_refused(tmp_path, monkeypatch):
+    from regexp.cli import precheck
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.max_models=\(deleted\): cannot be deleted, its schema requires"):
+        precheck(["seed=0,1", "hydra/launcher=fused", "~hydra.launcher.max_models"], multirun=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("value", ["0", "abc"])
-def test_bad_max_models_exits_2_with_one_line_and_writes_nothing(tmp_path, value):
+@pytest.mark.parametrize("value, reason", [("0", "must be an integer >= 1 (models trained side by side)"),
+                                           ("abc", "must be an integer")])
+def test_bad_max_models_exits_2_with_one_line_and_writes_nothing(tmp_path, value, reason):
     out = run_cli(["train", "-m", "seed=0,1", "hydra/launcher=fused", f"hydra.launcher.max_models={value}"], tmp_path)
     assert out.returncode == 2, out.stderr
-    refusal = f"regexp: error: hydra.launcher.max_models={value}: must be an integer >= 1 (models trained side by side)"
+    refusal = f"regexp: error: hydra.launcher.max_models={value}: {reason}"
     assert out.stderr.splitlines() == [refusal]
     assert list(tmp_path.iterdir()) == []
 

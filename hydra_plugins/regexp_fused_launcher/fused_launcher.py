@@ -29,12 +29,17 @@ class FusedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Partition the jobs, print the plan, then run each group (in the order of its
-        first job); the returns come back in job order, as the sweeper expects them."""
+        first job); the returns come back in job order, as the sweeper expects them. Another
+        app's jobs (its task is not regexp's) run one after another in this process, by
+        Hydra's basic launcher."""
         from hydra.core.utils import configure_log, setup_globals
 
         from regexp import fusion
+        from regexp.cli import Job
         from regexp.sweep import jobs_ended
 
+        if not isinstance(self.task_function, Job):
+            return self.basic_launcher().launch(job_overrides, initial_job_idx)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -50,6 +55,13 @@ class FusedLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
             jobs_ended(self.hydra_context.callbacks)  # a group's members end together, after Hydra's on_job_end
         return [returns[i] for i in range(len(configs))]
+
+    def basic_launcher(self) -> Launcher:
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        launcher = BasicLauncher()
+        launcher.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        return launcher
 
     def sweep_config(self, overrides: Sequence[str], number: int) -> DictConfig:
         """A job's config, as Hydra's BasicLauncher loads it."""
