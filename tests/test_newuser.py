@@ -173,7 +173,9 @@ def test_a_job_without_its_data_fails_alone(tmp_path, data_root):
     assert out.returncode == 1, out.stderr[-3000:]
     statuses = {s["overrides"][0]: s["status"] for s in summaries(tmp_path / "sweep")}
     assert statuses == {"dataset=mnist": "completed", "dataset=fashion_mnist": "failed"}
-    assert out.stderr.count("no fashion_mnist files found") == 1  # as it fails; the table repeats it on stdout
+    assert "no fashion_mnist files found" not in out.stderr  # once in its job's line as it fails, once under the table
+    assert out.stdout.count("no fashion_mnist files found") == 2, out.stdout[-3000:]
+    assert "[2/2] job 1 (dataset=fashion_mnist): failed · ConfigError: dataset.root=" in out.stdout
 
 
 # ---------------------------------------------------------------- the docs against the program
