@@ -69,9 +69,9 @@ class Partition:
                 finished.append(jobs[group[0]].number)
             elif group[0] in self.alone:
                 out.append(f"fused: job {jobs[group[0]].number} runs alone: {self.alone[group[0]]}")
-        if finished:  # they do not run: one line, not one each
-            out.append(f"fused: {job_numbers(finished)} finished earlier: resume=auto skips "
-                       f"{'them' if len(finished) > 1 else 'it'}")
+        if finished:  # they do not run: one line, not one each, before the jobs that do
+            out.insert(0, f"fused: {job_numbers(finished)} finished earlier: resume=auto skips "
+                          f"{'them' if len(finished) > 1 else 'it'}")
         return [printable(line) for line in out]  # a reason quotes config values: each stays one line
 
 
@@ -289,8 +289,8 @@ def resume_point(run_dir: Path, job: Any) -> tuple[Optional[int], Optional[str]]
 
     try:
         saved = read_checkpoint(checkpoint)
-    except RunError as e:
-        return 0, f"its checkpoint cannot be read, the job fails on its own ({e})"
+    except RunError:
+        return 0, "its checkpoint cannot be read, the job fails on its own (its line says why)"  # the error: once, there
     if trained_to_end(job, saved):
         return saved["step"], (f"its checkpoint stands at the end of its training (step {saved['step']}): "
                                "it only finishes its evaluation")

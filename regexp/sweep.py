@@ -361,7 +361,8 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
     if summary is None:
         summary = Summary(status=Status.FAILED, error=f"no readable summary.json in {run_dir}: it died before starting")
     status, error = summary.status, record.get("error") or summary.error  # this invocation's error first
-    if record.get("error"):  # this invocation's job failed (an unreadable checkpoint), whatever its run said before
+    earlier = bool(record.get("error")) and status is not Status.FAILED  # failed before its run started: the summary is older
+    if earlier:  # this invocation's job failed (an unreadable checkpoint), whatever its run said before
         status = Status.FAILED
     elif status is Status.RUNNING:  # the process ended mid-run
         status = Status.INTERRUPTED if stopped_by is not None else Status.FAILED
@@ -369,8 +370,9 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
         saved = what_is_saved(run_dir, stopped_by)
         then = "starts it again" if saved == NO_CHECKPOINT else "continues it from its checkpoint"
         error = f"stopped by signal {signal_number(stopped_by)}; {saved}: resume=auto {then}"
-    return {**row, "status": status.value, METRIC: summary.metrics.get(METRIC), "wall_time_s": summary.wall_time_s,
-            "error": error, "ended_by": summary.ended_by if status in ENDED_EARLY else None}
+    return {**row, "status": status.value, METRIC: None if earlier else summary.metrics.get(METRIC),
+            "wall_time_s": None if earlier else summary.wall_time_s, "error": error,
+            "ended_by": summary.ended_by if status in ENDED_EARLY else None}
 
 
 def what_is_saved(run_dir: Path, stopped_by: BaseException) -> str:

@@ -201,6 +201,7 @@ def test_a_fused_member_with_a_truncated_checkpoint_fails_alone(tmp_path, data_r
     assert [r["status"] for r in rows] == ["completed", "failed", "completed"]  # this invocation's job failed
     assert rows[1]["error"].startswith(f"RunError: {checkpoint}: cannot read the checkpoint")
     assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[1]["wall_time_s"] is None and rows[1]["test/acc"] is None  # not the earlier interrupted run's
     [line] = [line for line in out.stdout.splitlines() if ": failed · " in line]  # once, as the job ended
     assert f"job 1 (seed=1): failed · RunError: {checkpoint}: cannot read the checkpoint" in line, line
     summary = json.loads((sweep / "sweep_summary.json").read_text())
