@@ -65,7 +65,7 @@ class Partition:
             if len(group) > 1:
                 out.append(f"fused: {job_numbers([jobs[i].number for i in group])} train as one group of "
                            f"{len(group)} models")
-            elif self.alone.get(group[0]) == FINISHED:
+            elif jobs[group[0]].step is None:  # finished: resume=auto skips it
                 finished.append(jobs[group[0]].number)
             elif group[0] in self.alone:
                 out.append(f"fused: job {jobs[group[0]].number} runs alone: {self.alone[group[0]]}")
@@ -148,12 +148,9 @@ def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[in
     return result
 
 
-FINISHED = "its run is finished (resume=auto skips it)"  # why a job is alone that does not run
-
-
 def _unfusable(job: Candidate) -> Optional[str]:
     if job.step is None:
-        return FINISHED
+        return "its run is finished (resume=auto skips it)"
     if job.alone is not None:
         return job.alone
     model = job.config["model"]["name"]
@@ -298,9 +295,14 @@ def resume_point(run_dir: Path, job: Any) -> tuple[Optional[int], Optional[str]]
 
 
 # ---------------------------------------------------------------- the launcher's settings
+def launcher_target(hydra_cfg: Any) -> str:
+    """The class of the sweep's launcher, as hydra.launcher._target_ names it ("" when none)."""
+    return str((hydra_cfg.get("launcher") or {}).get("_target_", ""))
+
+
 def is_fused(hydra_cfg: Any) -> bool:
     """Whether the sweep's launcher is the fused one."""
-    return str((hydra_cfg.get("launcher") or {}).get("_target_", "")).endswith(".FusedLauncher")
+    return launcher_target(hydra_cfg).endswith(".FusedLauncher")
 
 
 def check_launcher(hydra_cfg: Any) -> None:

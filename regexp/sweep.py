@@ -44,6 +44,7 @@ from regexp.rundir import (
     write_json,
     write_summary,
 )
+from regexp.fusion import job_numbers, launcher_target
 from regexp.tracking import plural, print_whole, why_ended
 
 METRIC = "test/acc"
@@ -289,7 +290,7 @@ def jobs_ended(callbacks: Any) -> None:
 
 
 def jobs_in_this_process(hydra_cfg: Any) -> bool:
-    return str(hydra_cfg.launcher.get("_target_", "")).endswith(IN_THIS_PROCESS)
+    return launcher_target(hydra_cfg).endswith(IN_THIS_PROCESS)
 
 
 def has_ended(sweep_dir: Path, record: dict[str, Any]) -> bool:
@@ -651,8 +652,6 @@ def plan_lines(sweep_dir: Path, plan: list[tuple[int, bool]], runs: dict[int, Op
     """What resume=auto's plan says: the jobs whose run dir is not their number, as `job->dir`,
     and the `runs` of the sweep dir that no job of this command continues (their overrides
     differ), which would otherwise go unnoticed while every job trains anew beside them."""
-    from regexp.fusion import job_numbers
-
     lines = []
     moved = [f"{job}->{number}" for job, (number, _) in enumerate(plan) if number != job]
     if moved:
@@ -796,7 +795,7 @@ def _parser() -> Any:
 
 # ---------------------------------------------------------------- parallel jobs
 def is_joblib(hydra_cfg: Any) -> bool:
-    return "joblib" in str((hydra_cfg.get("launcher") or {}).get("_target_", "")).lower()
+    return "joblib" in launcher_target(hydra_cfg).lower()
 
 
 def check_parallel_launcher(hydra_cfg: Any) -> None:

@@ -29,6 +29,7 @@ from regexp.rundir import (
     Status,
     Summary,
     UsageError,
+    printable,
 )
 
 log = logging.getLogger("regexp")
@@ -104,8 +105,8 @@ def _in_short(values: Any, named: Any = None) -> str:
 
 
 def warn(message: str) -> None:
-    """A command's warning: one line on stderr."""
-    print(f"regexp: warning: {message}", file=sys.stderr)
+    """A command's warning: one line on stderr, whatever user text it quotes (as cli's errors)."""
+    print(f"regexp: warning: {printable(message)}", file=sys.stderr)
 
 
 def plural(n: int, word: str) -> str:
