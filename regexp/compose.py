@@ -26,6 +26,12 @@ PLUGIN_EXTRAS = {
     "hydra_plugins.hydra_optuna_sweeper": "search",
 }
 PLUGIN_GROUPS = ("hydra/launcher", "hydra/sweeper")
+# regexp's launchers built on another plugin (the module of their _target_ -> that plugin), and
+# those whose schema is in Hydra's ConfigStore, not in conf/ (option -> their _target_)
+SUBMITIT_JOBS = "hydra_plugins.regexp_fused_launcher._submitit_jobs"
+BUILT_ON = {SUBMITIT_JOBS: "hydra_plugins.hydra_submitit_launcher"}
+STORED_PRESETS = {("hydra/launcher", "fused_slurm"): f"{SUBMITIT_JOBS}.FusedSlurmLauncher",
+                  ("hydra/launcher", "fused_local"): f"{SUBMITIT_JOBS}.FusedLocalLauncher"}
 
 
 def compose_and_validate(overrides: list[str]) -> DictConfig:
@@ -143,8 +149,9 @@ def _preset_plugin(group: str, option: str) -> Optional[str]:
     from pathlib import Path
 
     path = Path(config_dir()) / group / f"{option}.yaml"
-    target = str(OmegaConf.load(path).get("_target_") or "") if path.is_file() else ""
-    return ".".join(target.split(".")[:2]) if target.startswith("hydra_plugins.") else None
+    target = str(OmegaConf.load(path).get("_target_") or "") if path.is_file() else STORED_PRESETS.get((group, option), "")
+    module = target.rpartition(".")[0]
+    return BUILT_ON.get(module) or (".".join(target.split(".")[:2]) if target.startswith("hydra_plugins.") else None)
 
 
 def _unknown_option(e: Any, parsed: list) -> ConfigError:

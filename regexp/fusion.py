@@ -34,6 +34,9 @@ KINDS = ("optimizer.name", "scheduler.name", "clip.name")  # under FREE prefixes
 RESUME_STEP = "step (resume=auto)"  # the key the partition adds for a continued sweep
 
 LAUNCHER_KEYS = {"_target_", "max_models"}  # hydra.launcher's keys for the fused launcher
+OUR_PLUGIN = "hydra_plugins.regexp_fused_launcher."  # regexp's launchers: fused, its cluster kinds, submitit's
+FUSED_LAUNCHERS = ("FusedLauncher", "FusedSlurmLauncher", "FusedLocalLauncher")
+MAX_MODELS = (1, 1024)  # hydra.launcher.max_models: a group's models at least and at most
 MEMORY_SHARE = 0.5  # of the available memory, for the stacks' estimate
 BYTES = 4  # fp32
 STATE_COPIES = 4  # weights, gradients, two optimizer moments
@@ -300,23 +303,43 @@ def launcher_target(hydra_cfg: Any) -> str:
     return str((hydra_cfg.get("launcher") or {}).get("_target_", ""))
 
 
+def launcher_class(hydra_cfg: Any) -> str:
+    """The class name alone (FusedSlurmLauncher), without its module."""
+    return launcher_target(hydra_cfg).rsplit(".", 1)[-1]
+
+
 def is_fused(hydra_cfg: Any) -> bool:
-    """Whether the sweep's launcher is the fused one."""
-    return launcher_target(hydra_cfg).endswith(".FusedLauncher")
+    """Whether the sweep's launcher fuses (fused, fused_slurm, fused_local)."""
+    return launcher_class(hydra_cfg) in FUSED_LAUNCHERS and launcher_target(hydra_cfg).startswith(OUR_PLUGIN)
 
 
 def check_launcher(hydra_cfg: Any) -> None:
-    """The pre-flight of hydra.launcher for the fused launcher: ConfigError (one line) for a
-    max_models below 1, or a key the launcher does not take."""
+    """The pre-flight of hydra.launcher for regexp's launchers: ConfigError (one line) for a
+    max_models out of MAX_MODELS, a key the in-process fused launcher does not take, or a
+    requeue count (max_num_timeout) other than 0: regexp's submitit launchers never requeue a
+    job (one out of time ends interrupted, with its checkpoint, for resume=auto)."""
     from omegaconf import OmegaConf
 
-    if not is_fused(hydra_cfg):
+    if not launcher_target(hydra_cfg).startswith(OUR_PLUGIN):
         return
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=False)
-    unknown = sorted(set(launcher) - LAUNCHER_KEYS)
+    unknown = sorted(set(launcher) - LAUNCHER_KEYS) if launcher_class(hydra_cfg) == "FusedLauncher" else []
     if unknown:
         raise ConfigError(f"hydra.launcher.{unknown[0]}", launcher[unknown[0]],
                           "unknown key; the fused launcher takes max_models")
-    value = launcher["max_models"]  # an integer: the schema (hydra_plugins.regexp_fused_launcher.config) types it
-    if value < 1:
-        raise ConfigError("hydra.launcher.max_models", value, "must be an integer >= 1 (models trained side by side)")
+    value = launcher.get("max_models", 1)  # an integer: the schemas (hydra_plugins.regexp_fused_launcher.config) type it
+    if not MAX_MODELS[0] <= value <= MAX_MODELS[1]:
+        raise ConfigError("hydra.launcher.max_models", value,
+                          f"must be an integer from {MAX_MODELS[0]} to {MAX_MODELS[1]} (models trained side by side)")
+    if launcher.get("max_num_timeout", 0) != 0:
+        raise ConfigError("hydra.launcher.max_num_timeout", launcher["max_num_timeout"],
+                          "must be 0: regexp requeues no job; one that runs out of time ends interrupted with its "
+                          "checkpoint, and the same command with resume=auto continues it")
+
+
+def cluster_budget(jobs: list[Candidate], mem_gb: Optional[float]) -> Optional[int]:
+    """What a cluster job's group may spend: MEMORY_SHARE of the memory it asks for
+    (hydra.launcher.mem_gb) when its jobs train on the CPU; None (max_models bounds the group)
+    when they may train on a GPU, whose memory the launching host cannot know, or mem_gb is unset."""
+    on_cpu = all(job.config["device"]["name"] == "cpu" for job in jobs)
+    return int(mem_gb * 2**30 * MEMORY_SHARE) if mem_gb and on_cpu else None

@@ -148,6 +148,8 @@ class Summary:
     resumed_from: Optional[str] = None
     resumed_at_step: Optional[int] = None
     fused: Optional[dict[str, Any]] = None  # trained side by side with other jobs: {models: N, ...}
+    # a signal's stop: {signal: 15, saved: true when a checkpoint of its last step was written}
+    interrupted: Optional[dict[str, Any]] = None
     error: Optional[str] = None
     traceback: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)

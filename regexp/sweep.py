@@ -52,6 +52,8 @@ PLAN = "plan.json"  # this invocation's planned jobs, among its job records (SWE
 REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run of their own in this sweep
 SKIPPED = "skipped"  # a job record's key: resume=auto found its run finished by an earlier invocation
 NO_CHECKPOINT = "no checkpoint saved"
+SIGNALS = {signal.SIGTERM: " (SIGTERM: scancel, or the system stopping it)", signal.SIGINT: " (SIGINT: Ctrl-C)",
+           signal.SIGUSR1: " (SIGUSR1: the cluster's time-limit warning)"}  # how a job's stop reads in its row
 CUT_SHORT = (Status.DIVERGED, *ENDED_EARLY)  # results that did not train to the plan's end: shown in yellow
 SUBDIR, DIFFER = "hydra.sweep.subdir", "use a subdir that differs between jobs (the default is ${hydra.job.num})"
 
@@ -267,11 +269,7 @@ class JobEnds:
 
     def sweep_reported(self) -> bool:
         """Whether this invocation's sweep_summary.json is written: its table has the last word."""
-        try:
-            return (self.sweep_dir / SWEEP_SUMMARY).stat().st_mtime_ns >= (
-                self.sweep_dir / SWEEP_RECORDS / PLAN).stat().st_mtime_ns
-        except OSError:
-            return False
+        return written_since(self.sweep_dir / SWEEP_SUMMARY, self.sweep_dir / SWEEP_RECORDS / PLAN)
 
     def close(self) -> None:
         """Every job has ended: the lines not printed yet."""
@@ -298,13 +296,8 @@ def has_ended(sweep_dir: Path, record: dict[str, Any]) -> bool:
     if any(key in record for key in (REFUSED, "error", SKIPPED)):
         return True
     summary_path = Path(record["run_dir"]) / SUMMARY
-    try:
-        written = summary_path.stat().st_mtime_ns
-        started = (sweep_dir / SWEEP_RECORDS / f"{record['job']}.json").stat().st_mtime_ns
-    except OSError:
-        return False
-    if written < started:  # an earlier run's, which this job may continue
-        return False
+    if not written_since(summary_path, sweep_dir / SWEEP_RECORDS / f"{record['job']}.json"):
+        return False  # none yet, or an earlier run's, which this job may continue
     summary = read_summary(summary_path.parent)
     return summary is not None and summary.status is not Status.RUNNING
 
@@ -367,18 +360,24 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
         status = Status.FAILED
     elif status is Status.RUNNING:  # the process ended mid-run
         status = Status.INTERRUPTED if stopped_by is not None else Status.FAILED
-    if status is Status.INTERRUPTED and stopped_by is not None:
-        saved = what_is_saved(run_dir, stopped_by)
+    if status is Status.INTERRUPTED and (stopped_by is not None or summary.interrupted):
+        saved = what_is_saved(run_dir, stopped_by, summary)
         then = "starts it again" if saved == NO_CHECKPOINT else "continues it from its checkpoint"
-        error = f"stopped by signal {signal_number(stopped_by)}; {saved}: resume=auto {then}"
+        signum = (summary.interrupted or {}).get("signal") or signal_number(stopped_by)
+        error = f"stopped by signal {signum}{SIGNALS.get(signum, '')}; {saved}: resume=auto {then}"
     return {**row, "status": status.value, METRIC: None if earlier else summary.metrics.get(METRIC),
             "wall_time_s": None if earlier else summary.wall_time_s, "error": error,
             "ended_by": summary.ended_by if status in ENDED_EARLY else None}
 
 
-def what_is_saved(run_dir: Path, stopped_by: BaseException) -> str:
-    """What the interrupted job left to continue from: only what is on disk."""
-    if getattr(stopped_by, "saved", False) and (run_dir / "checkpoint.pt").is_file():
+def what_is_saved(run_dir: Path, stopped_by: Optional[BaseException], summary: Optional[Summary] = None) -> str:
+    """What the interrupted job left to continue from: only what is on disk. Whether its stop
+    saved a checkpoint of its last step: its summary says, whichever process or host ran it,
+    else the signal that stopped this process (a run it trained that recorded nothing yet)."""
+    summary = summary or read_summary(run_dir)
+    record = summary.interrupted if summary is not None and summary.status is Status.INTERRUPTED else None
+    saved = record.get("saved") if isinstance(record, dict) else getattr(stopped_by, "saved", False)
+    if saved and (run_dir / "checkpoint.pt").is_file():
         return "checkpoint saved"
     if (run_dir / "checkpoint.pt").is_file():
         return "no checkpoint of its last step, the one before is kept"
@@ -525,6 +524,39 @@ def record_failure(hydra_cfg: Any, error: BaseException) -> None:
         summary.error, summary.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
         write_summary(run_dir, summary)
     write_job_record(hydra_cfg, error=f"{type(error).__name__}: {error}")  # its line: JobEnds, from this record
+
+
+def record_lost_job(hydra_cfg: Any, what: str) -> None:
+    """A job whose cluster (or local submitit) job ended without a result (`what`: cancelled,
+    out of time, killed, its node lost): a failure in its record, and in its run's summary when
+    that still says running, unless its run recorded its own end (a cancelled job that saved
+    its checkpoint as it stopped: interrupted). A job that never started gets only its record:
+    no run dir is made for it. `hydra_cfg`: the job's node as the launcher loaded it."""
+    from omegaconf import open_dict
+
+    record = job_record_path(hydra_cfg)
+    run_dir = Path(str(hydra_cfg.sweep.dir)) / str(hydra_cfg.sweep.subdir)
+    with open_dict(hydra_cfg):
+        hydra_cfg.runtime.output_dir = str(run_dir.absolute())
+    summary = read_summary(run_dir) if record.is_file() else None  # not started: an earlier run's is not its own
+    if summary is not None and summary.status is not Status.RUNNING and written_since(run_dir / SUMMARY, record):
+        return
+    if summary is None:
+        write_job_record(hydra_cfg, error=what)
+    else:
+        record_failure(hydra_cfg, JobLost(what))
+
+
+class JobLost(RuntimeError):
+    """A cluster job that gave no result back (record_lost_job)."""
+
+
+def written_since(path: Path, since: Path) -> bool:
+    """Whether `path` was written since `since` was (False when either is missing)."""
+    try:
+        return path.stat().st_mtime_ns >= since.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- resume=auto

@@ -1037,6 +1037,8 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
         interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
         exit_code = 128 + e.signum if isinstance(e, Interrupted) else 130 if interrupted else 1
         summary.status = Status.INTERRUPTED if interrupted else Status.FAILED
+        if isinstance(e, Interrupted):  # what a sweep's report reads, whichever process or host ran it
+            summary.interrupted = {"signal": e.signum, "saved": e.saved}
         summary.error, summary.traceback = f"{type(e).__name__}: {e}", traceback.format_exc()
         summary.wall_time_s = round(time.perf_counter() - started, 3)
         raise

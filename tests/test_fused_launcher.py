@@ -186,18 +186,33 @@ def test_hydra_discovers_the_launcher():
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
-@pytest.mark.parametrize("value, reason", [
-    ("0", "must be an integer >= 1 (models trained side by side)"), ("-3", "must be an integer >= 1 (models trained side by side)"),
-    ("abc", "must be an integer"), ("1.5", "must be an integer"), ("true", "must be an integer"), ("null", "must be an integer"),
-])
-def test_a_bad_max_models_is_refused_by_the_pre_flight(tmp_path, monkeypatch, value, reason):
-    """Not an integer: the launcher's schema refuses it; below 1: the pre-flight."""
+RANGE = "must be an integer from 1 to 1024 (models trained side by side)"
+
+
+@pytest.mark.parametrize("launcher", ["fused", "fused_local", "fused_slurm"])
+@pytest.mark.parametrize("value, reason", [("0", RANGE), ("-3", RANGE), ("1025", RANGE), ("abc", "must be an integer"),
+                                           ("1.5", "must be an integer"), ("true", "must be an integer"),
+                                           ("null", "must be an integer")])
+def test_a_bad_max_models_is_refused_by_the_pre_flight(tmp_path, monkeypatch, launcher, value, reason):
+    """Not an integer: the launcher's schema refuses it; out of range: the pre-flight."""
     from regexp.cli import precheck
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as refused:
-        precheck(["seed=0,1", "hydra/launcher=fused", f"hydra.launcher.max_models={value}"], multirun=True)
+        precheck(["seed=0,1", f"hydra/launcher={launcher}", f"hydra.launcher.max_models={value}"], multirun=True)
     assert str(refused.value) == f"hydra.launcher.max_models={value}: {reason}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("launcher", ["fused_local", "fused_slurm", "submitit_local", "submitit_slurm"])
+def test_a_requeue_count_is_refused_by_the_pre_flight(tmp_path, monkeypatch, launcher):
+    """regexp's submitit launchers requeue nothing: a job out of time ends interrupted, for resume=auto."""
+    from regexp.cli import precheck
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.max_num_timeout=3: must be 0: regexp requeues no job; "):
+        precheck(["seed=0,1", f"hydra/launcher={launcher}", f"{'+' * launcher.endswith('local')}hydra.launcher.max_num_timeout=3"],
+                 multirun=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -219,8 +234,7 @@ def test_deleting_max_models_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value, reason", [("0", "must be an integer >= 1 (models trained side by side)"),
-                                           ("abc", "must be an integer")])
+@pytest.mark.parametrize("value, reason", [("0", RANGE), ("abc", "must be an integer")])
 def test_bad_max_models_exits_2_with_one_line_and_writes_nothing(tmp_path, value, reason):
     out = run_cli(["train", "-m", "seed=0,1", "hydra/launcher=fused", f"hydra.launcher.max_models={value}"], tmp_path)
     assert out.returncode == 2, out.stderr

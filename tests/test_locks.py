@@ -155,8 +155,9 @@ def test_a_reused_pid_is_not_the_holder(tmp_path, holder, capsys):
     assert "(that pid is another process now)" in one_line(capsys.readouterr().err)
 
 
-def test_another_hosts_lock_is_not_assumed_stale(tmp_path, capsys):
-    lock = write_lock(tmp_path, host="node-17", pid=4242, slurm_job="991")  # no squeue here to ask
+def test_another_hosts_lock_is_not_assumed_stale(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no squeue to ask (this machine may run a SLURM)
+    lock = write_lock(tmp_path, host="node-17", pid=4242, slurm_job="991")
     before = files(tmp_path)
     with pytest.raises(DirHeld, match=rf"\(pid 4242 on host node-17, SLURM job 991\); wait for it to end, or if it "
                                       rf"no longer runs remove {lock}$"):

@@ -62,6 +62,7 @@ def test_a_sweep_with_its_flag_after_an_override_runs(tmp_path, data_root):
 @pytest.mark.parametrize("args,plugin,extra", [
     (["-m", "seed=0,1", "hydra/launcher=joblib"], "hydra_plugins.hydra_joblib_launcher", "launchers"),
     (["-m", "seed=0,1", "hydra/launcher=submitit_local"], "hydra_plugins.hydra_submitit_launcher", "launchers"),
+    (["-m", "seed=0,1", "hydra/launcher=fused_slurm"], "hydra_plugins.hydra_submitit_launcher", "launchers"),
     (["-m", "hydra/sweeper=tune", "regularizer=dropout"], "hydra_plugins.hydra_optuna_sweeper", "search"),
     (["hydra/sweeper=tune"], "hydra_plugins.hydra_optuna_sweeper", "search"),  # not even a sweep
 ])

@@ -198,7 +198,7 @@ def test_an_interrupted_sweep_names_what_is_on_disk_and_how_to_continue(tmp_path
         "interrupted", 15, 0, 1, 1)
     assert [(r["job"], r["overrides"], r["status"]) for r in written["rows"]] == [
         ("0", ["seed=0"], "completed"), ("1", ["seed=1"], "interrupted"), ("2", ["seed=2"], "not run")]
-    assert written["rows"][1]["error"] == "stopped by signal 15; checkpoint saved: resume=auto continues it from its checkpoint"
+    assert written["rows"][1]["error"] == "stopped by signal 15 (SIGTERM: scancel, or the system stopping it); checkpoint saved: resume=auto continues it from its checkpoint"
     assert "resume=auto hydra.sweep.dir=" in written["advice"]
     assert "1 completed, 1 interrupted, 1 not run" in capsys.readouterr().out.replace("\n", " ")
 
@@ -209,7 +209,7 @@ def test_an_interrupted_sweep_says_saved_only_what_was_saved(tmp_path, signal_ha
     job(tmp_path, 1, ["seed=1"], None)  # the signal came while Hydra set it up: it never started
     assert "job 0 interrupted (no checkpoint saved), 1 job not run (1)" in report_interruption(tmp_path, KeyboardInterrupt())
     rows = rows_of(tmp_path)
-    assert rows[0]["error"] == "stopped by signal 2; no checkpoint saved: resume=auto starts it again"
+    assert rows[0]["error"] == "stopped by signal 2 (SIGINT: Ctrl-C); no checkpoint saved: resume=auto starts it again"
     assert rows[1]["status"] == "not run"
     (tmp_path / "0" / "checkpoint.pt").write_bytes(b"an earlier epoch's")
     assert "(no checkpoint of its last step, the one before is kept)" in report_interruption(tmp_path, Interrupted(2))

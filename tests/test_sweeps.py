@@ -343,7 +343,7 @@ def test_a_signal_to_a_sweep_reports_what_is_on_disk_and_resume_auto_finishes_it
     written = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert (written["status"], written["signal"], written["not_run"]) == ("interrupted", 15, 2)
     assert [(r["job"], r["status"]) for r in written["rows"]] == [("0", "interrupted"), ("1", "not run"), ("2", "not run")]
-    assert written["rows"][0]["error"].startswith("stopped by signal 15; checkpoint saved")
+    assert written["rows"][0]["error"].startswith("stopped by signal 15 (SIGTERM: scancel, or the system stopping it); checkpoint saved")
     assert (f"sweep {sweep_dir}: job 0 interrupted (checkpoint saved), 2 jobs not run (1, 2); to continue, run the same "
             f"command again with resume=auto hydra.sweep.dir={sweep_dir}") in err
     assert "1 interrupted, 2 not run" in out

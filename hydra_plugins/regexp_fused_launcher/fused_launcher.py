@@ -63,11 +63,11 @@ class FusedLauncher(Launcher):
         launcher.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
         return launcher
 
-    def sweep_config(self, overrides: Sequence[str], number: int) -> DictConfig:
-        """A job's config, as Hydra's BasicLauncher loads it."""
+    def sweep_config(self, overrides: Sequence[str], number: int, job_id: Any = None) -> DictConfig:
+        """A job's config, as Hydra's BasicLauncher loads it (a cluster job's id: `job_id`)."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(sweep_config):
-            sweep_config.hydra.job.id = number
+            sweep_config.hydra.job.id = number if job_id is None else job_id
             sweep_config.hydra.job.num = number
         return sweep_config
 

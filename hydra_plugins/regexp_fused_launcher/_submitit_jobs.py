@@ -1,0 +1,243 @@
+"""regexp's submitit launchers: `hydra/launcher=submitit_slurm` and `submitit_local` run each
+job as one job of the cluster (or of this machine), as Hydra's submitit plugin does;
+`fused_slurm` and `fused_local` first partition the jobs as `hydra/launcher=fused` does
+(regexp.fusion), then run each fused group as one job that trains its members side by side.
+
+What they add to Hydra's plugin, for regexp's jobs (another app's run as the plugin runs them):
+- A job whose run resume=auto finds finished is not submitted: it is skipped here, at once.
+- The launching host gathers each job's result as it ends. A job that ends without one
+  (scancel, its time limit, a lost node, a killed process) is a failed row of the sweep (or an
+  interrupted one, when its run saved its checkpoint as it stopped), and the sweep goes on.
+- In a job, SLURM's time-limit warning (SIGUSR1, `signal_delay_s` before the limit) makes
+  the training save a checkpoint and end `interrupted`, which resume=auto continues; no job is
+  requeued (hydra.launcher.max_num_timeout stays 0: the pre-flight says so).
+- A signal to the launching host (Ctrl-C, SIGTERM) cancels the jobs still queued or running:
+  each running one saves its checkpoint as it stops, and the sweep's report says so.
+
+Hydra imports this module at every start (its plugin scan): Hydra's and submitit's launcher
+modules only, regexp (and torch) when a sweep launches.
+"""
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import DictConfig, OmegaConf
+
+from .fused_launcher import FusedLauncher
+
+Member = tuple[list[str], int]  # a job as a cluster job runs it: its overrides and number
+POLL_S = 1.0  # how often the launching host looks whether a job ended
+CANCEL_WAIT_S = 60  # how long a signal's cancellation waits for the running jobs to save and end
+
+
+class SubmititJobs(BaseSubmititLauncher):
+    """Each job of the sweep as one submitit job (see the module's doc)."""
+
+    max_models = 1  # members a submitted job trains at most: one, unless fused
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from regexp.cli import Job
+
+        if not isinstance(self.task_function, Job):
+            return super().launch(job_overrides, initial_job_idx)
+        from hydra.core.utils import configure_log
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        here = self.in_process()
+        configs = [here.sweep_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        groups, finished = self.partition(configs)
+        returns = {i: here.run(configs[i]) for i in finished}  # resume=auto skips them: nothing to submit
+        if groups:
+            submitted = self.submit([[(list(job_overrides[i]), initial_job_idx + i) for i in g] for g in groups])
+            returns.update(self.gather(submitted, groups, configs))
+        return [returns[i] for i in range(len(configs))]
+
+    def partition(self, configs: list[DictConfig]) -> tuple[list[list[int]], list[int]]:
+        """(the groups to submit, as job indices; the jobs resume=auto finds finished). Here:
+        each job alone."""
+        from regexp import fusion
+
+        jobs = [fusion.candidate(cfg) for cfg in configs]
+        finished = [i for i, job in enumerate(jobs) if job.step is None]
+        return [[i] for i in range(len(jobs)) if i not in finished], finished
+
+    def in_process(self) -> FusedLauncher:
+        """What runs jobs in this process (skipped ones here, a group's members in its cluster job)."""
+        launcher = FusedLauncher(self.max_models)
+        launcher.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        return launcher
+
+    # ---------------------------------------------------------------- on the launching host
+    def submit(self, groups: list[list[Member]]) -> list[Any]:
+        """One submitit job per group (an array, as Hydra's plugin submits a sweep)."""
+        executor = self.executor()
+        jobs = executor.map_array(self.run_members, groups, [Singleton.get_state()] * len(groups))
+        ids = [job.job_id for job in jobs]
+        members = sum(len(g) for g in groups)
+        print(f"submitit {self._EXECUTOR}: {len(jobs)} job{'s' * (len(jobs) != 1)} submitted"
+              f"{f' for {members} sweep jobs' if members != len(jobs) else ''} "
+              f"({ids[0] if len(ids) == 1 else f'{ids[0]} to {ids[-1]}'}); each one's log: "
+              f"{str(self.params['submitit_folder']).replace('%j', '<job id>')}", flush=True)
+        return jobs
+
+    def executor(self) -> Any:
+        """submitit's executor with this launcher's parameters, as Hydra's plugin builds it."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
+                                         **{f"{self._EXECUTOR}_max_num_timeout": self.params["max_num_timeout"]}
+                                         if "max_num_timeout" in self.params else {})
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{key if key in shared else f"{self._EXECUTOR}_{key}": value
+                                      for key, value in self.params.items() if key not in init_keys})
+        return executor
+
+    def gather(self, submitted: list[Any], groups: list[list[int]], configs: list[DictConfig]) -> dict[int, JobReturn]:
+        """Each group's returns as its job ends (a job's console line comes from regexp.sweep's
+        JobEnds, which watches the run dirs); a signal here cancels the jobs not ended yet."""
+        pending = dict(zip(submitted, groups))
+        returns: dict[int, JobReturn] = {}
+        try:
+            while pending:
+                for job in self.ended(list(pending)):
+                    group = pending.pop(job)
+                    returns.update(zip(group, self.collect(job, [configs[i] for i in group])))
+                if pending:
+                    time.sleep(POLL_S)
+        except BaseException:
+            self.cancel(list(pending))
+            raise
+        return returns
+
+    def ended(self, jobs: list[Any]) -> list[Any]:
+        """The jobs that ended: their result came back, or (SLURM) squeue no longer lists them.
+        submitit asks sacct, which a cluster without accounting lacks: there it would wait for
+        a cancelled job for ever (and warn at each poll)."""
+        if self._EXECUTOR != "slurm":
+            return [job for job in jobs if job.done()]
+        queued = slurm_queue()
+        return [job for job in jobs if job.paths.result_pickle.exists() or (queued is not None and job.job_id not in queued)]
+
+    def collect(self, job: Any, configs: list[DictConfig]) -> list[JobReturn]:
+        """A group's returns from its job's result; a job that gave none back fails each member
+        whose run did not record its own end (regexp.sweep.record_lost_job)."""
+        from submitit.core.utils import FailedJobError
+
+        from regexp.compose import expands_its_jobs
+        from regexp.sweep import record_lost_job
+
+        try:
+            if job.paths.result_pickle.exists():
+                return job.results()[0]
+            lost = f"{self._EXECUTOR} job {job.job_id} ended without a result ({why_lost(job)})"
+        except FailedJobError as e:  # the job itself raised, outside any run's own records
+            lost = f"{self._EXECUTOR} job {job.job_id} failed: {str(e).strip().splitlines()[-1]}"
+        lost += f"; its log: {job.paths.stderr}"
+        returns = []
+        for cfg in configs:
+            record_lost_job(cfg.hydra, lost)
+            searching = not expands_its_jobs(cfg.hydra)  # a search sweeper takes the error, the basic one NaN
+            returns.append(JobReturn(overrides=list(cfg.hydra.overrides.task), cfg=cfg, hydra_cfg=cfg.hydra,
+                                     status=JobStatus.FAILED if searching else JobStatus.COMPLETED,
+                                     _return_value=RuntimeError(lost) if searching else math.nan))
+        return returns
+
+    def cancel(self, jobs: list[Any]) -> None:
+        """Cancel the jobs not ended yet, then wait (CANCEL_WAIT_S at most) while the running ones
+        save their checkpoints and end, so the sweep's report reads what they left."""
+        if not jobs:
+            return
+        print(f"submitit {self._EXECUTOR}: cancelling {len(jobs)} job{'s' * (len(jobs) != 1)} not ended yet "
+              "(a running one saves its checkpoint as it stops)", flush=True)
+        for job in jobs:
+            job.cancel(check=False)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while jobs and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            jobs = [job for job in jobs if job not in self.ended(jobs)]
+
+    # ---------------------------------------------------------------- in the cluster job
+    def run_members(self, members: list[Member], singleton_state: dict[type, Singleton]) -> list[JobReturn]:
+        """A submitted job: its members, alone or side by side, in Hydra's job context each."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        here = self.in_process()
+        configs = [here.sweep_config(overrides, number, submitit.JobEnvironment().job_id) for overrides, number in members]
+        signal.signal(signal.SIGUSR1, time_is_up)  # until training takes it over (regexp.train.StopSignal)
+        return [here.run(configs[0])] if len(configs) == 1 else here.run_fused(configs)
+
+
+def time_is_up(signum: int, frame: Any) -> None:
+    """The cluster's time-limit or preemption warning while no run of this job trains."""
+    from regexp.rundir import Interrupted
+
+    raise Interrupted(signum)
+
+
+def slurm_queue() -> Optional[set[str]]:
+    """The ids squeue lists (array tasks one by one: 25_3); None when it does not answer."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(listed.stdout.split()) if listed.returncode == 0 else None
+
+
+def why_lost(job: Any) -> str:
+    """Why a job gave no result: SLURM's own line in its log (`*** JOB 25 ON node CANCELLED AT
+    ... DUE TO TIME LIMIT ***`), else the state submitit knows."""
+    try:
+        lines = Path(job.paths.stderr).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    said = [line.split("***")[1].strip() for line in lines if line.count("***") >= 2]
+    return said[-1] if said else f"state {job.state}"
+
+
+class FusedJobs(SubmititJobs):
+    """Each fused group (regexp.fusion's partition, as hydra/launcher=fused makes it) as one
+    submitit job; a job that cannot fuse as one job of its own."""
+
+    def __init__(self, max_models: int = 64, **params: Any) -> None:
+        super().__init__(**params)
+        self.max_models = max_models
+
+    def partition(self, configs: list[DictConfig]) -> tuple[list[list[int]], list[int]]:
+        from regexp import fusion
+
+        jobs = [fusion.candidate(cfg) for cfg in configs]
+        plan = fusion.partition(jobs, self.max_models, fusion.cluster_budget(jobs, self.params.get("mem_gb")))
+        for line in plan.lines(jobs):
+            print(line, flush=True)
+        finished = [g[0] for g in plan.groups if len(g) == 1 and jobs[g[0]].step is None]
+        return [g for g in plan.groups if g[0] not in finished], finished
+
+
+class SlurmLauncher(SubmititJobs):
+    _EXECUTOR = "slurm"
+
+
+class LocalLauncher(SubmititJobs):
+    _EXECUTOR = "local"
+
+
+class FusedSlurmLauncher(FusedJobs):
+    _EXECUTOR = "slurm"
+
+
+class FusedLocalLauncher(FusedJobs):
+    _EXECUTOR = "local"
