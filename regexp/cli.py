@@ -521,6 +521,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     several lines, exit 1)."""
     from pathlib import Path
 
+    from regexp.cluster import check_request
     from regexp.compose import check_job, compose, initialized, sweep_jobs
     from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
@@ -542,6 +543,8 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
             typed = check_job(cfg, data=not multirun)  # in a sweep, missing data fail their job, not the whole sweep
             check_launcher(cfg.hydra)
             check_parallel_launcher(cfg.hydra)
+            if multirun and number == 0:  # a SLURM launcher's request (regexp.cluster): one for the whole sweep
+                check_request(cfg.hydra)
             out_dir = out_dir or str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)  # ${now:...} once
             key = out_key if any(o.startswith(out_key + "=") for o in job) else "out_dir"
             check_run_dir_text(out_dir, key, out_dir if key == out_key else cfg.out_dir)
