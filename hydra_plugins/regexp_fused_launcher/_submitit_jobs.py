@@ -22,7 +22,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .fused_launcher import FusedLauncher
 
-Member = tuple[list[str], int]  # a job as a cluster job runs it: its overrides and number
+Member = tuple[list[str], int, Optional[DictConfig]]  # a job as a cluster job runs it: overrides, number, config if loaded
 POLL_S = 1.0  # how often the launching host looks whether a job ended
 CANCEL_WAIT_S = 60  # how long a signal's cancellation waits for the running jobs to save and end
 
@@ -52,22 +52,30 @@ class SubmititJobs(BaseSubmititLauncher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         here = self.in_process()
-        configs = [here.sweep_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
-        groups, finished = self.partition(configs)
-        returns = {i: here.run(configs[i]) for i in finished}  # resume=auto skips them: nothing to submit
-        if groups:
-            submitted = self.submit([[(list(job_overrides[i]), initial_job_idx + i) for i in g] for g in groups])
-            returns.update(self.gather(submitted, groups, configs))
-        return [returns[i] for i in range(len(configs))]
+        loaded: dict[int, DictConfig] = {}  # the jobs' configs loaded here so far, by index
 
-    def partition(self, configs: list[DictConfig]) -> tuple[list[list[int]], list[int]]:
-        """(the groups to submit, as job indices; the jobs resume=auto finds finished). Here:
-        each job alone."""
+        def config(i: int) -> DictConfig:
+            if i not in loaded:
+                loaded[i] = here.sweep_config(job_overrides[i], initial_job_idx + i)
+            return loaded[i]
+
+        groups, finished = self.partition(len(job_overrides), config)
+        returns = {i: here.run(config(i)) for i in finished}  # resume=auto skips them: nothing to submit
+        if groups:  # a config loaded here goes along: the job need not compose it again
+            submitted = self.submit([[(list(job_overrides[i]), initial_job_idx + i, loaded.get(i)) for i in g]
+                                     for g in groups])
+            returns.update(self.gather(submitted, groups, config))
+        return [returns[i] for i in range(len(job_overrides))]
+
+    def partition(self, count: int, config: Callable[[int], DictConfig]) -> tuple[list[list[int]], list[int]]:
+        """(the groups to submit, as job indices; the jobs resume=auto finds finished, whose
+        configs only resume=auto needs to load here). Here: each job alone."""
         from regexp import fusion
 
-        jobs = [fusion.candidate(cfg) for cfg in configs]
-        finished = [i for i, job in enumerate(jobs) if job.step is None]
-        return [[i] for i in range(len(jobs)) if i not in finished], finished
+        if self.config.get("resume") != "auto":
+            return [[i] for i in range(count)], []
+        finished = [i for i in range(count) if fusion.candidate(config(i)).step is None]
+        return [[i] for i in range(count) if i not in finished], finished
 
     def in_process(self) -> FusedLauncher:
         """What runs jobs in this process (skipped ones here, a group's members in its cluster job)."""
@@ -102,7 +110,8 @@ class SubmititJobs(BaseSubmititLauncher):
                                       for key, value in self.params.items() if key not in init_keys})
         return executor
 
-    def gather(self, submitted: list[Any], groups: list[list[int]], configs: list[DictConfig]) -> dict[int, JobReturn]:
+    def gather(self, submitted: list[Any], groups: list[list[int]],
+               config: Callable[[int], DictConfig]) -> dict[int, JobReturn]:
         """Each group's returns as its job ends (a job's console line comes from regexp.sweep's
         JobEnds, which watches the run dirs); a signal here cancels the jobs not ended yet."""
         pending = dict(zip(submitted, groups))
@@ -111,7 +120,7 @@ class SubmititJobs(BaseSubmititLauncher):
             while pending:
                 for job in self.ended(list(pending)):
                     group = pending.pop(job)
-                    returns.update(zip(group, self.collect(job, [configs[i] for i in group])))
+                    returns.update(zip(group, self.collect(job, [config(i) for i in group])))
                 if pending:
                     time.sleep(POLL_S)
         except BaseException:
@@ -174,7 +183,9 @@ class SubmititJobs(BaseSubmititLauncher):
         Singleton.set_state(singleton_state)
         setup_globals()
         here = self.in_process()
-        configs = [here.sweep_config(overrides, number, submitit.JobEnvironment().job_id) for overrides, number in members]
+        job_id = submitit.JobEnvironment().job_id
+        configs = [here.sweep_config(overrides, number, job_id) if cfg is None else here.with_id(cfg, job_id)
+                   for overrides, number, cfg in members]
         signal.signal(signal.SIGUSR1, time_is_up)  # until training takes it over (regexp.train.StopSignal)
         return [here.run(configs[0])] if len(configs) == 1 else here.run_fused(configs)
 
@@ -216,10 +227,10 @@ class FusedJobs(SubmititJobs):
         super().__init__(**params)
         self.max_models = max_models
 
-    def partition(self, configs: list[DictConfig]) -> tuple[list[list[int]], list[int]]:
+    def partition(self, count: int, config: Callable[[int], DictConfig]) -> tuple[list[list[int]], list[int]]:
         from regexp import fusion
 
-        jobs = [fusion.candidate(cfg) for cfg in configs]
+        jobs = [fusion.candidate(config(i)) for i in range(count)]
         plan = fusion.partition(jobs, self.max_models, fusion.cluster_budget(jobs, self.params.get("mem_gb")))
         for line in plan.lines(jobs):
             print(line, flush=True)

@@ -67,8 +67,13 @@ class FusedLauncher(Launcher):
         """A job's config, as Hydra's BasicLauncher loads it (a cluster job's id: `job_id`)."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(sweep_config):
-            sweep_config.hydra.job.id = number if job_id is None else job_id
             sweep_config.hydra.job.num = number
+        return self.with_id(sweep_config, number if job_id is None else job_id)
+
+    @staticmethod
+    def with_id(sweep_config: DictConfig, job_id: Any) -> DictConfig:
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = job_id
         return sweep_config
 
     def run(self, sweep_config: DictConfig, task_function: Optional[TaskFunction] = None) -> JobReturn:
