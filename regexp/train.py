@@ -453,10 +453,11 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 
 # ---------------------------------------------------------------- signals
 class StopSignal:
-    """The first SIGINT/SIGTERM asks the loop to save a checkpoint and stop at the next
-    step; a second one stops at once. The previous handlers come back on exit. A SIGINT that
-    the process was started ignoring (a script's `regexp train &`) stays ignored, as Python
-    itself leaves it: Ctrl-C on the script is not meant for its background jobs."""
+    """The first SIGINT/SIGTERM, or a cluster's time-limit or preemption warning (SLURM's
+    `--signal`, cluster_warnings), asks the loop to save a checkpoint and stop at the next step;
+    a second one stops at once. The previous handlers come back on exit. A SIGINT that the
+    process was started ignoring (a script's `regexp train &`) stays ignored, as Python itself
+    leaves it: Ctrl-C on the script is not meant for its background jobs."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -467,22 +468,37 @@ class StopSignal:
         import threading
 
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, *cluster_warnings()):
                 if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN:
                     self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum: int, frame: Any) -> None:
+        import signal
+
         if self.received is not None:
             raise Interrupted(signum)
         self.received = signum
-        log.warning("signal %d: saving a checkpoint and stopping (again to stop at once)", signum)
+        why = (f" ({signal.Signals(signum).name}: the cluster's time-limit or preemption warning)"
+               if signum in cluster_warnings() else "")
+        log.warning("signal %d%s: saving a checkpoint and stopping (again to stop at once)", signum, why)
 
     def __exit__(self, *exc: Any) -> None:
         import signal
 
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def cluster_warnings() -> list[int]:
+    """The signals SLURM sends a job before its time limit or a preemption, as submitit asks for
+    them (`--signal=USR2@signal_delay_s`): SIGUSR2 from submitit 1.5 on, SIGUSR1 before it, or
+    the one $SUBMITIT_PREEMPT_SIGNAL names (USR1, ...). Outside a cluster nobody sends them but
+    a user, whom the same checkpoint and stop serve."""
+    import signal
+
+    named = getattr(signal, f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}", None)
+    return list(dict.fromkeys(s for s in (signal.SIGUSR1, signal.SIGUSR2, named) if isinstance(s, signal.Signals)))
 
 
 @contextlib.contextmanager
