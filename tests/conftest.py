@@ -1,5 +1,6 @@
 """Shared fixtures: the real data sets, the real CLI, and a small composed config."""
 
+import contextlib
 import copy
 import functools
 import json
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 REGEXP = str(Path(sys.executable).with_name("regexp"))  # the installed console script
 MISSING_DATA = "real data not found"  # the skip reasons the terminal summary counts
 NO_BROWSER = "chromium not found"
+NO_SLURM = "sbatch not found"
+LOCAL_SLURM = REPO / "scripts" / "local-slurm"
+SLURM_LOCK = Path("/tmp/regexp-slurm.lock")  # one `local-slurm start` at a time, across xdist workers and sessions
+SLURM_STARTED = "REGEXP_TEST_SLURM_STARTED"  # env: the file whose presence says this session started the cluster
 
 
 def data_dirs() -> list[Path]:
@@ -56,6 +62,10 @@ def pytest_terminal_summary(terminalreporter):
     if browser:
         terminalreporter.write_line(f"browser: {browser} test{'s' * (browser != 1)} skipped: {NO_BROWSER} on PATH "
                                     "(apt-get install chromium)", yellow=True, bold=True)
+    slurm = sum(NO_SLURM in reason for reason in reasons)
+    if slurm:
+        terminalreporter.write_line(f"slurm: {slurm} test{'s' * (slurm != 1)} skipped: {NO_SLURM} "
+                                    "(apt-get install slurm-wlm munge)", yellow=True, bold=True)
 
 
 def require_chromium() -> str:
@@ -69,6 +79,59 @@ def require_chromium() -> str:
     if os.environ.get("CI") == "true":
         pytest.fail("chromium missing on PATH (CI=true: browser tests may not skip; .ci/run installs it)")
     pytest.skip(f"{NO_BROWSER} on PATH")
+
+
+def pytest_configure(config):
+    """The controller (xdist's, or the one process of `-n 0`) names the file by which a worker's
+    local_slurm says that it started the cluster; the workers inherit it in their environment."""
+    if not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ[SLURM_STARTED] = str(Path(tempfile.gettempdir()) / f"regexp-slurm-started-by-{os.getpid()}")
+
+
+def pytest_sessionfinish(session):
+    """The cluster this session started stops once, from the controller, after every worker's last
+    test; one that was up before the session (or another session started) stays up."""
+    started = Path(os.environ.get(SLURM_STARTED, ""))
+    if hasattr(session.config, "workerinput") or not started.name or not started.is_file():
+        return
+    started.unlink()
+    with slurm_lock():
+        subprocess.run(as_root([str(LOCAL_SLURM), "stop"]), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> None:
+    """The machine's one-node SLURM cluster, answering (scripts/local-slurm start: at once when
+    it is up already). Without sbatch: skip (counted in the run's summary line), but never in
+    CI, where .ci/run installs it."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("sbatch missing on PATH (CI=true: slurm tests may not skip; .ci/run installs slurm-wlm munge)")
+        pytest.skip(f"{NO_SLURM} on PATH")
+    with slurm_lock():
+        start = subprocess.run(as_root([str(LOCAL_SLURM), "start"]), capture_output=True, text=True, timeout=120)
+    if start.returncode != 0:
+        pytest.fail(f"scripts/local-slurm start failed: {start.stderr.strip() or start.stdout.strip()}")
+    if start.stdout.startswith("local-slurm: up"):  # not "a cluster already answers": this session's to stop
+        Path(os.environ[SLURM_STARTED]).touch()
+
+
+@contextlib.contextmanager
+def slurm_lock() -> Iterator[None]:
+    import fcntl
+
+    with SLURM_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        yield
+
+
+def as_root(command: list[str]) -> list[str]:
+    """The cluster's daemons run as root: through sudo (no prompt) where the tests do not."""
+    return command if os.geteuid() == 0 else ["sudo", "-n", *command]
 
 
 @pytest.fixture
