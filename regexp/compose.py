@@ -29,7 +29,8 @@ PLUGIN_GROUPS = ("hydra/launcher", "hydra/sweeper")
 # regexp's launchers built on another plugin (the module of their _target_ -> that plugin), and
 # those whose schema is in Hydra's ConfigStore, not in conf/ (option -> their _target_)
 SUBMITIT_JOBS = "hydra_plugins.regexp_fused_launcher._submitit_jobs"
-BUILT_ON = {SUBMITIT_JOBS: "hydra_plugins.hydra_submitit_launcher"}
+BUILT_ON = {SUBMITIT_JOBS: "hydra_plugins.hydra_submitit_launcher",
+            "hydra_plugins.regexp_fused_launcher._joblib_jobs": "hydra_plugins.hydra_joblib_launcher"}
 STORED_PRESETS = {("hydra/launcher", "fused_slurm"): f"{SUBMITIT_JOBS}.FusedSlurmLauncher",
                   ("hydra/launcher", "fused_local"): f"{SUBMITIT_JOBS}.FusedLocalLauncher"}
 

@@ -12,6 +12,7 @@ This module is a leaf: it imports nothing else from regexp, and no torch.
 """
 
 import json
+import logging
 import math
 import os
 import stat
@@ -34,6 +35,15 @@ def printable(text: str) -> str:
     its escape (`\\n`, `\\x1b`): user text (an override, a path) in an error or a console line can
     start no line of its own nor colour one."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class PrintableLog(logging.Filter):
+    """Hydra's own console lines (`[HYDRA] #0 : seed=0 ...`) with user text kept on its line, as
+    `printable` keeps regexp's (a tab, as Hydra indents with one, stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = "\t".join(map(printable, record.getMessage().split("\t"))), None
+        return True
 
 
 class ConfigError(ValueError):

@@ -389,12 +389,18 @@ def row_finished(row: dict[str, Any]) -> bool:
 
 
 def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str, **more: Any) -> None:
-    counted = [Status.INTERRUPTED.value, NOT_RUN]
-    failed = [r for r in rows if not row_finished(r) and r["status"] not in counted]
     write_json(sweep_dir / SWEEP_SUMMARY,
-               {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failed),
-                **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in counted},
+               {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failures(rows)),
+                **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in UNFINISHED},
                 "statuses": status_counts(rows), **more, "metric": METRIC, "rows": rows})
+
+
+UNFINISHED = (Status.INTERRUPTED.value, NOT_RUN)  # not finished, and not a failure either: counted on their own
+
+
+def failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of jobs that failed or were refused (not those interrupted or not run)."""
+    return [r for r in rows if not row_finished(r) and r["status"] not in UNFINISHED]
 
 
 def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -413,7 +419,7 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     from rich.text import Text
 
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
-    title = title or f"{len(failed)} failed" + (f" ({counts_text(rows)})" if rows else "")
+    title = title or f"{len(failures(rows))} failed" + (f" ({counts_text(rows)})" if rows else "")
     # overrides are printed as typed (Text, not markup): +regularizer=[dropout] keeps its brackets
     table = Table(caption=Text(f"all jobs: {' '.join(shown(o) for o in rows[0]['overrides'] if o in shared)}")
                   if shared else None, caption_justify="left")
@@ -431,7 +437,8 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)
     print_whole(console, table)
     for r in failed:
-        console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {printable(str(r['error']))}",
+        why = printable(str(r["error"])) if r["error"] else "the sweep ended before it started; resume=auto runs it"
+        console.print(f"job {r['job']} {'was refused' if r['status'] == REFUSED else r['status']}: {why}",
                       style="red", markup=False, soft_wrap=True)  # one line each, whole, for grep and logs
     for r in rows:
         why = why_ended(r.get("ended_by"))

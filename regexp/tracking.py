@@ -8,6 +8,7 @@ written by regexp.rundir. Also the console pieces that the commands reading run 
 import argparse
 import logging
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Collection, Iterator, NoReturn, Optional
@@ -326,8 +327,11 @@ class GroupConsole:
         """The table while the block trains the group (live on a terminal), and at its end."""
         from rich.live import Live
 
+        # live, a table taller than the terminal shows its top rows (the title counts them all);
+        # at the end the live view goes and the whole table is printed, every row
         terminal = self.console.is_terminal
-        live = Live(console=self.console, get_renderable=self.table, refresh_per_second=4) if terminal else None
+        live = Live(console=self.console, get_renderable=self.table, refresh_per_second=4, transient=True,
+                    vertical_overflow="ellipsis") if terminal else None
         if live is not None:
             live.start()
         try:
@@ -339,13 +343,14 @@ class GroupConsole:
             raise
         finally:
             if live is not None:
-                live.stop()  # its last table stays on the screen
-            else:
-                print_whole(self.console, self.table())
+                live.stop()
+            print_whole(self.console, self.table())
 
     def table(self) -> Table:
-        table = Table(title=Text(f"fused group of {plural(len(self.rows), 'model')}{self.progress}"),
-                      title_justify="left")
+        counts = Counter(row["status"] for row in self.rows)
+        tally = ", ".join(f"{n} {status}" for status, n in counts.items()) if len(counts) > 1 else ""
+        table = Table(title=Text(f"fused group of {plural(len(self.rows), 'model')}{self.progress}"
+                                 f"{f' ({tally})' if tally else ''}"), title_justify="left")
         for column in self.rows[0]:
             table.add_column(column, overflow="fold")
         for row in self.rows:

@@ -175,3 +175,27 @@ def test_fused_slurm_refuses_a_request_the_cluster_cannot_hold_before_writing(tm
     assert out.stderr.splitlines() == ["regexp: error: hydra.launcher.gpus_per_node=1: partition debug's nodes have no "
                                        "GPUs; set hydra.launcher.gpus_per_node=0"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_joblib_worker_ends_the_sweep_with_its_table_not_a_traceback(tmp_path, data_root):
+    """joblib stops every worker when one dies: the started jobs are failed (not left running), the
+    others not run, and the table says so (exit 1)."""
+    sweep = tmp_path / "sweep"
+    command = [REGEXP, "train", "-m", "hydra/launcher=joblib", "logger=none", *LONG, "seed=0,1,2",
+               f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "two jobs training")
+        subprocess.run(["pkill", "-KILL", "-f", "-P", str(process.pid), "LokyProcess-2"], check=True)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err[-3000:]
+    assert sweep_rows(sweep) == [("0", "failed"), ("1", "failed"), ("2", "not run")]
+    assert "Traceback" not in out + err
+    assert f"sweep {sweep}: 3 jobs, 2 failed (2 failed, 1 not run)" in out
+    assert "job 2 not run: the sweep ended before it started; resume=auto runs it" in out
+    for n in range(2):
+        summary = json.loads((sweep / str(n) / "summary.json").read_text())
+        assert summary["status"] == "failed" and "joblib worker was killed (SIGKILL(-9))" in summary["error"]

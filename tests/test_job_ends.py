@@ -139,3 +139,18 @@ def test_the_sweep_callback_goes_to_a_jobs_process_without_its_job_lines(tmp_pat
         callback.job_ends.close()
     assert copy.job_ends is None and callback.job_ends is not None
     copy.jobs_ended()  # a job's process announces nothing: the launching one does
+
+
+def test_a_group_taller_than_the_terminal_ends_with_every_row_and_its_title_counts_them():
+    """Live, a table taller than the terminal shows its top rows; its end prints the whole table."""
+    import time
+
+    buf = io.StringIO()
+    group = GroupConsole(Console(file=buf, force_terminal=True, height=12, width=100), [str(i) for i in range(30)])
+    with group.showing():
+        group.rows[29]["status"] = "pruned"
+        time.sleep(0.5)  # a live refresh or two
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+    end = plain[plain.rindex("fused group of 30 models"):]
+    assert end.startswith("fused group of 30 models (29 training, 1 pruned)")
+    assert [line.split("│")[1].strip() for line in end.splitlines() if line.startswith("│")] == [str(i) for i in range(30)]

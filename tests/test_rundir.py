@@ -188,3 +188,17 @@ def test_rundir_imports_no_torch():
 
     code = "import sys, regexp.rundir; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ)).returncode == 0
+
+
+def test_hydras_console_lines_keep_user_text_on_its_line():
+    """Hydra's `[HYDRA] #0 : <overrides>` line: a line break or escape code in an override is
+    shown escaped, Hydra's own tab stays (the filter conf/train.yaml puts on Hydra's console)."""
+    import logging
+
+    from regexp.rundir import PrintableLog
+
+    record = logging.LogRecord("hydra", logging.INFO, __file__, 1, "\t#%d : %s", (0, "tags=[\"a\x1b[31mb\nc\"]"), None)
+    assert PrintableLog().filter(record) and record.getMessage() == "\t#0 : tags=[\"a\\x1b[31mb\\nc\"]"
+    from regexp.compose import compose
+
+    assert list(compose([], with_hydra=True).hydra.hydra_logging.handlers.console.filters) == ["printable"]

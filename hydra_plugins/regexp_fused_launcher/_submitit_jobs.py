@@ -18,17 +18,17 @@ Hydra imports this module at every start (its plugin scan): Hydra's and submitit
 modules only, regexp (and torch) when a sweep launches.
 """
 
-import math
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra.core.utils import JobReturn, setup_globals
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from ._lost_jobs import lost_returns
 from .fused_launcher import FusedLauncher
 
 Member = tuple[list[str], int, Optional[DictConfig]]  # a job as a cluster job runs it: overrides, number, config if loaded
@@ -142,9 +142,6 @@ class SubmititJobs(BaseSubmititLauncher):
         whose run did not record its own end (regexp.sweep.record_lost_job)."""
         from submitit.core.utils import FailedJobError
 
-        from regexp.compose import expands_its_jobs
-        from regexp.sweep import record_lost_job
-
         try:
             if job.paths.result_pickle.exists():
                 return job.results()[0]
@@ -152,14 +149,7 @@ class SubmititJobs(BaseSubmititLauncher):
         except FailedJobError as e:  # the job itself raised, outside any run's own records
             lost = f"{self._EXECUTOR} job {job.job_id} failed: {str(e).strip().splitlines()[-1]}"
         lost += f"; its log: {job.paths.stderr}"
-        returns = []
-        for cfg in configs:
-            record_lost_job(cfg.hydra, lost)
-            searching = not expands_its_jobs(cfg.hydra)  # a search sweeper takes the error, the basic one NaN
-            returns.append(JobReturn(overrides=list(cfg.hydra.overrides.task), cfg=cfg, hydra_cfg=cfg.hydra,
-                                     status=JobStatus.FAILED if searching else JobStatus.COMPLETED,
-                                     _return_value=RuntimeError(lost) if searching else math.nan))
-        return returns
+        return lost_returns(configs, lost)
 
     def cancel(self, jobs: list[Any]) -> None:
         """Cancel the jobs not ended yet, then wait (CANCEL_WAIT_S at most) while the running ones
