@@ -305,6 +305,8 @@ class Job:
     processes that exist only to run jobs; unpickled there, it quiets the presets' warning in
     that process as train_command does here, before the worker composes the job's config."""
 
+    regexp_task = True  # how regexp's launchers tell it from another app's task (also as __main__.Job)
+
     def __init__(self):
         from regexp.wandb_logger import WandbServer
 

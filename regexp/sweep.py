@@ -53,7 +53,8 @@ REFUSED, NOT_RUN = "refused", "not run"  # row statuses of jobs that have no run
 SKIPPED = "skipped"  # a job record's key: resume=auto found its run finished by an earlier invocation
 NO_CHECKPOINT = "no checkpoint saved"
 SIGNALS = {signal.SIGTERM: " (SIGTERM: scancel, or the system stopping it)", signal.SIGINT: " (SIGINT: Ctrl-C)",
-           signal.SIGUSR1: " (SIGUSR1: the cluster's time-limit warning)"}  # how a job's stop reads in its row
+           signal.SIGUSR2: " (SIGUSR2: the cluster's time-limit or preemption warning)",
+           signal.SIGUSR1: " (SIGUSR1: the cluster's time-limit or preemption warning)"}  # a job's stop, in its row
 CUT_SHORT = (Status.DIVERGED, *ENDED_EARLY)  # results that did not train to the plan's end: shown in yellow
 SUBDIR, DIFFER = "hydra.sweep.subdir", "use a subdir that differs between jobs (the default is ${hydra.job.num})"
 
@@ -663,10 +664,10 @@ def plan_overrides(plan: list[tuple[int, bool]], hydra_cfg: Any) -> list[str]:
     (.hydra/) written only in a new run's dir: a continued or skipped run keeps the record of
     the job that started it, as a single run's resume keeps it. The plan as the resolvers read
     it: each job's dir number in job order, `+` before a new one (`0 1 2 +6 3 4 5 +7`)."""
-    text = " ".join(f"{number}" if held else f"+{number}" for number, held in plan)
-    overrides = [f"hydra.sweep.subdir='${{regexp.planned_run:${{hydra.job.num}},{text}}}'"]
+    text = " ".join(f"{number}" if held else f"+{number}" for number, held in plan)  # quoted: `+6` stays text
+    overrides = [f"hydra.sweep.subdir='${{regexp.planned_run:${{hydra.job.num}},\"{text}\"}}'"]
     if OmegaConf.to_container(hydra_cfg)["output_subdir"] == RECORDS:
-        overrides.append(f"hydra.output_subdir='${{regexp.planned_records:${{hydra.job.num}},{text}}}'")
+        overrides.append(f"hydra.output_subdir='${{regexp.planned_records:${{hydra.job.num}},\"{text}\"}}'")
     return overrides
 
 

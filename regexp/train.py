@@ -797,6 +797,7 @@ def fit(group: Group) -> None:
                 loop.stepping_since = None
                 loop.checkpoint()
                 loop.summary.steps, loop.summary.train_time_s = loop.state.step, round(loop.meters.train_seconds, 3)
+                loop.summary.epochs_completed = loop.meters.epochs_completed
             raise Interrupted(running[0].stop_signal.received, saved=True)
         if running[0].data.train_y.is_cuda:
             torch.cuda.synchronize()

@@ -190,6 +190,25 @@ def signal_once_logged(command: list[str], cwd: Path, env: dict, metrics: Path, 
     return process.returncode, out, err
 
 
+def wait_for(condition, what: str, process: "subprocess.Popen | None" = None, timeout: float = 300) -> None:
+    """Poll `condition` until it holds: a test's failure when `process` ends first or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.2)
+
+
+def submitted_jobs(sweep_dir: Path) -> list[str]:
+    """The ids of a sweep's submitit jobs, in submission order, from its .submitit/ folders:
+    SLURM's array tasks (41_0, 41_1, not the array's own folder 41), or local jobs' process ids."""
+    names = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()]
+    tasks = [n for n in names if "_" in n] or names
+    return sorted(tasks, key=lambda n: tuple(int(part) for part in n.split("_")))
+
+
 def refused(capsys, args: list[str]) -> str:
     """`regexp ARGS` in this process: it must exit 2; its one line on stderr, nothing on stdout."""
     import pytest

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REGEXP, TINY, answer_sigint, run_cli
+from conftest import REGEXP, TINY, answer_sigint, run_cli, submitted_jobs, wait_for
 from test_job_ends import JOB_LINE, job_lines
 
 pytestmark = pytest.mark.slow
@@ -30,23 +30,9 @@ def submitted(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("submitit ")]
 
 
-def wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.2)
-
-
 def training(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
     return metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
-
-
-def cluster_jobs(sweep: Path) -> list[str]:
-    """The submitit job ids of the sweep in submission order (SLURM's array tasks: 41_0, 41_1; a
-    local job's: its process id)."""
-    ids = [p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()]
-    return sorted(ids, key=lambda i: tuple(int(part) for part in i.split("_")))
 
 
 # ---------------------------------------------------------------- fused_local
@@ -58,13 +44,13 @@ def test_fused_local_submits_one_job_per_group_and_resume_submits_only_the_unfin
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "fused: jobs 0-1 train as one group of 2 models" in lines
-    assert submitted(out.stdout) == [f"submitit local: 2 jobs submitted for 3 sweep jobs ({cluster_jobs(sweep)[0]} to "
-                                     f"{cluster_jobs(sweep)[-1]}); each one's log: {sweep}/.submitit/<job id>"]
+    assert submitted(out.stdout) == [f"submitit local: 2 jobs submitted for 3 sweep jobs ({submitted_jobs(sweep)[0]} to "
+                                     f"{submitted_jobs(sweep)[-1]}); each one's log: {sweep}/.submitit/<job id>"]
     assert sorted(JOB_LINE.match(line)[3] for line in job_lines(out.stdout)) == ["0", "1", "2"]  # groups end in any order
     assert sweep_rows(sweep) == [("0", "completed"), ("1", "completed"), ("2", "completed")]
     fused = [json.loads((sweep / str(n) / "summary.json").read_text()).get("fused") for n in range(3)]
     assert fused[0]["models"] == fused[1]["models"] == 2 and fused[2] is None
-    group_log = next((sweep / ".submitit" / cluster_jobs(sweep)[0]).glob("*_log.out")).read_text()
+    group_log = next((sweep / ".submitit" / submitted_jobs(sweep)[0]).glob("*_log.out")).read_text()
     assert "fused group of 2 models" in group_log and "┃ run ┃ epoch" in group_log  # the group's table: in its job's log
 
     again = run_cli([*args, "seed=0,1,2,3", "resume=auto"], tmp_path, data_root)
@@ -83,8 +69,8 @@ def test_a_killed_local_job_is_a_failed_row_and_the_sweep_goes_on(tmp_path, data
     env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: training(sweep / "1"), "job 1 training")
-        victim = cluster_jobs(sweep)[1]  # a local job's id: the process id of submitit's wrapper, whose child trains
+        wait_for(lambda: training(sweep / "1"), "job 1 training", process)
+        victim = submitted_jobs(sweep)[1]  # a local job's id: the process id of submitit's wrapper, whose child trains
         subprocess.run(["pkill", "-KILL", "-P", victim], check=True)
         out, err = process.communicate(timeout=600)
     finally:
@@ -106,7 +92,7 @@ def test_a_signal_to_the_launching_process_cancels_its_local_jobs_which_save_the
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=answer_sigint)
     try:
-        wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "both jobs training")
+        wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "both jobs training", process)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=300)
     finally:
@@ -141,8 +127,8 @@ def test_fused_slurm_a_failed_and_a_cancelled_group_then_resume_submits_only_tho
     process = subprocess.Popen([REGEXP, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        wait_for(lambda: training(sweep / "4"), "job 4 training")
-        cancelled = cluster_jobs(sweep)[2]  # the group of jobs 4 and 5
+        wait_for(lambda: training(sweep / "4"), "job 4 training", process)
+        cancelled = submitted_jobs(sweep)[2]  # the group of jobs 4 and 5
         subprocess.run(["scancel", cancelled], check=True)
         out, err = process.communicate(timeout=600)
     finally:
@@ -186,7 +172,7 @@ def test_a_killed_joblib_worker_ends_the_sweep_with_its_table_not_a_traceback(tm
     env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "two jobs training")
+        wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "two jobs training", process)
         subprocess.run(["pkill", "-KILL", "-f", "-P", str(process.pid), "LokyProcess-2"], check=True)
         out, err = process.communicate(timeout=300)
     finally:

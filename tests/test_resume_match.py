@@ -178,8 +178,8 @@ def test_the_pre_flight_plans_the_dirs_says_which_jobs_moved_and_touches_nothing
                                         f"hydra.sweep.dir={sweep_dir}"], multirun=True)
     assert out_dir == str(sweep_dir) and capsys.readouterr().out.splitlines() == [MOVED]
     text = "0 1 2 +6 3 4 5 +7"
-    assert planned == [f"hydra.sweep.subdir='${{regexp.planned_run:${{hydra.job.num}},{text}}}'",
-                       f"hydra.output_subdir='${{regexp.planned_records:${{hydra.job.num}},{text}}}'"]
+    assert planned == [f"hydra.sweep.subdir='${{regexp.planned_run:${{hydra.job.num}},\"{text}\"}}'",
+                       f"hydra.output_subdir='${{regexp.planned_records:${{hydra.job.num}},\"{text}\"}}'"]
     assert snapshot(sweep_dir) == before
 
 
@@ -247,3 +247,19 @@ def test_a_sweep_extended_inside_hydras_order_skips_its_runs_and_trains_only_the
         assert row["test/acc"] == json.loads(Path(row["run_dir"], "summary.json").read_text())["metrics"]["test/acc"]
     assert "run dir" in out.stdout and any(line.startswith("│ 3 ") and line.rstrip().endswith("│ 6       │")
                                            for line in out.stdout.splitlines()), out.stdout[-3000:]
+
+
+def test_a_one_job_plan_stays_text(tmp_path):
+    """A one-job sweep's plan (`0`, or `+3` for a new run dir) reaches the resolvers as text, not
+    read as a number (which would drop the `+` and, with it, the new run's .hydra/ records)."""
+    from omegaconf import OmegaConf
+
+    from regexp.sweep import plan_overrides, register_plan_resolvers
+
+    register_plan_resolvers()
+    for plan, dir_, records in (([(0, True)], "0", None), ([(3, False)], "3", ".hydra")):
+        cfg = OmegaConf.create({"job": {"num": 0}, "output_subdir": ".hydra", "sweep": {}})
+        for override in plan_overrides(plan, cfg):
+            key, value = override.split("=", 1)
+            OmegaConf.update(cfg, key.removeprefix("hydra."), value.strip("'").replace("hydra.job.num", "job.num"))
+        assert (cfg.sweep.subdir, cfg.output_subdir) == (dir_, records)

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import conftest
 import pytest
-from conftest import REGEXP, TINY, run_cli
+from conftest import REGEXP, TINY, run_cli, submitted_jobs, wait_for
 from test_job_ends import JOB_LINE, job_lines
 
 NODE = ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
@@ -36,17 +35,8 @@ def summary(run_dir: Path) -> dict:
 
 
 def cluster_job(sweep_dir: Path, job: int) -> str:
-    """The SLURM id of sweep job `job` (its array task, e.g. 41_1; a one-job sweep's: 41)."""
-    folders = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()]
-    return next(name for name in folders if name.endswith(f"_{job}") or len(folders) == 1)
-
-
-def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the sweep ended before {what}"
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.2)
+    """The SLURM id of sweep job `job` (its array task, e.g. 41_1)."""
+    return submitted_jobs(sweep_dir)[job]
 
 
 def start(args: list[str], cwd: Path, data_root: Path) -> subprocess.Popen:
@@ -153,6 +143,7 @@ def test_the_time_limit_warning_saves_a_checkpoint_and_resume_auto_finishes_the_
     assert [(r["job"], r["status"]) for r in rows(sweep_dir)] == [("0", "completed"), ("1", "interrupted")]
     warned = summary(sweep_dir / "1")
     assert 0 < warned["steps"] < 100 * warned["steps_per_epoch"], warned["steps"]
+    assert warned["epochs_completed"] == warned["steps"] // warned["steps_per_epoch"]  # the whole epochs it trained
     from regexp.train import cluster_warnings
 
     assert warned["interrupted"]["signal"] in cluster_warnings() and warned["interrupted"]["saved"] is True

@@ -12,19 +12,18 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher as HydraJoblibLauncher
 
 from ._lost_jobs import lost_returns
-from .fused_launcher import FusedLauncher
+from .fused_launcher import FusedLauncher, is_regexp_task
 
 
 class JoblibLauncher(HydraJoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-        from regexp.cli import Job
 
         try:
             return super().launch(job_overrides, initial_job_idx)
         except TerminatedWorkerError as e:
-            if not isinstance(self.task_function, Job):
+            if not is_regexp_task(self.task_function):
                 raise
             codes = re.search(r"\{(.*)\}", str(e))  # joblib names the workers' exit codes: {SIGKILL(-9)}
             died = f"a joblib worker was killed ({codes[1]})" if codes else "a joblib worker died"

@@ -8,7 +8,7 @@ What they add to Hydra's plugin, for regexp's jobs (another app's run as the plu
 - The launching host gathers each job's result as it ends. A job that ends without one
   (scancel, its time limit, a lost node, a killed process) is a failed row of the sweep (or an
   interrupted one, when its run saved its checkpoint as it stopped), and the sweep goes on.
-- In a job, SLURM's time-limit warning (SIGUSR1, `signal_delay_s` before the limit) makes
+- In a job, SLURM's time-limit warning (submitit's SIGUSR2, `signal_delay_s` before the limit) makes
   the training save a checkpoint and end `interrupted`, which resume=auto continues; no job is
   requeued (hydra.launcher.max_num_timeout stays 0: the pre-flight says so).
 - A signal to the launching host (Ctrl-C, SIGTERM) cancels the jobs still queued or running:
@@ -29,7 +29,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import DictConfig, OmegaConf
 
 from ._lost_jobs import lost_returns
-from .fused_launcher import FusedLauncher
+from .fused_launcher import FusedLauncher, is_regexp_task
 
 Member = tuple[list[str], int, Optional[DictConfig]]  # a job as a cluster job runs it: overrides, number, config if loaded
 POLL_S = 1.0  # how often the launching host looks whether a job ended
@@ -42,9 +42,8 @@ class SubmititJobs(BaseSubmititLauncher):
     max_models = 1  # members a submitted job trains at most: one, unless fused
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from regexp.cli import Job
 
-        if not isinstance(self.task_function, Job):
+        if not is_regexp_task(self.task_function):
             return super().launch(job_overrides, initial_job_idx)
         from hydra.core.utils import configure_log
 
@@ -170,13 +169,16 @@ class SubmititJobs(BaseSubmititLauncher):
         """A submitted job: its members, alone or side by side, in Hydra's job context each."""
         import submitit
 
+        from regexp.train import cluster_warnings
+
         Singleton.set_state(singleton_state)
         setup_globals()
         here = self.in_process()
         job_id = submitit.JobEnvironment().job_id
         configs = [here.sweep_config(overrides, number, job_id) if cfg is None else here.with_id(cfg, job_id)
                    for overrides, number, cfg in members]
-        signal.signal(signal.SIGUSR1, time_is_up)  # until training takes it over (regexp.train.StopSignal)
+        for signum in cluster_warnings():  # until training takes them over (regexp.train.StopSignal)
+            signal.signal(signum, time_is_up)
         return [here.run(configs[0])] if len(configs) == 1 else here.run_fused(configs)
 
 

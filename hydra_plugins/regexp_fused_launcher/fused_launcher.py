@@ -35,10 +35,9 @@ class FusedLauncher(Launcher):
         from hydra.core.utils import configure_log, setup_globals
 
         from regexp import fusion
-        from regexp.cli import Job
         from regexp.sweep import jobs_ended
 
-        if not isinstance(self.task_function, Job):
+        if not is_regexp_task(self.task_function):
             return self.basic_launcher().launch(job_overrides, initial_job_idx)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -97,6 +96,12 @@ class FusedLauncher(Launcher):
             job_return.status = JobStatus.FAILED if isinstance(value, Exception) else JobStatus.COMPLETED
             job_return.return_value = value
         return returns
+
+
+def is_regexp_task(task: Any) -> bool:
+    """Whether Hydra's task is regexp's training (regexp.cli.Job), whose jobs regexp's launchers run
+    their own way; another app's run as Hydra's launchers run them."""
+    return getattr(task, "regexp_task", False) is True
 
 
 @contextmanager
