@@ -87,8 +87,11 @@ def is_slurm(hydra_cfg: Any) -> bool:
 
 
 def check_request(hydra_cfg: Any) -> None:
-    """The pre-flight of a SLURM launcher's request (the module's docstring); nothing for
-    other launchers."""
+    """The pre-flight of a submitit launcher's settings (check_settings) and of a SLURM
+    launcher's request (the module's docstring); nothing for other launchers."""
+    if not is_slurm(hydra_cfg) and not str((hydra_cfg.get("launcher") or {}).get("_target_", "")).endswith("LocalLauncher"):
+        return
+    check_settings(hydra_cfg.launcher, is_slurm(hydra_cfg))
     if not is_slurm(hydra_cfg):
         return
     launcher = hydra_cfg.launcher
@@ -109,6 +112,30 @@ def check_request(hydra_cfg: Any) -> None:
     if misfits and all(misfits):  # a request fits where any of its partitions can hold it
         raise misfits[0]
     dry_submit(sbatch_options(launcher), choice)
+
+
+def check_settings(launcher: Any, slurm: bool) -> None:
+    """What no cluster is asked about (sbatch --test-only takes --nodes=0 and --time=-5): a
+    time limit of at least a minute, a folder for submitit's files that can be written, and on
+    SLURM at least one node and task, and a time-limit warning (signal_delay_s) that comes
+    before the limit, not before the job starts."""
+    from regexp.config import check_writable
+
+    minutes = launcher.get("timeout_min")
+    if not isinstance(minutes, int) or minutes < 1:
+        raise ConfigError("hydra.launcher.timeout_min", minutes, "must be an integer >= 1 (a job's time limit, minutes)")
+    folder = str(launcher.submitit_folder)
+    check_writable(folder.split("%j")[0] or ".", "hydra.launcher.submitit_folder", folder)
+    if not slurm:
+        return
+    for key in ("nodes", "tasks_per_node"):
+        if launcher.get(key) is not None and launcher.get(key) < 1:
+            raise ConfigError(f"hydra.launcher.{key}", launcher.get(key), "must be an integer >= 1")
+    delay = launcher.get("signal_delay_s")
+    if delay is not None and not 0 <= delay < minutes * 60:
+        raise ConfigError("hydra.launcher.signal_delay_s", delay,
+                          f"must be from 0 to less than the time limit ({minutes * 60} s: hydra.launcher.timeout_min="
+                          f"{minutes}): the warning comes this long before the limit")
 
 
 def answer(command: list[str], choice: str) -> subprocess.CompletedProcess:
@@ -255,5 +282,5 @@ def dry_submit(options: dict[str, tuple[Optional[str], Any, Any]], choice: str) 
 def last_line(out: subprocess.CompletedProcess) -> str:
     """A SLURM command's verdict: the last line it printed that is no warning."""
     lines = [line.strip() for line in (out.stderr + out.stdout).splitlines() if line.strip()]
-    verdicts = [line for line in lines if "warning" not in line.lower()] or lines
+    verdicts = [line for line in lines if "warning" not in line.lower() and not line.startswith("Try ")] or lines
     return verdicts[-1] if verdicts else f"exit code {out.returncode}, no message"

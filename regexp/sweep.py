@@ -550,7 +550,7 @@ def record_lost_job(hydra_cfg: Any, what: str) -> None:
     if summary is not None and summary.status is not Status.RUNNING and written_since(run_dir / SUMMARY, record):
         return
     if summary is None:
-        write_job_record(hydra_cfg, error=what)
+        write_job_record(hydra_cfg, error=f"{JobLost.__name__}: {what}")  # as record_failure words an error
     else:
         record_failure(hydra_cfg, JobLost(what))
 

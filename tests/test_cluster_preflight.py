@@ -246,10 +246,45 @@ def test_the_options_are_those_submitit_writes(tmp_path, slurm):
     ({}, "allocation failure: Requested node configuration is not available",
      "hydra.launcher: the cluster refuses this request: allocation failure: Requested node configuration is not "
      "available"),
-], ids=["qos", "account", "constraint", "time", "additional parameter", "option named", "no key"])
+    ({"additional_parameters": {"bogus_opt": 1}}, "sbatch: unrecognized option '--bogus-opt=1'\nTry \"sbatch --help\" "
+                                                  "for more information",
+     "hydra.launcher.additional_parameters.bogus_opt=1: the cluster refuses this request: sbatch: unrecognized option "
+     "'--bogus-opt=1'"),
+], ids=["qos", "account", "constraint", "time", "additional parameter", "option named", "no key", "unknown option"])
 def test_what_sbatch_refuses_is_its_own_line_under_the_key_it_names(slurm, changes, answer, line):
     slurm.sbatch(answer, code=1)
     assert refusal(hydra_node(**{**FITS, **changes})) == line
+
+
+# ---------------------------------------------------------------- what no cluster is asked about
+@pytest.mark.parametrize("choice", ["submitit_slurm", "submitit_local"])
+@pytest.mark.parametrize("changes, line", [
+    ({"timeout_min": 0}, "hydra.launcher.timeout_min=0: must be an integer >= 1 (a job's time limit, minutes)"),
+    ({"timeout_min": -5}, "hydra.launcher.timeout_min=-5: must be an integer >= 1 (a job's time limit, minutes)"),
+    ({"submitit_folder": "/proc/nope/%j"}, "hydra.launcher.submitit_folder=/proc/nope/%j: output directory cannot be "
+                                           "written: /proc: No such file or directory"),
+])
+def test_a_submitit_setting_no_cluster_checks_is_refused_first(slurm, choice, changes, line):
+    hydra_cfg = hydra_node(choice, **{**FITS, **changes})
+    if choice == "submitit_local":
+        hydra_cfg.launcher._target_ = "hydra_plugins.regexp_fused_launcher._submitit_jobs.LocalLauncher"
+    assert refusal(hydra_cfg) == line
+    assert slurm.arguments() == []  # before any question to the cluster
+
+
+@pytest.mark.parametrize("changes, line", [
+    ({"nodes": 0}, "hydra.launcher.nodes=0: must be an integer >= 1"),
+    ({"nodes": -1}, "hydra.launcher.nodes=-1: must be an integer >= 1"),
+    ({"tasks_per_node": 0}, "hydra.launcher.tasks_per_node=0: must be an integer >= 1"),
+    ({"signal_delay_s": -10}, "hydra.launcher.signal_delay_s=-10: must be from 0 to less than the time limit (14400 s: "
+                              "hydra.launcher.timeout_min=240): the warning comes this long before the limit"),
+    ({"signal_delay_s": 300, "timeout_min": 1}, "hydra.launcher.signal_delay_s=300: must be from 0 to less than the time "
+                                                "limit (60 s: hydra.launcher.timeout_min=1): the warning comes this long "
+                                                "before the limit"),
+], ids=["no node", "negative nodes", "no task", "negative delay", "delay past the limit"])
+def test_what_sbatch_test_only_takes_but_no_job_can_run_is_refused(slurm, changes, line):
+    assert refusal(hydra_node(**{**FITS, **changes})) == line
+    assert slurm.arguments() == []
 
 
 # ---------------------------------------------------------------- a cluster that does not answer

@@ -147,7 +147,8 @@ class SubmititJobs(BaseSubmititLauncher):
             lost = f"{self._EXECUTOR} job {job.job_id} ended without a result ({why_lost(job)})"
         except FailedJobError as e:  # the job itself raised, outside any run's own records
             lost = f"{self._EXECUTOR} job {job.job_id} failed: {str(e).strip().splitlines()[-1]}"
-        lost += f"; its log: {job.paths.stderr}"
+        if Path(job.paths.stderr).is_file():
+            lost += f"; its log: {job.paths.stderr}"
         return lost_returns(configs, lost)
 
     def cancel(self, jobs: list[Any]) -> None:
@@ -169,6 +170,7 @@ class SubmititJobs(BaseSubmititLauncher):
         """A submitted job: its members, alone or side by side, in Hydra's job context each."""
         import submitit
 
+        from regexp.rundir import Interrupted
         from regexp.train import cluster_warnings
 
         Singleton.set_state(singleton_state)
@@ -179,7 +181,10 @@ class SubmititJobs(BaseSubmititLauncher):
                    for overrides, number, cfg in members]
         for signum in cluster_warnings():  # until training takes them over (regexp.train.StopSignal)
             signal.signal(signum, time_is_up)
-        return [here.run(configs[0])] if len(configs) == 1 else here.run_fused(configs)
+        try:
+            return [here.run(configs[0])] if len(configs) == 1 else here.run_fused(configs)
+        except Interrupted as e:  # a run that trained recorded its stop; one that had not started says so
+            return lost_returns(configs, f"stopped by signal {e.signum} before its run started")
 
 
 def time_is_up(signum: int, frame: Any) -> None:
@@ -201,14 +206,18 @@ def slurm_queue() -> Optional[set[str]]:
 
 
 def why_lost(job: Any) -> str:
-    """Why a job gave no result: SLURM's own line in its log (`*** JOB 25 ON node CANCELLED AT
-    ... DUE TO TIME LIMIT ***`), else the state submitit knows."""
+    """Why a job gave no result, from its log (not submitit's state: sacct, which a cluster may
+    lack): SLURM's own line (`*** JOB 25 ON node CANCELLED AT ... DUE TO TIME LIMIT ***`), else
+    the log's last line, else that it wrote none."""
     try:
-        lines = Path(job.paths.stderr).read_text(errors="replace").splitlines()
+        lines = [line.strip() for line in Path(job.paths.stderr).read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
-        lines = []
+        return "it wrote no log: cancelled before it started, or it failed before Python did (hydra.launcher.setup?)"
     said = [line.split("***")[1].strip() for line in lines if line.count("***") >= 2]
-    return said[-1] if said else f"state {job.state}"
+    if said:
+        return said[-1]
+    return f"its log ends: {lines[-1]}" if lines else "its log is empty: it failed before Python started " \
+                                                       "(hydra.launcher.setup?), or was killed"
 
 
 class FusedJobs(SubmititJobs):
