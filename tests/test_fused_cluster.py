@@ -30,6 +30,16 @@ def submitted(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("submitit ")]
 
 
+def start_sweep(tmp_path: Path, data_root: Path, launcher: str, seeds: str, **popen) -> tuple[Path, subprocess.Popen]:
+    """A long sweep through the real CLI in the background: (its sweep dir, its process)."""
+    sweep = tmp_path / "sweep"
+    command = [REGEXP, "train", "-m", f"hydra/launcher={launcher}", "logger=none", *LONG, f"seed={seeds}",
+               f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
+    return sweep, subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, **popen)
+
+
 def training(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
     return metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
@@ -63,11 +73,7 @@ def test_fused_local_submits_one_job_per_group_and_resume_submits_only_the_unfin
 
 def test_a_killed_local_job_is_a_failed_row_and_the_sweep_goes_on(tmp_path, data_root):
     """SIGKILL to a job's process: no result comes back; its row says so, the other job completes."""
-    sweep = tmp_path / "sweep"
-    command = [REGEXP, "train", "-m", "hydra/launcher=submitit_local", "logger=none", *LONG, "seed=0,1",
-               f"hydra.sweep.dir={sweep}"]
-    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep, process = start_sweep(tmp_path, data_root, "submitit_local", "0,1")
     try:
         wait_for(lambda: training(sweep / "1"), "job 1 training", process)
         victim = submitted_jobs(sweep)[1]  # a local job's id: the process id of submitit's wrapper, whose child trains
@@ -85,12 +91,7 @@ def test_a_killed_local_job_is_a_failed_row_and_the_sweep_goes_on(tmp_path, data
 
 
 def test_a_signal_to_the_launching_process_cancels_its_local_jobs_which_save_their_checkpoints(tmp_path, data_root):
-    sweep = tmp_path / "sweep"
-    command = [REGEXP, "train", "-m", "hydra/launcher=submitit_local", "logger=none", *LONG, "seed=0,1",
-               f"hydra.sweep.dir={sweep}"]
-    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=answer_sigint)
+    sweep, process = start_sweep(tmp_path, data_root, "submitit_local", "0,1", preexec_fn=answer_sigint)
     try:
         wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "both jobs training", process)
         process.send_signal(signal.SIGTERM)
@@ -166,11 +167,7 @@ def test_fused_slurm_refuses_a_request_the_cluster_cannot_hold_before_writing(tm
 def test_a_killed_joblib_worker_ends_the_sweep_with_its_table_not_a_traceback(tmp_path, data_root):
     """joblib stops every worker when one dies: the started jobs are failed (not left running), the
     others not run, and the table says so (exit 1)."""
-    sweep = tmp_path / "sweep"
-    command = [REGEXP, "train", "-m", "hydra/launcher=joblib", "logger=none", *LONG, "seed=0,1,2",
-               f"hydra.sweep.dir={sweep}"]
-    env = dict(os.environ, REGEXP_DATA_DIR=str(data_root), COLUMNS="200")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep, process = start_sweep(tmp_path, data_root, "joblib", "0,1,2")
     try:
         wait_for(lambda: training(sweep / "0") and training(sweep / "1"), "two jobs training", process)
         subprocess.run(["pkill", "-KILL", "-f", "-P", str(process.pid), "LokyProcess-2"], check=True)

@@ -42,7 +42,6 @@ class SubmititJobs(BaseSubmititLauncher):
     max_models = 1  # members a submitted job trains at most: one, unless fused
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-
         if not is_regexp_task(self.task_function):
             return super().launch(job_overrides, initial_job_idx)
         from hydra.core.utils import configure_log
@@ -119,7 +118,7 @@ class SubmititJobs(BaseSubmititLauncher):
             while pending:
                 for job in self.ended(list(pending)):
                     group = pending.pop(job)
-                    returns.update(zip(group, self.collect(job, [config(i) for i in group])))
+                    returns.update(zip(group, self.collect(job, group, config)))
                 if pending:
                     time.sleep(POLL_S)
         except BaseException:
@@ -136,9 +135,10 @@ class SubmititJobs(BaseSubmititLauncher):
         queued = slurm_queue()
         return [job for job in jobs if job.paths.result_pickle.exists() or (queued is not None and job.job_id not in queued)]
 
-    def collect(self, job: Any, configs: list[DictConfig]) -> list[JobReturn]:
+    def collect(self, job: Any, group: list[int], config: Callable[[int], DictConfig]) -> list[JobReturn]:
         """A group's returns from its job's result; a job that gave none back fails each member
-        whose run did not record its own end (regexp.sweep.record_lost_job)."""
+        whose run did not record its own end (regexp.sweep.record_lost_job): only then are the
+        members' configs needed here."""
         from submitit.core.utils import FailedJobError
 
         try:
@@ -149,7 +149,7 @@ class SubmititJobs(BaseSubmititLauncher):
             lost = f"{self._EXECUTOR} job {job.job_id} failed: {str(e).strip().splitlines()[-1]}"
         if Path(job.paths.stderr).is_file():
             lost += f"; its log: {job.paths.stderr}"
-        return lost_returns(configs, lost)
+        return lost_returns([config(i) for i in group], lost)
 
     def cancel(self, jobs: list[Any]) -> None:
         """Cancel the jobs not ended yet, then wait (CANCEL_WAIT_S at most) while the running ones
