@@ -524,7 +524,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     from pathlib import Path
 
     from regexp.cluster import check_request
-    from regexp.compose import check_job, compose, initialized, sweep_jobs
+    from regexp.compose import check_job, compose, composing_many, initialized, sweep_jobs
     from regexp.config import check_run_dir_text, check_writable, validate
     from regexp.fusion import check_launcher
     from regexp.lock import check_free
@@ -535,7 +535,7 @@ def precheck(overrides: list[str], multirun: bool, run: bool = True) -> tuple:
     job_dirs: dict[str, int] = {}  # a sweep's job dirs so far: real path -> job number
     data_problems: dict = {}  # a data set's problem (None: none), looked at once
     missing = []  # each job to train: its data set's problem
-    with initialized():
+    with initialized(), composing_many():
         jobs = sweep_jobs(overrides) if multirun else [overrides]
         for number, job in enumerate(jobs):
             cfg = compose(job, with_hydra=True)

@@ -56,6 +56,47 @@ def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
         return _hydra_compose(parsed, with_hydra)
 
 
+@contextmanager
+def composing_many() -> Iterator[None]:
+    """While a sweep's jobs are composed one after another (the pre-flight; a launcher loading
+    them on the launching host): Hydra's defaults list and the merge of the config files it
+    names are made once for each set of group choices (`optimizer=adam`, `+regularizer=...`,
+    `hydra/launcher=...`) and reused, instead of once a job; Hydra still applies each job's own
+    values (its config overrides) and fills its Hydra node. A 256-seed sweep composes its jobs
+    several times faster. Hydra 1.3's composition, step for step, with its two costly steps
+    remembered: nothing else changes while the block runs."""
+    import copy
+
+    from hydra._internal import config_loader_impl as loader
+    from hydra._internal.defaults_list import DefaultsList, Overrides
+
+    lists: dict[tuple, DefaultsList] = {}
+    merged: dict[int, DictConfig] = {}
+    make_list, merge = loader.create_defaults_list, loader.ConfigLoaderImpl._compose_config_from_defaults_list
+
+    def defaults_list(repo: Any, config_name: Optional[str], overrides_list: list, prepend_hydra: bool,
+                      skip_missing: bool) -> DefaultsList:
+        job = Overrides(repo=repo, overrides_list=overrides_list)  # which overrides choose groups, which set values
+        key = (config_name, prepend_hydra, skip_missing,
+               tuple(o.input_line for o in overrides_list if o not in job.config_overrides))
+        if key not in lists:
+            lists[key] = make_list(repo, config_name, overrides_list, prepend_hydra, skip_missing)
+        made = lists[key]
+        return DefaultsList(defaults=made.defaults, config_overrides=job.config_overrides,
+                            defaults_tree=made.defaults_tree, overrides=made.overrides)
+
+    def merged_config(self: Any, defaults: list, repo: Any) -> DictConfig:
+        if id(defaults) not in merged:
+            merged[id(defaults)] = merge(self, defaults, repo)
+        return copy.deepcopy(merged[id(defaults)])  # each job's to change
+
+    loader.create_defaults_list, loader.ConfigLoaderImpl._compose_config_from_defaults_list = defaults_list, merged_config
+    try:
+        yield
+    finally:
+        loader.create_defaults_list, loader.ConfigLoaderImpl._compose_config_from_defaults_list = make_list, merge
+
+
 _HYDRA_IN_USE = threading.RLock()  # held by the thread inside initialized(); re-entered by its nested calls
 
 

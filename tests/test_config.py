@@ -235,3 +235,29 @@ def test_check_writable(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="out_dir="):
         check_writable(blocker / "sub", "out_dir")
+
+
+JOBS = [["seed=0"], ["seed=1", "optimizer.lr=0.01"], ["optimizer=adam", "seed=0"], ["optimizer=adam", "seed=1"],
+        ["+regularizer=dropout", "regularizer.dropout.p=0.3"], ["+regularizer=[dropout,l2]", "regularizer.l2.coef=1e-3"],
+        ["hydra/launcher=fused_slurm", "hydra.launcher.max_models=3", "seed=4"], ["model=cnn", "norm=batchnorm"],
+        ["seed=2", "hydra.job.config.override_dirname.exclude_keys=[seed]"]]
+
+
+def test_composing_many_jobs_gives_each_its_own_config_as_hydra_composes_it():
+    """composing_many remembers Hydra's defaults list and file merge per set of group choices:
+    every job's config (Hydra's node included: its overrides, choices, override_dirname) is the
+    one Hydra composes for it alone, a bad job fails as alone, and Hydra is itself again after."""
+    from hydra._internal import config_loader_impl as loader
+
+    from regexp.compose import compose, composing_many, initialized
+
+    with initialized():
+        alone = [OmegaConf.to_container(compose(job, with_hydra=True)) for job in JOBS]
+        before = loader.create_defaults_list, loader.ConfigLoaderImpl._compose_config_from_defaults_list
+        with composing_many():
+            together = [OmegaConf.to_container(compose(job, with_hydra=True)) for job in [*JOBS, *JOBS]]
+            with pytest.raises(ConfigError, match="optimizer=nope"):
+                compose(["optimizer=nope", "seed=0"], with_hydra=True)
+        assert (loader.create_defaults_list, loader.ConfigLoaderImpl._compose_config_from_defaults_list) == before
+    assert together == [*alone, *alone]
+    assert alone[0]["hydra"]["overrides"]["task"] == ["seed=0"] and alone[1]["optimizer"]["lr"] == 0.01

@@ -46,6 +46,8 @@ class SubmititJobs(BaseSubmititLauncher):
             return super().launch(job_overrides, initial_job_idx)
         from hydra.core.utils import configure_log
 
+        from regexp.compose import composing_many
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,8 @@ class SubmititJobs(BaseSubmititLauncher):
                 loaded[i] = here.sweep_config(job_overrides[i], initial_job_idx + i)
             return loaded[i]
 
-        groups, finished = self.partition(len(job_overrides), config)
+        with composing_many():  # a fused partition, or resume=auto, loads every job's config here
+            groups, finished = self.partition(len(job_overrides), config)
         returns = {i: here.run(config(i)) for i in finished}  # resume=auto skips them: nothing to submit
         if groups:  # a config loaded here goes along: the job need not compose it again
             submitted = self.submit([[(list(job_overrides[i]), initial_job_idx + i, loaded.get(i)) for i in g]

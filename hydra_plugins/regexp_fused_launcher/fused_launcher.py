@@ -35,6 +35,7 @@ class FusedLauncher(Launcher):
         from hydra.core.utils import configure_log, setup_globals
 
         from regexp import fusion
+        from regexp.compose import composing_many
         from regexp.sweep import jobs_ended
 
         if not is_regexp_task(self.task_function):
@@ -42,7 +43,8 @@ class FusedLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = [self.sweep_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        with composing_many():
+            configs = [self.sweep_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         jobs = [fusion.candidate(cfg) for cfg in configs]
         plan = fusion.partition(jobs, self.max_models, fusion.memory_budget({j.config["device"]["name"] for j in jobs}))
         for line in plan.lines(jobs):
