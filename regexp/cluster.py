@@ -3,6 +3,10 @@ any launcher whose class name ends with `SlurmLauncher`), once per command, befo
 writes the sweep dir. Without it, a request the cluster cannot run is a submitit traceback
 after the sweep dir and multirun.yaml exist. Each refusal is one line (ConfigError, exit 2):
 
+0. What no cluster is asked about, for the local submitit launchers too (check_settings): a
+   time limit under a minute, a submitit folder that cannot be written, no node or task, a
+   time-limit warning (signal_delay_s) not within the time limit.
+
 1. `sbatch` or `sinfo` not on PATH: this machine submits nothing.
 2. hydra.launcher.partition unknown to the cluster (`sinfo`; null: the default partition):
    the line names the partitions there are.
@@ -18,8 +22,8 @@ after the sweep dir and multirun.yaml exist. Each refusal is one line (ConfigErr
    constraint, a time limit) is sbatch's own error line, naming the key where it can.
 
 A cluster that does not answer within ANSWER_TIMEOUT_S, or whose `sinfo` fails, is one line
-too (RunError, exit 1: the request may be fine). The standard library, OmegaConf and
-regexp.rundir only: no torch.
+too (RunError, exit 1: the request may be fine). The standard library, OmegaConf,
+regexp.rundir and regexp.config (check_writable) only: no torch.
 """
 
 import re
@@ -106,7 +110,7 @@ def check_request(hydra_cfg: Any) -> None:
     unknown = [name for name in names if name not in partitions] if partitions else []  # none read: sbatch decides
     if unknown:
         there = ", ".join(f"{p} (the default)" if p == default else p for p in partitions)
-        raise ConfigError("hydra.launcher.partition", asked, f"no partition {unknown[0]} on this cluster; "
+        raise ConfigError("hydra.launcher.partition", asked, f"no partition {unknown[0] or repr('')} on this cluster; "
                                                               f"its partitions: {there}")
     misfits = [misfit(name, partitions[name], launcher) for name in names if name in partitions]
     if misfits and all(misfits):  # a request fits where any of its partitions can hold it

@@ -81,7 +81,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         planned = planned_jobs(config.hydra)
         start_records(Path(config.hydra.sweep.dir), planned)
-        self.job_ends = JobEnds(Path(config.hydra.sweep.dir), planned)
+        self.job_ends = JobEnds(Path(config.hydra.sweep.dir), planned, list(config.hydra.overrides.task))
         if not jobs_in_this_process(config.hydra):
             self.job_ends.watch()
         optuna_colours_on_terminals_only(config.hydra)
@@ -238,10 +238,12 @@ class JobEnds:
     (SweepSummary.jobs_ended); jobs of other processes by a thread, every POLL_S, until the
     sweep's summary is written (its end, or a signal's report). Each job once."""
 
-    def __init__(self, sweep_dir: Path, planned: Optional[list[list[str]]]):
+    def __init__(self, sweep_dir: Path, planned: Optional[list[list[str]]], fixed: Optional[list[str]] = None):
+        """`planned`: every job's overrides (None: a search draws them); `fixed`: the command's
+        overrides that every job shares (a search's lines leave them out, as a sweep's do)."""
         self.sweep_dir = sweep_dir
         self.total = len(planned) if planned is not None else None
-        self.shared = set.intersection(*map(set, planned)) if planned and len(planned) > 1 else set()
+        self.shared = set.intersection(*map(set, planned)) if planned and len(planned) > 1 else set(fixed or [])
         self.shown: set[str] = set()
         self.lock, self.stopping = threading.Lock(), threading.Event()
         self.thread: Optional[threading.Thread] = None

@@ -98,6 +98,8 @@ def test_an_unknown_partition_names_the_partitions_there_are(slurm):
     slurm.nodes(*GPU_NODES)
     assert refusal(hydra_node(partition="gpus")) == (
         "hydra.launcher.partition=gpus: no partition gpus on this cluster; its partitions: cpu (the default), gpu")
+    assert refusal(hydra_node(partition="")) == (
+        "hydra.launcher.partition=: no partition '' on this cluster; its partitions: cpu (the default), gpu")
     assert slurm.arguments() == []  # sbatch was not asked
 
 

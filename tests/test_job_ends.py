@@ -154,3 +154,9 @@ def test_a_group_taller_than_the_terminal_ends_with_every_row_and_its_title_coun
     end = plain[plain.rindex("fused group of 30 models"):]
     assert end.startswith("fused group of 30 models (29 training, 1 pruned)")
     assert [line.split("│")[1].strip() for line in end.splitlines() if line.startswith("│")] == [str(i) for i in range(30)]
+
+
+def test_a_searchs_job_lines_leave_out_the_overrides_every_job_shares(tmp_path):
+    """A search draws its jobs as it goes: the command's own overrides are the shared ones."""
+    assert JobEnds(tmp_path, None, ["epochs=1", "logger=none"]).shared == {"epochs=1", "logger=none"}
+    assert JobEnds(tmp_path, [["seed=0", "epochs=1"], ["seed=1", "epochs=1"]], ["epochs=1"]).shared == {"epochs=1"}
