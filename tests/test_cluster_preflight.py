@@ -4,7 +4,6 @@ refuses is one line naming the key. Fast tests run regexp.cluster against fake `
 `sbatch` scripts on PATH; the slow ones run the CLI against the machine's one-node cluster."""
 
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -327,15 +326,9 @@ def test_the_pre_flight_checks_a_sweeps_request_once_and_writes_nothing(slurm, t
 
 # ---------------------------------------------------------------- the machine's cluster, through the CLI
 def local_cluster() -> list[list[str]]:
-    """This machine's cluster as `sinfo -h -o '%P|%G'` gives it (partition, gres); skip unless
-    it answers (scripts/local-slurm start)."""
-    try:
-        out = shutil.which("sinfo") and subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True,
-                                                       timeout=20)
-    except subprocess.TimeoutExpired:
-        out = None
-    if not out or out.returncode != 0:
-        pytest.skip("no SLURM cluster answers on this machine (scripts/local-slurm start)")
+    """This machine's cluster (the local_slurm fixture starts it) as `sinfo -h -o '%P|%G'`
+    gives it: partition, gres."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=20, check=True)
     return [line.split("|") for line in out.stdout.split()]
 
 
@@ -347,7 +340,7 @@ def assert_refused(out, line: str, cwd: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_cli_the_preset_on_the_gpu_less_local_cluster_is_refused_writing_nothing(tmp_path, data_root):
+def test_cli_the_preset_on_the_gpu_less_local_cluster_is_refused_writing_nothing(tmp_path, data_root, local_slurm):
     default, gres = next((name.rstrip("*"), gres) for name, gres in local_cluster() if name.endswith("*"))
     if gpu_count(gres):
         pytest.skip(f"partition {default} of this machine's cluster has GPUs")
@@ -358,8 +351,7 @@ def test_cli_the_preset_on_the_gpu_less_local_cluster_is_refused_writing_nothing
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_cli_an_unknown_partition_is_refused_writing_nothing(tmp_path, data_root):
-    local_cluster()
+def test_cli_an_unknown_partition_is_refused_writing_nothing(tmp_path, data_root, local_slurm):
     out = run_cli(["train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=no_such_partition",
                    "seed=0,1", *TINY], tmp_path, data_root)
     assert out.returncode == 2 and out.stderr.startswith(
@@ -371,10 +363,9 @@ def test_cli_an_unknown_partition_is_refused_writing_nothing(tmp_path, data_root
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/submitit_slurm' is validated:UserWarning")
-def test_a_request_the_local_cluster_holds_passes_the_pre_flight(tmp_path, monkeypatch):
+def test_a_request_the_local_cluster_holds_passes_the_pre_flight(tmp_path, monkeypatch, local_slurm):
     from regexp.cli import precheck
 
-    local_cluster()
     monkeypatch.chdir(tmp_path)
     out_dir, _, _ = precheck(["seed=0,1", "hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=0",
                               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",

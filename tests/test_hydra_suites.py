@@ -13,8 +13,10 @@ from hydra.version import VersionBase, __compat_version__
 from hydra_plugins.regexp_fused_launcher.fused_launcher import FusedLauncher
 from hydra_plugins.regexp_fused_launcher.submitit_jobs import FusedLocalLauncher, FusedSlurmLauncher
 
-# what the one-node cluster of the tests holds (scripts/local-slurm): no GPU, 2 cores
-ON_THE_NODE = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 2}
+# what the one-node cluster of the tests holds (scripts/local-slurm): no GPU, 2 cores; the time-limit
+# warning well inside the limit (the preset's 120 s before a 2-minute limit would stop each job as it starts)
+ON_THIS_MACHINE = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5}
+ON_THE_NODE = {**ON_THIS_MACHINE, "signal_delay_s": 10}
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +61,7 @@ class TestFusedLauncherIntegration(IntegrationTestSuite):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher_name, overrides", [
-    ("fused_local", [f"hydra.launcher.{key}={value}" for key, value in ON_THE_NODE.items()]),
+    ("fused_local", [f"hydra.launcher.{key}={value}" for key, value in ON_THIS_MACHINE.items()]),
 ])
 class TestFusedLocalLauncher(LauncherTestSuite):
     """Hydra's launcher suite through hydra/launcher=fused_local: each job in a process of its own."""
@@ -69,7 +71,7 @@ class TestFusedLocalLauncher(LauncherTestSuite):
 @pytest.mark.parametrize("task_launcher_cfg, extra_flags", [
     ({"defaults": [{"override hydra/launcher": "fused_local"}, {"override hydra/hydra_logging": "hydra_debug"},
                   {"override hydra/job_logging": "disabled"}],
-      "hydra": {"launcher": ON_THE_NODE}},
+      "hydra": {"launcher": ON_THIS_MACHINE}},
      ["-m"]),
 ])
 class TestFusedLocalLauncherIntegration(IntegrationTestSuite):
