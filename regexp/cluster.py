@@ -23,7 +23,7 @@ after the sweep dir and multirun.yaml exist. Each refusal is one line (ConfigErr
 
 A cluster that does not answer within ANSWER_TIMEOUT_S, or whose `sinfo` fails, is one line
 too (RunError, exit 1: the request may be fine). The standard library, OmegaConf,
-regexp.rundir and regexp.config (check_writable) only: no torch.
+regexp.rundir, regexp.fusion (launcher_target) and regexp.config (check_writable) only: no torch.
 """
 
 import re
@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Optional
 
 from omegaconf import OmegaConf
 
+from regexp.fusion import launcher_target
 from regexp.rundir import ConfigError, RunError
 
 ANSWER_TIMEOUT_S = 30  # a busy controller answers within its MessageTimeout (10 s by default)
@@ -87,13 +88,13 @@ class ClusterRefuses(ConfigError):
 
 def is_slurm(hydra_cfg: Any) -> bool:
     """Whether the sweep's launcher submits to SLURM (Hydra's SlurmLauncher and its subclasses)."""
-    return str((hydra_cfg.get("launcher") or {}).get("_target_", "")).endswith("SlurmLauncher")
+    return launcher_target(hydra_cfg).endswith("SlurmLauncher")
 
 
 def check_request(hydra_cfg: Any) -> None:
     """The pre-flight of a submitit launcher's settings (check_settings) and of a SLURM
     launcher's request (the module's docstring); nothing for other launchers."""
-    if not is_slurm(hydra_cfg) and not str((hydra_cfg.get("launcher") or {}).get("_target_", "")).endswith("LocalLauncher"):
+    if not is_slurm(hydra_cfg) and not launcher_target(hydra_cfg).endswith("LocalLauncher"):
         return
     check_settings(hydra_cfg.launcher, is_slurm(hydra_cfg))
     if not is_slurm(hydra_cfg):

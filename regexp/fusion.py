@@ -35,7 +35,6 @@ RESUME_STEP = "step (resume=auto)"  # the key the partition adds for a continued
 
 LAUNCHER_KEYS = {"_target_", "max_models"}  # hydra.launcher's keys for the fused launcher
 OUR_PLUGIN = "hydra_plugins.regexp_fused_launcher."  # regexp's launchers: fused, its cluster kinds, submitit's
-FUSED_LAUNCHERS = ("FusedLauncher", "FusedSlurmLauncher", "FusedLocalLauncher")
 MAX_MODELS = (1, 1024)  # hydra.launcher.max_models: a group's models at least and at most
 MEMORY_SHARE = 0.5  # of the available memory, for the stacks' estimate
 BYTES = 4  # fp32
@@ -306,11 +305,6 @@ def launcher_target(hydra_cfg: Any) -> str:
 def launcher_class(hydra_cfg: Any) -> str:
     """The class name alone (FusedSlurmLauncher), without its module."""
     return launcher_target(hydra_cfg).rsplit(".", 1)[-1]
-
-
-def is_fused(hydra_cfg: Any) -> bool:
-    """Whether the sweep's launcher fuses (fused, fused_slurm, fused_local)."""
-    return launcher_class(hydra_cfg) in FUSED_LAUNCHERS and launcher_target(hydra_cfg).startswith(OUR_PLUGIN)
 
 
 def check_launcher(hydra_cfg: Any) -> None:

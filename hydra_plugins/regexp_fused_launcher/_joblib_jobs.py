@@ -19,7 +19,6 @@ class JoblibLauncher(HydraJoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-
         try:
             return super().launch(job_overrides, initial_job_idx)
         except TerminatedWorkerError as e:
@@ -34,7 +33,6 @@ class JoblibLauncher(HydraJoblibLauncher):
 
     def lost(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, what: str) -> list[JobReturn]:
         """Each job's return after the pool broke (a finished job's run keeps its own end)."""
-        here = FusedLauncher()
-        here.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        here = FusedLauncher.beside(self)
         configs = [here.sweep_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
         return lost_returns(configs, what, unstarted_failed=False)

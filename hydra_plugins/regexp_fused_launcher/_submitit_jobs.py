@@ -51,7 +51,7 @@ class SubmititJobs(BaseSubmititLauncher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        here = self.in_process()
+        here = FusedLauncher.beside(self, self.max_models)
         loaded: dict[int, DictConfig] = {}  # the jobs' configs loaded here so far, by index
 
         def config(i: int) -> DictConfig:
@@ -77,12 +77,6 @@ class SubmititJobs(BaseSubmititLauncher):
             return [[i] for i in range(count)], []
         finished = [i for i in range(count) if fusion.candidate(config(i)).step is None]
         return [[i] for i in range(count) if i not in finished], finished
-
-    def in_process(self) -> FusedLauncher:
-        """What runs jobs in this process (skipped ones here, a group's members in its cluster job)."""
-        launcher = FusedLauncher(self.max_models)
-        launcher.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
-        return launcher
 
     # ---------------------------------------------------------------- on the launching host
     def submit(self, groups: list[list[Member]]) -> list[Any]:
@@ -178,7 +172,7 @@ class SubmititJobs(BaseSubmititLauncher):
 
         Singleton.set_state(singleton_state)
         setup_globals()
-        here = self.in_process()
+        here = FusedLauncher.beside(self, self.max_models)
         job_id = submitit.JobEnvironment().job_id
         configs = [here.sweep_config(overrides, number, job_id) if cfg is None else here.with_id(cfg, job_id)
                    for overrides, number, cfg in members]

@@ -57,6 +57,14 @@ class FusedLauncher(Launcher):
             jobs_ended(self.hydra_context.callbacks)  # a group's members end together, after Hydra's on_job_end
         return [returns[i] for i in range(len(configs))]
 
+    @classmethod
+    def beside(cls, launcher: Launcher, max_models: int = 64) -> "FusedLauncher":
+        """One that runs `launcher`'s jobs in this process (a job resume=auto skips, a cluster
+        job's group, a config loaded here), with its context, task and config."""
+        here = cls(max_models)
+        here.setup(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=launcher.config)
+        return here
+
     def basic_launcher(self) -> Launcher:
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
