@@ -186,9 +186,15 @@ def _require_pixels(key: str, value: list[int], poolings: int, shape: tuple[int,
                           f"use at most {min(shape[1:]).bit_length() - 1}")
 
 
+def dataset_shape(ds_cfg: Any) -> tuple[tuple[int, int, int], int]:
+    """The configured data set's image shape (C, H, W) and class count, without torch: the
+    pre-flight sizes models with it before any data are loaded."""
+    return IMAGE_SHAPES[ds_cfg.name], NUM_CLASSES
+
+
 def model_parameters(cfg: DictConfig) -> int:
     """About how many parameters the configured model has on the configured data set."""
-    return OmegaConf.get_type(cfg.model).parameters(cfg.model, IMAGE_SHAPES[cfg.dataset.name], NUM_CLASSES)
+    return OmegaConf.get_type(cfg.model).parameters(cfg.model, *dataset_shape(cfg.dataset))
 
 
 def convolutional(model_cfg: Any) -> bool:

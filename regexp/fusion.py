@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regexp.config import IMAGE_SHAPES, NUM_CLASSES, ConfigError, flat, model_parameters
+from regexp.config import ConfigError, dataset_shape, flat, model_parameters
 from regexp.rundir import RunError, continues_under, printable, read_summary
 
 # Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
@@ -223,7 +223,7 @@ def model_memory(cfg: Any) -> int:
     """Bytes one model of a stack needs, about: its parameters four times over (weights,
     gradients, two optimizer moments) plus a batch's activations, each layer's output kept
     about three times for the backward pass. `cfg`: a typed job config."""
-    per_sample = ACTIVATION_UNITS.get(cfg.model.name, lambda *_: 0)(cfg.model, IMAGE_SHAPES[cfg.dataset.name])
+    per_sample = ACTIVATION_UNITS.get(cfg.model.name, lambda *_: 0)(cfg.model, *dataset_shape(cfg.dataset))
     return (model_parameters(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
 
 
@@ -235,10 +235,10 @@ def _map_units(widths: list[int], shape: tuple[int, int, int]) -> int:
 
 # Per model name: the outputs a sample leaves in each layer (its input included), summed.
 ACTIVATION_UNITS = {
-    "mlp": lambda m, shape: _map_units([], shape) + sum(m.hidden) + NUM_CLASSES,
-    "deep_mlp": lambda m, shape: _map_units([], shape) + m.width * m.depth + NUM_CLASSES,
-    "cnn": lambda m, shape: _map_units(list(m.channels), shape) + m.fc + NUM_CLASSES,
-    "resnet": lambda m, shape: 3 * _map_units(list(m.widths), shape) + NUM_CLASSES,  # a stage: three convs
+    "mlp": lambda m, shape, classes: _map_units([], shape) + sum(m.hidden) + classes,
+    "deep_mlp": lambda m, shape, classes: _map_units([], shape) + m.width * m.depth + classes,
+    "cnn": lambda m, shape, classes: _map_units(list(m.channels), shape) + m.fc + classes,
+    "resnet": lambda m, shape, classes: 3 * _map_units(list(m.widths), shape) + classes,  # a stage: three convs
 }
 
 

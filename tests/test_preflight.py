@@ -205,11 +205,11 @@ def test_bad_sizes_are_refused_before_torch_is_imported():
 @pytest.mark.parametrize("model", [["model=mlp"], ["model=deep_mlp"], ["model=cnn"], ["model=resnet", "dataset=cifar10"],
                                    ["model=cnn", "model.channels=[8,16,32,64]"]])
 def test_the_parameter_estimate_counts_the_built_model(model):
-    from regexp.config import IMAGE_SHAPES, NUM_CLASSES
+    from regexp.config import dataset_shape
     from regexp.models import build_model
 
     cfg = compose_and_validate(model)
-    built = build_model(cfg.model, cfg.norm, None, IMAGE_SHAPES[cfg.dataset.name], NUM_CLASSES)
+    built = build_model(cfg.model, cfg.norm, None, *dataset_shape(cfg.dataset))
     assert model_parameters(cfg) == sum(p.numel() for p in built.parameters())
 
 
