@@ -7,7 +7,9 @@ of the final train loss and of the wall time, and its runs' statuses. Only train
 (completed, early stopped: `Status.trained`) enter the means; failed, diverged, stopped (by a
 finding), pruned, interrupted and running runs are counted in the status column and listed
 under the table with why they ended, never averaged (a crash's wall time, a diverged loss or
-a run cut short at its first epochs says nothing about the group's trained result). Groups are
+a run cut short at its first epochs says nothing about the group's trained result). Smoke runs
+(smoke=true: two steps, docs/runs.md) are never averaged either: a group counts them as `smoke`
+among its statuses, and a group of smoke runs alone has no mean. Groups are
 sorted best first, each with the 95 % Student-t interval of its mean; `--baseline` adds each
 group's difference to one group and Welch's t-test p-value (docs/compare.md). `--plot` draws
 each group's learning curves from metrics.jsonl; `--csv` and `--json` print the table as data.
@@ -33,14 +35,15 @@ from rich.text import Text
 from regexp.rundir import RunError, Status, UsageError, load_summary, read_overrides
 from regexp.tracking import CommandParser, plural, print_whole, warn, why_ended
 
-# Override keys that never define an experiment: the seed (what a group averages over)
-# and where inputs, outputs and logs live.
-NOT_EXPERIMENT_KEYS = ("seed", "out_dir", "resume", "dataset.root", "dataset.download")
+# Override keys that never define an experiment: the seed (what a group averages over),
+# where inputs, outputs and logs live, and smoke (a smoke run joins its config's group, never averaged).
+NOT_EXPERIMENT_KEYS = ("seed", "out_dir", "resume", "dataset.root", "dataset.download", "smoke")
 NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.")
 TRAIN_LOSS, WALL_TIME = "train/loss", "wall_time_s"
 MISSING = "—"
 CONFIDENCE = 0.95  # of each group's interval of the mean
 MIN_TEST_RUNS = 3  # trained runs each group needs for a p-value: with 2, Welch's test has at most 2 degrees of freedom
+SMOKE = "smoke"  # a group's count of smoke runs, among its statuses: counted, never averaged
 
 
 @dataclass
@@ -54,10 +57,16 @@ class Run:
     error: Optional[str] = None
     nonfinite_step: Optional[int] = None  # where a diverged run's loss or gradients left float range
     ended_by: Optional[dict[str, Any]] = None  # why a stopped or pruned run ended (its finding, or its rung)
+    smoke: bool = False  # a smoke run (smoke=true): its two steps' metrics are no result
 
     @property
     def seed(self) -> Any:
         return self.config.get("seed")
+
+    @property
+    def averaged(self) -> bool:
+        """Whether its final metrics enter its group's means: trained, and not a smoke run."""
+        return self.status.trained and not self.smoke
 
 
 @dataclass
@@ -88,14 +97,15 @@ class Group:
         return " ".join(f"{k}={v if v is not None else MISSING}" for k, v in self.values.items()) or "all runs"
 
     def values_of(self, name: str) -> list[float]:
-        """The metric of the group's trained runs only."""
-        return [run.metrics[name] for run in self.runs if run.status.trained and name in run.metrics]
+        """The metric of the group's trained runs only, smoke runs aside."""
+        return [run.metrics[name] for run in self.runs if run.averaged and name in run.metrics]
 
     def stat(self, name: str) -> Stat:
         return mean_std(self.values_of(name))
 
     def statuses(self) -> Counter:
-        return Counter(run.status.value for run in self.runs)
+        """How many runs ended with each status; smoke runs, whatever theirs, as SMOKE."""
+        return Counter(SMOKE if run.smoke else run.status.value for run in self.runs)
 
 
 class Comparison(NamedTuple):
@@ -142,6 +152,7 @@ def read_run(run_dir: Path) -> Optional[Run]:
         error=summary.error,
         nonfinite_step=(summary.nonfinite or {}).get("nonfinite/step"),
         ended_by=summary.ended_by,
+        smoke=bool(summary.smoke),
     )
 
 
@@ -336,7 +347,8 @@ def as_json(groups: list[Group], keys: list[str], metric: str, higher_is_better:
                     "vs_baseline": asdict(vs_baseline(g, baseline, metric)) if baseline and g is not baseline else None,
                     "run_dirs": [str(run.run_dir) for run in g.runs]} for g in groups],
         "runs": [{"run_dir": str(run.run_dir), "group": g.label, "values": g.values, "status": run.status.value,
-                  "in_means": run.status.trained and metric in run.metrics, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
+                  "in_means": run.averaged and metric in run.metrics, "seed": run.seed, "metrics": {name: run.metrics.get(name) for name in columns},
+                  **({"smoke": True} if run.smoke else {}),
                   **({"error": run.error} if run.error else {}), **({"ended_by": run.ended_by} if run.ended_by else {})}
                  for g in groups for run in g.runs],
         "plot": str(plot) if plot else None,
@@ -364,15 +376,30 @@ def fmt_stat(stat: Stat, runs: int) -> str:
 
 def status_text(counts: Counter) -> Text:
     text = Text()
-    for i, (status, count) in enumerate(sorted(counts.items(), key=lambda item: not Status(item[0]).trained)):
-        style = ("green" if Status(status).trained else "yellow" if status in (Status.RUNNING, Status.INTERRUPTED)
-                 else "bold red")
-        text.append(", " if i else "").append(f"{count} {status}", style=style)
+    for i, (status, count) in enumerate(sorted(counts.items(), key=lambda item: status_kind(item[0]) != "trained")):
+        style = {"trained": "green", "pending": "yellow", SMOKE: "cyan"}.get(status_kind(status), "bold red")
+        text.append(", " if i else "").append(status_count(status, count), style=style)
     return text
 
 
+def status_kind(status: str) -> str:
+    """trained, pending (running, interrupted), smoke, or untrained: how a status count is shown."""
+    if status == SMOKE:
+        return SMOKE
+    found = Status(status)
+    return "trained" if found.trained else "pending" if found in (Status.RUNNING, Status.INTERRUPTED) else "untrained"
+
+
+def status_count(status: str, count: int) -> str:
+    """`2 completed`; smoke runs say they are left out of the means."""
+    return f"{count} {status}" + (" (not averaged)" if status == SMOKE else "")
+
+
 def untrained_detail(run: Run) -> Optional[str]:
-    """Why a run is not in its group's means: its error, its non-finite step or what ended it."""
+    """Why a run is not in its group's means: its error, its non-finite step or what ended it,
+    or that it is a smoke run."""
+    if run.smoke and run.status.trained:
+        return "a smoke run: never averaged"
     if run.error:
         return run.error.splitlines()[0]
     if run.nonfinite_step is not None:
@@ -383,7 +410,7 @@ def untrained_detail(run: Run) -> Optional[str]:
 def untrained_line(run: Run) -> str:
     """Why a run is not in its group's means, under the table."""
     detail = untrained_detail(run)
-    return f"  {run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
+    return f"  {'smoke, ' if run.smoke else ''}{run.status.value}: {run.run_dir}" + (f"  ({detail})" if detail else "")
 
 
 def fmt_ci(stat: Stat) -> str:
@@ -487,8 +514,9 @@ def column_widths(headers: list[Cell], rows: list[list[Cell]], width: int) -> Op
 def print_table(result: Comparison, metric: str, console: Optional[Console] = None) -> None:
     groups = result.groups
     runs = sum(len(g.runs) for g in groups)
+    others = "others and smoke runs" if any(run.smoke for g in groups for run in g.runs) else "others"
     heading = (f"{plural(runs, 'run')} in {plural(len(groups), 'group')} · mean ± std and {CONFIDENCE:.0%} confidence "
-               f"interval (Student's t) over each group's completed runs (others counted, not averaged) · best {metric} "
+               f"interval (Student's t) over each group's completed runs ({others} counted, not averaged) · best {metric} "
                f"first ({'higher' if result.higher_is_better else 'lower'} is better)")
     if result.baseline:
         heading += (f" · against baseline {result.baseline.label}: difference of means and Welch's t-test p-value "
@@ -500,7 +528,7 @@ def print_table(result: Comparison, metric: str, console: Optional[Console] = No
     if left_out:
         console.print(f"  ({' and '.join(left_out)} left out to fit {console.width} columns; --json or a wider "
                       "terminal shows them)", markup=False, soft_wrap=True)
-    for run in (run for g in groups for run in g.runs if not run.status.trained):
+    for run in (run for g in groups for run in g.runs if not run.averaged):
         console.print(untrained_line(run), markup=False, soft_wrap=True)
 
 
@@ -518,7 +546,7 @@ def group_rows(result: Comparison, metric: str) -> tuple[list[str], list[list[An
         cells = [g.values[k] for k in result.keys] if result.keys else ["all runs"]
         rows.append([*cells, metric, len(g.runs), stat.n, stat.mean, stat.std, stat.ci_low, stat.ci_high,
                      vs and vs.diff, vs and vs.p_value, note,
-                     "; ".join(f"{count} {status}" for status, count in g.statuses().items())])
+                     "; ".join(status_count(status, count) for status, count in g.statuses().items())])
     return columns, rows
 
 
@@ -542,7 +570,7 @@ def parser() -> CommandParser:
                     "override keys (seed aside), mean ± std and the 95% confidence interval of the mean (Student's "
                     "t) over each group's completed runs, best first; with --baseline, each group's difference to "
                     "that group and Welch's t-test p-value. Failed, diverged, stopped, pruned, interrupted and "
-                    "running runs are counted and listed, never averaged.",
+                    "running runs, and smoke runs (smoke=true), are counted and listed, never averaged.",
         epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --baseline l2 --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image or its directory cannot be written; 2 "

@@ -461,6 +461,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=1024, metadata=_integer_in(1, MAX_BATCH, "2**20"))
     out_dir: str = "outputs"
     resume: Optional[str] = None  # a run dir (or its checkpoint.pt) to continue; `auto` in sweeps
+    smoke: bool = False  # a smoke run (docs/runs.md): 2 steps, 1 validation and 1 test batch, marked; never resumed
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -750,6 +751,9 @@ def _check_cross_fields(cfg: DictConfig) -> None:
         raise ConfigError("norm.placement", cfg.norm.placement, "layernorm on conv models supports only 'before'")
     if cfg.prune.name != "none":
         _check_prune(cfg)
+    if cfg.smoke and cfg.resume is not None:
+        raise ConfigError("resume", cfg.resume, "smoke=true (given, or recorded by the smoke run resumed) always starts "
+                                                "afresh: a smoke run is never continued; drop resume=, or leave out smoke=true")
 
 
 def _check_prune(cfg: DictConfig) -> None:

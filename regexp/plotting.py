@@ -519,8 +519,8 @@ def plain(text: str) -> str:
 
 def median_run(group: Any, metric: str) -> Optional[Any]:
     """The group's trained run whose `metric` is the median (an even count: the lower middle),
-    None when no trained run has the metric."""
-    runs = sorted((run for run in group.runs if run.status.trained and metric in run.metrics),
+    None when no trained run has the metric. Smoke runs are never the median: they are no result."""
+    runs = sorted((run for run in group.runs if run.averaged and metric in run.metrics),
                   key=lambda run: (run.metrics[metric], str(run.run_dir)))
     return runs[(len(runs) - 1) // 2] if runs else None
 
@@ -532,9 +532,10 @@ def shown_run(group: Any, metric: str) -> tuple[Optional[Any], str]:
     (None, why) when no run of the group recorded a step."""
     run = median_run(group, metric)
     if run is not None:
-        trained = sum(1 for r in group.runs if r.status.trained and metric in r.metrics)
+        trained = sum(1 for r in group.runs if r.averaged and metric in r.metrics)
         return run, f"median run by {metric} ({run.metrics[metric]:.4g}, of {trained} completed)"
-    none = "no completed run" + (f" with {metric}" if any(r.status.trained for r in group.runs) else "")
+    none = ("no completed run" + (f" with {metric}" if any(r.averaged for r in group.runs) else "")
+            + (" but smoke runs" if any(r.smoke for r in group.runs) else ""))
     steps = {r.run_dir: recorded_steps(r.run_dir) for r in group.runs}
     longest = min(group.runs, key=lambda r: (-steps[r.run_dir], str(r.run_dir)), default=None)
     if longest is None or not steps[longest.run_dir]:
@@ -617,10 +618,10 @@ def curves_figure(groups: Sequence[Any], metric: str,
 
 def trained_curves(groups: Sequence[Any], names: list[str],
                    unreadable: Callable[[Path, RunError], None]) -> dict[Path, dict[str, dict[int, float]]]:
-    """run dir -> name -> {epoch: value}, for each trained run; a run whose metrics.jsonl is
-    corrupted is handed to `unreadable` and left out."""
+    """run dir -> name -> {epoch: value}, for each trained run (smoke runs aside); a run whose
+    metrics.jsonl is corrupted is handed to `unreadable` and left out."""
     curves = {}
-    for run in (run for g in groups for run in g.runs if run.status.trained):
+    for run in (run for g in groups for run in g.runs if run.averaged):
         try:
             records = read_metrics(run.run_dir)
         except RunError as e:

@@ -18,10 +18,10 @@ import html
 from pathlib import Path
 from typing import Any
 
-from regexp.comparison import (CONFIDENCE, MISSING, NOT_EXPERIMENT_KEYS, NOT_EXPERIMENT_PREFIXES, TRAIN_LOSS, WALL_TIME,
-                               Comparison, Group, Run, as_text, comparison, fmt, fmt_ci, fmt_stat, fmt_vs,
-                               untrained_detail, vs_baseline)
-from regexp.rundir import RunError, Status, atomic_write, load_summary, read_diagnosis
+from regexp.comparison import (CONFIDENCE, MISSING, NOT_EXPERIMENT_KEYS, NOT_EXPERIMENT_PREFIXES, SMOKE, TRAIN_LOSS,
+                               WALL_TIME, Comparison, Group, Run, as_text, comparison, fmt, fmt_ci, fmt_stat, fmt_vs,
+                               status_count, status_kind, untrained_detail, vs_baseline)
+from regexp.rundir import RunError, atomic_write, load_summary, read_diagnosis
 from regexp.tracking import CommandParser, check_output_file, plural, short_evidence, warn
 
 DPI = 80  # the figures' resolution in the page: sharp on screen, about 160 KB a health figure
@@ -34,6 +34,7 @@ table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid
 th { background: #f0f0f0; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.baseline td { background: #f4f8ff; } code { font-size: 0.95em; word-break: break-all; }
 .trained { color: #1a7f37; } .untrained { color: #c62828; font-weight: 600; } .pending { color: #9a6700; }
+.smoke { color: #0969da; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 .group { margin-bottom: 2em; } .finding { margin: 0.2em 0 0.6em 0; } .finding b { color: #c62828; }
 """
@@ -101,7 +102,7 @@ def report_page(result: Comparison, metric: str, paths: list[Path]) -> str:
         f'<p class="note">{esc(plural(len(runs), "run"))} in {esc(plural(len(groups), "group"))} from '
         f'{", ".join(f"<code>{esc(p)}</code>" for p in paths)} · best {esc(metric)} first ({order} is better) · '
         f"mean ± std and {CONFIDENCE:.0%} confidence interval (Student's t) over each group's completed runs; runs "
-        "that did not complete are listed, never averaged"
+        "that did not complete, and smoke runs (smoke=true), are listed, never averaged"
         + (f" · against {esc(result.baseline.label)}: difference of means, Welch's t-test p-value"
            if result.baseline else "") + "</p>",
         contents(groups),
@@ -157,13 +158,9 @@ def compare_table(result: Comparison, metric: str) -> str:
 
 def status_html(statuses: dict[str, int]) -> str:
     parts = []
-    for status, count in sorted(statuses.items(), key=lambda item: not Status(item[0]).trained):
-        parts.append(f'<span class="{status_class(Status(status))}">{count} {esc(status)}</span>')
+    for status, count in sorted(statuses.items(), key=lambda item: status_kind(item[0]) != "trained"):
+        parts.append(f'<span class="{status_kind(status)}">{esc(status_count(status, count))}</span>')
     return ", ".join(parts)
-
-
-def status_class(status: Status) -> str:
-    return "trained" if status.trained else "pending" if status in (Status.RUNNING, Status.INTERRUPTED) else "untrained"
 
 
 def image(fig, alt: str) -> str:
@@ -291,8 +288,9 @@ def runs_table(groups: list[Group], metric: str) -> str:
 
 def run_row(run: Run, group: Group, metric: str) -> str:
     value = run.metrics.get(metric)
-    in_means = run.status.trained and value is not None
-    why = untrained_detail(run) if not run.status.trained else None if in_means else f"no finite {metric} recorded"
+    in_means = run.averaged and value is not None
+    why = untrained_detail(run) if not run.averaged else None if in_means else f"no finite {metric} recorded"
+    status = f"{run.status.value} ({SMOKE})" if run.smoke else run.status.value
     return (f"<tr><td><code>{esc(run.run_dir)}</code></td>{cell(group.label)}{cell(MISSING if run.seed is None else run.seed)}"
-            f'<td class="{status_class(run.status)}">{esc(run.status.value)}</td>'
+            f'<td class="{status_kind(run.status.value)}">{esc(status)}</td>'
             f"{cell(fmt(value), num=True)}{cell('yes' if in_means else 'no')}{cell(why or '')}</tr>")

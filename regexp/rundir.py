@@ -158,6 +158,7 @@ class Summary:
     resumed_from: Optional[str] = None
     resumed_at_step: Optional[int] = None
     fused: Optional[dict[str, Any]] = None  # trained side by side with other jobs: {models: N, ...}
+    smoke: Optional[bool] = None  # true for a smoke run (smoke=true), whose metrics no mean takes; absent otherwise
     # a signal's stop: {signal: 15, saved: true when a checkpoint of its last step was written}
     interrupted: Optional[dict[str, Any]] = None
     error: Optional[str] = None

@@ -312,7 +312,7 @@ def print_job_end(record: dict[str, Any], count: str, shared: set[str]) -> None:
 
     row = job_row(record)
     who = " ".join(shown(o) for o in row["overrides"] if o not in shared)
-    parts = [f"[{count}] job {row['job']}{f' ({who})' if who else ''}: {row['status']}"]
+    parts = [f"[{count}] job {row['job']}{f' ({who})' if who else ''}: {status_shown(row)}"]
     if isinstance(row[METRIC], float):
         parts.append(f"{METRIC} {row[METRIC]:.4f}")
     error = printable(str(row["error"]))  # one line, as the list under the table shows it
@@ -342,14 +342,14 @@ def sweep_rows(sweep_dir: Path, stopped_by: Optional[BaseException] = None) -> l
     launched = {r["job"] for r in rows}
     planned = (plan or {}).get("jobs") or []
     rows += [{"job": str(n), "overrides": job, "status": NOT_RUN, METRIC: None, "wall_time_s": None, "error": None,
-              "ended_by": None, "run_dir": None} for n, job in enumerate(planned) if str(n) not in launched]
+              "ended_by": None, "run_dir": None, "smoke": False} for n, job in enumerate(planned) if str(n) not in launched]
     return sorted(rows, key=lambda r: int(r["job"]))
 
 
 def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) -> dict[str, Any]:
     run_dir = Path(record["run_dir"])
     row = {"job": record["job"], "overrides": record["overrides"], "status": NOT_RUN, METRIC: None,
-           "wall_time_s": None, "error": None, "ended_by": None, "run_dir": str(run_dir)}
+           "wall_time_s": None, "error": None, "ended_by": None, "run_dir": str(run_dir), "smoke": False}
     if REFUSED in record:  # the run dir holds another run, left as it was: nothing of it is this job's
         return {**row, "status": REFUSED, "error": record[REFUSED]}
     summary = read_summary(run_dir)
@@ -370,7 +370,7 @@ def job_row(record: dict[str, Any], stopped_by: Optional[BaseException] = None) 
         error = f"stopped by signal {signum}{SIGNALS.get(signum, '')}; {saved}: resume=auto {then}"
     return {**row, "status": status.value, METRIC: None if earlier else summary.metrics.get(METRIC),
             "wall_time_s": None if earlier else summary.wall_time_s, "error": error,
-            "ended_by": summary.ended_by if status in ENDED_EARLY else None}
+            "ended_by": summary.ended_by if status in ENDED_EARLY else None, "smoke": bool(summary.smoke)}
 
 
 def what_is_saved(run_dir: Path, stopped_by: Optional[BaseException], summary: Optional[Summary] = None) -> str:
@@ -395,7 +395,8 @@ def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str
     write_json(sweep_dir / SWEEP_SUMMARY,
                {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failures(rows)),
                 **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in UNFINISHED},
-                "statuses": status_counts(rows), **more, "metric": METRIC, "rows": rows})
+                "statuses": status_counts(rows), "smoke": sum(r["smoke"] for r in rows), **more, "metric": METRIC,
+                "rows": rows})
 
 
 UNFINISHED = (Status.INTERRUPTED.value, NOT_RUN)  # not finished, and not a failure either: counted on their own
@@ -412,8 +413,16 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def counts_text(rows: list[dict[str, Any]]) -> str:
-    """`2 completed, 1 pruned`: the jobs per status, as the table's title says them."""
-    return ", ".join(f"{n} {status}" for status, n in status_counts(rows).items())
+    """`2 completed, 1 pruned`: the jobs per status, as the table's title says them, and how many
+    were smoke runs, whose results no mean takes (`regexp compare`, the W&B compare table)."""
+    smoke = sum(r["smoke"] for r in rows)
+    return ", ".join(f"{n} {status}" for status, n in status_counts(rows).items()) + (
+        f"; {plural(smoke, 'smoke run')}, not averaged" if smoke else "")
+
+
+def status_shown(row: dict[str, Any]) -> str:
+    """A job's status as its line and the table show it: a smoke run's says so."""
+    return f"{row['status']} (smoke)" if row["smoke"] else row["status"]
 
 
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
@@ -434,7 +443,7 @@ def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[
         style = "red" if r in failed else "yellow" if r["status"] in (*CUT_SHORT, NOT_RUN) else ""
         metric = f"{r[METRIC]:.4f}" if isinstance(r[METRIC], float) else "-"
         wall = f"{r['wall_time_s']:.1f}" if isinstance(r["wall_time_s"], (int, float)) else "-"
-        table.add_row(r["job"], Text(" ".join(shown(o) for o in r["overrides"] if o not in shared)), r["status"], metric,
+        table.add_row(r["job"], Text(" ".join(shown(o) for o in r["overrides"] if o not in shared)), status_shown(r), metric,
                       wall, *([Text(run_dir)] if elsewhere else []), style=style)
     console = Console(soft_wrap=False)
     console.print(f"sweep {sweep_dir}: {plural(len(rows), 'job')}, {title}", markup=False, highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ and at the end of an epoch.
 
 import contextlib
 import logging
+import math
 import os
 import time
 import traceback
@@ -65,6 +66,9 @@ from regexp.wandb_logger import WandbServer, wandb_sinks
 
 log = logging.getLogger("regexp")
 
+SMOKE_STEPS = 2  # a smoke run's optimizer steps (accumulation windows), whatever epochs and max_steps say
+SMOKE_SETS_ASIDE = ("epochs", "max_steps", "eval_every", "monitor.log_every", "checkpoint.every_steps")  # Plan.from_config
+
 
 # ---------------------------------------------------------------- building a run
 @dataclass
@@ -84,8 +88,12 @@ class Plan:
     @classmethod
     def from_config(cls, cfg: DictConfig, n_train: int) -> "Plan":
         windows = window_sizes(n_train, cfg.batch_size, cfg.accumulation.steps, 2 if cfg.norm.batch_statistics else 1)
-        return cls(windows, list(accumulate(map(sum, windows), initial=0))[:-1], cfg.epochs, cfg.max_steps,
-                   cfg.monitor.log_every, cfg.monitor.histogram_every, cfg.checkpoint.every_steps, cfg.eval_every)
+        offsets = list(accumulate(map(sum, windows), initial=0))[:-1]
+        if cfg.smoke:  # smoke wins: SMOKE_STEPS steps, each a log step, one evaluation at the end
+            epochs = math.ceil(SMOKE_STEPS / len(windows))  # an epoch of fewer windows: the next one's too
+            return cls(windows, offsets, epochs, SMOKE_STEPS, 1, cfg.monitor.histogram_every, None, epochs)
+        return cls(windows, offsets, cfg.epochs, cfg.max_steps, cfg.monitor.log_every, cfg.monitor.histogram_every,
+                   cfg.checkpoint.every_steps, cfg.eval_every)
 
     @property
     def total_steps(self) -> int:
@@ -872,6 +880,8 @@ def start_group(runs: list["Run"], stop_signal: StopSignal, fuse: bool) -> Group
     device = torch.device(resolve_device(cfg))
     precision = resolve_precision(cfg, device.type)
     data = load_data(cfg.dataset, device)
+    if cfg.smoke:
+        data = smoke_data(data, cfg.eval_batch_size)
     loops = [start(run, data, device, precision, stop_signal, own_random=fuse) for run in runs]
     if any(loop.plan != loops[0].plan for loop in loops):
         raise ValueError("the runs of a fused group must share their epochs, steps and batches")
@@ -887,6 +897,13 @@ def start_group(runs: list["Run"], stop_signal: StopSignal, fuse: bool) -> Group
             loop.label = loop.run_dir.name
         announce(loop, device)
     return group
+
+
+def smoke_data(data: DataSplits, batch: int) -> DataSplits:
+    """A smoke run's data: every training sample (its steps draw their batches as a run's do) and
+    the first `batch` validation and test samples, one evaluation batch each."""
+    return replace(data, val_x=data.val_x[:batch], val_y=data.val_y[:batch], test_x=data.test_x[:batch],
+                   test_y=data.test_y[:batch])
 
 
 def fused_template(loops: list[Loop]) -> torch.nn.Module:
@@ -906,9 +923,11 @@ def announce(loop: Loop, device: torch.device) -> None:
         f"{cfg.dataset.name} ({len(loop.data.train_y)} train / {len(loop.data.val_y)} val / {len(loop.data.test_y)} test) · "
         f"{cfg.model.name} ({summary.parameters:,} params) · {cfg.optimizer.name} lr "
         f"{state.optimizer.param_groups[0]['initial_lr']:g} · {device} {loop.precision} · {plural(summary.threads, 'thread')} · "
-        f"{length(plan)} · batch {cfg.batch_size}×{cfg.accumulation.steps}{fused} · "
+        f"{length(plan, cfg.smoke)} · batch {cfg.batch_size}×{cfg.accumulation.steps}{fused} · "
         f"run dir {loop.run_dir}"
     )
+    if cfg.smoke:
+        loop.reporter.header(smoke_line(cfg, loop.data))
     if loop.at_end:
         loop.reporter.header(f"{summary.resumed_from} stands at the end of its training (step {state.step}): "
                              "finishing its final evaluation, no step is trained")
@@ -921,8 +940,19 @@ def announce(loop: Loop, device: torch.device) -> None:
                            "do not run, while it trains or at its end; the loss rules do")
 
 
-def length(plan: Plan) -> str:
+def smoke_line(cfg: DictConfig, data: DataSplits) -> str:
+    """What a smoke run runs, and the settings it sets aside."""
+    aside = ", ".join(f"{key}={OmegaConf.select(cfg, key)}".replace("=None", "=null") for key in SMOKE_SETS_ASIDE)
+    return (f"smoke run (smoke=true): {SMOKE_STEPS} optimizer steps, a record each, then one validation batch "
+            f"({len(data.val_y)} samples) and one test batch ({len(data.test_y)}), through the records, the diagnosis, "
+            f"W&B and checkpoint.pt; set aside: {aside}; marked smoke in summary.json and W&B: compare and sweep "
+            "summaries count it, never average it")
+
+
+def length(plan: Plan, smoke: bool = False) -> str:
     """How long the run trains, as it will: epochs of steps, or max_steps when that ends it sooner."""
+    if smoke:
+        return f"{plural(plan.total_steps, 'step')} (smoke)"
     epochs = f"{plural(plan.epochs, 'epoch')} × {len(plan.windows)} steps"
     if plan.total_steps < plan.epochs * len(plan.windows):
         return f"{plural(plan.total_steps, 'step')} (max_steps; {epochs} would be {plan.epochs * len(plan.windows)})"
@@ -1029,7 +1059,8 @@ def recorded(spec: RunSpec, resumed: Optional[tuple[Path, dict[str, Any]]], repo
     started = time.perf_counter()
     config = recorded_container(spec.cfg)  # the typed job: every key, each regularizer None unless added
     summary = Summary(run_dir=str(run_dir), started_at=datetime.now(timezone.utc).isoformat(),
-                      choices=spec.choices or {}, overrides=spec.overrides or [], config=config)
+                      choices=spec.choices or {}, overrides=spec.overrides or [], config=config,
+                      smoke=True if spec.cfg.smoke else None)
     tracker = Tracker([MetricsFile(run_dir / "metrics.jsonl"), HistogramFile(run_dir / "histograms.jsonl")])
     exit_code = 1
     try:

@@ -44,7 +44,7 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
     """[the job's W&B run], or [] with logger=none or W&B disabled. `config` is the config
     as recorded (config.recorded_container); the chosen options are added to it as
     `choices/<group>` (regularizers, added with `+`, joined by commas, or none) and become
-    the run's tags. A resumed run
+    the run's tags, with `smoke` for a smoke run. A resumed run
     passes its earlier `run_id`, so W&B continues that run instead of starting another.
     `server`: shared by the jobs of one process (default: this job knows nothing yet).
     `concurrent`: the runs of a fused group are open at the same time, one each. `reporter`
@@ -61,6 +61,8 @@ def wandb_sinks(cfg: DictConfig, config: dict[str, Any], run_dir: Path, name: st
     choices["regularizer"] = ",".join(regularizers) or "none"
     tags = [f"{g}={o}" for g, o in choices.items() if g not in ("logger", "regularizer")]
     tags += [f"+regularizer={r}" for r in regularizers] + list(cfg.logger.tags)
+    if cfg.smoke:  # W&B's filters find smoke runs apart from the real ones
+        tags.append("smoke")
     init_args = dict(
         project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), name=name, group=group, tags=tags,
         config={**config, **{f"choices/{g}": o for g, o in choices.items()}},
