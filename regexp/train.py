@@ -942,11 +942,11 @@ def announce(loop: Loop, device: torch.device) -> None:
 
 def smoke_line(cfg: DictConfig, data: DataSplits) -> str:
     """What a smoke run runs, and the settings it sets aside."""
-    aside = ", ".join(f"{key}={OmegaConf.select(cfg, key)}".replace("=None", "=null") for key in SMOKE_SETS_ASIDE)
+    values = {key: OmegaConf.select(cfg, key) for key in SMOKE_SETS_ASIDE}
+    aside = ", ".join(f"{key}={'null' if value is None else value}" for key, value in values.items())
     return (f"smoke run (smoke=true): {SMOKE_STEPS} optimizer steps, a record each, then one validation batch "
-            f"({len(data.val_y)} samples) and one test batch ({len(data.test_y)}), through the records, the diagnosis, "
-            f"W&B and checkpoint.pt; set aside: {aside}; marked smoke in summary.json and W&B: compare and sweep "
-            "summaries count it, never average it")
+            f"({len(data.val_y)} samples) and one test batch ({len(data.test_y)}), recorded as a run is; set aside: "
+            f"{aside}; marked smoke: compare and sweep summaries count it, never average it")
 
 
 def length(plan: Plan, smoke: bool = False) -> str:
