@@ -570,7 +570,7 @@ def parser() -> CommandParser:
                     "override keys (seed aside), mean ± std and the 95% confidence interval of the mean (Student's "
                     "t) over each group's completed runs, best first; with --baseline, each group's difference to "
                     "that group and Welch's t-test p-value. Failed, diverged, stopped, pruned, interrupted and "
-                    "running runs, and smoke runs (smoke=true), are counted and listed, never averaged.",
+                    "running runs are counted and listed, never averaged; so are smoke runs (smoke=true).",
         epilog="example: regexp compare outputs/multirun/2024-05-01/12-00-00 --baseline l2 --plot curves.png. "
                "A run whose summary.json or metrics.jsonl is unreadable is named in a warning and left out. "
                "Exit codes: 0 the comparison was printed; 1 the --plot image or its directory cannot be written; 2 "

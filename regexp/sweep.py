@@ -395,7 +395,7 @@ def write_sweep_summary(sweep_dir: Path, rows: list[dict[str, Any]], status: str
     write_json(sweep_dir / SWEEP_SUMMARY,
                {"sweep_dir": str(sweep_dir), "status": status, "jobs": len(rows), "failed": len(failures(rows)),
                 **{name.replace(" ", "_"): sum(r["status"] == name for r in rows) for name in UNFINISHED},
-                "statuses": status_counts(rows), "smoke": sum(r["smoke"] for r in rows), **more, "metric": METRIC,
+                "statuses": status_counts(rows), "smoke": smoke_count(rows), **more, "metric": METRIC,
                 "rows": rows})
 
 
@@ -415,14 +415,19 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 def counts_text(rows: list[dict[str, Any]]) -> str:
     """`2 completed, 1 pruned`: the jobs per status, as the table's title says them, and how many
     were smoke runs, whose results no mean takes (`regexp compare`, the W&B compare table)."""
-    smoke = sum(r["smoke"] for r in rows)
+    smoke = smoke_count(rows)
     return ", ".join(f"{n} {status}" for status, n in status_counts(rows).items()) + (
         f"; {plural(smoke, 'smoke run')}, not averaged" if smoke else "")
 
 
+def smoke_count(rows: list[dict[str, Any]]) -> int:
+    """How many rows are smoke runs' (a row built without the key is none)."""
+    return sum(bool(r.get("smoke")) for r in rows)
+
+
 def status_shown(row: dict[str, Any]) -> str:
     """A job's status as its line and the table show it: a smoke run's says so."""
-    return f"{row['status']} (smoke)" if row["smoke"] else row["status"]
+    return f"{row['status']} (smoke)" if row.get("smoke") else row["status"]
 
 
 def print_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], title: str = "") -> None:
