@@ -258,11 +258,11 @@ def main(args: list[str]) -> int:
     """`regexp check [OVERRIDES]`: the config composed, validated and its data found as
     `regexp train`'s pre-flight does; then each check's line. 0 all pass, 3 a check failed;
     bad input raises ConfigError / UsageError (exit 2)."""
-    from regexp.compose import check_job, compose, with_added_groups
+    from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
     from regexp.config import resolve_device
     from regexp.data import load_data
 
-    overrides = with_added_groups(overrides_of(args))
+    overrides = with_added_groups(with_resumed_run(overrides_of(args)))  # resume=RUN_DIR: that run's config
     refuse_sweep(overrides)
     cfg = check_job(compose(overrides))
     data = load_data(cfg.dataset, torch.device(resolve_device(cfg)))
