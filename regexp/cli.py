@@ -1,6 +1,7 @@
 """`regexp` command line: dispatch on the sub-command, hand the rest to Hydra.
 
-Exit codes: 0 the run(s) finished, whatever their status; 1 a crash; 2 bad input.
+Exit codes: 0 the run(s) finished, whatever their status; 1 a crash; 2 bad input; 3 a check of
+`regexp check` failed.
 Nothing heavy is imported at module level: `regexp --help` must stay instant.
 """
 
@@ -28,11 +29,12 @@ commands:
   plot RUN [--out FILE.png] the training-health figure of a run (or: plot PATH... --by KEY, one column a group)
   report PATH... --out report.html [--by KEY] [--baseline GROUP]
                             the comparison, curves and health figures as one HTML file that opens offline
+  check [OVERRIDES...]      the recipe checks before a long run (loss at init, overfit a batch, ...): seconds
 
 {groups}
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
 Exit codes: 0 finished (completed, early_stopped, diverged, stopped by a finding or pruned
-by a sweep), 1 crashed, 2 bad input.
+by a sweep), 1 crashed, 2 bad input; regexp check: 0 all checks pass, 3 a check failed.
 """
 
 TRAIN_USAGE = """\
@@ -63,6 +65,17 @@ config groups (pick with group=option, set values with group.key=value):
 +experiment=NAME. Without the '+' (W&B sweep agents cannot pass it), regularizer=dropout and
 experiment=NAME add the group just the same.
 """
+
+CHECK_USAGE = """\
+usage: regexp check [OVERRIDES...]
+
+The recipe checks on the config `regexp train OVERRIDES` would run, in seconds, nothing written:
+loss at init vs ln(classes), one batch overfit, every parameter gets a gradient, the output
+depends on the input, labels balanced, inputs normalized, train/test copies (docs/check.md).
+Each check is a line: PASS or FAIL, its numbers, and what to try when it fails.
+Exit codes: 0 all checks pass, 3 a check failed, 1 a crash, 2 bad input.
+
+{groups}"""
 
 # Hydra flags that only print something: they get no pre-check.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc", "--version"}
@@ -114,12 +127,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return train_command(rest)
     if command in ("compare", "diagnose", "plot", "report"):
         return reader_command(command, rest)
-    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report (see regexp --help)")
+    if command == "check":
+        return check_command(rest)
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report, check (see regexp --help)")
     return 2
 
 
 def reader_command(command: str, args: list[str]) -> int:
-    """`regexp compare`, `diagnose`, `plot` and `report`, which read run dirs: bad input is one line and
+    """`regexp compare`, `diagnose`, `plot`, `report` (which read run dirs) and `check`: bad input is one line and
     exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
     leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
     import os
@@ -133,6 +148,8 @@ def reader_command(command: str, args: list[str]) -> int:
             from regexp.plot import main as command_main
         elif command == "report":
             from regexp.report import main as command_main
+        elif command == "check":
+            from regexp.check import main as command_main
         else:
             from regexp.diagnose import main as command_main
         code = command_main(args)
@@ -147,6 +164,16 @@ def reader_command(command: str, args: list[str]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail again
         return 141
     return 2
+
+
+def check_command(args: list[str]) -> int:
+    """`regexp check`: its help here (no torch), its checks as a reader's command (exit codes alike, 3: a check failed)."""
+    if "-h" in args or "--help" in args:
+        print(usage(CHECK_USAGE), end="")
+        return 0
+    with warnings.catch_warnings():
+        ignore_preset_warning()
+        return reader_command("check", args)
 
 
 def train_command(args: list[str]) -> int:
