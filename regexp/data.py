@@ -36,7 +36,7 @@ from regexp import datafiles
 from regexp.config import BUILTIN_SETS, EMNIST_SPLITS, TORCHVISION_SETS, ConfigError, RunError
 from regexp.rundir import NotARegularFile, open_regular
 
-CACHE_VERSION = 3  # bump when the cached entry's layout changes (3: mean and std of sets without constants)
+CACHE_VERSION = 2  # bump when the cached entry's layout changes (2: written only after the files were checked)
 CACHE_MODES = ("user", "beside_data", "off")  # dataset.cache
 # A stalled connection fails a download attempt after this long (per mirror); a refused or unresolvable one fails at once.
 DOWNLOAD_TIMEOUT_S = 10

@@ -159,27 +159,31 @@ def tensors_shape(ds_cfg: Any) -> tuple[tuple[int, int, int], int]:
         arrays = load_arrays(path)
         x_shape, labels = arrays["x"].shape, [arrays[k] for k in ("y", "y_test") if k in arrays]
     else:
-        import numpy as np
-
         x_shape = _npz_header(path, "x")
-        with _npz(path) as npz:
-            labels = [npz[k] for k in ("y", "y_test") if k in npz.files]
+        labels = list(_npz_arrays(path, ("y", "y_test")).values())
         if not labels:
             raise RunError(f"{path}: no array y (the labels); a .npz needs x and y")
-        labels = [np.asarray(y) for y in labels]
     if len(x_shape) not in (3, 4):
         raise RunError(f"{path}: x is {list(x_shape)}; give images as [N, C, H, W] or [N, H, W]")
     chw = tuple(x_shape[1:]) if len(x_shape) == 4 else (1, *x_shape[1:])
-    return chw, ds_cfg.classes or max(int(y.max()) for y in labels if y.size) + 1
+    return chw, ds_cfg.classes or largest_label(labels) + 1
 
 
-def _npz(path: Path) -> Any:
+def largest_label(labels: list[Any]) -> int:
+    """The largest of the labels of every split (-1 when there are none)."""
+    return max((int(y.max()) for y in labels if y.size), default=-1)
+
+
+def _npz_arrays(path: Path, keys: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """The arrays of a .npz (those of `keys` it holds, or all); numpy refuses object arrays,
+    which would need a pickle."""
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files if keys is None or k in keys}
     except Exception as e:
-        raise RunError(f"{path}: not a .npz file numpy reads ({type(e).__name__}); write it with numpy.savez") from None
+        raise RunError(f"{path}: not a .npz file of plain arrays ({type(e).__name__}); write it with numpy.savez") from None
 
 
 def _npz_header(path: Path, key: str) -> tuple[int, ...]:
@@ -201,8 +205,7 @@ def load_arrays(path: Path) -> dict[str, Any]:
     """The file's arrays (x, y and, when present, x_test, y_test) as numpy; a .pt is read with
     torch.load(weights_only=True), which refuses a pickle that would run code."""
     if path.suffix == ".npz":
-        with _npz(path) as npz:
-            return {k: npz[k] for k in npz.files}
+        return _npz_arrays(path)
     import torch
 
     try:
@@ -212,7 +215,10 @@ def load_arrays(path: Path) -> dict[str, Any]:
                        "save a dict of tensors with torch.save") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise RunError(f"{path}: a {type(loaded).__name__}, not a dict of tensors (x, y, optional x_test, y_test)")
-    return {k: v.numpy() for k, v in loaded.items()}
+    try:
+        return {k: v.numpy() for k, v in loaded.items()}
+    except (TypeError, RuntimeError) as e:  # a dtype numpy lacks (bfloat16), a sparse tensor
+        raise RunError(f"{path}: a tensor numpy cannot hold ({str(e).strip()[:120]}); save dense uint8 or float32 ones") from None
 
 
 def tensors_problem(arrays: dict[str, Any], classes: Optional[int]) -> Optional[str]:
@@ -223,7 +229,7 @@ def tensors_problem(arrays: dict[str, Any], classes: Optional[int]) -> Optional[
     if missing or ("x_test" in arrays) != ("y_test" in arrays):
         return f"it holds {', '.join(sorted(arrays)) or 'nothing'}; it needs x and y (and x_test with y_test, or neither)"
     splits = [("x", "y")] + ([("x_test", "y_test")] if "x_test" in arrays else [])
-    top = classes or max(int(arrays[y].max()) for _, y in splits if arrays[y].size) + 1
+    top = classes or largest_label([arrays[y] for _, y in splits]) + 1
     for xk, yk in splits:
         x, y = arrays[xk], arrays[yk]
         if x.ndim not in (3, 4) or x.shape[1:] != arrays["x"].shape[1:]:

@@ -331,6 +331,10 @@ BAD_TENSORS = {
     "one class": (lambda d: bad_npz(d / "o.npz", x=np.zeros((6, 4, 4), np.uint8), y=np.zeros(6, int)), [], 1,
                   r".*/o.npz: every label is 0: a classifier needs at least two classes"),
     "no y": (lambda d: bad_npz(d / "y.npz", x=np.zeros((6, 4, 4), np.uint8)), [], 1, r".*/y.npz: no array y"),
+    "pickled labels": (lambda d: bad_npz(d / "p.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.array([0, "a"], dtype=object)),
+                       [], 1, r".*/p.npz: not a .npz file of plain arrays \(ValueError\)"),
+    "bfloat16": (lambda d: torch.save({"x": torch.zeros(4, 3, 3, dtype=torch.bfloat16), "y": torch.arange(4) % 2},
+                                      d / "b.pt") or "b.pt", [], 1, r".*/b.pt: a tensor numpy cannot hold"),
     "2-d images": (lambda d: bad_npz(d / "d.npz", x=np.zeros((6, 16), np.uint8), y=np.arange(6) % 2), [], 1,
                    r".*/d.npz: x is \[6, 16\]; give images as \[N, C, H, W\] or \[N, H, W\]"),
 }
@@ -394,3 +398,17 @@ def test_a_torchvision_set_trains_end_to_end(set_name, tmp_path):
     summary = trained(["dataset=torchvision", f"dataset.set={set_name}", "dataset.root=data", "dataset.download=false",
                        "dataset.val_size=10", "dataset.limit=30"], tmp_path)
     assert summary["status"] == "completed" and summary["data"] == {"input_shape": list(shape), "classes": classes}
+
+
+def test_a_cached_mean_and_std_that_cannot_normalize_do_not_fit(tmp_path, capsys):
+    root = write_folder(tmp_path / "pics", n=5)
+    cfg = folder_cfg(root, val_size=2)
+    load_data(cfg, "cpu")
+    [path] = data._cache_files("folder", root, "user")
+    entry = torch.load(path, weights_only=True)
+    entry["std"] = torch.zeros(3, dtype=torch.float64)
+    torch.save(entry, path)
+    check_available(cfg)
+    assert capsys.readouterr().err == (f"regexp: the decoded-data cache {path} does not fit the raw files "
+                                       "(its std is [0.0, 0.0, 0.0]: not a usable per-channel std); decoding them again\n")
+    assert (load_data(cfg, "cpu").train_x.std(dim=(0, 2, 3)) > 0.5).all()
