@@ -151,7 +151,8 @@ def check_available(ds_cfg: Any) -> None:
         _find_or_download(ds_cfg, src)
         _refuse_a_bad_file(src, REPLACE_IT)
         entry, misfits = _fitting_entry(src.spec, src.root, cache_files)
-    check_split(ds_cfg, split_facts(src.spec, src.root)["train"].count)
+    # a folder's listing counts its training split: no need to stat its images once more
+    check_split(ds_cfg, len(src.spec.folder.train) if src.spec.folder else split_facts(src.spec, src.root)["train"].count)
     if entry is None:  # said before any run dir exists; load_data decodes them and replaces the cache
         for path, why in misfits:
             print(f"regexp: the decoded-data cache {path} does not fit the raw files ({why}); decoding them again",
@@ -209,7 +210,12 @@ def split_facts(spec: DatasetSpec, root: Path) -> dict[str, SplitFacts]:
     _file_problem first): idx headers and two seeks, the CIFAR batches or SVHN's arrays (most
     of a second), two images of a folder, so they are kept for the process while the files
     keep their size and modification time: the pre-flight's reading serves the load."""
-    return _read_split_facts(spec, root, tuple(map(tuple, _fingerprint(spec, root)[1])))
+    return _read_split_facts(spec, root, _stamp(_fingerprint(spec, root)))
+
+
+def _stamp(fingerprint: list) -> tuple:
+    """The files' sizes and times as a key of _read_split_facts."""
+    return tuple(map(tuple, fingerprint[1]))
 
 
 @functools.lru_cache(maxsize=8)
@@ -596,7 +602,7 @@ def _fitting_entry(spec: DatasetSpec, root: Path, cache_files: list[Path]
         try:
             entry = _read_cache(path, fingerprint)
             if entry is not None:
-                _check_entry(entry, spec, split_facts(spec, root))
+                _check_entry(entry, spec, _read_split_facts(spec, root, _stamp(fingerprint)))
                 return entry, misfits
         except CacheMisfit as e:
             misfits.append((path, str(e)))
@@ -621,15 +627,18 @@ def _cache_files(name: str, root: Path, cache: str) -> list[Path]:
 
 
 def _fingerprint(spec: DatasetSpec, root: Path) -> Optional[list]:
-    """Path, size and mtime of every source file; None while any is missing."""
-    stats = []
+    """Path, size and mtime of every source file; None while any is missing. A folder's
+    images (tens of thousands) are summed up in one digest, which torch.load reads at once."""
+    stats, base = [], str(root)
     for f in spec.files:
-        path = os.path.join(root, f)  # not Path: a folder of images may have a million files
+        path = f"{base}/{f}"  # not Path, not os.path.join: a folder of images may have a million files
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return None
         stats.append([path, st.st_size, st.st_mtime_ns])
+    if spec.layout == "folder":
+        stats = [[base, len(stats), hashlib.sha256(repr(stats).encode()).hexdigest()]]
     return [CACHE_VERSION, stats]
 
 
