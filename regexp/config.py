@@ -90,21 +90,62 @@ class AugmentRecipe:
     flip: bool = False  # random horizontal flip
 
 
-# Each data set's image shape (C, H, W); all three have 10 classes. data.SPECS takes the shapes
-# from here, so that the pre-flight sizes a model (model_parameters) without importing torch.
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-NUM_CLASSES = 10
+# The image shape (C, H, W) and class count of each set regexp knows by name: the pre-flight
+# sizes a model (model_parameters) from these without importing torch; data.SPECS reads them too.
+BUILTIN_SETS = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+TORCHVISION_SETS = {"KMNIST": ((1, 28, 28), 10), "EMNIST": ((1, 28, 28), None), "SVHN": ((3, 32, 32), 10),
+                    "CIFAR100": ((3, 32, 32), 100)}  # EMNIST: its split's classes (EMNIST_SPLITS)
+EMNIST_SPLITS = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 26, "digits": 10, "mnist": 10}
+OWN_DATA = ("folder", "tensors")  # dataset.path: the user's files, whose headers say shape and classes
+TEST_SIZE = rule(lambda v: _finite(v) and 0 < v < 1, "must be a fraction > 0 and < 1")
 
 
 @dataclass
-class DatasetConfig:
-    name: str = field(default=MISSING, metadata=choice(*IMAGE_SHAPES))
-    root: str = "data"
-    download: bool = True
+class DatasetBase:
+    """What every data set has: how much of it a run uses and the augmentation that suits it."""
+
+    name: str = MISSING
     val_size: int = field(default=5000, metadata=NON_NEGATIVE)
     limit: Optional[int] = field(default=None, metadata=OPTIONAL_AT_LEAST_ONE)
     augment: AugmentRecipe = field(default_factory=AugmentRecipe)
+
+
+@dataclass
+class DatasetConfig(DatasetBase):
+    """A set torchvision reads and downloads (found under dataset.root)."""
+
+    name: str = field(default=MISSING, metadata=choice(*BUILTIN_SETS))
+    root: str = "data"
+    download: bool = True
     cache: str = field(default="user", metadata=choice("user", "beside_data", "off"))  # decoded tensors (data.py)
+
+
+@dataclass
+class TorchvisionDatasetConfig(DatasetConfig):
+    name: str = field(default=MISSING, metadata=choice("torchvision"))
+    set: str = field(default=MISSING, metadata=choice(*TORCHVISION_SETS))
+    split: str = field(default="balanced", metadata=choice(*EMNIST_SPLITS))  # EMNIST's only
+
+
+@dataclass
+class OwnDataConfig(DatasetBase):
+    """The user's own files (docs/data.md): a folder of images, or arrays in a .npz/.pt file."""
+
+    name: str = field(default=MISSING, metadata=choice(*OWN_DATA))
+    path: str = MISSING
+    test_size: float = field(default=0.2, metadata=TEST_SIZE)  # held out when the data have no test split
+    normalize: bool = True  # per-channel mean/std of the training split; false: values as stored
+
+
+@dataclass
+class FolderDatasetConfig(OwnDataConfig):
+    cache: str = field(default="user", metadata=choice("user", "off"))  # decoded images (data.py)
+
+
+@dataclass
+class TensorsDatasetConfig(OwnDataConfig):
+    classes: Optional[int] = field(default=None, metadata=rule(
+        lambda v: v is None or v >= 2, "must be an integer >= 2 or null (the largest label + 1)"))
 
 
 # ---------------------------------------------------------------- model
@@ -188,8 +229,16 @@ def _require_pixels(key: str, value: list[int], poolings: int, shape: tuple[int,
 
 def dataset_shape(ds_cfg: Any) -> tuple[tuple[int, int, int], int]:
     """The configured data set's image shape (C, H, W) and class count, without torch: the
-    pre-flight sizes models with it before any data are loaded."""
-    return IMAGE_SHAPES[ds_cfg.name], NUM_CLASSES
+    pre-flight sizes models with it before any data are loaded. A set known by name answers
+    from its table; the user's own data from their headers (a .pt file needs torch)."""
+    if ds_cfg.name in OWN_DATA:
+        from regexp import datafiles
+
+        return datafiles.shape(ds_cfg)
+    if ds_cfg.name == "torchvision":
+        shape, classes = TORCHVISION_SETS[ds_cfg.set]
+        return shape, classes or EMNIST_SPLITS[ds_cfg.split]
+    return BUILTIN_SETS[ds_cfg.name]
 
 
 def model_parameters(cfg: DictConfig) -> int:
@@ -375,7 +424,8 @@ def _same(schema: type, *names: str) -> dict[str, Option]:
 
 
 REGISTRY: dict[str, dict[str, Option]] = {
-    "dataset": _same(DatasetConfig, "mnist", "fashion_mnist", "cifar10"),
+    "dataset": {**_same(DatasetConfig, *BUILTIN_SETS), "torchvision": Option(TorchvisionDatasetConfig),
+                "folder": Option(FolderDatasetConfig), "tensors": Option(TensorsDatasetConfig)},
     "model": {
         "mlp": Option(MLPConfig, "regexp.models.mlp"),
         "deep_mlp": Option(DeepMLPConfig, "regexp.models.deep_mlp"),
@@ -463,7 +513,7 @@ class TrainConfig:
     resume: Optional[str] = None  # a run dir (or its checkpoint.pt) to continue; `auto` in sweeps
     smoke: bool = False  # a smoke run (docs/runs.md): 2 steps, 1 validation and 1 test batch, marked; never resumed
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    dataset: DatasetConfig = MISSING
+    dataset: DatasetBase = MISSING
     model: ModelConfig = MISSING
     init: InitConfig = MISSING
     norm: NormConfig = MISSING

@@ -1,9 +1,10 @@
 """Data sets as tensors on the training device, and batched augmentation (docs/data.md).
 
-Images are decoded once (torchvision's readers), normalized once with the data set's
-per-channel constants and moved to the device once; the trainer then slices batches out
-of them. The raw uint8 tensors are cached (in the user's cache directory unless
-`dataset.cache` says otherwise) so a second run skips torchvision entirely.
+Images are decoded once (torchvision's readers, or PIL for a folder of images), normalized
+once with the data set's per-channel constants (or its training split's mean and std) and
+moved to the device once; the trainer then slices batches out of them. The raw uint8 tensors
+are cached (in the user's cache directory unless `dataset.cache` says otherwise) so a second
+run skips decoding entirely; arrays from a .npz/.pt file (dataset=tensors) are read as they are.
 Importing this module must stay light: torchvision is imported only to download or decode.
 
 `check_available` is the pre-flight: it finds the files, downloads them when they are
@@ -27,10 +28,12 @@ from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regexp.config import IMAGE_SHAPES, ConfigError, RunError
+from regexp import datafiles
+from regexp.config import BUILTIN_SETS, EMNIST_SPLITS, TORCHVISION_SETS, ConfigError, RunError
 from regexp.rundir import NotARegularFile, open_regular
 
 CACHE_VERSION = 2  # bump when the cached entry's layout changes (2: written only after the files were checked)
@@ -53,19 +56,23 @@ class DataSplits:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    torchvision_class: str  # name in torchvision.datasets
+    torchvision_class: str  # name in torchvision.datasets ("" for a folder of images)
     files: tuple[str, ...]  # relative to the root: what must exist, and what the cache fingerprints
     downloads: tuple[str, ...]  # relative to the root: what torchvision's download creates (removed when it fails)
     image_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, of the training set in [0, 1]
-    std: tuple[float, ...]
-    num_classes: int = 10
+    num_classes: int
+    mean: Optional[tuple[float, ...]] = None  # per channel, of the training set in [0, 1]; None: computed
+    std: Optional[tuple[float, ...]] = None  # from the training split and cached with the images
+    layout: str = "idx"  # the files' format: idx, cifar10, cifar100, svhn, folder
+    options: tuple[tuple[str, str], ...] = ()  # the torchvision class's arguments besides train (EMNIST's split)
+    label_offset: int = 0  # the files' first label (EMNIST letters count from 1)
+    folder: Optional[datafiles.FolderLayout] = None  # a folder of images: its files per split
 
 
-def _idx_files(folder: str) -> tuple[str, ...]:
+def _idx_files(folder: str, prefix: str = "", splits: tuple[str, str] = ("train", "t10k")) -> tuple[str, ...]:
     return tuple(
-        f"{folder}/raw/{split}-{kind}-ubyte"
-        for split in ("train", "t10k")
+        f"{folder}/raw/{prefix}{split}-{kind}-ubyte"
+        for split in splits
         for kind in ("images-idx3", "labels-idx1")
     )
 
@@ -75,13 +82,43 @@ CIFAR10_FILES = tuple(
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 )
 
-SPECS = {
-    "mnist": DatasetSpec("MNIST", _idx_files("MNIST"), ("MNIST",), IMAGE_SHAPES["mnist"], (0.1307,), (0.3081,)),
+SPECS = {  # the built-in sets (published constants), then torchvision's further sets (dataset=torchvision)
+    "mnist": DatasetSpec("MNIST", _idx_files("MNIST"), ("MNIST",), *BUILTIN_SETS["mnist"], (0.1307,), (0.3081,)),
     "fashion_mnist": DatasetSpec("FashionMNIST", _idx_files("FashionMNIST"), ("FashionMNIST",),
-                                 IMAGE_SHAPES["fashion_mnist"], (0.2860,), (0.3530,)),
+                                 *BUILTIN_SETS["fashion_mnist"], (0.2860,), (0.3530,)),
     "cifar10": DatasetSpec("CIFAR10", CIFAR10_FILES, ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
-                           IMAGE_SHAPES["cifar10"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                           *BUILTIN_SETS["cifar10"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), layout="cifar10"),
+    "kmnist": DatasetSpec("KMNIST", _idx_files("KMNIST"), ("KMNIST",), *TORCHVISION_SETS["KMNIST"]),
+    **{f"emnist_{split}": DatasetSpec("EMNIST", _idx_files("EMNIST", f"emnist-{split}-", ("train", "test")), ("EMNIST",),
+                                      TORCHVISION_SETS["EMNIST"][0], classes, options=(("split", split),),
+                                      label_offset=int(split == "letters"))
+       for split, classes in EMNIST_SPLITS.items()},
+    "svhn": DatasetSpec("SVHN", ("train_32x32.mat", "test_32x32.mat"), ("train_32x32.mat", "test_32x32.mat"),
+                        *TORCHVISION_SETS["SVHN"], layout="svhn"),
+    "cifar100": DatasetSpec("CIFAR100", tuple(f"cifar-100-python/{f}" for f in ("train", "test", "meta")),
+                            ("cifar-100-python.tar.gz", "cifar-100-python"), *TORCHVISION_SETS["CIFAR100"], layout="cifar100"),
 }
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a configured data set's files are and what they hold: `key` names its cache file."""
+
+    key: str
+    root: Path
+    spec: DatasetSpec
+
+
+def source(ds_cfg: Any) -> Source:
+    """The files of a set known by name (under dataset.root) or of a folder of images
+    (dataset.path, listed here; ConfigError when it holds no data set)."""
+    if ds_cfg.name == "folder":
+        layout = datafiles.folder_layout(ds_cfg)
+        files = tuple(f for f, _ in layout.train + layout.test)
+        shape = datafiles.image_shape(layout.root / files[0])
+        return Source("folder", layout.root, DatasetSpec("", files, (), shape, len(layout.classes), layout="folder", folder=layout))
+    key = ds_cfg.name if ds_cfg.name != "torchvision" else "emnist_" + ds_cfg.split if ds_cfg.set == "EMNIST" else ds_cfg.set.lower()
+    return Source(key, dataset_root(ds_cfg), SPECS[key])
 
 
 def dataset_root(ds_cfg: Any) -> Path:
@@ -96,33 +133,58 @@ def check_available(ds_cfg: Any) -> None:
     where to point regexp; a failed download leaves nothing behind). A file that does not
     fit: RunError naming it. Then the decoded-data cache is read and checked against the
     files; one that does not fit is named in a line, since load_data will decode again.
-    Nothing is written here but a download."""
-    root = dataset_root(ds_cfg)
-    missing = _missing_files(ds_cfg.name, root)
+    Nothing is written here but a download. The user's own data (dataset=folder, tensors)
+    are never downloaded: their path holds a data set or is refused (ConfigError naming
+    dataset.path), and a file in it that does not fit is a RunError."""
+    if ds_cfg.name == "tensors":
+        check_split(ds_cfg, len(_tensors_raw(ds_cfg)["train_y"]))
+        return
+    src = source(ds_cfg)
+    cache_files = _cache_files(src.key, src.root, ds_cfg.cache)
+    if ds_cfg.name == "folder":
+        # a fitting entry was decoded from these very files (size and mtime), each image checked
+        # then: reading every header again would cost about a second per 5,000 images
+        entry, misfits = _fitting_entry(src.spec, src.root, cache_files)
+        if entry is None:
+            _refuse_a_bad_file(src, "replace or remove it")
+    else:
+        _find_or_download(ds_cfg, src)
+        _refuse_a_bad_file(src, REPLACE_IT)
+        entry, misfits = _fitting_entry(src.spec, src.root, cache_files)
+    # a folder's listing counts its training split: no need to stat its images once more
+    check_split(ds_cfg, len(src.spec.folder.train) if src.spec.folder else split_facts(src.spec, src.root)["train"].count)
+    if entry is None:  # said before any run dir exists; load_data decodes them and replaces the cache
+        for path, why in misfits:
+            print(f"regexp: the decoded-data cache {path} does not fit the raw files ({why}); decoding them again",
+                  file=sys.stderr)
+
+
+def _refuse_a_bad_file(src: Source, remedy: str) -> None:
+    """A RunError (exit 1) naming the first file that does not fit, as at decoding time."""
+    problem = _file_problem(src.spec, src.root)
+    if problem is not None:
+        path, what = problem
+        raise RunError(f"{path}: {what}; {remedy}")
+
+
+def _find_or_download(ds_cfg: Any, src: Source) -> None:
+    """The files under dataset.root, downloaded when missing and allowed; ConfigError when
+    they are still missing."""
+    missing = _missing_files(src.spec, src.root)
     failure = None
     if missing and ds_cfg.download:
-        failure = _download(ds_cfg.name, root)
-        missing = _missing_files(ds_cfg.name, root)
+        failure = _download(src.spec, src.root)
+        missing = _missing_files(src.spec, src.root)
     if missing:
         why = ("dataset.download=false" if not ds_cfg.download
                else f"the download failed: {failure}" if failure else "the download did not bring them")
         raise ConfigError(
             "dataset.root",
             ds_cfg.root,
-            f"no {ds_cfg.name} files found at {root} (expected e.g. {missing[0]}) and {why}; "
+            f"no {src.key} files found at {src.root} (expected e.g. {missing[0]}) and {why}; "
             "copy the data set there, or point REGEXP_DATA_DIR or dataset.root at a copy"
             + ("" if ds_cfg.download else ", or set dataset.download=true"),
         )
-    problem = _file_problem(ds_cfg.name, root)
-    if problem is not None:  # a bad file, as at decoding time: RunError (exit 1)
-        path, what = problem
-        raise RunError(f"{path}: {what}; {REPLACE_IT}")
-    check_split(ds_cfg, split_facts(ds_cfg.name, root)["train"].count)
-    entry, misfits = _fitting_entry(ds_cfg.name, root, _cache_files(ds_cfg.name, root, ds_cfg.cache))
-    if entry is None:  # said before any run dir exists; load_data decodes them and replaces the cache
-        for path, why in misfits:
-            print(f"regexp: the decoded-data cache {path} does not fit the raw files ({why}); decoding them again",
-                  file=sys.stderr)
 
 
 def check_split(ds_cfg: Any, n_train: int) -> None:
@@ -130,7 +192,8 @@ def check_split(ds_cfg: Any, n_train: int) -> None:
     validation set that leaves nothing to train on. A dataset.limit beyond what is left means
     all of it, as "the first N samples" says."""
     if ds_cfg.val_size >= n_train:
-        raise ConfigError("dataset.val_size", ds_cfg.val_size, f"must be smaller than the {n_train} training samples of {ds_cfg.name}")
+        what = ds_cfg.path if ds_cfg.name in ("folder", "tensors") else ds_cfg.name
+        raise ConfigError("dataset.val_size", ds_cfg.val_size, f"must be smaller than the {n_train} training samples of {what}")
 
 
 @dataclass(frozen=True)
@@ -142,62 +205,88 @@ class SplitFacts:
     probes: tuple[tuple[int, bytes, int], ...]
 
 
-def split_facts(name: str, root: Path) -> dict[str, SplitFacts]:
+def split_facts(spec: DatasetSpec, root: Path) -> dict[str, SplitFacts]:
     """SplitFacts of the "train" and "test" splits, read from the files (checked by
-    _file_problem first): idx headers and two seeks, or the CIFAR batches (most of a second),
-    so they are kept for the process while the files keep their size and modification time:
-    the pre-flight's reading serves the load."""
-    return _read_split_facts(name, root, tuple(map(tuple, _fingerprint(SPECS[name], root)[1])))
+    _file_problem first): idx headers and two seeks, the CIFAR batches or SVHN's arrays (most
+    of a second), two images of a folder, so they are kept for the process while the files
+    keep their size and modification time: the pre-flight's reading serves the load."""
+    return _read_split_facts(spec, root, _stamp(_fingerprint(spec, root)))
+
+
+def _stamp(fingerprint: list) -> tuple:
+    """The files' sizes and times as a key of _read_split_facts."""
+    return tuple(map(tuple, fingerprint[1]))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_split_facts(name: str, root: Path, stamp: tuple) -> dict[str, SplitFacts]:  # stamp: the key only
-    spec = SPECS[name]
-    if name == "cifar10":
-        train = [f for f in spec.files if "data_batch" in f]
-        return {split: _cifar_facts([_load_cifar(root / f) for f in files])
-                for split, files in (("train", train), ("test", ["cifar-10-batches-py/test_batch"]))}
-    return {split: _idx_facts(root / images, root / labels, prod(spec.image_shape))
+def _read_split_facts(spec: DatasetSpec, root: Path, stamp: tuple) -> dict[str, SplitFacts]:  # stamp: the key only
+    if spec.layout == "folder":
+        return {split: _folder_facts(root, getattr(spec.folder, split), spec.image_shape) for split in ("train", "test")}
+    if spec.layout == "svhn":
+        return {split: _svhn_facts(_load_svhn(root / f)) for split, f in zip(("train", "test"), spec.files)}
+    if spec.layout.startswith("cifar"):
+        *train, test = [f for f in spec.files if not f.endswith("meta")]
+        return {split: _cifar_facts([_load_cifar(root / f) for f in files], _cifar_labels(spec))
+                for split, files in (("train", train), ("test", [test]))}
+    return {split: _idx_facts(root / images, root / labels, prod(spec.image_shape), spec.label_offset)
             for split, images, labels in zip(("train", "test"), spec.files[0::2], spec.files[1::2])}
 
 
-def _idx_facts(images: Path, labels: Path, image_bytes: int) -> SplitFacts:
+def _ends(count: int) -> tuple[int, ...]:
+    """The indices a cache entry is probed at: the first and the last sample."""
+    return (0, count - 1) if count else ()
+
+
+def _idx_facts(images: Path, labels: Path, image_bytes: int, label_offset: int) -> SplitFacts:
     count = _idx_dims(images, 3)[0]
     probes = []
     with open(images, "rb") as xs, open(labels, "rb") as ys:
-        for i in (0, count - 1) if count else ():
+        for i in _ends(count):
             xs.seek(16 + i * image_bytes)  # past the magic number and 3 sizes
             ys.seek(8 + i)  # past the magic number and 1 size
-            probes.append((i, xs.read(image_bytes), ys.read(1)[0]))
+            probes.append((i, xs.read(image_bytes), ys.read(1)[0] - label_offset))
     return SplitFacts(count, tuple(probes))
 
 
-def _cifar_facts(batches: list[dict]) -> SplitFacts:
-    count = sum(len(b["labels"]) for b in batches)
-    filled = [b for b in batches if b["labels"]]
+def _cifar_facts(batches: list[dict], labels_key: str) -> SplitFacts:
+    count = sum(len(b[labels_key]) for b in batches)
+    filled = [b for b in batches if b[labels_key]]
     ends = ((0, filled[0], 0), (count - 1, filled[-1], -1)) if count else ()
-    return SplitFacts(count, tuple((i, b["data"][j].tobytes(), b["labels"][j]) for i, b, j in ends))
+    return SplitFacts(count, tuple((i, b["data"][j].tobytes(), b[labels_key][j]) for i, b, j in ends))
+
+
+def _svhn_facts(arrays: dict) -> SplitFacts:
+    images, labels = arrays["X"], arrays["y"].reshape(-1)  # images [H, W, C, N], labels 1..10 (10: the digit 0)
+    return SplitFacts(len(labels), tuple((i, images[..., i].transpose(2, 0, 1).tobytes(), int(labels[i]) % 10)
+                                         for i in _ends(len(labels))))
+
+
+def _folder_facts(root: Path, items: tuple[tuple[str, int], ...], chw: tuple[int, int, int]) -> SplitFacts:
+    return SplitFacts(len(items), tuple((i, datafiles.decode_images(root, [items[i][0]], chw).tobytes(), items[i][1])
+                                        for i in _ends(len(items))))
 
 
 REPLACE_IT = "replace the file with a good copy (or delete the data set's folder and keep dataset.download=true)"
 
 
-def _missing_files(name: str, root: Path) -> list[Path]:
-    return [root / f for f in SPECS[name].files if not (root / f).is_file()]
+def _missing_files(spec: DatasetSpec, root: Path) -> list[Path]:
+    return [root / f for f in spec.files if not (root / f).is_file()]
 
 
 # ---------------------------------------------------------------- download
-def _download(name: str, root: Path) -> Optional[str]:
+def _download(spec: DatasetSpec, root: Path) -> Optional[str]:
     """Fetch the data set into `root` with torchvision's downloader (its mirrors and
-    checksums). Returns None, or why it failed in a few words after removing what the
-    attempt created (folders, partial files), so a refused command leaves nothing behind."""
-    outputs = [root / p for p in SPECS[name].downloads]
+    checksums), both splits (SVHN keeps them apart). Returns None, or why it failed in a few
+    words after removing what the attempt created (folders, partial files), so a refused
+    command leaves nothing behind."""
+    outputs = [root / p for p in spec.downloads]
     existed = {p for out in outputs if out.exists() for p in (out, *out.rglob("*"))}
     new_dirs = _missing_dirs(root)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib's requests have none: a dead network would hang them
     try:
-        torchvision_class(name)(str(root), train=True, download=True)
+        for train in (True, False):  # the second finds the first's files, but for SVHN's test split
+            _torchvision_split(spec, root, train, download=True)
     except BaseException as e:
         _remove_created(outputs, existed, new_dirs)
         if not isinstance(e, Exception):  # Ctrl-C: cleaned up, then stop
@@ -241,13 +330,17 @@ def _download_failure(e: Exception) -> str:
 
 
 # ---------------------------------------------------------------- file checks
-def _file_problem(name: str, root: Path) -> Optional[tuple[Path, str]]:
+def _file_problem(spec: DatasetSpec, root: Path) -> Optional[tuple[Path, str]]:
     """(file, what is wrong) for the first data file that does not fit its format or the
     data set (idx header and length, image size, labels within the classes, as many labels
-    as images; the same for CIFAR batches), or None."""
-    spec = SPECS[name]
-    if name == "cifar10":
+    as images; the same for CIFAR batches and SVHN's arrays; one size and mode for a
+    folder's images), or None."""
+    if spec.layout == "folder":
+        return datafiles.folder_problem(spec.folder)
+    if spec.layout.startswith("cifar"):
         return next(filter(None, (_cifar_problem(root / f, spec) for f in spec.files)), None)
+    if spec.layout == "svhn":
+        return next(filter(None, (_svhn_problem(root / f, spec) for f in spec.files)), None)
     for images, labels in zip(spec.files[0::2], spec.files[1::2]):
         problem = _idx_split_problem(root / images, root / labels, spec)
         if problem is not None:
@@ -270,9 +363,11 @@ def _idx_split_problem(images: Path, labels: Path, spec: DatasetSpec) -> Optiona
         return labels, f"{label_dims[0]} labels for the {image_dims[0]} images of {images.name}"
     with open(labels, "rb") as fh:
         fh.seek(8)
-        largest = max(fh.read(), default=0)
-    if largest >= spec.num_classes:
-        return labels, f"label {largest} outside the {spec.num_classes} classes (0..{spec.num_classes - 1})"
+        found = fh.read()
+    first, last = spec.label_offset, spec.label_offset + spec.num_classes - 1
+    bad = next((y for y in (max(found, default=first), min(found, default=first)) if not first <= y <= last), None)
+    if bad is not None:
+        return labels, f"label {bad} outside the {spec.num_classes} classes ({first}..{last})"
     return None
 
 
@@ -312,18 +407,26 @@ def _load_cifar(path: Path) -> Any:
         return _ArraysOnly(fh, encoding="latin1").load()
 
 
+def _cifar_labels(spec: DatasetSpec, meta: bool = False) -> str:
+    """The key of a CIFAR batch's labels (or, with `meta`, of the class names in its meta file)."""
+    fine = "fine_" if spec.layout == "cifar100" else ""
+    return f"{fine}label_names" if meta else f"{fine}labels"
+
+
 def _cifar_problem(path: Path, spec: DatasetSpec) -> Optional[tuple[Path, str]]:
+    title = spec.torchvision_class.replace("CIFAR", "CIFAR-")
     try:
         entry = _load_cifar(path)
     except Exception as e:
-        return path, f"not a CIFAR-10 pickle ({type(e).__name__}: {str(e).strip()[:120]}): truncated or corrupted"
+        return path, f"not a {title} pickle ({type(e).__name__}: {str(e).strip()[:120]}): truncated or corrupted"
     if not isinstance(entry, dict):
-        return path, f"not a CIFAR-10 batch (a {type(entry).__name__}, not a dict)"
-    if path.name == "batches.meta":
-        names = entry.get("label_names")
+        return path, f"not a {title} batch (a {type(entry).__name__}, not a dict)"
+    if path.name.endswith("meta"):
+        key = _cifar_labels(spec, meta=True)
+        names = entry.get(key)
         ok = isinstance(names, list) and len(names) == spec.num_classes
-        return None if ok else (path, f"label_names must list the {spec.num_classes} classes")
-    images, labels = entry.get("data"), entry.get("labels")
+        return None if ok else (path, f"{key} must list the {spec.num_classes} classes")
+    images, labels = entry.get("data"), entry.get(_cifar_labels(spec))
     row = prod(spec.image_shape)
     if getattr(images, "dtype", None) != "uint8" or getattr(images, "ndim", 0) != 2 or images.shape[1] != row:
         return path, f"'data' must be uint8 rows of {row} values ({'x'.join(map(str, spec.image_shape))} images)"
@@ -335,21 +438,103 @@ def _cifar_problem(path: Path, spec: DatasetSpec) -> Optional[tuple[Path, str]]:
     return None
 
 
+def _load_svhn(path: Path) -> dict:
+    """SVHN's .mat arrays (scipy's reader: plain arrays, no code runs)."""
+    from scipy.io import loadmat
+
+    return loadmat(path, variable_names=("X", "y"))
+
+
+def _svhn_problem(path: Path, spec: DatasetSpec) -> Optional[tuple[Path, str]]:
+    try:
+        arrays = _load_svhn(path)
+    except Exception as e:
+        return path, f"not a .mat file scipy reads ({type(e).__name__}: {str(e).strip()[:120]}): truncated or corrupted"
+    images, labels = arrays.get("X"), arrays.get("y")
+    height, width, channels = spec.image_shape[1], spec.image_shape[2], spec.image_shape[0]
+    if getattr(images, "dtype", None) != "uint8" or getattr(images, "shape", ())[:3] != (height, width, channels):
+        return path, f"'X' must be uint8 [{height}, {width}, {channels}, N] images"
+    if getattr(labels, "size", -1) != images.shape[3] or labels.ndim != 2:
+        return path, f"'y' must hold one label per image ({images.shape[3]}) as [N, 1]"
+    bad = labels[(labels < 1) | (labels > 10)]
+    if bad.size:
+        return path, f"label {int(bad[0])} outside SVHN's 1..10 (10 is the digit 0)"
+    return None
+
+
 def load_data(ds_cfg: Any, device: Any) -> DataSplits:
-    spec = SPECS[ds_cfg.name]
-    raw = _load_raw(ds_cfg.name, dataset_root(ds_cfg), ds_cfg.cache)
+    raw, stats, classes = _raw_splits(ds_cfg)
     train_idx, val_idx = _split_indices(len(raw["train_y"]), ds_cfg.val_size, ds_cfg.limit)
 
     def prepared(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _normalize(images, spec, device), labels.to(device)
+        return _normalize(images, stats, device), labels.to(device)
 
     train_x, train_y = prepared(raw["train_x"][train_idx], raw["train_y"][train_idx])
     val_x, val_y = prepared(raw["train_x"][val_idx], raw["train_y"][val_idx])
     test_x, test_y = prepared(raw["test_x"], raw["test_y"])
     return DataSplits(
         train_x, train_y, val_x, val_y, test_x, test_y,
-        num_classes=spec.num_classes, input_shape=tuple(train_x.shape[1:]),
+        num_classes=classes, input_shape=tuple(train_x.shape[1:]),
     )
+
+
+Stats = Optional[tuple[Any, Any]]  # per-channel mean and std (sequences or tensors); None: values as stored
+
+
+def _raw_splits(ds_cfg: Any) -> tuple[dict[str, torch.Tensor], Stats, int]:
+    """Both splits' images (uint8, or float from a tensors file) and int64 labels, what to
+    normalize them with, and the class count. A built-in set has published constants; the
+    others the mean and std of their training split (cached with the decoded images), unless
+    dataset.normalize=false."""
+    if ds_cfg.name == "tensors":
+        raw = _tensors_raw(ds_cfg)
+        classes = ds_cfg.classes or int(max(raw["train_y"].max(), raw["test_y"].max())) + 1
+        return raw, channel_stats(raw["train_x"]) if ds_cfg.normalize else None, classes
+    src = source(ds_cfg)
+    raw = _load_raw(src, ds_cfg.cache)
+    stats = (src.spec.mean, src.spec.std) if src.spec.mean is not None else (raw.pop("mean"), raw.pop("std"))
+    return raw, stats if ds_cfg.name != "folder" or ds_cfg.normalize else None, src.spec.num_classes
+
+
+def _tensors_raw(ds_cfg: Any) -> dict[str, torch.Tensor]:
+    """The arrays of a .npz/.pt file as both splits, checked (a RunError naming the file);
+    without x_test, the fixed dataset.test_size fraction of x is held out for testing."""
+    path = datafiles.tensors_file(ds_cfg)
+    arrays = datafiles.load_arrays(path)
+    problem = datafiles.tensors_problem(arrays, ds_cfg.classes)
+    if problem is not None:
+        raise RunError(f"{path}: {problem}")
+
+    def images(key: str) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(arrays[key]))
+        x = x.unsqueeze(1) if x.dim() == 3 else x  # [N, H, W]: one channel
+        return x if x.dtype == torch.uint8 else x.float()
+
+    def labels(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(arrays[key], dtype=np.int64))
+
+    if "x_test" in arrays:
+        return {"train_x": images("x"), "train_y": labels("y"), "test_x": images("x_test"), "test_y": labels("y_test")}
+    x, y = images("x"), labels("y")
+    train, test = (torch.tensor(i) for i in datafiles.holdout(len(y), ds_cfg.test_size))
+    return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64 [C]) of images in [0, 1] (uint8 / 255) or as stored
+    (float), summed over chunks so that a large set needs no float copy of itself. A constant
+    channel gets std 1 (it is only centred)."""
+    channels = images.shape[1]
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    total, squares = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    for chunk in images.split(4096):
+        values = chunk.transpose(0, 1).reshape(channels, -1).double().div_(scale)
+        total += values.sum(1)
+        squares += values.square().sum(1)
+    count = max(images.numel() // channels, 1)
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
 def _split_indices(n_train: int, val_size: int, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,38 +548,61 @@ def _split_indices(n_train: int, val_size: int, limit: Optional[int]) -> tuple[t
     return train_idx[:limit], order[n_kept:]
 
 
-def _normalize(images: torch.Tensor, spec: DatasetSpec, device: Any) -> torch.Tensor:
+def _normalize(images: torch.Tensor, stats: Stats, device: Any) -> torch.Tensor:
     # uint8 crosses to the device: a quarter of the bytes float32 would need
-    x = images.to(device).float().div_(255)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    x = images.to(device).float()
+    if images.dtype == torch.uint8:
+        x.div_(255)
+    if stats is None:
+        return x
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in stats)
     return x.sub_(mean).div_(std)
 
 
 # ---------------------------------------------------------------- decoding and its cache
-def _load_raw(name: str, root: Path, cache: str) -> dict[str, torch.Tensor]:
-    """uint8 [N, C, H, W] images and int64 [N] labels of both splits: from the cache when it is
-    current and fits the raw files, else decoded and cached (check_available has said why)."""
-    cache_files = _cache_files(name, root, cache)
-    entry, _ = _fitting_entry(name, root, cache_files)
+def _load_raw(src: Source, cache: str) -> dict[str, torch.Tensor]:
+    """uint8 [N, C, H, W] images and int64 [N] labels of both splits (and, for a set without
+    constants, the training split's mean and std): from the cache when it is current and fits
+    the raw files, else decoded and cached (check_available has said why)."""
+    cache_files = _cache_files(src.key, src.root, cache)
+    entry, _ = _fitting_entry(src.spec, src.root, cache_files)
     if entry is None:
-        entry = _read_with_torchvision(name, root)
-        _write_cache(cache_files, {"fingerprint": _fingerprint(SPECS[name], root), **entry}, root)
+        entry = _decode(src)
+        _write_cache(cache_files, {"fingerprint": _fingerprint(src.spec, src.root), **entry}, src.root)
     return entry
 
 
-def _fitting_entry(name: str, root: Path, cache_files: list[Path]
+def _decode(src: Source) -> dict[str, torch.Tensor]:
+    """Both splits decoded (PIL for a folder, torchvision for the rest), with the training
+    split's mean and std where the set has no constants."""
+    spec, root = src.spec, src.root
+    if spec.layout == "folder":
+        entry = {f"{split}_{kind}": tensor for split in ("train", "test")
+                 for kind, tensor in zip("xy", _decode_folder(root, getattr(spec.folder, split), spec.image_shape))}
+    else:
+        entry = _read_with_torchvision(src)
+    if spec.mean is None:
+        entry["mean"], entry["std"] = channel_stats(entry["train_x"])
+    return entry
+
+
+def _decode_folder(root: Path, items: tuple[tuple[str, int], ...], chw: tuple[int, int, int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    images = datafiles.decode_images(root, [f for f, _ in items], chw)
+    return torch.from_numpy(images), torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+def _fitting_entry(spec: DatasetSpec, root: Path, cache_files: list[Path]
                    ) -> tuple[Optional[dict[str, torch.Tensor]], list[tuple[Path, str]]]:
     """The first cache entry that is current and fits the raw files (split_facts), or None;
     and the cache files met on the way that do not fit, with why."""
-    spec = SPECS[name]
     fingerprint = _fingerprint(spec, root)
     misfits = []
     for path in cache_files if fingerprint is not None else []:
         try:
             entry = _read_cache(path, fingerprint)
             if entry is not None:
-                _check_entry(entry, spec, split_facts(name, root))
+                _check_entry(entry, spec, _read_split_facts(spec, root, _stamp(fingerprint)))
                 return entry, misfits
         except CacheMisfit as e:
             misfits.append((path, str(e)))
@@ -419,14 +627,18 @@ def _cache_files(name: str, root: Path, cache: str) -> list[Path]:
 
 
 def _fingerprint(spec: DatasetSpec, root: Path) -> Optional[list]:
-    """Path, size and mtime of every source file; None while any is missing."""
-    stats = []
+    """Path, size and mtime of every source file; None while any is missing. A folder's
+    images (tens of thousands) are summed up in one digest, which torch.load reads at once."""
+    stats, base = [], str(root)
     for f in spec.files:
+        path = f"{base}/{f}"  # not Path, not os.path.join: a folder of images may have a million files
         try:
-            st = (root / f).stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return None
-        stats.append([str(root / f), st.st_size, st.st_mtime_ns])
+        stats.append([path, st.st_size, st.st_mtime_ns])
+    if spec.layout == "folder":
+        stats = [[base, len(stats), hashlib.sha256(repr(stats).encode()).hexdigest()]]
     return [CACHE_VERSION, stats]
 
 
@@ -464,14 +676,21 @@ def _open_regular(path: Path) -> Optional[BinaryIO]:
 
 
 CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
+STATS_KEYS = ("mean", "std")  # float64 [C], for a set without published constants
 
 
 def _check_entry(entry: dict, spec: DatasetSpec, facts: dict[str, SplitFacts]) -> None:
     """CacheMisfit unless the entry holds both splits as the raw files do: uint8 [N, C, H, W]
     images and int64 [N] labels within the classes, N as the files count it, and the files'
-    first and last samples at their places."""
-    if set(entry) != set(CACHE_KEYS):
-        raise CacheMisfit(f"it holds {', '.join(map(str, entry)) or 'nothing'}, not {', '.join(CACHE_KEYS)}")
+    first and last samples at their places (and, where the set has no constants, a finite mean
+    and a positive std per channel)."""
+    keys = CACHE_KEYS + (STATS_KEYS if spec.mean is None else ())
+    if set(entry) != set(keys):
+        raise CacheMisfit(f"it holds {', '.join(map(str, entry)) or 'nothing'}, not {', '.join(keys)}")
+    for key in keys[len(CACHE_KEYS):]:
+        _check_tensor(key, entry[key], torch.float64, spec.image_shape[:1])
+        if not (entry[key].isfinite().all() and (key == "mean" or (entry[key] > 0).all())):
+            raise CacheMisfit(f"its {key} is {entry[key].tolist()}: not a usable per-channel {key}")
     for split, fact in facts.items():
         x, y = entry[f"{split}_x"], entry[f"{split}_y"]
         _check_tensor(f"{split}_x", x, torch.uint8, (fact.count, *spec.image_shape))
@@ -537,43 +756,61 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
 
 
-def _read_with_torchvision(name: str, root: Path) -> dict[str, torch.Tensor]:
+def _read_with_torchvision(src: Source) -> dict[str, torch.Tensor]:
     """Both splits decoded by torchvision from the files check_available found (it
     downloads nothing here); a file it cannot read is named in a RunError."""
-    dataset_class = torchvision_class(name)
+    spec, root = src.spec, src.root
     splits = {}
     for split, train in (("train", True), ("test", False)):
         try:
-            ds = dataset_class(str(root), train=train, download=False)
+            ds = _torchvision_split(spec, root, train, download=False)
         except Exception as e:
-            path, what = _file_problem(name, root) or (root, "missing or unreadable files; check_available says which")
+            path, what = _file_problem(spec, root) or (root, "missing or unreadable files; check_available says which")
             detail = (str(e).strip().splitlines() or [""])[0][:160]
-            raise RunError(f"{path}: cannot read {name} ({type(e).__name__}: {detail}; {what}); {REPLACE_IT}") from None
+            raise RunError(f"{path}: cannot read {src.key} ({type(e).__name__}: {detail}; {what}); {REPLACE_IT}") from None
         images = torch.as_tensor(ds.data)
-        # MNIST-style data is [N, H, W]; CIFAR-10's is [N, H, W, C]
-        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        # MNIST-style data is [N, H, W]; CIFAR's is [N, H, W, C]; SVHN's already [N, C, H, W]
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2) if spec.layout != "svhn" else images
         splits[f"{split}_x"] = images.contiguous()
-        splits[f"{split}_y"] = torch.as_tensor(ds.targets, dtype=torch.int64)
+        labels = ds.labels if spec.layout == "svhn" else ds.targets
+        splits[f"{split}_y"] = torch.as_tensor(labels, dtype=torch.int64) - spec.label_offset
     return splits
 
 
-def torchvision_class(name: str) -> type:
+def _torchvision_split(spec: DatasetSpec, root: Path, train: bool, download: bool) -> Any:
+    """torchvision's data set object of one split (SVHN names its splits; EMNIST takes its own)."""
+    if spec.layout == "svhn":
+        return torchvision_class(spec)(str(root), split="train" if train else "test", download=download)
+    return torchvision_class(spec)(str(root), train=train, download=download, **dict(spec.options))
+
+
+def torchvision_class(spec: DatasetSpec) -> type:
     from torchvision import datasets
 
-    base = getattr(datasets, SPECS[name].torchvision_class)
-    if name != "cifar10":
-        return base
+    base = getattr(datasets, spec.torchvision_class)
+    if spec.layout.startswith("cifar"):
 
-    class CIFAR10FilesPresent(base):
-        """CIFAR-10 checking that its files exist instead of their md5s, which no generated
-        test file can match (_check_integrity checks the batches, _load_meta batches.meta).
-        download() still verifies the archive's md5; a corrupt pickle fails when read."""
+        class CIFARFilesPresent(base):
+            """CIFAR checking that its files exist instead of their md5s, which no generated
+            test file can match (_check_integrity checks the batches, _load_meta the meta file).
+            download() still verifies the archive's md5; a corrupt pickle fails when read."""
 
-        train_list = [[f, None] for f, _ in base.train_list]
-        test_list = [[f, None] for f, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
+            train_list = [[f, None] for f, _ in base.train_list]
+            test_list = [[f, None] for f, _ in base.test_list]
+            meta = {**base.meta, "md5": None}
 
-    return CIFAR10FilesPresent
+        return CIFARFilesPresent
+    if spec.layout == "svhn":
+
+        class SVHNFilesPresent(base):
+            """SVHN checking that its .mat file exists instead of its md5 (as for CIFAR above);
+            download() still verifies the file it fetches."""
+
+            def _check_integrity(self) -> bool:
+                return os.path.isfile(os.path.join(self.root, self.filename))
+
+        return SVHNFilesPresent
+    return base
 
 
 # ---------------------------------------------------------------- augmentation

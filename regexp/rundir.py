@@ -146,6 +146,7 @@ class Summary:
     device: Optional[str] = None
     threads: Optional[int] = None  # CPU threads the run trained with (device.threads)
     parameters: Optional[int] = None
+    data: Optional[dict[str, Any]] = None  # the data set as trained: input_shape [C, H, W] and classes
     steps_per_epoch: Optional[int] = None
     effective_batch: Optional[int] = None
     train_samples: Optional[int] = None

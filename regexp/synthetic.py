@@ -1,4 +1,4 @@
-"""Synthetic CIFAR-10 in the real on-disk format, for tests, benchmarks and the GPU check
+"""Synthetic CIFAR-10 and CIFAR-100 in the real on-disk format, for tests, benchmarks and the GPU check
 where the real data set cannot be downloaded (random images: good for speed, not accuracy).
 
 The real `cifar-10-batches-py` files are protocol-2 pickles written by Python 2, whose
@@ -32,6 +32,21 @@ class Python2StrPickler(pickle._Pickler):  # the pure-Python pickler: its dispat
 def _dump(obj: dict, path: Path) -> None:
     with open(path, "wb") as f:
         Python2StrPickler(f, protocol=2).dump(obj)
+
+
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
+    """Write `<root>/cifar-100-python/` (train, test, meta) as the real set has them: random
+    images, fine labels 0..99 and coarse labels 0..19 cycling. Returns `root`."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, n in (("train", n_train), ("test", n_test)):
+        _dump({b"filenames": [f"image_{i:06d}.png".encode() for i in range(n)], b"batch_label": f"{filename} batch".encode(),
+               b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [i % 20 for i in range(n)],
+               b"data": rng.integers(0, 256, size=(n, IMAGE_BYTES), dtype=np.uint8)}, folder / filename)
+    _dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+           b"coarse_label_names": [f"superclass{i}".encode() for i in range(20)]}, folder / "meta")
+    return Path(root)
 
 
 def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> Path:

@@ -866,6 +866,7 @@ def start(run: "Run", data: DataSplits, device: torch.device, precision: str, st
                 sweep_dir=run.sweep_dir)
     summary.device, summary.parameters, summary.steps_per_epoch = str(device), sum(p.numel() for p in state.params), len(plan.windows)
     summary.effective_batch, summary.train_samples = cfg.accumulation.steps * cfg.batch_size, len(data.train_y)
+    summary.data = {"input_shape": list(data.input_shape), "classes": data.num_classes}
     if run.resumed is not None:
         continue_from(loop, *run.resumed)
     keep_metrics_up_to(run.run_dir, state.step)  # a fresh start keeps no records of a run that ended without a checkpoint

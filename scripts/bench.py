@@ -128,9 +128,9 @@ def has_files(name: str, root: Path) -> bool:
 def torchvision_train_set(name: str, root: Path, synthetic: bool, transform=None):
     """torchvision's reader of the data set, as regexp uses it (for CIFAR-10, one that checks
     that the files exist instead of their md5s, which generated files cannot match)."""
-    from regexp.data import torchvision_class
+    from regexp.data import SPECS, torchvision_class
 
-    return torchvision_class(name)(str(root), train=True, transform=transform, download=False)
+    return torchvision_class(SPECS[name])(str(root), train=True, transform=transform, download=False)
 
 
 # ---------------------------------------------------------------- the loops

@@ -25,7 +25,7 @@ def beside(root: Path, name: str = "mnist") -> Path:
 
 def decoded(name: str, root: Path) -> dict:
     """What the raw files hold, decoded without any cache."""
-    return data._read_with_torchvision(name, root)
+    return data._read_with_torchvision(data.Source(name, root, data.SPECS[name]))
 
 
 def cached(root: Path, name: str = "mnist") -> dict:
@@ -59,7 +59,7 @@ def assert_trains_on_the_files(splits, name: str, root: Path) -> None:
     """The splits (val_size=0: every training sample, in order) are the raw files' own."""
     truth = decoded(name, root)
     for split in ("train", "test"):
-        images = data._normalize(truth[f"{split}_x"], data.SPECS[name], "cpu")
+        images = data._normalize(truth[f"{split}_x"], (data.SPECS[name].mean, data.SPECS[name].std), "cpu")
         assert torch.equal(getattr(splits, f"{split}_x"), images)
         assert torch.equal(getattr(splits, f"{split}_y"), truth[f"{split}_y"])
 

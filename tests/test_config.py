@@ -3,10 +3,12 @@ and builds; bad values fail with the key; optional groups explain how to add the
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_train
 from omegaconf import OmegaConf
+from test_own_data import write_folder
 
 from regexp.compose import compose, compose_and_validate, sweep_jobs, with_added_groups
 from regexp.config import (
@@ -18,6 +20,7 @@ from regexp.config import (
     builder,
     check_writable,
     config_dir,
+    dataset_shape,
     group_lines,
     options_markdown,
     validate,
@@ -55,12 +58,12 @@ def _build(group: str, cfg) -> None:
     from regexp.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
     from regexp.regularizers import build_criterion, build_penalty
 
-    shape = (3, 32, 32) if cfg.dataset.name == "cifar10" else (1, 28, 28)
+    shape, classes = dataset_shape(cfg.dataset)
     small = {"model.hidden": [8], "model.depth": 2, "model.width": 8, "model.channels": [4], "model.fc": 8, "model.widths": [4, 8]}
     for key, value in small.items():
         if OmegaConf.select(cfg, key) is not None:
             OmegaConf.update(cfg, key, value)
-    model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, shape, 10)
+    model = build_model(cfg.model, cfg.norm, cfg.regularizer.dropout, shape, classes)
     init_weights(model, cfg.init, cfg.model.activation)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer.lr)
     build_scheduler(optimizer, cfg.scheduler, 100, 10, cfg.optimizer.lr)
@@ -76,11 +79,25 @@ WALKED = [pytest.param(g, o, id=f"{g}={o}", marks=() if o == next(iter(REGISTRY[
           for g, o in ENTRIES]
 
 
+# What an option needs besides its defaults (written into the test's folder)
+REQUIRED = {
+    ("dataset", "torchvision"): lambda tmp: ["dataset.set=CIFAR100"],
+    ("dataset", "folder"): lambda tmp: [f"dataset.path={write_folder(tmp / 'pics')}"],
+    ("dataset", "tensors"): lambda tmp: [f"dataset.path={write_tensors(tmp / 'arrays.npz')}"],
+}
+
+
+def write_tensors(path):
+    np.savez(path, x=np.zeros((8, 5, 5), np.uint8), y=np.arange(8) % 4)
+    return path
+
+
 @pytest.mark.parametrize("group,option", WALKED)
-def test_every_registry_entry_composes_validates_and_builds(group, option):
+def test_every_registry_entry_composes_validates_and_builds(group, option, tmp_path):
     """Walks the registry: a new option (one entry + one YAML file) is picked up here."""
     prefix = "+" if group in OPTIONAL_GROUPS else ""
-    cfg = compose_and_validate([f"{prefix}{group}={option}"])
+    needs = REQUIRED.get((group, option), lambda tmp: [])(tmp_path)
+    cfg = compose_and_validate([f"{prefix}{group}={option}", *needs])
     if group in OPTIONAL_GROUPS:
         assert [r for r in REGULARIZERS if cfg.regularizer[r] is not None] == [option]
     else:

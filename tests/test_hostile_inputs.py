@@ -263,14 +263,14 @@ def test_a_bad_dataset_cache_value_is_one_line(value, line):
 def test_two_processes_writing_the_cache_at_once_both_load_and_leave_one_fitting_file(tmp_path, cache_dir):
     root = write_mnist(tmp_path / "data", n_train=600, n_test=100)
     code = ("import sys; from regexp import data; "
-            "entry = data._load_raw('mnist', data.Path(sys.argv[1]), 'user'); print(entry['train_x'].shape[0])")
+            "entry = data._load_raw(data.Source('mnist', data.Path(sys.argv[1]), data.SPECS['mnist']), 'user'); print(entry['train_x'].shape[0])")
     env = dict(os.environ, REGEXP_CACHE_DIR=str(cache_dir))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and [o.strip() for o, _ in outs] == ["600", "600"], outs
     assert [p.name for p in cache_dir.iterdir()] == [data._cache_files("mnist", root, "user")[0].name]
-    entry, misfits = data._fitting_entry("mnist", root, data._cache_files("mnist", root, "user"))
+    entry, misfits = data._fitting_entry(data.SPECS["mnist"], root, data._cache_files("mnist", root, "user"))
     assert entry is not None and misfits == []
 
 
