@@ -28,6 +28,8 @@ commands:
   plot RUN [--out FILE.png] the training-health figure of a run (or: plot PATH... --by KEY, one column a group)
   report PATH... --out report.html [--by KEY] [--baseline GROUP]
                             the comparison, curves and health figures as one HTML file that opens offline
+  lr-find [OVERRIDES...] [--start 1e-7 --end 10 --steps 100 --seeds 4]
+                            Smith's lr range test, seeds side by side; prints optimizer.lr=... to paste
 
 {groups}
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
@@ -112,14 +114,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    if command in ("compare", "diagnose", "plot", "report"):
+    if command in ("compare", "diagnose", "plot", "report", "lr-find"):
         return reader_command(command, rest)
-    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report (see regexp --help)")
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report, lr-find (see regexp --help)")
     return 2
 
 
 def reader_command(command: str, args: list[str]) -> int:
-    """`regexp compare`, `diagnose`, `plot` and `report`, which read run dirs: bad input is one line and
+    """`regexp compare`, `diagnose`, `plot`, `report` (which read run dirs) and `lr-find`: bad input is one line and
     exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
     leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
     import os
@@ -133,6 +135,8 @@ def reader_command(command: str, args: list[str]) -> int:
             from regexp.plot import main as command_main
         elif command == "report":
             from regexp.report import main as command_main
+        elif command == "lr-find":
+            from regexp.lrfind import main as command_main
         else:
             from regexp.diagnose import main as command_main
         code = command_main(args)
