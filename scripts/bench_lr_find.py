@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """`regexp lr-find`, measured (docs/benchmarks.md, docs/lr-find.md). Two modes, each through the real CLI:
 
-  speed   4 seeds fused (the default) against the same 4 seeds one after another (--solo),
-          alternating, --repeats times each: the range test's own time (lr_find.json's
-          `seconds`: data loaded, models built, every step) and the whole command's wall time;
-          medians and their ratio fused / solo.
+  speed   4 seeds fused (the default) against the same 4 seeds one after another, in one
+          command (--solo) and as 4 commands of one seed each (separate), in rotating order,
+          --repeats times each: the range test's own time (lr_find.json's `seconds`: data
+          loaded, models built, every step) and the commands' wall time; medians, and the
+          ratios fused / the others, paired per repeat. device.threads=1 throughout.
   trust   per optimizer (sgd, momentum, adamw) on the MNIST MLP: lr-find's suggestion (4
           seeds), and a grid of 7 lrs half a decade apart trained for 2 epochs with 2 seeds
           each (`regexp train -m hydra/launcher=fused ...`, resume=auto: a second call reuses
@@ -41,6 +42,7 @@ GRIDS = {
 }
 SEEDS = (0, 1)
 EPOCHS = 2
+THREADS = ["device.threads=1"]  # on a CPU that other processes share, more threads wait for each other
 
 
 def regexp(args: list[str], cwd: Path) -> float:
@@ -57,32 +59,44 @@ def lr_find(args: list[str], out: Path) -> dict:
     """One `regexp lr-find` into its own out_dir; its lr_find.json, with the command's wall time."""
     out.mkdir(parents=True, exist_ok=True)
     wall = regexp(["lr-find", "logger=none", f"out_dir={out}", *args], out)
-    found = json.loads(next(out.glob("lr-find/*/*/lr_find.json")).read_text())
+    found = json.loads(sorted(out.glob("lr-find/*/*/lr_find.json"))[-1].read_text())  # the newest: <date>/<time>
     return {**found, "wall": wall}
 
 
 # ---------------------------------------------------------------- speed
+MODES = {  # how the 4 seeds run: one command's flags, or (separate) 4 commands of one seed each
+    "fused": ["--seeds", "4"],
+    "solo": ["--seeds", "4", "--solo"],
+    "separate": ["--seeds", "1"],
+}
+
+
+def timed(mode: str, extra: list[str], out: Path) -> dict:
+    """The 4 seeds in `mode`: the range test's seconds and the wall time, over its command(s)."""
+    if mode != "separate":
+        run = lr_find([*MODES[mode], *THREADS, *extra], out)
+        return {"seconds": run["seconds"], "wall": run["wall"]}
+    runs = [lr_find([*MODES[mode], f"seed={seed}", *THREADS, *extra], out / str(seed)) for seed in range(4)]
+    return {"seconds": sum(r["seconds"] for r in runs), "wall": sum(r["wall"] for r in runs)}
+
+
 def speed(repeats: int, extra: list[str]) -> None:
-    times: dict[str, list[dict]] = {"fused": [], "solo": []}
+    times: dict[str, list[dict]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-lr-find-") as tmp:
-        lr_find(["--seeds", "4", "--steps", "20", *extra], Path(tmp, "warm-up"))  # untimed: data cache, imports
+        lr_find(["--steps", "20", *THREADS, *extra], Path(tmp, "warm-up"))  # untimed: data cache, imports
         for r in range(repeats):
-            order = ("fused", "solo") if r % 2 == 0 else ("solo", "fused")  # alternate: load spreads over both
+            order = list(MODES)[r % len(MODES):] + list(MODES)[: r % len(MODES)]  # rotate: load spreads over all
             for mode in order:
-                flags = ["--seeds", "4", *(["--solo"] if mode == "solo" else []), *extra]
-                times[mode].append(lr_find(flags, Path(tmp, f"{mode}-{r}")))
-    print(f"regexp lr-find, 4 seeds, {' '.join(extra) or 'default config'}; medians of {repeats} alternating runs")
-    print("| | range test (s) | command wall (s) | steps |")
-    print("|---|---|---|---|")
+                times[mode].append(timed(mode, extra, Path(tmp, f"{mode}-{r}")))
+    print(f"regexp lr-find, 4 seeds, {' '.join([*THREADS, *extra])}; medians of {repeats} rotating runs")
+    print("| 4 seeds | range test (s) | command wall (s) | fused / this, range test | fused / this, wall |")
+    print("|---|---|---|---|---|")
     for mode, runs in times.items():
-        steps = "/".join(str(len(s["lrs"])) for s in runs[0]["seeds"])
+        ratio = [f["seconds"] / t["seconds"] for f, t in zip(times["fused"], runs)]
+        wall = [f["wall"] / t["wall"] for f, t in zip(times["fused"], runs)]
         print(f"| {mode} | {statistics.median(r['seconds'] for r in runs):.1f} | "
-              f"{statistics.median(r['wall'] for r in runs):.1f} | {steps} |")
-    ratio = [f["seconds"] / s["seconds"] for f, s in zip(times["fused"], times["solo"])]
-    wall = [f["wall"] / s["wall"] for f, s in zip(times["fused"], times["solo"])]
-    pairs = ", ".join(f"{x:.2f}" for x in ratio)
-    print(f"fused / solo: range test {statistics.median(ratio):.2f}x (each pair: {pairs}); "
-          f"command {statistics.median(wall):.2f}x")
+              f"{statistics.median(r['wall'] for r in runs):.1f} | {statistics.median(ratio):.2f}x "
+              f"({', '.join(f'{x:.2f}' for x in ratio)}) | {statistics.median(wall):.2f}x |")
 
 
 # ---------------------------------------------------------------- trust
@@ -90,24 +104,30 @@ def grid(optimizer: str, work: Path) -> dict[float, dict[str, float]]:
     """The grid's runs (trained, or finished earlier): per lr, the seeds' mean final val/acc and val/loss
     (a diverged seed counts as val/acc 0 and val/loss inf)."""
     sweep = work / f"grid-{optimizer}"
-    lrs = ",".join(f"{lr:.3g}" for lr in GRIDS[optimizer])
-    regexp(["train", "-m", "hydra/launcher=fused", f"optimizer={optimizer}", f"optimizer.lr={lrs}",
-            f"seed={','.join(map(str, SEEDS))}", f"epochs={EPOCHS}", "logger=none", f"hydra.sweep.dir={sweep}",
-            "resume=auto"], work)
+    if len(finished(sweep)) < len(GRIDS[optimizer]) * len(SEEDS):  # a grid trained earlier is read, not trained again
+        lrs = ",".join(f"{lr:.3g}" for lr in GRIDS[optimizer])
+        regexp(["train", "-m", "hydra/launcher=fused", f"optimizer={optimizer}", f"optimizer.lr={lrs}",
+                f"seed={','.join(map(str, SEEDS))}", f"epochs={EPOCHS}", "logger=none", f"hydra.sweep.dir={sweep}",
+                "resume=auto", *THREADS], work)
     runs: dict[float, list[dict]] = {}
-    for summary in sweep.glob("*/summary.json"):
-        s = json.loads(summary.read_text())
+    for s in finished(sweep):
         runs.setdefault(round(s["config"]["optimizer"]["lr"], 12), []).append(s)
     return {lr: {"val/acc": statistics.mean(r["metrics"].get("val/acc", 0.0) for r in rs),
                  "val/loss": statistics.mean(r["metrics"].get("val/loss", math.inf) for r in rs)}
             for lr, rs in sorted(runs.items())}
 
 
+def finished(sweep: Path) -> list[dict]:
+    """The summaries of the sweep's runs that ended (completed or diverged)."""
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    return [s for s in summaries if s["status"] not in ("running", "failed", "interrupted")]
+
+
 def trust(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, details = [], []
     for optimizer in GRIDS:
-        found = lr_find([f"optimizer={optimizer}", "--seeds", "4"], work / f"find-{optimizer}")
+        found = lr_find([f"optimizer={optimizer}", "--seeds", "4", *THREADS], work / f"find-{optimizer}")
         results = grid(optimizer, work)
         best_acc = max(results, key=lambda lr: results[lr]["val/acc"])
         best_loss = min(results, key=lambda lr: results[lr]["val/loss"])
