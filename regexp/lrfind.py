@@ -372,7 +372,7 @@ def figure(result: Result) -> Any:
     ax.set_xlabel("learning rate (optimizer.lr)")
     ax.set_ylabel("training loss")
     ax.set_title(f"lr range test · rule {result.rule}" + (" · seeds fused" if result.fused else ""), fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 

@@ -9,10 +9,11 @@
   trust   per optimizer (sgd, momentum, adamw) on the MNIST MLP: lr-find's suggestion (4
           seeds), and a grid of 7 lrs half a decade apart trained for 2 epochs with 2 seeds
           each (`regexp train -m hydra/launcher=fused ...`, resume=auto: a second call reuses
-          the runs that finished); the grid's best lr by the seeds' mean final val/acc (and by
-          val/loss); the ratio suggestion / best (target: within 2x) and the spread of the
-          seeds' suggestions (max/min, target: within 2x), for each suggestion rule, recomputed
-          from the same curves. A markdown table on stdout and in WORK/trust.md.
+          the runs that finished); the grid's best lr by the seeds' mean final val/acc and by
+          val/loss, each also refined (the vertex of a parabola through the best lr and its
+          neighbours, over log lr); the ratio suggestion / best (target: within 2x) and the
+          spread of the seeds' suggestions (max/min, target: within 2x), for each suggestion
+          rule, recomputed from the same curves. A markdown table on stdout and in WORK/trust.md.
 
     python scripts/bench_lr_find.py speed --repeats 3
     nice python scripts/bench_lr_find.py trust --work /tmp/lrfind/trust     # about 20 minutes on 2 CPU cores
@@ -100,9 +101,12 @@ def speed(repeats: int, extra: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- trust
+METRICS = {"val/acc": max, "val/loss": min}  # the grid's best lr by each, and which way is better
+
+
 def grid(optimizer: str, work: Path) -> dict[float, dict[str, float]]:
-    """The grid's runs (trained, or finished earlier): per lr, the seeds' mean final val/acc and val/loss
-    (a diverged seed counts as val/acc 0 and val/loss inf)."""
+    """The grid's runs (trained, or finished earlier): per lr, the seeds' mean final val/acc and
+    val/loss, and whether a seed diverged (then it has no best: val/acc 0, val/loss inf)."""
     sweep = work / f"grid-{optimizer}"
     if len(finished(sweep)) < len(GRIDS[optimizer]) * len(SEEDS):  # a grid trained earlier is read, not trained again
         lrs = ",".join(f"{lr:.3g}" for lr in GRIDS[optimizer])
@@ -113,7 +117,8 @@ def grid(optimizer: str, work: Path) -> dict[float, dict[str, float]]:
     for s in finished(sweep):
         runs.setdefault(round(s["config"]["optimizer"]["lr"], 12), []).append(s)
     return {lr: {"val/acc": statistics.mean(r["metrics"].get("val/acc", 0.0) for r in rs),
-                 "val/loss": statistics.mean(r["metrics"].get("val/loss", math.inf) for r in rs)}
+                 "val/loss": statistics.mean(r["metrics"].get("val/loss", math.inf) for r in rs),
+                 "diverged": any(r["status"] == "diverged" for r in rs)}
             for lr, rs in sorted(runs.items())}
 
 
@@ -123,32 +128,52 @@ def finished(sweep: Path) -> list[dict]:
     return [s for s in summaries if s["status"] not in ("running", "failed", "interrupted")]
 
 
+def best_lr(results: dict[float, dict], metric: str) -> tuple[float, float]:
+    """The grid's best lr by `metric`, and the same refined: the vertex of the parabola through it
+    and its two neighbours over log lr (the grid's best stays, at the grid's edge or beside a
+    diverged lr)."""
+    lrs = list(results)
+    i = lrs.index(METRICS[metric](lrs, key=lambda lr: results[lr][metric]))
+    if i in (0, len(lrs) - 1) or results[lrs[i - 1]]["diverged"] or results[lrs[i + 1]]["diverged"]:
+        return lrs[i], lrs[i]
+    y0, y1, y2 = (results[lrs[j]][metric] for j in (i - 1, i, i + 1))
+    step = math.log(lrs[i + 1] / lrs[i])  # the grid's spacing, in log lr
+    curvature = y0 - 2 * y1 + y2
+    offset = 0.0 if curvature == 0 else step * (y0 - y2) / (2 * curvature)
+    return lrs[i], lrs[i] * math.exp(offset)
+
+
+def versus(suggestion: float, best: float) -> str:
+    ratio = suggestion / best
+    return f"{max(ratio, 1 / ratio):.2f}x {'over' if ratio > 1 else 'under'}"
+
+
 def trust(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, details = [], []
     for optimizer in GRIDS:
         found = lr_find([f"optimizer={optimizer}", "--seeds", "4", *THREADS], work / f"find-{optimizer}")
         results = grid(optimizer, work)
-        best_acc = max(results, key=lambda lr: results[lr]["val/acc"])
-        best_loss = min(results, key=lambda lr: results[lr]["val/loss"])
-        details.append(f"{optimizer}: " + ", ".join(f"{lr:.3g}: acc {v['val/acc']:.4f} loss {v['val/loss']:.4f}"
-                                                     for lr, v in results.items()))
+        bests = {metric: best_lr(results, metric) for metric in METRICS}
+        details.append(f"- {optimizer}: " + ", ".join(
+            f"{lr:.3g}: " + ("diverged" if v["diverged"] else f"{v['val/acc']:.4f} / {v['val/loss']:.4f}")
+            for lr, v in results.items()))
         for rule, suggest in RULES.items():
             per_seed = [suggest(s["lrs"], s["smoothed"]) for s in found["seeds"]]
             overall = math.exp(statistics.mean(map(math.log, per_seed)))
-            ratio = overall / best_acc
-            rows.append(f"| {optimizer} | {rule} | {overall:.3g} | {best_acc:.3g} | {best_loss:.3g} | "
-                        f"{max(ratio, 1 / ratio):.2f}x {'over' if ratio > 1 else 'under'} | "
-                        f"{max(per_seed) / min(per_seed):.2f}x |")
+            cells = [f"{point:.3g} ({refined:.2g}) | {versus(overall, point)} ({versus(overall, refined)})"
+                     for point, refined in bests.values()]
+            rows.append(f"| {optimizer} | {rule} | {overall:.2g} | {max(per_seed) / min(per_seed):.2f}x | "
+                        f"{' | '.join(cells)} |")
     table = "\n".join([
-        f"MNIST MLP, lr-find 4 seeds ({found['range']['steps']} steps "
-        f"{found['range']['start']:g}..{found['range']['end']:g}); "
-        f"grid: 7 lrs half a decade apart, {EPOCHS} epochs, seeds {SEEDS}, best by mean final val/acc",
+        f"MNIST MLP; lr-find: 4 seeds, {found['range']['steps']} steps {found['range']['start']:g}..."
+        f"{found['range']['end']:g}; grid: 7 lrs half a decade apart, {EPOCHS} epochs, seeds "
+        f"{', '.join(map(str, SEEDS))}, the seeds' mean final metric (refined: the parabola's vertex over log lr)",
         "",
-        "| optimizer | rule | suggestion | grid's best (val/acc) | grid's best (val/loss) | suggestion vs best "
-        "| spread (max/min) |",
-        "|---|---|---|---|---|---|---|",
-        *rows, "", *details])
+        "| optimizer | rule | suggestion | spread (max/min) | best by val/acc (refined) | suggestion vs it (refined) "
+        "| best by val/loss (refined) | suggestion vs it (refined) |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows, "", "Grid (lr: mean val/acc / mean val/loss):", *details])
     print(table)
     (work / "trust.md").write_text(table + "\n")
 
