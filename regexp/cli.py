@@ -30,6 +30,8 @@ commands:
   report PATH... --out report.html [--by KEY] [--baseline GROUP]
                             the comparison, curves and health figures as one HTML file that opens offline
   check [OVERRIDES...]      the recipe checks before a long run (loss at init, overfit a batch, ...): seconds
+  lr-find [OVERRIDES...] [--start 1e-7 --end 10 --steps 100 --seeds 4]
+                            Smith's lr range test, seeds side by side; prints optimizer.lr=... to paste
 
 {groups}
 Results go to outputs/<date>/<time>/ (metrics.jsonl, summary.json, checkpoints, train.log).
@@ -125,16 +127,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if command == "train":
         return train_command(rest)
-    if command in ("compare", "diagnose", "plot", "report"):
+    if command in ("compare", "diagnose", "plot", "report", "lr-find"):
         return reader_command(command, rest)
     if command == "check":
         return check_command(rest)
-    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report, check (see regexp --help)")
+    fail(f"unknown command {command!r}; commands: train, compare, diagnose, plot, report, check, lr-find (see regexp --help)")
     return 2
 
 
 def reader_command(command: str, args: list[str]) -> int:
-    """`regexp compare`, `diagnose`, `plot`, `report` (which read run dirs) and `check`: bad input is one line and
+    """`regexp compare`, `diagnose`, `plot`, `report` (which read run dirs), `check` and `lr-find`: bad input is one line and
     exit 2, an unreadable or unwritable file one line and exit 1; when the reader of a pipe
     leaves early (`| head`) the command ends quietly with 141, as SIGPIPE ends other tools."""
     import os
@@ -150,6 +152,8 @@ def reader_command(command: str, args: list[str]) -> int:
             from regexp.report import main as command_main
         elif command == "check":
             from regexp.check import main as command_main
+        elif command == "lr-find":
+            from regexp.lrfind import main as command_main
         else:
             from regexp.diagnose import main as command_main
         code = command_main(args)

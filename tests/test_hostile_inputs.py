@@ -279,7 +279,7 @@ def test_cli_a_double_dash_before_the_command_is_one_line(tmp_path):
     out = run_cli(["--", "train", *QUIET], tmp_path)
     assert out.returncode == 2 and list(tmp_path.iterdir()) == []
     assert one_line(out.stderr) == ("regexp: error: unknown command '--'; commands: train, compare, diagnose, "
-                                    "plot, report, check (see regexp --help)")
+                                    "plot, report, check, lr-find (see regexp --help)")
 
 
 def test_cli_an_equals_sign_in_a_value_names_its_override(tmp_path):
