@@ -18,7 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, List, Optional
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -172,6 +172,27 @@ class ResNetConfig(ModelConfig):
         _require_pixels("model.widths", widths, len(widths) - 1, shape)
         stages = sum(9 * a * b + 2 * 9 * b * b + 3 * b for a, b in zip(widths, widths[1:]))
         return 9 * shape[0] * widths[0] + widths[0] + stages + _dense([widths[-1], classes])
+
+
+# package.module.Class: Python identifiers joined by dots, at least a module and a name
+DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+@dataclass
+class CustomModelConfig(ModelConfig):
+    """model=custom: `target(**kwargs)`, the user's own nn.Module (regexp/custom.py imports,
+    builds and tries it in the pre-flight). `activation` only tells the init schemes which gain
+    to use; the model's own layers decide what it computes."""
+
+    size_keys: ClassVar[tuple[str, ...]] = ("kwargs",)
+
+    target: str = field(default=MISSING, metadata=rule(lambda v: DOTTED_PATH.fullmatch(v) is not None,
+                                                       "must be an importable package.module.Class"))
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        return 0  # unknown without building it: regexp.custom counts and caps them in the pre-flight
 
 
 def _dense(sizes: list[int]) -> int:
@@ -381,6 +402,7 @@ REGISTRY: dict[str, dict[str, Option]] = {
         "deep_mlp": Option(DeepMLPConfig, "regexp.models.deep_mlp"),
         "cnn": Option(CNNConfig, "regexp.models.cnn"),
         "resnet": Option(ResNetConfig, "regexp.models.resnet"),
+        "custom": Option(CustomModelConfig, "regexp.custom.custom"),
     },
     "init": {
         "default": Option(InitConfig, "regexp.init.keep_pytorch_default"),
@@ -575,7 +597,7 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
         check: Optional[Rule] = declared[key].metadata.get("rule")
         if check is not None and not check.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
             raise ConfigError(full, _as_written(node, key), check.allowed)
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):  # not a free mapping (model.kwargs)
             _check_fields(value, full)
 
 
@@ -750,6 +772,16 @@ def _check_cross_fields(cfg: DictConfig) -> None:
         raise ConfigError("norm.placement", cfg.norm.placement, "layernorm on conv models supports only 'before'")
     if cfg.prune.name != "none":
         _check_prune(cfg)
+    if cfg.model.name == "custom":
+        _check_custom_model(cfg)
+
+
+def _check_custom_model(cfg: DictConfig) -> None:
+    """norm= and +regularizer=dropout shape the layers regexp builds; a custom model builds its own."""
+    if cfg.norm.name != "none":
+        raise ConfigError("norm", cfg.norm.name, "model=custom builds its own layers; put the norm in your model")
+    if cfg.regularizer.dropout is not None:
+        raise ConfigError("regularizer", "dropout", "model=custom builds its own layers; put the dropout in your model")
 
 
 def _check_prune(cfg: DictConfig) -> None:

@@ -17,8 +17,9 @@ from typing import Any, Optional
 from regexp.config import ConfigError, dataset_shape, flat, model_parameters
 from regexp.rundir import RunError, continues_under, printable, read_summary
 
-# Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
-FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
+# Models the fused engine (regexp.train.train_group) stacks; any other model trains alone. A custom
+# model fuses when regexp.custom finds the stack can replay it (its Candidate.alone says why not).
+FUSES = {"mlp", "deep_mlp", "cnn", "resnet", "custom"}
 
 # Dotted key prefixes each model of a stack may set for itself.
 FREE = (
@@ -50,7 +51,7 @@ class Candidate:
     config: dict[str, Any]  # the job config as recorded (config.recorded_container)
     memory: int = 0  # bytes one model of it needs (model_memory)
     step: Optional[int] = 0  # resume=auto: the step its run dir stands at; None: finished, it is skipped
-    alone: Optional[str] = None  # resume=auto: why what its run dir holds makes it run alone
+    alone: Optional[str] = None  # why it runs alone, known before the partition: resume=auto's run dir, a custom model
 
 
 @dataclass
@@ -89,6 +90,10 @@ def candidate(sweep_config: Any) -> Candidate:
     if job.get("resume") == "auto":
         sweep_dir, subdir = (OmegaConf.select(sweep_config, f"hydra.sweep.{key}") for key in ("dir", "subdir"))
         step, alone = resume_point(Path(str(sweep_dir)) / str(subdir), job)
+    if alone is None and job.model.name == "custom":
+        from regexp.custom import inspect  # torch: only for a model of the user's own (the pre-flight's answer, kept)
+
+        alone = inspect(job).alone
     return Candidate(int(sweep_config.hydra.job.num), recorded_container(job), model_memory(job), step, alone)
 
 
@@ -224,7 +229,17 @@ def model_memory(cfg: Any) -> int:
     gradients, two optimizer moments) plus a batch's activations, each layer's output kept
     about three times for the backward pass. `cfg`: a typed job config."""
     per_sample = ACTIVATION_UNITS.get(cfg.model.name, lambda *_: 0)(cfg.model, *dataset_shape(cfg.dataset))
-    return (model_parameters(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
+    return (parameter_count(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
+
+
+def parameter_count(cfg: Any) -> int:
+    """config.model_parameters, or a custom model's count as its pre-flight build found it
+    (its activations are not estimated: its layers are its own)."""
+    if cfg.model.name == "custom":
+        from regexp.custom import inspect
+
+        return inspect(cfg).parameters
+    return model_parameters(cfg)
 
 
 def _map_units(widths: list[int], shape: tuple[int, int, int]) -> int:

@@ -611,7 +611,8 @@ class Group:
         models = [loop.state.model for loop in loops]
         if self.stack is None or self.stack.models != models:
             p, p_input = zip(*(dropout_rates(loop.cfg.regularizer.dropout) for loop in loops))
-            self.stack = Stack(self.template, models, list(p), list(p_input), [loop.recipe for loop in loops])
+            self.stack = Stack(self.template, models, list(p), list(p_input), [loop.recipe for loop in loops],
+                               own_dropout=loops[0].cfg.model.name == "custom")
             optimizers = [loop.state.optimizer for loop in loops]
             if StackedUpdate.fits(optimizers, any(loop.state.scaler.is_enabled() for loop in loops)):
                 self.stack.update = StackedUpdate(self.stack, optimizers)
