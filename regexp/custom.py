@@ -59,7 +59,12 @@ def inspect(cfg: Any) -> Inspection:
 
 @functools.lru_cache(maxsize=16)
 def _inspect(target: str, kwargs: str, shape: tuple[int, int, int], classes: int, dataset: str) -> Inspection:
-    make = model_class(target)
+    with torch.random.fork_rng(devices=[]):  # its random init and dropout leave the process's generator as it was
+        return _try(model_class(target), target, kwargs, shape, classes, dataset)
+
+
+def _try(make: Any, target: str, kwargs: str, shape: tuple[int, int, int], classes: int, dataset: str) -> Inspection:
+    """Size it on the meta device, build it, one forward, and whether it stacks."""
     with torch.device("meta"):  # sized first without memory: an extra zero in a width is refused, not allocated
         sized = _meta_build(make, json.loads(kwargs))
     if sized is not None:

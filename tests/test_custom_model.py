@@ -17,7 +17,7 @@ from regexp import custom
 from regexp.compose import compose_and_validate, with_resumed_run
 from regexp.init import init_weights
 from regexp.models import build_model
-from regexp.rundir import ConfigError
+from regexp.rundir import ConfigError, read_metrics
 from regexp.stack import Stack
 
 TESTS = Path(__file__).resolve().parent
@@ -140,6 +140,25 @@ def test_a_fused_sweep_fuses_a_sequential_custom_model_and_runs_another_alone_wi
     done = train([*NOT_SEQUENTIAL, *common, "hydra.sweep.dir=alone"], tmp_path)
     assert done.stdout.count("runs alone: model.target=custom_models.TwoPath is a TwoPath, not an nn.Sequential") == 2
     assert [s.get("fused") for s in summaries(tmp_path / "alone")] == [None, None]
+
+
+@pytest.mark.slow
+def test_a_fused_custom_model_retraces_each_solo_run(models_on_path, data_root, tmp_path):
+    from regexp.config import job_config
+    from regexp.train import RunSpec, train as train_alone, train_group
+
+    common = [*SMALL_CNN, "dataset.limit=256", "dataset.val_size=256", "batch_size=32", "epochs=1", "device=cpu",
+              "device.threads=1", "device.deterministic=true", "logger=none", "monitor.log_every=2"]
+    cfgs = [job_config(compose_and_validate([*common, f"seed={seed}"])) for seed in range(2)]
+    fused = train_group([RunSpec(cfg, tmp_path / "fused" / str(i)) for i, cfg in enumerate(cfgs)])
+    for i, cfg in enumerate(cfgs):
+        alone = train_alone(cfg, tmp_path / "solo" / str(i))
+        assert fused[i].fused["models"] == 2 and alone.fused is None
+        steps = [[r for r in read_metrics(tmp_path / mode / str(i)) if "train/loss" in r] for mode in ("fused", "solo")]
+        assert len(steps[0]) == len(steps[1]) > 2
+        for f, s in zip(*steps):
+            assert f["train/loss"] == pytest.approx(s["train/loss"], rel=1e-4)
+            assert f["grad/norm/conv1"] == pytest.approx(s["grad/norm/conv1"], rel=1e-3)
 
 
 # ---------------------------------------------------------------- resume
