@@ -12,8 +12,9 @@ in one process (regexp.train.train_group, as scripts/bench.py --fused):
           after another, for each model: the fused gain (fused / sequential samples/s, paired
           per repeat), and the custom model's gain over the built-in's
 
-Repeats alternate which model (and which of fused / sequential) goes first, after an untimed
-warm-up; the tables show medians. On a shared CPU, compare the ratios, not the rates.
+Repeats alternate which model goes first (the fused timings in ABBA order: both models'
+sequential runs, then both fused, reversed on odd repeats), after an untimed warm-up; the
+tables show medians. On a shared CPU, compare the ratios, not the rates.
 
     python scripts/bench_custom_model.py                 # 6,400 samples a job, 3 repeats, N = 4
     python scripts/bench_custom_model.py --quick         # seconds: a smoke run, not a measurement
@@ -64,6 +65,13 @@ def solo(compose: dict, tmp: Path, label: str) -> float:
     return summary.metrics["perf/samples_per_s"]
 
 
+def fused_order(r: int) -> list[tuple[str, str]]:
+    """Repeat r's fused timings, ABBA: the two models' sequential runs, then their fused ones (the
+    other way round on odd repeats), so that a drift in the machine's load touches both models alike."""
+    order = [("built-in", "sequential"), ("custom", "sequential"), ("custom", "fused"), ("built-in", "fused")]
+    return order if r % 2 == 0 else order[::-1]
+
+
 def paired_median(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
@@ -87,13 +95,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for label in order:
             rates[label].append(solo(compose, tmp, label))
             bench.progress(f"repeat {r + 1}/{args.repeats} solo {label:<8} {rates[label][-1]:>8,.0f} samples/s")
-        for label in order:
-            for mode in (["sequential", "fused"] if r % 2 == 0 else ["fused", "sequential"]):
-                result = bench.fused_jobs(compose[label], args.fused, tmp, fuse=mode == "fused")
-                gains[label][mode].append(result["samples_per_s"])
-                groups[label] = result["models_per_group"] if mode == "fused" else groups.get(label, 0)
-                bench.progress(f"repeat {r + 1}/{args.repeats} N={args.fused} {label:<8} {mode:<10} "
-                               f"{result['samples_per_s']:>8,.0f} samples/s")
+        for label, mode in fused_order(r):
+            result = bench.fused_jobs(compose[label], args.fused, tmp, fuse=mode == "fused")
+            gains[label][mode].append(result["samples_per_s"])
+            groups[label] = result["models_per_group"] if mode == "fused" else groups.get(label, 0)
+            bench.progress(f"repeat {r + 1}/{args.repeats} N={args.fused} {label:<8} {mode:<10} "
+                           f"{result['samples_per_s']:>8,.0f} samples/s")
     fused_gain = {label: paired_median(g["fused"], g["sequential"]) for label, g in gains.items()}
     return {
         "machine": bench.machine(device), "load": [round(x, 2) for x in os.getloadavg()],
