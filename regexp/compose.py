@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Optional, get_args
+from typing import Any, Iterator, Optional, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -269,7 +269,20 @@ def with_added_groups(overrides: list[str]) -> list[str]:
             if not _holds(_hydra_compose(_parse(parser, known), True), group):
                 lines = [f"+{line}" if i in mine else line for i, line in enumerate(lines)]
             undecided -= mine
-    return lines
+    return [f"++{line}" if _sets_free_mapping(o) else line for o, line in zip(parsed, lines)]
+
+
+FREE_MAPPINGS = ("model.kwargs",)  # schema fields typed Dict[str, Any]: whatever keys the user's model takes
+
+
+def _sets_free_mapping(o: Any) -> bool:
+    """`model.kwargs={...}` or `model.kwargs.k=v`: Hydra's struct mode refuses new keys in a
+    typed mapping, so they are read as `++` (set or add)."""
+    from hydra.core.override_parser.types import OverrideType
+
+    key = o.key_or_group
+    return o.type == OverrideType.CHANGE and o.package is None and any(
+        key == m or key.startswith(m + ".") for m in FREE_MAPPINGS)
 
 
 def _option_key(o: Any) -> Optional[tuple[str, str]]:
@@ -332,8 +345,23 @@ def with_resumed_run(args: list[str]) -> list[str]:
         raise ConfigError("resume", value, "must be a run directory holding checkpoint.pt and .hydra/overrides.yaml")
     saved = trusted_overrides([o for o in recorded if not o.startswith("resume=")], run_dir / ".hydra" / "overrides.yaml")
     keys = {a.split("=", 1)[0].lstrip("+~") for a in args if is_override(a)}
-    kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
+    kept = [o for o in without_imports(saved, keys, run_dir) if o.split("=", 1)[0].lstrip("+~") not in keys]  # the user's value wins
     return [*kept, *args, f"hydra.run.dir={hydra_quoted(str(run_dir.resolve()))}"]
+
+
+IMPORTED_KEYS = ("model.target",)  # keys whose value names code to import (regexp.custom)
+
+
+def without_imports(saved: list[str], keys: set[str], run_dir: Any) -> list[str]:
+    """A run dir's overrides without those naming code to import: a resume never imports what
+    only its run dir names (it may come from anyone). The user names it again on the command
+    line (`keys`), else ConfigError naming the key."""
+    named = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in saved if "=" in o}
+    for key in IMPORTED_KEYS:
+        if key in named and key not in keys:
+            raise ConfigError(key, "(not given)", f"the run in {run_dir} was trained with {key}={named[key]}; a resume "
+                              f"never imports code named only in its run dir: name it again ({key}=...)")
+    return [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in IMPORTED_KEYS]
 
 
 def hydra_quoted(text: str) -> str:
@@ -414,6 +442,8 @@ def _fields_have(schema: type, path: list[str]) -> bool:
     declared = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
     if path[0] not in declared:
         return False
+    if get_origin(declared[path[0]]) is dict:  # a free mapping (model.kwargs): any key of it
+        return True
     inner = next((t for t in (declared[path[0]], *get_args(declared[path[0]])) if is_dataclass(t)), None)
     return len(path) == 1 or (inner is not None and _fields_have(inner, path[1:]))
 
@@ -434,12 +464,17 @@ def is_override(arg: str) -> bool:
 
 
 def check_job(cfg: DictConfig, data: bool = True) -> DictConfig:
-    """The pre-flight of one composed job: its validated config, the device it asks for and,
-    with `data`, its data set (found or downloaded). ConfigError / RunError, one line."""
-    from regexp.config import resolve_device
+    """The pre-flight of one composed job: its validated config, the device it asks for, a
+    custom model (imported, built, tried: regexp.custom) and, with `data`, its data set (found
+    or downloaded). ConfigError / RunError, one line."""
+    from regexp.config import resolve_device, user_built
 
     typed = validate(cfg)
     resolve_device(typed)
+    if user_built(typed.model):
+        from regexp.custom import inspect  # torch: only for a model of the user's own
+
+        inspect(typed)
     if data:
         from regexp.data import check_available  # torch: only once the config is known good
 

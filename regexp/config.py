@@ -18,7 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, List, Optional
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -152,6 +152,7 @@ class TensorsDatasetConfig(OwnDataConfig):
 @dataclass
 class ModelConfig:
     convolutional: ClassVar[bool] = False  # takes images as (C, H, W) maps: channels_last, spatial norms
+    user_built: ClassVar[bool] = False  # the user's own module (imported from model.target), not layers regexp builds
 
     name: str = MISSING
     activation: str = field(default="relu", metadata=choice(*ACTIVATIONS))
@@ -215,6 +216,28 @@ class ResNetConfig(ModelConfig):
         return 9 * shape[0] * widths[0] + widths[0] + stages + _dense([widths[-1], classes])
 
 
+# package.module.Class: Python identifiers joined by dots, at least a module and a name
+DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+@dataclass
+class CustomModelConfig(ModelConfig):
+    """model=custom: `target(**kwargs)`, the user's own nn.Module (regexp/custom.py imports,
+    builds and tries it in the pre-flight). `activation` only tells the init schemes which gain
+    to use; the model's own layers decide what it computes."""
+
+    user_built: ClassVar[bool] = True
+    size_keys: ClassVar[tuple[str, ...]] = ("kwargs",)
+
+    target: str = field(default=MISSING, metadata=rule(lambda v: DOTTED_PATH.fullmatch(v) is not None,
+                                                       "must be an importable package.module.Class"))
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parameters(cfg: Any, shape: tuple[int, int, int], classes: int) -> int:
+        return 0  # unknown without building it: regexp.custom counts and caps them in the pre-flight
+
+
 def _dense(sizes: list[int]) -> int:
     """Weights and biases of Linear layers through `sizes` (norm parameters are left out: a few per unit)."""
     return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
@@ -248,7 +271,16 @@ def model_parameters(cfg: DictConfig) -> int:
 
 def convolutional(model_cfg: Any) -> bool:
     """Whether the configured model is a conv net (its schema says so, not its name)."""
-    return OmegaConf.get_type(model_cfg).convolutional if isinstance(model_cfg, DictConfig) else model_cfg.convolutional
+    return _schema_of(model_cfg).convolutional
+
+
+def user_built(model_cfg: Any) -> bool:
+    """Whether the configured model is the user's own module (model=custom: its schema says so)."""
+    return _schema_of(model_cfg).user_built
+
+
+def _schema_of(model_cfg: Any) -> Any:
+    return OmegaConf.get_type(model_cfg) if isinstance(model_cfg, DictConfig) else model_cfg
 
 
 # ---------------------------------------------------------------- init / norm
@@ -431,6 +463,7 @@ REGISTRY: dict[str, dict[str, Option]] = {
         "deep_mlp": Option(DeepMLPConfig, "regexp.models.deep_mlp"),
         "cnn": Option(CNNConfig, "regexp.models.cnn"),
         "resnet": Option(ResNetConfig, "regexp.models.resnet"),
+        "custom": Option(CustomModelConfig, "regexp.custom.custom"),
     },
     "init": {
         "default": Option(InitConfig, "regexp.init.keep_pytorch_default"),
@@ -626,7 +659,7 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
         check: Optional[Rule] = declared[key].metadata.get("rule")
         if check is not None and not check.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
             raise ConfigError(full, _as_written(node, key), check.allowed)
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):  # not a free mapping (model.kwargs)
             _check_fields(value, full)
 
 
@@ -804,6 +837,16 @@ def _check_cross_fields(cfg: DictConfig) -> None:
     if cfg.smoke and cfg.resume is not None:
         raise ConfigError("resume", cfg.resume, "smoke=true (given, or recorded by the smoke run resumed) always starts "
                                                 "afresh: a smoke run is never continued; drop resume=, or leave out smoke=true")
+    if user_built(cfg.model):
+        _check_custom_model(cfg)
+
+
+def _check_custom_model(cfg: DictConfig) -> None:
+    """norm= and +regularizer=dropout shape the layers regexp builds; a custom model builds its own."""
+    if cfg.norm.name != "none":
+        raise ConfigError("norm", cfg.norm.name, "model=custom builds its own layers; put the norm in your model")
+    if cfg.regularizer.dropout is not None:
+        raise ConfigError("regularizer", "dropout", "model=custom builds its own layers; put the dropout in your model")
 
 
 def _check_prune(cfg: DictConfig) -> None:

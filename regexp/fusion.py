@@ -14,11 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regexp.config import ConfigError, dataset_shape, flat, model_parameters
+from regexp.config import ConfigError, dataset_shape, flat, model_parameters, user_built
 from regexp.rundir import RunError, continues_under, printable, read_summary
-
-# Models the fused engine (regexp.train.train_group) stacks; any other model trains alone.
-FUSES = {"mlp", "deep_mlp", "cnn", "resnet"}
 
 # Dotted key prefixes each model of a stack may set for itself.
 FREE = (
@@ -50,7 +47,7 @@ class Candidate:
     config: dict[str, Any]  # the job config as recorded (config.recorded_container)
     memory: int = 0  # bytes one model of it needs (model_memory)
     step: Optional[int] = 0  # resume=auto: the step its run dir stands at; None: finished, it is skipped
-    alone: Optional[str] = None  # resume=auto: why what its run dir holds makes it run alone
+    alone: Optional[str] = None  # why it runs alone, known before the partition: resume=auto's run dir, a custom model
 
 
 @dataclass
@@ -89,6 +86,8 @@ def candidate(sweep_config: Any) -> Candidate:
     if job.get("resume") == "auto":
         sweep_dir, subdir = (OmegaConf.select(sweep_config, f"hydra.sweep.{key}") for key in ("dir", "subdir"))
         step, alone = resume_point(Path(str(sweep_dir)) / str(subdir), job)
+    if alone is None:
+        alone = model_alone(job)
     return Candidate(int(sweep_config.hydra.job.num), recorded_container(job), model_memory(job), step, alone)
 
 
@@ -126,7 +125,7 @@ def fusion_key(job: Candidate) -> tuple:
 def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[int] = None) -> Partition:
     """Jobs with equal keys form groups of at most `max_models` models, and of no more than
     `memory_budget` bytes by the estimate (None: no bound); groups are ordered by their first
-    job. A job of a model not in FUSES, a finished one (resume=auto skips it) and one whose
+    job. A job whose model cannot be stacked, a finished one (resume=auto skips it) and one whose
     key no other job shares run alone, with the reason."""
     result = Partition()
     classes: dict[tuple, list[int]] = {}
@@ -150,15 +149,20 @@ def partition(jobs: list[Candidate], max_models: int, memory_budget: Optional[in
     return result
 
 
+def model_alone(cfg: Any) -> Optional[str]:
+    """Why the configured model cannot join a stack, or None: every model regexp builds
+    stacks; a custom model, as its pre-flight build found it (regexp.custom)."""
+    if not user_built(cfg.model):
+        return None
+    from regexp.custom import inspect  # torch: only for a model of the user's own (the pre-flight's answer, kept)
+
+    return inspect(cfg).alone
+
+
 def _unfusable(job: Candidate) -> Optional[str]:
     if job.step is None:
         return "its run is finished (resume=auto skips it)"
-    if job.alone is not None:
-        return job.alone
-    model = job.config["model"]["name"]
-    if model not in FUSES:
-        return f"model {model} is not one the fused engine stacks ({', '.join(sorted(FUSES))})"
-    return None
+    return job.alone
 
 
 def _capacity(job: Candidate, max_models: int, memory_budget: Optional[int]) -> tuple[int, str]:
@@ -224,7 +228,17 @@ def model_memory(cfg: Any) -> int:
     gradients, two optimizer moments) plus a batch's activations, each layer's output kept
     about three times for the backward pass. `cfg`: a typed job config."""
     per_sample = ACTIVATION_UNITS.get(cfg.model.name, lambda *_: 0)(cfg.model, *dataset_shape(cfg.dataset))
-    return (model_parameters(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
+    return (parameter_count(cfg) * STATE_COPIES + cfg.batch_size * per_sample * KEPT_ACTIVATIONS) * BYTES
+
+
+def parameter_count(cfg: Any) -> int:
+    """config.model_parameters, or a custom model's count as its pre-flight build found it
+    (its activations are not estimated: its layers are its own)."""
+    if user_built(cfg.model):
+        from regexp.custom import inspect
+
+        return inspect(cfg).parameters
+    return model_parameters(cfg)
 
 
 def _map_units(widths: list[int], shape: tuple[int, int, int]) -> int:

@@ -1,8 +1,9 @@
 """Weight initialization schemes, applied by layer type.
 
-Every scheme but `default` sets the weight of each nn.Linear and nn.Conv2d (the output layer
-included), zeroes their biases and resets norm layers to the identity (weight 1, bias 0).
-`default` keeps PyTorch's own init (kaiming_uniform with a=sqrt(5), fan-in-scaled biases).
+Every scheme but `default` sets the weight of each nn.Linear and convolution (the output
+layer included), zeroes their biases and resets norm layers to the identity (weight 1, bias
+0), wherever they sit in the model (a custom model's own layers too). `default` keeps
+PyTorch's own init (kaiming_uniform with a=sqrt(5), fan-in-scaled biases).
 """
 
 from typing import Callable
@@ -12,8 +13,8 @@ from torch import nn
 
 from regexp.config import builder
 
-WEIGHTED_LAYERS = (nn.Linear, nn.Conv2d)
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 # torch's name for the nonlinearity whose gain suits each activation; GELU ~ ReLU for x >> 0.
 _GAIN_NONLINEARITY = {"relu": "relu", "gelu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
@@ -62,7 +63,8 @@ def by_layer_type(init_weight: Callable[[torch.Tensor, object, str], None]) -> C
                     module.bias.zero_()
             elif isinstance(module, NORM_LAYERS) and module.weight is not None:  # affine norms
                 module.weight.fill_(1.0)
-                module.bias.zero_()
+                if module.bias is not None:  # LayerNorm(bias=False) has none
+                    module.bias.zero_()
 
     return apply
 

@@ -224,7 +224,7 @@ def find(cfg: Any, request: Request) -> Result:
     from omegaconf import open_dict
 
     from regexp.config import recorded_container, resolve_device
-    from regexp.fusion import FUSES
+    from regexp.fusion import model_alone
     from regexp.train import torch_settings
 
     configs = []
@@ -233,9 +233,9 @@ def find(cfg: Any, request: Request) -> Result:
         with open_dict(seeded):
             seeded.seed = cfg.seed + i
         configs.append(seeded)
-    fuse = request.seeds > 1 and not request.solo and cfg.model.name in FUSES
-    why_alone = (None if fuse or request.seeds == 1 else "--solo" if request.solo
-                 else f"model={cfg.model.name} does not fuse")
+    model_reason = model_alone(cfg)
+    fuse = request.seeds > 1 and not request.solo and model_reason is None
+    why_alone = None if fuse or request.seeds == 1 else "--solo" if request.solo else model_reason
     lrs = lr_schedule(request.start, request.end, request.steps)
     began = time.perf_counter()
     with torch_settings(cfg, torch.device(resolve_device(cfg))):

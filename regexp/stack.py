@@ -26,6 +26,9 @@ from regexp.step import NO_PROBE, MicroBatch, Probe, Recipe, StepResult, apply_u
 
 ACTIVATION_TYPES = tuple(type(make()) for make in ACTIVATIONS.values())
 POOLS = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # per channel: the template's module runs as is
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+# the layers `Stack._layer` replays (inside nn.Sequential and Residual): a custom model of them fuses (regexp.custom)
+STACKABLE = (nn.Linear, nn.Conv2d, *NORMS, *ACTIVATION_TYPES, *POOLS, nn.Flatten, nn.Dropout)
 
 CHUNK_BYTES = 4 << 20  # a stacked optimizer update works on about this much of each tensor at a time (L3-sized)
 Observer = Callable[[str, Callable[[int], torch.Tensor]], None]  # (layer name, member i -> its output)
@@ -35,11 +38,12 @@ class Stack:
     """The members' parameters and buffers as stacked tensors, and the batched forward.
 
     `template` is one member's architecture (on the meta device) with a Dropout wherever any
-    member has one; `p` and `p_input` give each member's dropout rates."""
+    member has one; `p` and `p_input` give each member's dropout rates. With `own_dropout` (a
+    custom model, whose members share their layers' settings) each Dropout keeps its own p."""
 
     def __init__(self, template: nn.Module, models: list[nn.Module], p: list[float], p_input: list[float],
-                 recipes: list[Recipe]):
-        self.template, self.models, self.recipes = template, models, recipes
+                 recipes: list[Recipe], own_dropout: bool = False):
+        self.template, self.models, self.recipes, self.own_dropout = template, models, recipes, own_dropout
         device = next(models[0].parameters()).device
         self.p = torch.tensor(p, device=device)
         self.p_input = torch.tensor(p_input, device=device)
@@ -111,7 +115,7 @@ class Stack:
         if isinstance(module, nn.Flatten):
             return (x.flatten(2) if layout == "nb" else x.transpose(0, 1).flatten(2)), "nb"
         if isinstance(module, nn.Dropout):
-            return self._dropout(x, layout, self.p_input if name == "drop_input" else self.p, training), layout
+            return self._dropout(x, layout, self._rate(module, name), training), layout
         if isinstance(module, nn.Linear):  # W x^T: the weight's gradient comes out in its own layout (no copy)
             w, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
             out = torch.bmm(w, x.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(2), w, x.transpose(1, 2))
@@ -152,6 +156,12 @@ class Stack:
             self.buffers[f"{name}.num_batches_tracked"].add_(1)
         return F.batch_norm(x, self.buffers[f"{name}.running_mean"].view(-1), self.buffers[f"{name}.running_var"].view(-1),
                             weight, bias, training, module.momentum, module.eps)
+
+    def _rate(self, module: nn.Dropout, name: str) -> torch.Tensor:
+        """Each member's dropout rate at this layer [N]."""
+        if self.own_dropout:
+            return torch.full_like(self.p, module.p)
+        return self.p_input if name == "drop_input" else self.p
 
     def _dropout(self, x: torch.Tensor, layout: str, p: torch.Tensor, training: bool) -> torch.Tensor:
         """Each member's own rate; p = 0 leaves its activations exactly as they are."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from regexp.config import flat, recorded_container, resolve_device, resolve_precision, warnings_for
+from regexp.config import flat, recorded_container, resolve_device, resolve_precision, user_built, warnings_for
 from regexp.data import DataSplits, load_data
 from regexp.diagnose import Watch, diagnose
 from regexp.init import init_weights
@@ -619,7 +619,8 @@ class Group:
         models = [loop.state.model for loop in loops]
         if self.stack is None or self.stack.models != models:
             p, p_input = zip(*(dropout_rates(loop.cfg.regularizer.dropout) for loop in loops))
-            self.stack = Stack(self.template, models, list(p), list(p_input), [loop.recipe for loop in loops])
+            self.stack = Stack(self.template, models, list(p), list(p_input), [loop.recipe for loop in loops],
+                               own_dropout=user_built(loops[0].cfg.model))
             optimizers = [loop.state.optimizer for loop in loops]
             if StackedUpdate.fits(optimizers, any(loop.state.scaler.is_enabled() for loop in loops)):
                 self.stack.update = StackedUpdate(self.stack, optimizers)

@@ -72,7 +72,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 BAD_INPUT = [
-    (["model=foo"], "model=foo", "choose one of cnn, deep_mlp, mlp, resnet"),
+    (["model=foo"], "model=foo", "choose one of cnn, custom, deep_mlp, mlp, resnet"),
     (["optimizer.lr=-1"], "optimizer.lr=-1", "must be > 0"),
     (["+regularizer=dropout", "regularizer.dropout.p=1.5"], "regularizer.dropout.p=1.5", "0 <= p < 1"),
     (["accumulation.steps=0"], "accumulation.steps=0", ">= 1"),

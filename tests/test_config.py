@@ -163,7 +163,7 @@ def test_monitor_off_is_a_field_not_a_name():
     (["optimizer.lrr=1"], "optimizer.lrr", "unknown key; known keys here: name, lr,"),
     (["+optimizer.lrr=1"], "optimizer.lrr", "unknown key"),
     (["+foo=1"], "foo", "unknown key"),
-    (["model=foo"], "model", "choose one of cnn, deep_mlp, mlp, resnet"),
+    (["model=foo"], "model", "choose one of cnn, custom, deep_mlp, mlp, resnet"),
     (["+regularizer=foo"], "+regularizer", "choose one of augment, dropout,"),
     (["optimizer=adam,adamw"], "optimizer", "add -m"),
     (["+experiment=batchnorm_sigmoid", "model=cnn"], "model.hidden", "unknown key"),

@@ -110,11 +110,17 @@ def test_the_memory_estimate_counts_state_and_activations():
     assert fusion.model_memory(conv) > fusion.model_parameters(conv) * 16
 
 
-def test_a_model_the_engine_does_not_stack_runs_alone(base, monkeypatch):
-    monkeypatch.setattr(fusion, "FUSES", {"cnn"})
-    result = partition(jobs_of([base, with_value(base, "seed", 1)]), 64)
-    assert result.groups == [[0], [1]]
-    assert result.alone[0] == "model mlp is not one the fused engine stacks (cnn)"
+def test_a_model_the_engine_does_not_stack_runs_alone(base):
+    jobs = jobs_of([base, with_value(base, "seed", 1), with_value(base, "seed", 2)])
+    jobs[0].alone = "model.target=m.Net is not an nn.Sequential"  # what regexp.custom's pre-flight build says
+    result = partition(jobs, 64)
+    assert result.groups == [[0], [1, 2]]
+    assert result.alone == {0: "model.target=m.Net is not an nn.Sequential"}
+
+
+def test_every_model_regexp_builds_stacks(base):
+    for model in ("mlp", "deep_mlp", "cnn", "resnet"):
+        assert fusion.model_alone(job_config(compose_train([f"model={model}"]))) is None
 
 
 def test_resume_auto_fuses_jobs_at_the_same_step(base):

@@ -22,6 +22,7 @@ SMALL = {
     "cnn": CNNConfig(name="cnn", channels=[4, 8], fc=16),
     "resnet": ResNetConfig(name="resnet", widths=[4, 8, 16]),
 }
+BUILT_IN = [name for name in config.REGISTRY["model"] if name != "custom"]  # model=custom: tests/test_custom_model.py
 # The gain each activation's variance-preserving init uses, written out rather than asked of torch.
 GAIN = {"relu": math.sqrt(2), "gelu": math.sqrt(2), "tanh": 5 / 3, "sigmoid": 1.0}
 
@@ -62,7 +63,7 @@ def names_of(model, kind):
 
 
 def test_registries_cover_the_config_options():
-    assert set(SMALL) == set(config.REGISTRY["model"])
+    assert set(SMALL) == set(BUILT_IN)
     assert set(ACTIVATIONS) == set(config.ACTIVATIONS)
 
 
@@ -76,7 +77,7 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.parametrize("shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
 @pytest.mark.parametrize("norm,placement", [("none", "before"), ("batchnorm", "before"), ("batchnorm", "after"), ("layernorm", "before")])
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_logits_shape_and_backprop(name, norm, placement, shape):
     model = build(name, norm, placement, DropoutConfig(p=0.2, p_input=0.1), shape)
     logits = model(torch.randn(4, *shape))
@@ -86,7 +87,7 @@ def test_logits_shape_and_backprop(name, norm, placement, shape):
         assert param.grad is not None and torch.isfinite(param.grad).all(), pname
 
 
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_default_sized_models_run_on_their_data_set(name):
     shape = CIFAR if name == "resnet" else MNIST
     model = build_model(cfg(config.REGISTRY["model"][name].schema(name=name)), cfg(NormConfig(name="none")), None, shape, 10)
@@ -94,7 +95,7 @@ def test_default_sized_models_run_on_their_data_set(name):
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_every_activation(name, activation):
     model = build(name, activation=activation)
     acts = [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
@@ -118,7 +119,7 @@ def test_channels_last_and_compile_match_eager(name):
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_norm_before_activation_replaces_the_bias(name, norm):
     model = build(name, norm, "before")
     seen = 0
@@ -133,7 +134,7 @@ def test_norm_before_activation_replaces_the_bias(name, norm):
     assert isinstance(output_layer, nn.Linear) and output_layer.bias is not None
 
 
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_norm_after_activation_keeps_the_bias(name):
     model = build(name, "batchnorm", "after")
     seen = 0
@@ -146,14 +147,14 @@ def test_norm_after_activation_keeps_the_bias(name):
     assert seen > 0
 
 
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_no_norm_means_every_layer_has_a_bias(name):
     model = build(name)
     assert not any(isinstance(m, NORMS) for m in model.modules())
     assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_norm_kind_follows_the_layer_it_normalizes(name):
     for norm, linear_norm, conv_norm in [("batchnorm", nn.BatchNorm1d, nn.BatchNorm2d), ("layernorm", nn.LayerNorm, nn.GroupNorm)]:
         model = build(name, norm)
@@ -204,7 +205,7 @@ def test_mlp_dropout_follows_the_activation_and_input_dropout_the_flatten():
 
 
 @pytest.mark.parametrize("dropout", [None, DropoutConfig(p=0.0, p_input=0.0)], ids=["off", "p=0"])
-@pytest.mark.parametrize("name", list(config.REGISTRY["model"]))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_no_dropout_modules_when_nothing_is_dropped(name, dropout):
     assert names_of(build(name, dropout=dropout), nn.Dropout) == []
 
