@@ -84,6 +84,7 @@ REQUIRED = {
     ("dataset", "torchvision"): lambda tmp: ["dataset.set=CIFAR100"],
     ("dataset", "folder"): lambda tmp: [f"dataset.path={write_folder(tmp / 'pics')}"],
     ("dataset", "tensors"): lambda tmp: [f"dataset.path={write_tensors(tmp / 'arrays.npz')}"],
+    ("model", "custom"): lambda tmp: ["model.target=custom_models.NestedMLP"],  # tests/custom_models.py
 }
 
 

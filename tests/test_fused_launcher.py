@@ -3,6 +3,7 @@ composed configs), the plugin's torch-free import and Hydra's discovery of it, t
 pre-flight of hydra.launcher.max_models, and end-to-end sweeps through the CLI (slow)."""
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_the_memory_estimate_counts_state_and_activations():
 
 def test_a_model_the_engine_does_not_stack_runs_alone(base):
     jobs = jobs_of([base, with_value(base, "seed", 1), with_value(base, "seed", 2)])
-    jobs[0].alone = "model.target=m.Net is not an nn.Sequential"  # what regexp.custom's pre-flight build says
+    jobs[0] = dataclasses.replace(jobs[0], alone="model.target=m.Net is not an nn.Sequential")  # regexp.custom's answer
     result = partition(jobs, 64)
     assert result.groups == [[0], [1, 2]]
     assert result.alone == {0: "model.target=m.Net is not an nn.Sequential"}
