@@ -26,6 +26,10 @@ from regexp.config import MAX_PARAMETERS, ConfigError, dataset_shape
 from regexp.models import Residual
 
 PROBE_BATCH = 2  # images in the pre-flight's forward: a BatchNorm in training mode needs two
+PROBE_BATCHES = (PROBE_BATCH, PROBE_BATCH + 1)  # two sizes: a forward that fixes its batch size is caught
+# what the user's code may raise while imported, built or run: sys.exit() too (it would end regexp with
+# its status, 0 included, and nothing said); Ctrl-C still stops regexp
+USER_CODE_ERRORS = (Exception, SystemExit)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def _meta_build(make: Any, kwargs: dict) -> Optional[nn.Module]:
     """The model on the meta device; None when its constructor needs real tensors (build then says what fails)."""
     try:
         model = make(**kwargs)
-    except Exception:
+    except USER_CODE_ERRORS:
         return None
     return model if isinstance(model, nn.Module) else None
 
@@ -90,7 +94,7 @@ def check_size(model: nn.Module, target: str, kwargs: str) -> int:
     if count == 0:
         raise ConfigError("model.target", target, "has no parameters to train")
     if count > MAX_PARAMETERS:
-        raise ConfigError("model.kwargs", kwargs, f"{count:,} parameters; at most 2**30 = {MAX_PARAMETERS:,} "
+        raise ConfigError(*blamed(target, json.loads(kwargs)), f"{count:,} parameters; at most 2**30 = {MAX_PARAMETERS:,} "
                                                   "(4 GiB of fp32 weights)")
     return count
 
@@ -104,7 +108,7 @@ def model_class(target: str) -> Any:
         where = f"no module named {module_name}" if e.name == module_name or module_name.startswith(f"{e.name}.") \
             else f"importing {module_name} failed: {e}"
         raise ConfigError("model.target", target, f"{where} (its folder must be on PYTHONPATH, e.g. PYTHONPATH=.)") from None
-    except Exception as e:  # its own code failed: SyntaxError, a raise at import
+    except USER_CODE_ERRORS as e:  # its own code failed: SyntaxError, a raise (or sys.exit) at import
         raise ConfigError("model.target", target, f"importing {module_name} failed: {type(e).__name__}: {e}") from None
     if not hasattr(module, name):
         raise ConfigError("model.target", target, f"module {module_name} has no {name}")
@@ -115,32 +119,42 @@ def model_class(target: str) -> Any:
     return found
 
 
+def blamed(target: str, kwargs: dict) -> tuple[str, str]:
+    """The key a failed build is told under: model.kwargs when any were given, else model.target."""
+    return ("model.kwargs", json.dumps(kwargs)) if kwargs else ("model.target", target)
+
+
 def build(make: Any, target: str, kwargs: dict) -> nn.Module:
     """make(**kwargs), which must be an nn.Module. ConfigError naming model.kwargs when the
     constructor refuses them, model.target when it builds something else."""
     try:
         model = make(**kwargs)
-    except Exception as e:
-        raise ConfigError("model.kwargs", json.dumps(kwargs), f"{target}(**model.kwargs) failed: "
-                                                              f"{type(e).__name__}: {e}") from None
+    except USER_CODE_ERRORS as e:
+        raise ConfigError(*blamed(target, kwargs), f"{target}(**model.kwargs) failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.target", target, f"builds an object of type {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-@torch.no_grad()
 def check_forward(model: nn.Module, target: str, shape: tuple[int, int, int], classes: int, dataset: str) -> None:
-    """One forward on zeros [PROBE_BATCH, *shape] returns finite floating (PROBE_BATCH, classes) logits."""
-    want = (PROBE_BATCH, classes)
+    """Forwards on zeros of each PROBE_BATCHES size return finite floating (batch, classes) logits."""
+    for batch in PROBE_BATCHES:
+        check_one_forward(model, target, batch, shape, classes, dataset)
+
+
+@torch.no_grad()
+def check_one_forward(model: nn.Module, target: str, batch: int, shape: tuple[int, int, int], classes: int,
+                      dataset: str) -> None:
+    want = (batch, classes)
     try:
-        out = model(torch.zeros(PROBE_BATCH, *shape))
-    except Exception as e:
-        raise ConfigError("model.target", target, f"its forward on a batch of zeros {list(want[:1]) + list(shape)} "
+        out = model(torch.zeros(batch, *shape))
+    except USER_CODE_ERRORS as e:
+        raise ConfigError("model.target", target, f"its forward on a batch of zeros {[batch, *shape]} "
                                                   f"failed: {type(e).__name__}: {e}") from None
     if not isinstance(out, torch.Tensor):
         raise ConfigError("model.target", target, f"its forward returns a {type(out).__name__}, not a tensor of logits")
     if tuple(out.shape) != want:
-        raise ConfigError("model.target", target, f"returns shape {list(out.shape)} for {PROBE_BATCH} images of "
+        raise ConfigError("model.target", target, f"returns shape {list(out.shape)} for {batch} images of "
                                                   f"{dataset} {list(shape)}; must be {list(want)} (logits over its "
                                                   f"{classes} classes)")
     if not out.is_floating_point():
@@ -156,8 +170,10 @@ def stack_refusal(model: nn.Module, target: str, shape: tuple[int, int, int]) ->
     from regexp.stack import STACKABLE
 
     if type(model) is not nn.Sequential:
-        return f"model.target={target} is a {type(model).__name__}, not an nn.Sequential (the fused engine replays " \
-               "only Sequential models of the layers it stacks)"
+        kind = "a subclass of nn.Sequential (its forward may be its own)" if isinstance(model, nn.Sequential) \
+            else "not an nn.Sequential"
+        return f"model.target={target} is a {type(model).__name__}, {kind}: the fused engine replays " \
+               "only plain Sequential models of the layers it stacks"
     for name, module in model.named_modules():
         if name and type(module) not in (nn.Sequential, Residual, *STACKABLE):
             return f"its layer {name} is a {type(module).__name__}, which the fused engine does not stack " \
@@ -179,7 +195,7 @@ def replay_refusal(model: nn.Module, shape: tuple[int, int, int]) -> Optional[st
             stack = Stack(model, [copy.deepcopy(model) for _ in range(2)], [0.0] * 2, [0.0] * 2, [no_loss_terms] * 2,
                           own_dropout=True)
             stacked = stack.forward(x, False)
-        except Exception as e:
+        except USER_CODE_ERRORS as e:
             return f"the fused engine's replay of it fails: {type(e).__name__}: {e}"
     if stacked.shape != (2, *own.shape) or not all(torch.allclose(s, own, rtol=1e-4, atol=1e-5) for s in stacked):
         return "the fused engine's replay of it differs from its own forward"

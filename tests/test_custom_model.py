@@ -82,6 +82,9 @@ def test_init_schemes_set_a_custom_models_own_layers(models_on_path):
     (["model.target=custom_models.NotAModule"], "model.target=custom_models.NotAModule", "not a torch.nn.Module"),
     (["model.target=custom_models.TwoPath", "model.kwargs={width:3}"], "model.kwargs=", "unexpected keyword argument 'width'"),
     (["model.target=custom_models.WrongShape"], "model.target=custom_models.WrongShape", "must be [2, 10]"),
+    (["model.target=custom_models.Exits"], "model.target=custom_models.Exits",
+     "custom_models.Exits(**model.kwargs) failed: SystemExit: 0"),
+    (["model.target=custom_models.FixedBatch"], "model.target=custom_models.FixedBatch", "for 3 images of mnist"),
     (["model.target=custom_models.IntLogits"], "model.target=custom_models.IntLogits", "must be floating point"),
     (["model.target=custom_models.NaNLogits"], "model.target=custom_models.NaNLogits", "non-finite logits"),
     (["model.target=custom_models.NoParameters"], "model.target=custom_models.NoParameters", "no parameters"),
@@ -116,7 +119,7 @@ def test_a_sequential_of_stacked_layers_fuses_and_any_other_model_says_why_not(m
     assert stack_reason(models.SmallCNN()) is None
     assert stack_reason(models.NestedMLP()) is None
     assert "is a TwoPath, not an nn.Sequential" in stack_reason(models.TwoPath())
-    assert "is a Nested, not an nn.Sequential" in stack_reason(models.Nested(nn.Flatten(), nn.Linear(784, 10)))
+    assert "is a Nested, a subclass of nn.Sequential" in stack_reason(models.Nested(nn.Flatten(), nn.Linear(784, 10)))
     assert "its layer 1 is a LeakyReLU" in stack_reason(nn.Sequential(nn.Flatten(), nn.LeakyReLU(), nn.Linear(784, 10)))
     # a Linear on the image itself (no Flatten): the layer kinds stack, the replay does not match
     assert "replay" in stack_reason(nn.Sequential(nn.Linear(28, 10), nn.Flatten(), nn.Linear(280, 10)))
