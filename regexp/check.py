@@ -258,12 +258,12 @@ def main(args: list[str]) -> int:
     """`regexp check [OVERRIDES]`: the config composed, validated and its data found as
     `regexp train`'s pre-flight does; then each check's line. 0 all pass, 3 a check failed;
     bad input raises ConfigError / UsageError (exit 2)."""
-    from regexp.compose import check_job, compose, with_added_groups, with_resumed_run
+    from regexp.compose import check_job, compose, refuse_sweep, with_added_groups, with_resumed_run
     from regexp.config import resolve_device
     from regexp.data import load_data
 
     overrides = with_added_groups(with_resumed_run(overrides_of(args)))  # resume=RUN_DIR: that run's config
-    refuse_sweep(overrides)
+    refuse_sweep(overrides, "regexp check checks one config: give one value (a sweep's jobs one at a time)")
     cfg = check_job(compose(overrides))
     data = load_data(cfg.dataset, torch.device(resolve_device(cfg)))
     print(f"regexp check: {cfg.dataset.name} ({len(data.train_y)} train / {len(data.val_y)} val / "
@@ -294,20 +294,3 @@ def overrides_of(args: list[str]) -> list[str]:
             raise UsageError(f"{arg}: neither an override nor a flag; overrides are key=value or group=option "
                              "(regexp check --help)")
     return list(args)
-
-
-def refuse_sweep(overrides: list[str]) -> None:
-    """`key=a,b`: several values, one config to check. Syntax errors are left to compose's line."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from regexp.config import ConfigError
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
-        return
-    sweep = next((o for o in parsed if o.is_sweep_override()), None)
-    if sweep is not None:
-        raise ConfigError(sweep.get_key_element(), sweep.get_value_string(),
-                          "regexp check checks one config: give one value (a sweep's jobs one at a time)")

@@ -325,6 +325,21 @@ def expands_its_jobs(hydra_cfg: Any) -> bool:
     return str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
+def refuse_sweep(overrides: list[str], why: str) -> None:
+    """`key=a,b` (or range(), glob()) to a command that takes one config: ConfigError naming
+    the key, `why` its reason. Syntax errors are left to compose's line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return
+    sweep = next((o for o in parsed if o.is_sweep_override()), None)
+    if sweep is not None:
+        raise ConfigError(sweep.get_key_element(), sweep.get_value_string(), why)
+
+
 def with_resumed_run(args: list[str]) -> list[str]:
     """`resume=RUN_DIR`: the run's own overrides, then the user's, into the same run dir.
     A run dir may come from anyone (a shared folder, an archive): only config keys and group

@@ -16,10 +16,11 @@ accumulation; the lr schedule is left out (the test sets the lr of every step it
 import math
 import shlex
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 USAGE = """\
 usage: regexp lr-find [OVERRIDES...] [--start LR] [--end LR] [--steps N] [--seeds N] [--rule RULE] [--solo]
@@ -28,10 +29,10 @@ Smith's learning-rate range test on the composed config (the overrides of regexp
 the lr rises exponentially from --start to --end over --steps optimizer steps, for --seeds
 models with seeds seed, seed+1, ... trained side by side; each seed's suggestion follows
 --rule, the overall one is their geometric mean, the spread their max/min ratio.
-  --start LR    first lr (default 1e-07)
-  --end LR      last lr (default 10)
-  --steps N     lr steps from start to end (default 100, at least {min_steps})
-  --seeds N     models, each with its own seed (default 4)
+  --start LR    first lr (default 1e-07, at least {min_lr:g})
+  --end LR      last lr (default 10, at most {max_lr:g}, as optimizer.lr)
+  --steps N     lr steps from start to end (default 100, {min_steps} to {max_steps})
+  --seeds N     models, each with its own seed (default 4, at most {max_seeds})
   --rule RULE   steepest: the lr where the smoothed loss falls fastest (default);
                 min10: a tenth of the lr of the lowest smoothed loss
   --solo        train the seeds one after another instead of side by side
@@ -40,8 +41,13 @@ suggestion as an override: optimizer.lr=...
 """
 
 MIN_STEPS = 10  # fewer points do not make a curve to read a slope from
+# 100 steps a decade over the widest range (MIN_LR to MAX_STEP) take 1800: more add no point a
+# slope needs, and only make the command run for hours before it says anything
+MAX_STEPS = 10000
+MIN_LR = 1e-12  # smaller: lr x gradient falls below float32's resolution of a weight, the step does nothing
 SMOOTHING = 0.9  # the loss's moving-average factor: about the last 10 steps
 DIVERGED = 4.0  # a smoothed loss this many times the best so far ends a seed's test
+ONE_VALUE = "lr-find takes one value per key and draws its seeds with --seeds (seed= sets the first)"
 FLAGS = {"--start": float, "--end": float, "--steps": int, "--seeds": int, "--rule": str}
 
 
@@ -114,6 +120,8 @@ def parse_args(args: list[str]) -> Request:
         if is_override(arg):
             overrides.append(arg)
             continue
+        if arg in ("-m", "--multirun"):
+            raise UsageError(f"{arg}: not a sweep: {ONE_VALUE}")
         name, given, value = arg.partition("=")
         if name == "--solo" and not given:
             values["solo"] = True
@@ -135,16 +143,22 @@ def parse_args(args: list[str]) -> Request:
 
 
 def check_request(r: Request) -> None:
+    from regexp.compose import refuse_sweep
+    from regexp.config import MAX_STEP
+    from regexp.fusion import MAX_MODELS
     from regexp.rundir import ConfigError
 
-    if not (math.isfinite(r.start) and r.start > 0):
-        raise ConfigError("--start", r.start, "must be a finite lr > 0")
-    if not (math.isfinite(r.end) and r.end > r.start):
-        raise ConfigError("--end", r.end, f"must be a finite lr above --start ({r.start:g}): the range rises")
-    if r.steps < MIN_STEPS:
-        raise ConfigError("--steps", r.steps, f"must be >= {MIN_STEPS}")
-    if r.seeds < 1:
-        raise ConfigError("--seeds", r.seeds, "must be >= 1")
+    if not (math.isfinite(r.start) and MIN_LR <= r.start <= MAX_STEP):
+        raise ConfigError("--start", r.start, f"must be a finite lr >= {MIN_LR:g} (a smaller step changes no float32 "
+                                              f"weight) and <= {MAX_STEP:g}")
+    if not (math.isfinite(r.end) and r.start < r.end <= MAX_STEP):
+        raise ConfigError("--end", r.end, f"must be a finite lr above --start ({r.start:g}): the range rises; and "
+                                          f"<= {MAX_STEP:g}, regexp train's largest optimizer.lr")
+    if not MIN_STEPS <= r.steps <= MAX_STEPS:
+        raise ConfigError("--steps", r.steps, f"must be >= {MIN_STEPS} and <= {MAX_STEPS}")
+    if not MAX_MODELS[0] <= r.seeds <= MAX_MODELS[1]:
+        raise ConfigError("--seeds", r.seeds, f"must be >= {MAX_MODELS[0]} and <= {MAX_MODELS[1]} "
+                                              "(the fused launcher's hydra.launcher.max_models)")
     if r.rule not in RULES:
         raise ConfigError("--rule", r.rule, f"one of {', '.join(RULES)}")
     for override in r.overrides:
@@ -152,22 +166,65 @@ def check_request(r: Request) -> None:
         if key.lstrip("+~") in ("resume", "optimizer.lr"):
             raise ConfigError(key, value, "has no place in lr-find: the test sets the lr of each step and starts "
                                           "each seed afresh")
+    refuse_sweep(r.overrides, ONE_VALUE)
 
 
 def main(args: list[str]) -> int:
     """`regexp lr-find`: bad input raises ConfigError / UsageError before anything is written."""
     if "-h" in args or "--help" in args:
-        print(USAGE.format(min_steps=MIN_STEPS), end="")
+        from regexp.config import MAX_STEP
+        from regexp.fusion import MAX_MODELS
+
+        print(USAGE.format(min_steps=MIN_STEPS, max_steps=MAX_STEPS, max_seeds=MAX_MODELS[1], min_lr=MIN_LR,
+                           max_lr=MAX_STEP), end="")
         return 0
     request = parse_args(args)
     cfg, out_dir = precheck(request.overrides)
+    check_memory(cfg, request.seeds)
     from regexp.lock import writing
 
-    with writing([out_dir], "out_dir"):
+    with removed_on_failure(out_dir), writing([out_dir], "out_dir"):
         result = find(cfg, request)
         write_results(out_dir, result, request)
     print_result(result, request, out_dir)
     return 0
+
+
+def check_memory(cfg: Any, seeds: int) -> None:
+    """ConfigError naming --seeds when more seeds than the fused launcher would put in one group
+    (the same estimate against the same budget; one model always) are asked for: every seed's
+    model is built up front, fused or not."""
+    from regexp.fusion import memory_budget, model_memory
+    from regexp.rundir import ConfigError
+
+    budget, each = memory_budget({cfg.device.name}), model_memory(cfg)
+    if budget is None or each <= 0:
+        return
+    fits = max(1, budget // each)
+    if seeds > fits:
+        raise ConfigError("--seeds", seeds, f"{seeds} models need about {seeds * each / 2**20:,.0f} MiB, more than "
+                                            f"the {budget / 2**20:,.0f} MiB to spend: at most {fits} seeds fit this "
+                                            "config")
+
+
+@contextmanager
+def removed_on_failure(out_dir: Path) -> Iterator[None]:
+    """On an error, the run dir and the parents this command created are removed again while
+    empty (its lock released first), so a crash leaves nothing; the error goes on as it is."""
+    created = []
+    path = out_dir
+    while not path.exists():
+        created.append(path)  # deepest first
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something was written there after all
+                break
+        raise
 
 
 def precheck(overrides: list[str]) -> tuple[Any, Path]:

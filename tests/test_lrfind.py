@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from regexp.cli import main
-from regexp.lrfind import MIN_STEPS, Request, diverged_at, find, lr_schedule, min10, smooth, steepest
+from regexp.lrfind import MAX_STEPS, MIN_STEPS, Request, diverged_at, find, lr_schedule, min10, smooth, steepest
 
 TINY = ["dataset.limit=512", "dataset.val_size=256", "batch_size=64", "logger=none"]
 
@@ -59,10 +59,18 @@ def test_the_schedule_runs_from_start_to_end_exponentially():
 BAD = [
     (["--start", "1", "--end", "0.1"], "--end=0.1", "above --start"),
     (["--start", "0.1", "--end", "0.1"], "--end=0.1", "above --start"),
-    (["--start=0"], "--start=0", "> 0"),
-    (["--start=nan"], "--start=nan", "> 0"),
+    (["--start=0"], "--start=0", ">= 1e-12"),
+    (["--start=nan"], "--start=nan", ">= 1e-12"),
+    (["--start", "1e-300", "--end", "1e-299"], "--start=1e-300", ">= 1e-12"),  # its suggestion would underflow
+    (["--end", "1e30"], "--end=1e+30", "<= 1e+06, regexp train's largest optimizer.lr"),
+    (["--start", "2e6", "--end", "3e6"], "--start=2000000.0", "<= 1e+06"),
     (["--steps", "3"], "--steps=3", f">= {MIN_STEPS}"),
+    (["--steps", "100000000"], "--steps=100000000", f"<= {MAX_STEPS}"),
     (["--seeds", "0"], "--seeds=0", ">= 1"),
+    (["--seeds", "100000"], "--seeds=100000", "<= 1024 (the fused launcher's hydra.launcher.max_models)"),
+    (["seed=0,1"], "seed=0,1", "one value per key and draws its seeds with --seeds"),
+    (["seed=range(2)"], "seed=range(2)", "one value per key and draws its seeds with --seeds"),
+    (["-m", "seed=0"], "-m", "one value per key and draws its seeds with --seeds"),
     (["--seeds", "two"], "--seeds=two", "an integer"),
     (["--rule", "fast"], "--rule=fast", "steepest, min10"),
     (["--epochs", "1"], "--epochs", "not a flag of regexp lr-find"),
@@ -96,6 +104,32 @@ def test_an_unwritable_out_dir_is_refused_before_training(tmp_path, monkeypatch,
         main(["lr-find", *TINY, f"out_dir={blocker}/runs"])
     assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_seeds_beyond_the_memory_the_fused_launcher_allows_are_refused(tmp_path, monkeypatch, capsys, data_root):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # about 1.1 GiB a model: 1024 of them fit no machine
+        main(["lr-find", *TINY, "model.hidden=[8192,8192]", "--seeds", "1024", f"out_dir={tmp_path}/out"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("regexp: error: --seeds=1024: 1024 models need about"), err
+    assert re.search(r"at most \d+ seeds fit this config$", lines[0]), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crash_in_the_test_leaves_no_dir_behind(tmp_path, monkeypatch, data_root):
+    import regexp.lrfind
+
+    def crash(*_):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(regexp.lrfind, "run_seeds", crash)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept").write_text("")  # out_dir's own: lr-find did not create it
+    with pytest.raises(RuntimeError, match="forward failed"):  # the error as it is
+        regexp.lrfind.main([*TINY, "--steps", "10", "--seeds", "2", f"out_dir={tmp_path}/out"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept"]
 
 
 # ---------------------------------------------------------------- the test itself
