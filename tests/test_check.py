@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from conftest import run_cli
 
 SMALL = ["dataset.limit=1024", "logger=none"]
 NAMES = ["loss at init", "overfit one batch", "gradients", "output uses input", "labels balanced",

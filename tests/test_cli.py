@@ -94,7 +94,7 @@ BAD_INPUT = [
     (["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma=0", "> 0"),
     (["monitor.on_nonfinite=explode"], "monitor.on_nonfinite=explode", "stop, skip, continue"),
     (["monitor.log_every=0"], "monitor.log_every=0", ">= 1"),
-    (["dataset=imagenet"], "dataset=imagenet", "choose one of cifar10, fashion_mnist, mnist"),
+    (["dataset=imagenet"], "dataset=imagenet", "choose one of cifar10, fashion_mnist, folder, mnist, tensors, torchvision"),
     (["norm=batchnorm", "norm.placement=middle"], "norm.placement=middle", "before, after"),
     (["+regularizer=early_stopping", "dataset.val_size=0"], "dataset.val_size=0", "early_stopping"),
     (["checkpoint.every_steps=0"], "checkpoint.every_steps=0", ">= 1"),
