@@ -89,6 +89,11 @@ def _class_images(ds_cfg: Any, root: Path, split: str) -> tuple[tuple[str, ...],
     if len(with_images) < 2:
         raise ConfigError("dataset.path", ds_cfg.path, f"only one class ({with_images[0]}) has images under {base}; "
                           "a classifier needs at least two class folders")
+    empty = [name for name in classes if name not in with_images]
+    if empty and split != "test":  # a class never trained on; a test split may lack some
+        raise ConfigError("dataset.path", ds_cfg.path, f"the class folder{'s' if len(empty) > 1 else ''} "
+                          f"{', '.join(empty)} under {base} hold{'' if len(empty) > 1 else 's'} no images; "
+                          "put images in each class folder, or remove the empty ones")
     return classes, items
 
 
@@ -153,25 +158,53 @@ def tensors_file(ds_cfg: Any) -> Path:
 
 def tensors_shape(ds_cfg: Any) -> tuple[tuple[int, int, int], int]:
     """(C, H, W) from x's header (a .npz is not loaded, but for its labels) and the class count:
-    dataset.classes, or the largest label + 1."""
+    dataset.classes, or the largest label + 1 when each of those classes has a label in y."""
     path = tensors_file(ds_cfg)
     if path.suffix == ".pt":
         arrays = load_arrays(path)
-        x_shape, labels = arrays["x"].shape, [arrays[k] for k in ("y", "y_test") if k in arrays]
+        x_shape, labels = arrays["x"].shape, {k: arrays[k] for k in ("y", "y_test") if k in arrays}
     else:
         x_shape = _npz_header(path, "x")
-        labels = list(_npz_arrays(path, ("y", "y_test")).values())
+        labels = _npz_arrays(path, ("y", "y_test"))
         if not labels:
             raise RunError(f"{path}: no array y (the labels); a .npz needs x and y")
     if len(x_shape) not in (3, 4):
         raise RunError(f"{path}: x is {list(x_shape)}; give images as [N, C, H, W] or [N, H, W]")
     chw = tuple(x_shape[1:]) if len(x_shape) == 4 else (1, *x_shape[1:])
-    return chw, ds_cfg.classes or largest_label(labels) + 1
+    if ds_cfg.classes:
+        return chw, ds_cfg.classes
+    top = largest_label(list(labels.values())) + 1
+    problem = unsampled_classes(labels.get("y"), top)  # before a model is sized for `top` classes
+    if problem is not None:
+        raise RunError(f"{path}: {problem}")
+    return chw, top
 
 
 def largest_label(labels: list[Any]) -> int:
     """The largest of the labels of every split (-1 when there are none)."""
     return max((int(y.max()) for y in labels if y.size), default=-1)
+
+
+def unsampled_classes(y: Any, top: int) -> Optional[str]:
+    """What to say when some of the inferred classes 0..top-1 have no label in the training
+    labels y, or None. Only labels that are 1-D non-negative integers are looked at: others
+    are tensors_problem's to name. np.unique, not a bincount, so that a huge label costs no memory."""
+    import numpy as np
+
+    if y is None or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or not y.size or y.min() < 0:
+        return None
+    present = np.unique(y)
+    if len(present) == top:
+        return None
+    bounds = np.concatenate(([-1], present, [top]))
+    gaps = np.flatnonzero(np.diff(bounds) > 1)
+    runs = [f"{bounds[i] + 1}" if bounds[i + 1] - bounds[i] == 2 else f"{bounds[i] + 1}..{bounds[i + 1] - 1}"
+            for i in gaps[:3]]
+    empty = top - len(present)
+    more = f", ... ({empty} in all)" if len(gaps) > 3 else ""
+    which = f"classes {', '.join(runs)}{more}" if empty > 1 else f"class {runs[0]}"
+    return (f"{which} of 0..{top - 1} {'have' if empty > 1 else 'has'} no sample in y; labels must be 0..K-1 with "
+            "every class in y: relabel them, or set dataset.classes=K when classes are missing from this file on purpose")
 
 
 def _npz_arrays(path: Path, keys: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
@@ -246,6 +279,8 @@ def tensors_problem(arrays: dict[str, Any], classes: Optional[int]) -> Optional[
             return f"{xk} holds no images"
         if y.min() < 0 or y.max() >= top:
             return f"{yk} has label {y.min() if y.min() < 0 else y.max()} outside the {top} classes (0..{top - 1})"
+    if not classes and (unsampled := unsampled_classes(arrays["y"], top)):
+        return unsampled
     if top < 2:
         return "every label is 0: a classifier needs at least two classes"
     return None

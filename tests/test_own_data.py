@@ -97,7 +97,7 @@ def test_dataset_shape_of_every_set_needs_no_torch(tmp_path):
     """The pre-flight sizes models from dataset_shape: the sets known by name answer from a
     table, a folder from one image's header, a .npz from x's header (and its labels)."""
     write_folder(tmp_path / "pics", size=(20, 10), mode="L")
-    np.savez(tmp_path / "arrays.npz", x=np.zeros((6, 3, 8, 9), np.uint8), y=np.array([0, 1, 4, 0, 1, 2]))
+    np.savez(tmp_path / "arrays.npz", x=np.zeros((6, 3, 8, 9), np.uint8), y=np.array([0, 1, 4, 3, 1, 2]))
     code = f"""
 import sys
 from omegaconf import OmegaConf
@@ -294,6 +294,13 @@ def bad_npz(path: Path, **arrays) -> str:
     return path.name
 
 
+def write_test_classes_beyond_y(path: Path) -> Path:
+    """y has the classes 0..3, the test split 10..13: classes 4..9 have no sample at all."""
+    np.savez(path, x=np.zeros((20, 4, 4), np.uint8), y=np.arange(20) % 4,
+             x_test=np.zeros((4, 4, 4), np.uint8), y_test=np.arange(4) + 10)
+    return path
+
+
 BAD_FOLDERS = {
     "missing": (lambda cwd: "nowhere", 2, r"dataset.path=nowhere: no folder at .*/nowhere; give a folder"),
     "no images": (lambda cwd: (cwd / "empty" / "cat").mkdir(parents=True) or "empty", 2,
@@ -304,6 +311,12 @@ BAD_FOLDERS = {
                     and "mixed", 1, r".*/mixed/owl/000.png: a 8x8 RGB image where cat/000.png is 12x16 RGB; all images"),
     "mixed modes": (lambda cwd: write_folder(cwd / "modes") and write_folder(cwd / "modes", classes=("dog",), n=1, mode="L")
                     and "modes", 1, r".*/modes/dog/000.png: a 12x16 greyscale image where cat/000.png is 12x16 RGB"),
+    "an empty class folder": (lambda cwd: write_folder(cwd / "gap", classes=("a", "b")) and (cwd / "gap" / "c").mkdir()
+                              or "gap", 2, r"dataset.path=gap: the class folder c under .*/gap holds no images"),
+    "an empty train class": (lambda cwd: write_folder(cwd / "tt", classes=("a", "b", "c"), n=2, split="test")
+                             and write_folder(cwd / "tt", classes=("a", "b", "c"), n=0, split="train")
+                             and write_folder(cwd / "tt", classes=("a", "c"), split="train") and "tt", 2,
+                             r"dataset.path=tt: the class folder b under .*/tt/train holds no images"),
     "train without test": (lambda cwd: write_folder(cwd / "half", split="train") and "half", 2,
                            r"dataset.path=half: .*/half has train/ but not test/"),
     "not an image": (lambda cwd: write_folder(cwd / "junk") and (cwd / "junk" / "dog" / "z.png").write_text("no") and "junk", 1,
@@ -330,6 +343,19 @@ BAD_TENSORS = {
                            ["dataset.classes=3"], 1, r".*/r.npz: y has label 5 outside the 3 classes \(0..2\)"),
     "one class": (lambda d: bad_npz(d / "o.npz", x=np.zeros((6, 4, 4), np.uint8), y=np.zeros(6, int)), [], 1,
                   r".*/o.npz: every label is 0: a classifier needs at least two classes"),
+    "classes without a sample": (lambda d: bad_npz(d / "g.npz", x=np.zeros((200, 12, 12), np.uint8),
+                                                   y=(np.arange(200) % 4) * 1000000), [], 1,
+                                 r".*/g.npz: classes 1..999999, 1000001..1999999, 2000001..2999999 of 0..3000000 have no "
+                                 r"sample in y; labels must be 0..K-1 with every class in y: relabel them, or set "
+                                 r"dataset.classes=K when classes are missing from this file on purpose"),
+    "a class without a sample": (lambda d: bad_npz(d / "c.npz", x=np.zeros((6, 4, 4), np.uint8),
+                                                   y=np.array([0, 1, 4, 3, 1, 0])), [], 1,
+                                 r".*/c.npz: class 2 of 0..4 has no sample in y; labels must be 0..K-1"),
+    "test labels beyond y's": (lambda d: write_test_classes_beyond_y(d / "t.npz").name, [], 1,
+                               r".*/t.npz: classes 4..13 of 0..13 have no sample in y"),
+    "every other class": (lambda d: torch.save({"x": torch.zeros(10, 4, 4, dtype=torch.uint8),
+                                                "y": torch.arange(10) * 2}, d / "e.pt") or "e.pt", [], 1,
+                          r".*/e.pt: classes 1, 3, 5, ... \(9 in all\) of 0..18 have no sample in y"),
     "no y": (lambda d: bad_npz(d / "y.npz", x=np.zeros((6, 4, 4), np.uint8)), [], 1, r".*/y.npz: no array y"),
     "pickled labels": (lambda d: bad_npz(d / "p.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.array([0, "a"], dtype=object)),
                        [], 1, r".*/p.npz: not a .npz file of plain arrays \(ValueError\)"),
@@ -346,6 +372,12 @@ def test_a_bad_tensors_file_is_one_line(case, tmp_path):
     path = make(tmp_path)
     rc, err = refused(["dataset=tensors", f"dataset.path={path}", *extra], tmp_path)
     assert rc == code and re.fullmatch(f"regexp: error: {line}.*", err), err
+
+
+def test_classes_missing_from_y_on_purpose_are_kept_with_dataset_classes(tmp_path):
+    cfg = tensors_cfg(write_test_classes_beyond_y(tmp_path / "t.npz"), classes=14)
+    assert dataset_shape(cfg) == ((1, 4, 4), 14)
+    assert load_data(cfg, "cpu").num_classes == 14
 
 
 @pytest.mark.parametrize("args, line", [
@@ -388,6 +420,13 @@ def test_a_tensors_file_trains_end_to_end(tmp_path):
                        "model.channels=[4]", "model.fc=8"], tmp_path)
     assert summary["status"] == "completed" and summary["data"] == {"input_shape": [3, 6, 6], "classes": 5}
     assert summary["train_samples"] == 80 - 16 - 8  # the held-out test fifth, then validation
+
+
+@pytest.mark.slow
+def test_a_tensors_file_with_classes_missing_on_purpose_trains_with_dataset_classes(tmp_path):
+    write_test_classes_beyond_y(tmp_path / "t.npz")
+    summary = trained(["dataset=tensors", "dataset.path=t.npz", "dataset.classes=14", "dataset.val_size=2"], tmp_path)
+    assert summary["status"] == "completed" and summary["data"] == {"input_shape": [1, 4, 4], "classes": 14}
 
 
 @pytest.mark.slow
