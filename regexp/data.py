@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from regexp import datafiles
 from regexp.config import BUILTIN_SETS, EMNIST_SPLITS, TORCHVISION_SETS, ConfigError, RunError
-from regexp.rundir import NotARegularFile, open_regular
+from regexp.rundir import NotARegularFile, missing_dirs, open_regular, remove_empty_dirs
 
 CACHE_VERSION = 2  # bump when the cached entry's layout changes (2: written only after the files were checked)
 CACHE_MODES = ("user", "beside_data", "off")  # dataset.cache
@@ -281,7 +281,7 @@ def _download(spec: DatasetSpec, root: Path) -> Optional[str]:
     command leaves nothing behind."""
     outputs = [root / p for p in spec.downloads]
     existed = {p for out in outputs if out.exists() for p in (out, *out.rglob("*"))}
-    new_dirs = _missing_dirs(root)
+    new_dirs = missing_dirs(root)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib's requests have none: a dead network would hang them
     try:
@@ -297,15 +297,6 @@ def _download(spec: DatasetSpec, root: Path) -> Optional[str]:
     return None
 
 
-def _missing_dirs(path: Path) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
 def _remove_created(outputs: list[Path], existed: set[Path], new_dirs: list[Path]) -> None:
     created = [p for out in outputs if out.exists() for p in (out, *out.rglob("*")) if p not in existed]
     for path in sorted(created, reverse=True):  # a folder's entries sort after it: removed first
@@ -313,11 +304,7 @@ def _remove_created(outputs: list[Path], existed: set[Path], new_dirs: list[Path
             path.rmdir()
         else:
             path.unlink()
-    for folder in new_dirs:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty: something else wrote there meanwhile
-            break
+    remove_empty_dirs(new_dirs)
 
 
 def _download_failure(e: Exception) -> str:

@@ -211,19 +211,13 @@ def check_memory(cfg: Any, seeds: int) -> None:
 def removed_on_failure(out_dir: Path) -> Iterator[None]:
     """On an error, the run dir and the parents this command created are removed again while
     empty (its lock released first), so a crash leaves nothing; the error goes on as it is."""
-    created = []
-    path = out_dir
-    while not path.exists():
-        created.append(path)  # deepest first
-        path = path.parent
+    from regexp.rundir import missing_dirs, remove_empty_dirs
+
+    created = missing_dirs(out_dir)
     try:
         yield
     except BaseException:
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: something was written there after all
-                break
+        remove_empty_dirs(created)
         raise
 
 

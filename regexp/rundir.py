@@ -212,6 +212,26 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
             _check_type(f"an item of {name}", element, item)
 
 
+# ---------------------------------------------------------------- folders a failed command made
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove `dirs` (deepest first, as missing_dirs lists them) while they are empty, so a
+    command that failed leaves none of the folders it made."""
+    for folder in dirs:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else wrote there meanwhile
+            break
+
+
 # ---------------------------------------------------------------- whole-file writes
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write through a temp file in the same directory, fsync, then os.replace: a reader (or
