@@ -644,7 +644,7 @@ _TYPE_WORDS = {
     int: "an integer", float: "a number", bool: "true or false", str: "a string",
     Optional[int]: "an integer or null", Optional[float]: "a number or null", Optional[str]: "a string or null",
     Optional[bool]: "true, false or null", List[int]: "a list of integers", List[float]: "a list of numbers",
-    List[str]: "a list of strings",
+    List[str]: "a list of strings", Dict[str, Any]: "a mapping of keys to values, e.g. {width: 8}",
 }
 
 
@@ -655,8 +655,8 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in declared:  # only `+key=value` gets past Hydra's typed merge
             raise ConfigError(full, _as_written(node, key), "unknown key; known keys here: " + ", ".join(declared))
-        value = _resolved(node, key, full)
         check: Optional[Rule] = declared[key].metadata.get("rule")
+        value = _resolved(node, key, full, check)
         if check is not None and not check.ok(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value):
             raise ConfigError(full, _as_written(node, key), check.allowed)
         if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):  # not a free mapping (model.kwargs)
@@ -669,15 +669,17 @@ def _as_written(node: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=False)[key]
 
 
-def _resolved(node: DictConfig, key: str, full: str) -> Any:
+def _resolved(node: DictConfig, key: str, full: str, check: Optional[Rule]) -> Any:
     """node[key], its interpolation resolved and typed; what does not resolve is one ConfigError
-    that shows the interpolation, not the value it reached."""
+    that shows the interpolation, not the value it reached. A value left unset (???) is told with
+    what its rule allows."""
     from omegaconf.errors import InterpolationValidationError, MissingMandatoryValue, OmegaConfBaseException
 
     try:
         return node[key]
     except MissingMandatoryValue:
-        raise ConfigError(full, "???", "must be set") from None
+        allowed = f": {check.allowed.removeprefix('must be ')}" if check is not None else ""
+        raise ConfigError(full, "???", f"must be set{allowed}") from None
     except InterpolationValidationError as e:  # resolved, but not to the field's type
         raise explain(e, full, _as_written(node, key)) from None
     except OmegaConfBaseException as e:

@@ -384,7 +384,7 @@ def test_classes_missing_from_y_on_purpose_are_kept_with_dataset_classes(tmp_pat
     (["dataset.set=MNIST"], "dataset.set=MNIST: must be one of KMNIST, EMNIST, SVHN, CIFAR100"),
     (["dataset.set=EMNIST", "dataset.split=greek"],
      "dataset.split=greek: must be one of byclass, bymerge, balanced, letters, digits, mnist"),
-    ([], "dataset.set=???: must be set"),
+    ([], "dataset.set=???: must be set: one of KMNIST, EMNIST, SVHN, CIFAR100"),
 ])
 def test_a_bad_torchvision_choice_is_one_line(args, line, tmp_path):
     rc, err = refused(["dataset=torchvision", *args], tmp_path)
